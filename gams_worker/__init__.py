@@ -1,0 +1,1 @@
+"""A RunPod serverless worker serving the Slovene LLM GaMS with vLLM."""

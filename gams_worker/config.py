@@ -1,0 +1,156 @@
+"""The worker's settings, read once from the environment into one typed object.
+
+This is the only module that reads ``os.environ``. Every other module receives a
+``WorkerConfig``. A bad value raises ``ConfigError`` with one line naming the
+variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Mapping, Optional, TypeVar
+
+from gams_worker.errors import ConfigError
+
+T = TypeVar("T")
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+GRAPH_MODES = ("full", "piecewise", "eager")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    # Model
+    model_name: str = "cjvt/GaMS-9B-Instruct"
+    model_revision: Optional[str] = None
+    tokenizer_name: Optional[str] = None
+    served_model_name: Optional[str] = None
+    trust_remote_code: bool = False
+    # Engine
+    max_model_len: int = 4096
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float = 0.90
+    enforce_eager: bool = False
+    graph_fallback: bool = True
+    max_num_seqs: Optional[int] = None
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    # Jobs
+    max_concurrency: int = 64
+    default_max_tokens: int = 512
+    stream_batch_tokens: int = 16
+    stream_batch_ms: int = 100
+    # Test-only: make the first engine start fail inside the engine process with this text.
+    inject_start_failure: Optional[str] = None
+    log_level: str = "INFO"
+    # Set by the platform: without a job URL the worker runs locally (test_input.json).
+    on_runpod: bool = False
+
+    @property
+    def tokenizer(self) -> str:
+        return self.tokenizer_name or self.model_name
+
+    @property
+    def model_label(self) -> str:
+        """The model name that users see in outputs."""
+        return self.served_model_name or self.model_name
+
+
+def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
+    """Build the config from ``environ`` (default: the process environment)."""
+    env = _Env(os.environ if environ is None else environ)
+    default = WorkerConfig()
+    return WorkerConfig(
+        model_name=env.text("MODEL_NAME", default.model_name),
+        model_revision=env.optional_text("MODEL_REVISION"),
+        tokenizer_name=env.optional_text("TOKENIZER_NAME"),
+        served_model_name=env.optional_text("SERVED_MODEL_NAME"),
+        trust_remote_code=env.boolean("TRUST_REMOTE_CODE", default.trust_remote_code),
+        max_model_len=env.integer("MAX_MODEL_LEN", default.max_model_len, minimum=16),
+        dtype=env.choice("DTYPE", default.dtype, DTYPES),
+        gpu_memory_utilization=env.fraction("GPU_MEMORY_UTILIZATION", default.gpu_memory_utilization),
+        enforce_eager=env.boolean("ENFORCE_EAGER", default.enforce_eager),
+        graph_fallback=env.boolean("GRAPH_FALLBACK", default.graph_fallback),
+        max_num_seqs=env.optional_integer("MAX_NUM_SEQS", minimum=1),
+        tensor_parallel_size=env.integer("TENSOR_PARALLEL_SIZE", default.tensor_parallel_size, minimum=1),
+        enable_prefix_caching=env.boolean("ENABLE_PREFIX_CACHING", default.enable_prefix_caching),
+        max_concurrency=env.integer("MAX_CONCURRENCY", default.max_concurrency, minimum=1),
+        default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", default.default_max_tokens, minimum=1),
+        stream_batch_tokens=env.integer("STREAM_BATCH_TOKENS", default.stream_batch_tokens, minimum=1),
+        stream_batch_ms=env.integer("STREAM_BATCH_MS", default.stream_batch_ms, minimum=0),
+        inject_start_failure=env.optional_text("GAMS_TEST_INJECT_START_FAILURE"),
+        log_level=env.choice("LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        on_runpod=env.optional_text("RUNPOD_WEBHOOK_GET_JOB") is not None
+        or env.optional_text("RUNPOD_REALTIME_PORT") is not None,
+    )
+
+
+class _Env:
+    """Typed readers over one environment mapping; each raises ConfigError on a bad value."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self._environ = environ
+
+    def _raw(self, name: str) -> Optional[str]:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def _parse(self, name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            raise ConfigError(name, raw, allowed) from None
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def optional_text(self, name: str) -> Optional[str]:
+        return self._raw(name)
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if value < minimum:
+                raise ValueError
+            return value
+
+        return self._parse(name, default, parse, f"an integer >= {minimum}")
+
+    def optional_integer(self, name: str, minimum: int) -> Optional[int]:
+        return self.integer(name, None, minimum)  # type: ignore[arg-type]
+
+    def fraction(self, name: str, default: float) -> float:
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not 0.0 < value <= 1.0:
+                raise ValueError
+            return value
+
+        return self._parse(name, default, parse, "a number in (0, 1]")
+
+    def boolean(self, name: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError
+
+        return self._parse(name, default, parse, "true or false (also 1/0, yes/no, on/off)")
+
+    def choice(self, name: str, default: str, choices: tuple, upper: bool = False) -> str:
+        def parse(raw: str) -> str:
+            value = raw.upper() if upper else raw.lower()
+            if value not in choices:
+                raise ValueError
+            return value
+
+        return self._parse(name, default, parse, "one of " + ", ".join(choices))

@@ -1,0 +1,76 @@
+"""The one vLLM engine of the worker process: arguments, start-up, and its graph mode.
+
+Graph modes are the rungs of the fallback ladder: ``full`` is vLLM's default
+(FULL decode graphs plus PIECEWISE graphs for mixed batches), ``piecewise`` keeps
+only PIECEWISE graphs, ``eager`` captures none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Dict
+
+from gams_worker.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+GRAPH_MODES = ("full", "piecewise", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What a job's metadata reports about the engine serving it."""
+
+    mode: str  # one of GRAPH_MODES
+    reason: str  # why the engine runs in this mode, in plain words
+    platform: str  # "cuda" or "cpu"
+    start_seconds: float
+
+    def to_output(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for ``config`` in graph ``mode``."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"unknown graph mode {mode!r}")
+    kwargs: Dict[str, Any] = dict(
+        model=model_path,
+        tokenizer=config.tokenizer_name or model_path,
+        revision=config.model_revision,
+        served_model_name=config.model_label,
+        trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enforce_eager=mode == "eager",
+        disable_log_stats=False,
+    )
+    if config.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    if mode == "piecewise":
+        kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+    return kwargs
+
+
+def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
+    """Create vLLM's async engine; raises whatever vLLM raises when start-up fails."""
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs = engine_kwargs(config, mode, model_path)
+    log.info("starting vLLM engine in %s mode: %s", mode, kwargs)
+    started = time.monotonic()
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    log.info("vLLM engine started in %s mode in %.1f s", mode, time.monotonic() - started)
+    return engine
+
+
+def platform_name() -> str:
+    from vllm.platforms import current_platform
+
+    return "cuda" if current_platform.is_cuda() else current_platform.device_type or "cpu"

@@ -1,0 +1,177 @@
+"""Validation of a job's input into a typed ``JobInput``.
+
+Accepted shape (every other field is rejected by name)::
+
+    {"prompt": "..."}  or  {"messages": [{"role": "user", "content": "..."}, ...]}
+    "sampling_params": {...}   optional, see SAMPLING_FIELDS
+    "stream": false            optional; true streams chunks as they are generated
+
+Errors raise ``JobInputError`` with the dotted path of the field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from gams_worker.errors import JobInputError
+
+ROLES = ("system", "user", "assistant")
+MAX_N = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class JobInput:
+    prompt: Optional[str]
+    messages: Optional[Tuple[Message, ...]]
+    sampling: Dict[str, Any]  # validated SamplingParams keyword arguments
+    stream: bool
+    max_tokens_given: bool  # False: max_tokens is the default and may be lowered to fit the model
+
+
+def _number(low: float, high: float, low_open: bool = False) -> Callable[[str, Any], float]:
+    def check(field: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise JobInputError("must be a number", field)
+        if value < low or value > high or (low_open and value == low):
+            bracket = "(" if low_open else "["
+            raise JobInputError(f"must be in {bracket}{low}, {high}]", field)
+        return float(value)
+
+    return check
+
+
+def _integer(low: int, high: Optional[int] = None) -> Callable[[str, Any], int]:
+    def check(field: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise JobInputError("must be an integer", field)
+        if value < low or (high is not None and value > high):
+            raise JobInputError(f"must be an integer >= {low}" + (f" and <= {high}" if high else ""), field)
+        return value
+
+    return check
+
+
+def _top_k(field: str, value: Any) -> int:
+    value = _integer(-1)(field, value)
+    return -1 if value == 0 else value  # 0 and -1 both mean "no top-k"
+
+
+def _boolean(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise JobInputError("must be true or false", field)
+    return value
+
+
+def _seed(field: str, value: Any) -> int:
+    return _integer(0, 2**63 - 1)(field, value)
+
+
+def _stop(field: str, value: Any) -> List[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise JobInputError("must be a string or a list of strings", field)
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or item == "":
+            raise JobInputError("must be a non-empty string", f"{field}[{i}]")
+    return list(items)
+
+
+SAMPLING_FIELDS: Dict[str, Callable[[str, Any], Any]] = {
+    "max_tokens": _integer(1),
+    "min_tokens": _integer(0),
+    "temperature": _number(0.0, 100.0),
+    "top_p": _number(0.0, 1.0, low_open=True),
+    "top_k": _top_k,
+    "min_p": _number(0.0, 1.0),
+    "repetition_penalty": _number(0.0, 100.0, low_open=True),
+    "presence_penalty": _number(-2.0, 2.0),
+    "frequency_penalty": _number(-2.0, 2.0),
+    "stop": _stop,
+    "seed": _seed,
+    "n": _integer(1, MAX_N),
+    "ignore_eos": _boolean,
+}
+INPUT_FIELDS = ("prompt", "messages", "sampling_params", "stream")
+
+
+def parse_job_input(raw: Any, default_max_tokens: int) -> JobInput:
+    """Validate a job's ``input`` object; raise JobInputError naming the field at fault."""
+    if not isinstance(raw, Mapping):
+        raise JobInputError("must be an object with 'prompt' or 'messages'", "input")
+    _reject_unknown(raw, INPUT_FIELDS, "")
+
+    has_prompt, has_messages = "prompt" in raw, "messages" in raw
+    if has_prompt == has_messages:
+        which = "both" if has_prompt else "neither"
+        raise JobInputError(f"give exactly one of 'prompt' or 'messages' ({which} given)", "prompt")
+    prompt = messages = None
+    if has_prompt:
+        prompt = raw["prompt"]
+        if not isinstance(prompt, str) or prompt == "":
+            raise JobInputError("must be a non-empty string", "prompt")
+    else:
+        messages = _messages(raw["messages"])
+
+    stream = _boolean("stream", raw.get("stream", False))
+    sampling, max_tokens_given = _sampling(raw.get("sampling_params", {}), default_max_tokens)
+    return JobInput(prompt, messages, sampling, stream, max_tokens_given)
+
+
+def _reject_unknown(obj: Mapping, allowed: Tuple[str, ...], prefix: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", f"{prefix}{key}")
+
+
+def _messages(value: Any) -> Tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise JobInputError("must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, item in enumerate(value):
+        field = f"messages[{i}]"
+        if not isinstance(item, Mapping):
+            raise JobInputError("must be an object with 'role' and 'content'", field)
+        _reject_unknown(item, ("role", "content"), field + ".")
+        role = item.get("role")
+        if role not in ROLES:
+            raise JobInputError(f"must be one of {', '.join(ROLES)}", field + ".role")
+        out.append(Message(role, _content(item.get("content"), field + ".content")))
+    return tuple(out)
+
+
+def _content(value: Any, field: str) -> str:
+    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        texts = []
+        for i, part in enumerate(value):
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise JobInputError("must be a string or a list of text parts", field)
+
+
+def _sampling(value: Any, default_max_tokens: int) -> Tuple[Dict[str, Any], bool]:
+    if not isinstance(value, Mapping):
+        raise JobInputError("must be an object", "sampling_params")
+    _reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
+    sampling = {
+        key: SAMPLING_FIELDS[key](f"sampling_params.{key}", item)
+        for key, item in value.items()
+        if item is not None
+    }
+    max_tokens_given = "max_tokens" in sampling
+    sampling.setdefault("max_tokens", default_max_tokens)
+    if sampling.get("min_tokens", 0) > sampling["max_tokens"]:
+        raise JobInputError("must not exceed max_tokens", "sampling_params.min_tokens")
+    return sampling, max_tokens_given

@@ -1,0 +1,113 @@
+"""Running one job on the shared engine: validate, generate, stream, report.
+
+Output shapes (every job ends with exactly one item carrying ``usage``, or one error):
+
+    stream:     {"choices": [{"index": 0, "text": "..."}]} ...
+                last: {"choices": [{"index", "text", "finish_reason"}], "usage": {...}, "engine": {...}}
+    non-stream: one item shaped like the last chunk, with the whole text
+    error:      {"error": {"type", "message", "field"?}}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from gams_worker.config import WorkerConfig
+from gams_worker.engine import EngineInfo
+from gams_worker.errors import JobInputError, error_output
+from gams_worker.job_input import parse_job_input
+from gams_worker.prompt import prepare_prompt
+from gams_worker.streaming import ChunkBatcher
+
+log = logging.getLogger(__name__)
+
+
+class GenerationService:
+    """Turns RunPod jobs into requests on one shared vLLM engine."""
+
+    def __init__(self, engine: Any, tokenizer: Any, config: WorkerConfig, engine_info: EngineInfo):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.engine_info = engine_info
+        self.running_requests = 0  # engine requests in flight; tests and logs read it
+
+    async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
+        """Yield the outputs of one job (see the module docstring for their shapes)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            job_input = parse_job_input(job.get("input"), self.config.default_max_tokens)
+            prompt = prepare_prompt(job_input, self.tokenizer, self.config.max_model_len)
+            params = SamplingParams(**prompt.sampling, output_kind=RequestOutputKind.DELTA)
+        except JobInputError as exc:
+            yield exc.to_output()
+            return
+        except ValueError as exc:  # vLLM's own checks of sampling parameters
+            yield error_output("invalid_input", str(exc), "sampling_params")
+            return
+
+        request_id = f"{job.get('id', 'job')}-{uuid.uuid4().hex[:8]}"
+        batcher = ChunkBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
+        texts: Dict[int, List[str]] = {}
+        finish: Dict[int, Optional[str]] = {}
+        completion_tokens = 0
+        started = time.monotonic()
+        first_token_at: Optional[float] = None
+        finished = False
+        self.running_requests += 1
+        try:
+            stream = self.engine.generate({"prompt_token_ids": prompt.token_ids}, params, request_id)
+            async for output in stream:
+                for choice in output.outputs:
+                    completion_tokens += len(choice.token_ids)
+                    if first_token_at is None and choice.token_ids:
+                        first_token_at = time.monotonic()
+                    texts.setdefault(choice.index, []).append(choice.text)
+                    if choice.finish_reason is not None:
+                        finish[choice.index] = choice.finish_reason
+                    if job_input.stream:
+                        ready = batcher.add(choice.index, choice.text, len(choice.token_ids))
+                        if ready:
+                            yield {"choices": ready}
+                finished = output.finished
+        except EngineDeadError as exc:
+            log.error("job %s failed: the vLLM engine is dead (%s)", job.get("id"), exc)
+            yield error_output("engine_dead", "the inference engine died; this worker is being replaced")
+            return
+        except Exception as exc:  # a request-level engine error fails this job only
+            log.exception("job %s failed in the engine", job.get("id"))
+            yield error_output("engine_error", f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self.running_requests -= 1
+            if not finished:  # cancelled or failed: free the KV cache and batch slot now
+                await self.engine.abort(request_id)
+
+        pending = batcher.drain()
+        choices = [
+            {
+                "index": i,
+                "text": pending.get(i, "") if job_input.stream else "".join(parts),
+                "finish_reason": finish.get(i),
+            }
+            for i, parts in sorted(texts.items())
+        ]
+        ended = time.monotonic()
+        yield {
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(prompt.token_ids),
+                "completion_tokens": completion_tokens,
+                "time_to_first_token_s": round((first_token_at or ended) - started, 4),
+                "total_time_s": round(ended - started, 4),
+                "tokens_per_second": round(completion_tokens / max(ended - started, 1e-9), 2),
+            },
+            "model": self.config.model_label,
+            "engine": self.engine_info.to_output(),
+        }

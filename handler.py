@@ -1,0 +1,51 @@
+"""RunPod serverless worker for the Slovene LLM GaMS, served by vLLM.
+
+One vLLM engine per process, created before the job loop and shared by all jobs.
+Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
+child process that re-imports this file.
+"""
+
+import sys
+
+from gams_worker.config import load_config
+from gams_worker.errors import ConfigError
+
+service = None  # the process's GenerationService, set in main()
+
+
+async def handler(job):
+    async for output in service.run(job):
+        yield output
+
+
+def main() -> int:
+    global service
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    import runpod
+
+    from gams_worker.local_run import run_local, wants_local_run
+    from gams_worker.worker import setup_logging, start_worker
+
+    setup_logging(config)
+    worker = start_worker(config)
+    service = worker.service
+    try:
+        if wants_local_run(sys.argv, config.on_runpod):
+            return run_local(handler, sys.argv)
+        runpod.serverless.start({
+            "handler": handler,
+            "concurrency_modifier": lambda current: config.max_concurrency,
+            "return_aggregate_stream": True,
+        })
+        return 0
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
