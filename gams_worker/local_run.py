@@ -50,7 +50,7 @@ def run_local(handler: Callable, argv: Sequence[str]) -> int:
     print(f"--- local job {job['id']}: {json.dumps(job.get('input'), ensure_ascii=False)}", flush=True)
     outputs = asyncio.run(run_job(handler, job))
     print("--- aggregate output:", flush=True)
-    print(json.dumps({"id": job["id"], "output": outputs}, ensure_ascii=False, indent=2), flush=True)
+    print(json.dumps({"id": job["id"], "output": outputs}, ensure_ascii=False), flush=True)
     failed: Optional[Dict[str, Any]] = next((o for o in outputs if "error" in o), None)
     if failed:
         print(f"--- job failed: {failed['error']}", file=sys.stderr, flush=True)

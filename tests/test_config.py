@@ -1,0 +1,77 @@
+"""Settings are read once from the environment; bad values stop the worker with one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gams_worker.config import WorkerConfig, load_config
+from gams_worker.errors import ConfigError
+from tests.conftest import ROOT, subprocess_env
+
+
+def test_defaults_serve_gams_9b():
+    config = load_config({})
+    assert config == WorkerConfig()
+    assert config.model_name == "cjvt/GaMS-9B-Instruct"
+    assert config.max_model_len == 4096
+    assert config.dtype == "bfloat16"
+    assert config.enforce_eager is False
+    assert config.tokenizer == config.model_name
+    assert config.on_runpod is False
+
+
+def test_values_are_parsed_and_typed():
+    config = load_config({
+        "MODEL_NAME": "/models/gams", "TOKENIZER_NAME": "/tok", "MAX_MODEL_LEN": "8192",
+        "GPU_MEMORY_UTILIZATION": "0.85", "ENFORCE_EAGER": "YES", "MAX_NUM_SEQS": "128",
+        "TENSOR_PARALLEL_SIZE": "2", "ENABLE_PREFIX_CACHING": "off", "MAX_CONCURRENCY": "16",
+        "STREAM_BATCH_TOKENS": "8", "STREAM_BATCH_MS": "0", "DTYPE": "Float16",
+        "SERVED_MODEL_NAME": "gams", "RUNPOD_WEBHOOK_GET_JOB": "http://x/job-take",
+    })
+    assert (config.max_model_len, config.gpu_memory_utilization, config.max_num_seqs) == (8192, 0.85, 128)
+    assert (config.enforce_eager, config.enable_prefix_caching) == (True, False)
+    assert (config.tensor_parallel_size, config.max_concurrency) == (2, 16)
+    assert (config.stream_batch_tokens, config.stream_batch_ms, config.dtype) == (8, 0, "float16")
+    assert config.tokenizer == "/tok" and config.model_label == "gams" and config.on_runpod
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("MAX_MODEL_LEN", "abc", "an integer >= 16"),
+        ("MAX_MODEL_LEN", "8", "an integer >= 16"),
+        ("GPU_MEMORY_UTILIZATION", "1.7", "a number in (0, 1]"),
+        ("GPU_MEMORY_UTILIZATION", "0", "a number in (0, 1]"),
+        ("ENFORCE_EAGER", "maybe", "true or false"),
+        ("DTYPE", "int3", "one of auto, bfloat16, float16, float32"),
+        ("MAX_NUM_SEQS", "-1", "an integer >= 1"),
+        ("STREAM_BATCH_MS", "-5", "an integer >= 0"),
+    ],
+)
+def test_bad_value_names_variable_value_and_what_is_allowed(name, value, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_config({name: value})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name}={value!r} is invalid: expected ")
+    assert allowed in message
+
+
+def test_no_other_module_reads_the_environment():
+    offenders = []
+    for path in (ROOT / "gams_worker").rglob("*.py"):
+        text = path.read_text()
+        if path.name != "config.py" and ("os.environ" in text or "getenv(" in text):
+            offenders.append(path.name)
+    assert offenders == []
+
+
+def test_bad_env_stops_worker_at_start_with_one_line():
+    result = subprocess.run(
+        [sys.executable, "handler.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=subprocess_env(MAX_MODEL_LEN="abc"),
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["gams-worker: configuration error: MAX_MODEL_LEN='abc' is invalid: expected an integer >= 16"]

@@ -1,0 +1,54 @@
+"""`python handler.py` off the platform really streams test_input.json through the engine."""
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gams_worker.local_run import read_test_job, run_job, run_local, wants_local_run
+from tests.conftest import ROOT, engine_env, subprocess_env
+
+
+@pytest.mark.engine
+def test_handler_py_streams_test_input_json(tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "handler.py"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(**engine_env(tiny_model_dir)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("--- local job local-test")))
+    end = lines.index("--- aggregate output:")
+    chunks = [json.loads(line) for line in lines[start + 1:end] if line.startswith('{"choices"')]
+    assert len(chunks) >= 2  # streamed, not one blob
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    aggregate = json.loads(lines[end + 1])
+    assert aggregate["output"] == chunks
+
+
+def test_local_mode_is_chosen_like_the_sdk_does():
+    assert wants_local_run(["handler.py"], on_runpod=False)
+    assert not wants_local_run(["handler.py"], on_runpod=True)
+    assert wants_local_run(["handler.py", "--test_input", "{}"], on_runpod=True)
+    assert not wants_local_run(["handler.py", "--rp_serve_api"], on_runpod=False)
+
+
+def test_test_input_argument_wins_over_the_file():
+    job = read_test_job(["handler.py", "--test_input", '{"input": {"prompt": "x"}}'])
+    assert job == {"input": {"prompt": "x"}, "id": "local-test"}
+    assert read_test_job([])["input"] == json.loads((ROOT / "test_input.json").read_text())["input"]
+
+
+def test_each_output_is_printed_as_it_arrives_and_errors_exit_1(capsys):
+    async def handler(job):
+        yield {"choices": [{"index": 0, "text": "Lju"}]}
+        yield {"error": {"type": "invalid_input", "message": "bad", "field": "prompt"}}
+
+    out = io.StringIO()
+    outputs = asyncio.run(run_job(handler, {"id": "j"}, out))
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == outputs
+    assert run_local(handler, ["handler.py", "--test_input", '{"input": {}}']) == 1
+    assert "job failed" in capsys.readouterr().err
