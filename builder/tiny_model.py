@@ -9,19 +9,23 @@ refuses a ``system`` role as the real one does.
 
     python -m builder.tiny_model [OUT_DIR]    # prints the model directory
 
-The result is cached: a directory keyed by a hash of this file and the corpus.
+The result is cached: a directory keyed by RECIPE_VERSION and the corpus.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "tiny_corpus.txt"
+# Bump when a change here changes the built model, so cached copies are rebuilt.
+RECIPE_VERSION = "3"
 VOCAB_SIZE = 1024
 TRAIN_STEPS = 300
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -40,11 +44,11 @@ CHAT_TEMPLATE = (
 
 
 def default_dir() -> Path:
-    digest = hashlib.sha256(Path(__file__).read_bytes() + CORPUS.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(RECIPE_VERSION.encode() + CORPUS.read_bytes()).hexdigest()[:12]
     return Path.home() / ".cache" / "gams-worker" / f"tiny-gams-{digest}"
 
 
-def build_tokenizer(out: Path) -> None:
+def build_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> None:
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,6 +66,8 @@ def build_tokenizer(out: Path) -> None:
         vocab[f"<0x{byte:02X}>"] = len(vocab)
     for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
         vocab.setdefault(piece, len(vocab))
+    while len(vocab) < vocab_size:  # Gemma pads its vocabulary with unused tokens too
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -153,13 +159,16 @@ def train_briefly(model, tokenizer_dir: Path, steps: int = TRAIN_STEPS) -> None:
 def build(out: Path | None = None) -> Path:
     """Build the tiny model into ``out`` (default: the cache) unless it is there already."""
     out = Path(out) if out else default_dir()
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
-        return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(tmp)
-    build_model(tmp)
-    tmp.replace(out) if not out.exists() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs wait for one build
+        if not (out / "model.safetensors").exists():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            build_tokenizer(tmp)
+            build_model(tmp)
+            tmp.replace(out)
     return out
 
 
