@@ -1,0 +1,165 @@
+"""Where the worker gets the model's files at start, in a fixed order, and which one it used.
+
+MODEL_NAME that is a local path is served as it is (a directory must hold a whole model).
+A hub repo id is looked for in:
+
+1. the copy baked into the image (the manifest written by builder/download_model.py);
+2. RunPod's model cache, which is also where a network volume keeps downloads
+   (``<volume>/huggingface-cache/hub``, the Hugging Face cache layout);
+3. the Hugging Face cache of this machine (HF_HUB_CACHE);
+4. the hub itself, downloaded with progress into the volume's cache when a volume is
+   mounted, else into the machine's cache. Skipped when HF_HUB_OFFLINE is set.
+
+Each copy must be whole (gams_worker.model_files) to be used. When none is, the
+ModelNotFoundError names every place searched and why it was passed over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+from typing import List, Optional
+
+from gams_worker.config import WorkerConfig
+from gams_worker.errors import IncompleteModelError, ModelNotFoundError
+from gams_worker.model_files import ALLOW_PATTERNS, IGNORE_PATTERNS, find_problems, read_manifest
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local directory"
+BAKED = "baked copy"
+RUNPOD_CACHE = "RunPod model cache / network volume"
+MACHINE_CACHE = "Hugging Face cache"
+HUB = "hub download"
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    path: str  # the local directory vLLM loads
+    source: str  # one of LOCAL, BAKED, RUNPOD_CACHE, MACHINE_CACHE, HUB
+    commit: Optional[str] = None
+
+
+def volume_cache_dir(config: WorkerConfig) -> Path:
+    return Path(config.network_volume_path) / "huggingface-cache" / "hub"
+
+
+def resolve_model(config: WorkerConfig) -> ResolvedModel:
+    """Find or fetch the model named by ``config.model_name``; log and return where it is."""
+    resolved = _resolve(config)
+    log.info("model %s: using the %s at %s", config.model_name, resolved.source, resolved.path)
+    return resolved
+
+
+def _resolve(config: WorkerConfig) -> ResolvedModel:
+    name, revision = config.model_name, config.model_revision
+    if Path(name).is_dir():
+        problems = find_problems(Path(name))
+        if problems:
+            raise IncompleteModelError(name, problems)
+        return ResolvedModel(str(Path(name).resolve()), LOCAL)
+    if name.startswith(("/", "./", "../")):
+        # A path, not a repo id: nothing to search. vLLM's start fails on it with a
+        # classified "model not found" error (gams_worker/fallback.py).
+        return ResolvedModel(name, LOCAL)
+
+    searched: List[str] = []
+    found = _baked(config, searched)
+    if found:
+        return found
+    for source, cache_dir in ((RUNPOD_CACHE, volume_cache_dir(config)), (MACHINE_CACHE, Path(config.hf_hub_cache))):
+        found = _cached(name, revision, source, cache_dir, searched)
+        if found:
+            return found
+    if config.hub_offline:
+        searched.append("the hub: not tried because HF_HUB_OFFLINE is set")
+        raise ModelNotFoundError(name, searched)
+    return _download(config, searched)
+
+
+def _baked(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
+    manifest_path = Path(config.baked_model_manifest)
+    where = f"baked manifest {manifest_path}"
+    if not manifest_path.is_file():
+        searched.append(f"{where}: absent")
+        return None
+    try:
+        manifest = read_manifest(manifest_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        searched.append(f"{where}: unreadable ({exc})")
+        return None
+    if not manifest.matches(config.model_name, config.model_revision):
+        searched.append(f"{where}: holds {manifest.repo_id}@{manifest.revision} ({manifest.commit}), "
+                        f"not {config.model_name}@{config.model_revision or 'any revision'}")
+        return None
+    model_dir = manifest.model_path(manifest_path)
+    problems = find_problems(model_dir, manifest.files)
+    if problems:
+        searched.append(f"baked copy {model_dir}: incomplete ({'; '.join(problems)})")
+        return None
+    return ResolvedModel(str(model_dir), BAKED, manifest.commit)
+
+
+def cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Path) -> Optional[Path]:
+    """The snapshot folder of ``repo_id`` at ``revision`` in a Hugging Face cache, if present.
+
+    Without a revision: the one ``main`` points to, or the only snapshot there (RunPod's
+    model cache may hold a snapshot without refs).
+    """
+    repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo_dir / "refs" / (revision or "main")
+    if ref.is_file():
+        commit = ref.read_text().strip()
+    elif revision and _COMMIT.match(revision):
+        commit = revision
+    elif revision is None and len(list(snapshots.iterdir())) == 1:
+        commit = next(snapshots.iterdir()).name
+    else:
+        return None
+    path = snapshots / commit
+    return path if path.is_dir() else None
+
+
+def _cached(repo_id: str, revision: Optional[str], source: str, cache_dir: Path,
+            searched: List[str]) -> Optional[ResolvedModel]:
+    where = f"{source} {cache_dir}"
+    path = cached_snapshot(repo_id, revision, cache_dir)
+    if path is None:
+        searched.append(f"{where}: no snapshot of {repo_id}@{revision or 'main'}")
+        return None
+    problems = find_problems(path)
+    if problems:
+        searched.append(f"{where}: snapshot {path.name} incomplete ({'; '.join(problems)})")
+        return None
+    return ResolvedModel(str(path), source, path.name)
+
+
+def _download(config: WorkerConfig, searched: List[str]) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    volume = Path(config.network_volume_path)
+    cache_dir = volume_cache_dir(config) if volume.is_dir() else Path(config.hf_hub_cache)
+    log.info("model %s: not found locally; downloading from the hub into %s", config.model_name, cache_dir)
+    try:
+        path = snapshot_download(
+            config.model_name,
+            revision=config.model_revision,
+            cache_dir=str(cache_dir),
+            endpoint=config.hf_endpoint,
+            allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+    except Exception as exc:  # the hub client's errors differ by version; all mean "not fetched"
+        searched.append(f"the hub: {type(exc).__name__}: {exc}")
+        raise ModelNotFoundError(config.model_name, searched) from exc
+    problems = find_problems(Path(path))
+    if problems:
+        raise IncompleteModelError(path, problems)
+    return ResolvedModel(str(path), HUB, Path(path).name)
