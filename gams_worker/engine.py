@@ -17,6 +17,10 @@ from gams_worker.config import WorkerConfig
 log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("full", "piecewise", "eager")
+# Test-only fault injection (gams_worker/fault_injection.py), named here so that the
+# parent process need not import vLLM's worker classes.
+FAILING_WORKER_CLS = "gams_worker.fault_injection.FailingStartWorker"
+INJECTED_FAILURE_KEY = "gams_inject_start_failure"  # in vLLM's additional_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,7 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
         gpu_memory_utilization=config.gpu_memory_utilization,
         tensor_parallel_size=config.tensor_parallel_size,
         enable_prefix_caching=config.enable_prefix_caching,
+        quantization=config.quantization,
         enforce_eager=mode == "eager",
         disable_log_stats=False,
     )
@@ -54,6 +59,9 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
         kwargs["max_num_seqs"] = config.max_num_seqs
     if mode == "piecewise":
         kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+    if config.inject_start_failure:  # test-only: the first start fails inside the engine process
+        kwargs["worker_cls"] = FAILING_WORKER_CLS
+        kwargs["additional_config"] = {INJECTED_FAILURE_KEY: config.inject_start_failure}
     return kwargs
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 class WorkerError(Exception):
@@ -35,6 +35,25 @@ class JobInputError(WorkerError):
 
 class EngineStartError(WorkerError):
     """The engine could not be started; ``cause`` is the classified root cause."""
+
+
+class ModelNotFoundError(WorkerError):
+    """No usable copy of the model was found; ``searched`` lists each place and why it failed."""
+
+    def __init__(self, model: str, searched: List[str]):
+        self.model = model
+        self.searched = searched
+        places = "; ".join(searched)
+        super().__init__(f"model {model!r} was not found. Searched: {places}")
+
+
+class IncompleteModelError(WorkerError):
+    """A model directory lacks files or holds damaged ones; ``problems`` names each."""
+
+    def __init__(self, path: str, problems: List[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__(f"model files in {path} are incomplete: " + "; ".join(problems))
 
 
 def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[str, Any]:

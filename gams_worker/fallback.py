@@ -1,0 +1,410 @@
+"""Graph-mode fallback: start the engine, and when start-up fails, let the cause decide.
+
+The ladder is full -> piecewise -> eager. Failures while capturing CUDA graphs
+(unsupported PTX, stream-capture errors, out of memory during capture) retry one
+rung lower; failures that no graph mode fixes (model not found, bad config, out of
+memory while loading weights, unsupported architecture) end the start-up at once.
+
+vLLM's v1 engine core runs in a child process that prints the root cause itself;
+the parent only raises "Engine core initialization failed. See root cause above".
+So each attempt tees file descriptors 1 and 2 (which the child inherits) into a
+bounded buffer, and the classifier reads that buffer plus the parent's exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from gams_worker.config import WorkerConfig
+from gams_worker.engine import GRAPH_MODES
+from gams_worker.errors import EngineStartError
+
+log = logging.getLogger(__name__)
+
+RETRY_LOWER_RUNG = "retry_lower_rung"
+FATAL = "fatal"
+
+# What an attempt's output buffer keeps: the root cause is near the end.
+CAPTURE_LIMIT_BYTES = 256 * 1024  # a GPU start logs ~50 KiB; the timeline reads all of it
+# Seconds to wait for a failed attempt's child processes to exit before killing them.
+CHILD_EXIT_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What a failed start-up attempt means, and what to do next."""
+
+    decision: str  # RETRY_LOWER_RUNG or FATAL
+    cause: str  # the classified cause, in plain words
+    remedy: str  # what a user can do about it ("" when the ladder handles it)
+    evidence: str  # the output line that identified the cause
+    next_mode: Optional[str] = None  # for RETRY_LOWER_RUNG: the rung to try next
+
+
+# --- classifier --------------------------------------------------------------------
+
+# Where in start-up a failure happened, from the traceback's frames and vLLM's log lines.
+_STAGE_MARKERS: Sequence[Tuple[str, "re.Pattern[str]"]] = (
+    ("load", re.compile(r"in (load_model|load_weights|_load_weights|download_weights_from_hf)\b"
+                        r"|Starting to load model|Loading (safetensors|weights)")),
+    ("profile", re.compile(r"in (determine_available_memory|profile_run)\b|Memory profiling")),
+    ("compile", re.compile(r"torch\._dynamo|torch\._inductor|Dynamo bytecode transform|Compiling a graph")),
+    ("capture", re.compile(r"in (capture_model|_capture_cudagraphs|capture_graph|_warmup_and_capture)\b"
+                           r"|Capturing CUDA graph|cudagraph capture|CUDA graph capture", re.IGNORECASE)),
+)
+# The last "Capturing CUDA graphs (..., FULL|PIECEWISE)" progress line names the capture that broke.
+_CAPTURE_PROGRESS = re.compile(r"Capturing CUDA graphs \(([^)]*?),\s*(FULL|PIECEWISE)\)")
+
+_MODEL_NOT_FOUND = re.compile(
+    r"HFValidationError|RepositoryNotFoundError|LocalEntryNotFoundError|GatedRepoError"
+    r"|Invalid repository ID or local directory|is not a valid model identifier"
+    r"|is not a local folder|does not appear to have a file named config\.json"
+    r"|No such file or directory: '[^']*config\.json'|Repo id must use alphanumeric"
+    r"|Cannot find any model weights"
+)
+_UNSUPPORTED_ARCHITECTURE = re.compile(
+    r"Model architectures \[[^\]]*\] (are not supported|failed to be inspected)"
+    r"|No model architectures are specified"
+)
+_KV_CACHE_TOO_SMALL = re.compile(
+    r"larger than the available KV cache memory|No available memory for the cache blocks"
+    r"|max seq len \(\d+\)[^\n]*is larger than the maximum number of tokens that can be stored in KV cache"
+)
+_BAD_CONFIG = re.compile(
+    r"ValidationError: \d+ validation errors? for \w*Config|User-specified max_model_len"
+)
+_DRIVER_TOO_OLD = re.compile(
+    r"NVIDIA driver on your system is too old|CUDA driver version is insufficient for CUDA runtime version"
+    r"|cudaErrorInsufficientDriver|Found no NVIDIA driver|Failed to infer device type"
+)
+_UNSUPPORTED_PTX = re.compile(
+    r"provided PTX was compiled with an unsupported toolchain|cudaErrorUnsupportedPtxVersion"
+    r"|CUDA_ERROR_UNSUPPORTED_PTX_VERSION"
+)
+_STREAM_CAPTURE = re.compile(
+    r"operation not permitted when stream is capturing|cudaErrorStreamCapture\w+"
+    r"|operation failed due to a previous error during capture|capture sequence has been invalidated"
+)
+_OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|cudaErrorMemoryAllocation")
+_COMPILE_FAILED = re.compile(r"BackendCompilerFailed|InductorError|torch\._dynamo\.exc\.\w+Error")
+
+
+def classify_start_failure(text: str, failed_mode: str) -> Diagnosis:
+    """Decide what a start-up failure in ``failed_mode`` means, from its output and exception text."""
+    if failed_mode not in GRAPH_MODES:
+        raise ValueError(f"unknown graph mode {failed_mode!r}")
+    lines = text.replace("\r", "\n").splitlines()
+
+    def fatal(cause: str, remedy: str, pattern: "re.Pattern[str]") -> Diagnosis:
+        return Diagnosis(FATAL, cause, remedy, _evidence(lines, pattern))
+
+    # Failures that no graph mode fixes; checked first because a capture may be in the log before them.
+    if _MODEL_NOT_FOUND.search(text):
+        return fatal("model not found", "check MODEL_NAME (a Hugging Face repo id or a local directory "
+                     "with config.json) and MODEL_REVISION, and that the model is baked into the image "
+                     "or downloadable", _MODEL_NOT_FOUND)
+    if _UNSUPPORTED_ARCHITECTURE.search(text):
+        return fatal("unsupported model architecture", "serve a model whose architecture this vLLM "
+                     "supports (GaMS is Gemma2ForCausalLM)", _UNSUPPORTED_ARCHITECTURE)
+    if _DRIVER_TOO_OLD.search(text):
+        return fatal("the GPU driver is missing or too old for this image's CUDA runtime",
+                     "deploy on hosts whose driver supports this image's CUDA version "
+                     "(RunPod: allowedCudaVersions) or use the CUDA-12 image", _DRIVER_TOO_OLD)
+    if _KV_CACHE_TOO_SMALL.search(text):
+        return fatal("not enough GPU memory left for the KV cache of MAX_MODEL_LEN tokens",
+                     "lower MAX_MODEL_LEN, raise GPU_MEMORY_UTILIZATION, use a larger GPU or "
+                     "TENSOR_PARALLEL_SIZE=2", _KV_CACHE_TOO_SMALL)
+    if _BAD_CONFIG.search(text):
+        return fatal("invalid engine configuration", "fix the setting named in the evidence", _BAD_CONFIG)
+
+    stage = _failure_stage(lines)
+    if _OUT_OF_MEMORY.search(text) and stage != "capture":
+        return fatal(f"out of GPU memory while {_STAGE_WORDS.get(stage, 'starting the engine')}",
+                     "use a GPU with more memory, a quantized model or TENSOR_PARALLEL_SIZE=2; "
+                     "lowering MAX_MODEL_LEN or GPU_MEMORY_UTILIZATION does not shrink the weights",
+                     _OUT_OF_MEMORY)
+
+    broken_capture = _broken_capture(lines)
+    if _UNSUPPORTED_PTX.search(text):
+        if stage == "load":
+            return fatal("unsupported PTX while loading the model (driver older than the CUDA toolkit)",
+                         "deploy on hosts whose driver supports this image's CUDA version "
+                         "(RunPod: allowedCudaVersions) or use the CUDA-12 image", _UNSUPPORTED_PTX)
+        cause = "unsupported PTX (driver older than the CUDA toolkit)"
+        return _retry(failed_mode, broken_capture, cause, _evidence(lines, _UNSUPPORTED_PTX))
+    if _STREAM_CAPTURE.search(text):
+        return _retry(failed_mode, broken_capture, "CUDA stream-capture error",
+                      _evidence(lines, _STREAM_CAPTURE))
+    if _OUT_OF_MEMORY.search(text):  # stage == "capture"
+        return _retry(failed_mode, broken_capture, "out of GPU memory during capture",
+                      _evidence(lines, _OUT_OF_MEMORY))
+    if _COMPILE_FAILED.search(text):
+        # PIECEWISE graphs are built by the same torch.compile pass; only eager avoids it.
+        diagnosis = _retry(failed_mode, "PIECEWISE", "torch.compile failed", _evidence(lines, _COMPILE_FAILED))
+        return dataclasses.replace(diagnosis, cause="torch.compile failed; only eager skips compilation")
+    if stage == "capture":
+        return _retry(failed_mode, broken_capture, "unrecognised error during CUDA-graph capture",
+                      _last_error_line(lines))
+    return Diagnosis(FATAL, "engine start-up failed for a cause no graph mode is known to fix",
+                     "read the evidence and the log above it", _last_error_line(lines))
+
+
+_STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compile": "compiling the model"}
+
+
+def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence: str) -> Diagnosis:
+    """Retry below ``failed_mode``; a broken PIECEWISE capture skips the piecewise rung."""
+    if broken_capture == "PIECEWISE" or failed_mode == "piecewise":
+        next_mode: Optional[str] = "eager"
+    elif failed_mode == "full":
+        next_mode = "piecewise"
+    else:
+        next_mode = None
+    graph = f"{broken_capture} CUDA-graph capture failed: " if broken_capture else "CUDA-graph capture failed: "
+    if next_mode is None:
+        return Diagnosis(FATAL, f"{cause} in eager mode, the lowest rung", "read the evidence and the log "
+                         "above it; this is not a graph-mode problem", evidence)
+    return Diagnosis(RETRY_LOWER_RUNG, graph + cause, "", evidence, next_mode)
+
+
+def _failure_stage(lines: Sequence[str]) -> Optional[str]:
+    """The start-up stage of the last stage marker in the output, or None."""
+    stage = None
+    for line in lines:
+        for name, pattern in _STAGE_MARKERS:
+            if pattern.search(line):
+                stage = name
+    return stage
+
+
+def _broken_capture(lines: Sequence[str]) -> Optional[str]:
+    """FULL or PIECEWISE: the kind of the last CUDA-graph capture the output shows started."""
+    for line in reversed(lines):
+        match = _CAPTURE_PROGRESS.search(line)
+        if match:
+            return match.group(2)
+    return None
+
+
+_EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception)\b: ")
+
+
+def _evidence(lines: Sequence[str], pattern: "re.Pattern[str]") -> str:
+    """The last line matching ``pattern``, preferring an exception line ("SomeError: ...")."""
+    matching = [line for line in lines if pattern.search(line)]
+    exceptions = [line for line in matching if _EXCEPTION_LINE.search(line)]
+    chosen = exceptions or matching
+    return _short(chosen[-1]) if chosen else ""
+
+
+def _last_error_line(lines: Sequence[str]) -> str:
+    """The last exception line that is not vLLM's "See root cause above", usually the root cause."""
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.search(line) and "See root cause above" not in line:
+            return _short(line)
+    return _short(lines[-1]) if lines else ""
+
+
+def _short(line: str, limit: int = 300) -> str:
+    # vLLM prefixes child lines with "(EngineCore_DP0 pid=1) ERROR 01-01 00:00:00 [core.py:1] "
+    line = re.sub(r"^\([\w ]+pid=\d+\)\s*", "", line.strip())
+    line = re.sub(r"^(ERROR|WARNING|INFO) \d\d-\d\d [\d:.]+ \[[^\]]*\]\s*", "", line)
+    return line[:limit]
+
+
+def exception_text(exc: BaseException) -> str:
+    """The exception and its chain of causes, formatted as Python prints them."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+# --- output capture ----------------------------------------------------------------
+
+
+class OutputCapture:
+    """While active, copies what this process and its children write to fds 1 and 2 into a buffer.
+
+    Output still reaches the original destination. Children started while active keep
+    writing into the pipe after ``stop()``; the reader threads forward that for as long
+    as they live, keeping the buffer's last ``limit_bytes`` bytes.
+    """
+
+    def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2)):
+        self._limit = limit_bytes
+        self._fds = tuple(fds)
+        self._buffer = bytearray()
+        self._lock = threading.Lock()
+        self._last_data = time.monotonic()
+        self._saved: List[Tuple[int, int]] = []  # (fd, duplicate of its original target)
+
+    def start(self) -> "OutputCapture":
+        _flush_python_streams()
+        for fd in self._fds:
+            original = os.dup(fd)
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self._saved.append((fd, original))
+            threading.Thread(target=self._pump, args=(read_end, original), name=f"output-tee-{fd}",
+                             daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Point fds 1 and 2 back at their original targets."""
+        _flush_python_streams()
+        for fd, original in self._saved:
+            os.dup2(original, fd)
+        self._saved = []
+
+    def __enter__(self) -> "OutputCapture":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def text(self, settle_s: float = 0.3, max_wait_s: float = 5.0) -> str:
+        """The buffered output, once no new bytes have come for ``settle_s`` (at most ``max_wait_s``)."""
+        deadline = time.monotonic() + max_wait_s
+        while time.monotonic() < deadline and time.monotonic() - self._last_data < settle_s:
+            time.sleep(0.05)
+        with self._lock:
+            return self._buffer.decode("utf-8", errors="replace")
+
+    def _pump(self, read_end: int, original: int) -> None:
+        forward = True
+        try:
+            while True:
+                data = os.read(read_end, 65536)
+                if not data:
+                    break
+                if forward:
+                    try:
+                        os.write(original, data)
+                    except OSError:  # the original reader went away; keep buffering
+                        forward = False
+                with self._lock:
+                    self._buffer += data
+                    if len(self._buffer) > self._limit:
+                        del self._buffer[: len(self._buffer) - self._limit]
+                    self._last_data = time.monotonic()
+        finally:
+            os.close(read_end)
+            os.close(original)
+
+
+def _flush_python_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+# --- child processes ---------------------------------------------------------------
+
+
+def _child_pids() -> set:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)
+            if not _is_multiprocessing_helper(child)}
+
+
+def _is_multiprocessing_helper(process: Any) -> bool:
+    """multiprocessing's resource tracker lives as long as this process and must be left alone."""
+    try:
+        command = " ".join(process.cmdline())
+    except Exception:
+        return False
+    return "resource_tracker" in command or "forkserver" in command
+
+
+def wait_for_children_gone(before: set, timeout_s: float = CHILD_EXIT_TIMEOUT_S) -> None:
+    """Wait for child processes started since ``before`` to exit; kill those that don't.
+
+    A failed attempt's engine core (and its GPU memory) must be gone before the next one.
+    """
+    import psutil
+
+    new = [psutil.Process(pid) for pid in _child_pids() - before if _exists(pid)]
+    if not new:
+        return
+    _, alive = psutil.wait_procs(new, timeout=timeout_s)
+    for process in alive:
+        log.warning("killing engine child process %d left over from the failed attempt", process.pid)
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def _exists(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
+
+
+# --- the ladder --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StartedEngine:
+    engine: Any
+    mode: str
+    reason: str  # why the engine runs in ``mode``, in plain words
+    output: str = ""  # what the successful attempt printed (vLLM's start-up log lines)
+
+
+def start_with_fallback(
+    config: WorkerConfig,
+    first_mode: str,
+    first_reason: str,
+    start: Callable[[str], Any],
+) -> StartedEngine:
+    """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow.
+
+    Raises EngineStartError with one plain-words line when start-up cannot succeed.
+    """
+    mode, reason = first_mode, first_reason
+    failed_modes: List[str] = []
+    while True:
+        rung = GRAPH_MODES.index(mode) + 1
+        log.info("engine start: rung %d/%d, %s mode (%s)", rung, len(GRAPH_MODES), mode, reason)
+        children_before = _child_pids()
+        started = time.monotonic()
+        capture = OutputCapture().start()
+        try:
+            engine = start(mode)
+        except Exception as exc:  # vLLM raises many types; the classifier reads them all
+            capture.stop()
+            spent = time.monotonic() - started
+            failure = exc
+        else:
+            capture.stop()
+            return StartedEngine(engine, mode, reason, capture.text(settle_s=0.1, max_wait_s=1.0))
+
+        wait_for_children_gone(children_before)
+        diagnosis = classify_start_failure(capture.text() + "\n" + exception_text(failure), mode)
+        log.error("engine start in %s mode failed after %.1f s; cause: %s; evidence: %s",
+                  mode, spent, diagnosis.cause, diagnosis.evidence or "(none)")
+        failed_modes.append(mode)
+        if diagnosis.decision == FATAL:
+            raise EngineStartError(f"engine start failed in {mode} mode: {diagnosis.cause} "
+                                   f"({diagnosis.evidence}); remedy: {diagnosis.remedy}") from failure
+        if not config.graph_fallback:
+            raise EngineStartError(
+                f"engine start failed in {mode} mode: {diagnosis.cause} ({diagnosis.evidence}); "
+                f"GRAPH_FALLBACK=false, so no retry in {diagnosis.next_mode} mode: set GRAPH_FALLBACK=true "
+                f"or ENFORCE_EAGER=true") from failure
+        mode = diagnosis.next_mode or "eager"
+        reason = f"{diagnosis.cause}; fell back from {' and '.join(failed_modes)}"
+        log.warning("fallback: retrying at rung %d/%d in %s mode after %.1f s because %s",
+                    GRAPH_MODES.index(mode) + 1, len(GRAPH_MODES), mode, spent, diagnosis.cause)

@@ -1,0 +1,159 @@
+"""Unit tests of the CUDA doctor: verdicts for described hosts, and probes that never crash."""
+
+from __future__ import annotations
+
+import logging
+
+from gams_worker import doctor
+from gams_worker.config import WorkerConfig
+from gams_worker.doctor import (
+    ENGINE_OVERHEAD_BYTES,
+    GIB,
+    GpuFacts,
+    HostFacts,
+    diagnose,
+    memory_from_config,
+    run_doctor,
+)
+
+# GaMS-9B-Instruct's config.json (a Gemma 2 9B), the fields the estimate reads.
+GAMS_9B_CONFIG = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 42,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    "vocab_size": 256000,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+GEMMA2_9B_PARAMETERS = 9_241_705_984  # as published for google/gemma-2-9b
+
+
+def h100(free_gib: float = 79.0, driver_cuda: str = "13.0") -> HostFacts:
+    return HostFacts(
+        platform="cuda",
+        gpus=(GpuFacts("NVIDIA H100 80GB HBM3", "9.0", int(79.6 * GIB), int(free_gib * GIB)),),
+        driver_version="580.82.07", driver_cuda=driver_cuda,
+        torch_version="2.11.0+cu130", torch_cuda="13.0", vllm_version="0.25.0", vllm_cuda="13.0",
+    )
+
+
+def gams_memory(config: WorkerConfig):
+    return memory_from_config(GAMS_9B_CONFIG, config)
+
+
+def test_weight_estimate_matches_the_published_parameter_count():
+    memory = gams_memory(WorkerConfig())
+    assert abs(memory.weight_bytes / 2 - GEMMA2_9B_PARAMETERS) / GEMMA2_9B_PARAMETERS < 0.01
+    # K and V, 42 layers, 8 KV heads of 256, bf16
+    assert memory.kv_bytes_per_token == 2 * 42 * 8 * 256 * 2
+    halves = memory_from_config(GAMS_9B_CONFIG, WorkerConfig(tensor_parallel_size=2))
+    assert halves.weight_bytes == memory.weight_bytes // 2
+
+
+def test_healthy_h100_has_no_verdicts_and_starts_in_the_default_rung():
+    config = WorkerConfig()
+    report = diagnose(h100(), gams_memory(config), config)
+    assert report.verdicts == ()
+    assert report.start_mode is None
+    text = "\n".join(report.lines)
+    assert "NVIDIA H100 80GB HBM3, compute capability 9.0" in text
+    assert "driver 580.82.07, supports CUDA up to 13.0" in text
+    assert "torch 2.11.0+cu130 built for CUDA 13.0; vLLM 0.25.0 built for CUDA 13.0" in text
+
+
+def test_driver_older_than_the_toolkit_names_the_remedy_and_starts_at_piecewise():
+    config = WorkerConfig()
+    report = diagnose(h100(driver_cuda="12.4"), gams_memory(config), config)
+    assert ("driver supports CUDA 12.4, this image needs 13.0: deploy on hosts with CUDA >= 13.0 "
+            "(RunPod: allowedCudaVersions) or use the CUDA-12 image") in report.verdicts
+    assert report.start_mode == "piecewise"
+    assert "starts at piecewise" in report.start_reason
+    assert any("starting at piecewise" in verdict for verdict in report.verdicts)
+
+
+def test_old_driver_keeps_the_default_rung_when_the_user_chose_it():
+    for config in (WorkerConfig(graph_fallback=False), WorkerConfig(enforce_eager=True)):
+        report = diagnose(h100(driver_cuda="12.4"), gams_memory(config), config)
+        assert report.start_mode is None
+        assert any("driver supports CUDA 12.4" in verdict for verdict in report.verdicts)
+
+
+def test_too_long_context_for_the_gpu_suggests_a_max_model_len_that_fits():
+    config = WorkerConfig(max_model_len=32768, gpu_memory_utilization=0.9)
+    small_gpu = HostFacts(platform="cuda", gpus=(GpuFacts("NVIDIA L4", "8.9", 24 * GIB, 23 * GIB),),
+                          driver_cuda="13.0", torch_cuda="13.0")
+    memory = gams_memory(config)
+    [verdict] = diagnose(small_gpu, memory, config).verdicts
+    assert "at MAX_MODEL_LEN=32768" in verdict and "TENSOR_PARALLEL_SIZE=2" in verdict
+    suggested = int(verdict.split("lower MAX_MODEL_LEN to ")[1].split(" ")[0])
+    budget = 24 * GIB * 0.9
+    fixed = memory.weight_bytes + ENGINE_OVERHEAD_BYTES
+    assert fixed + suggested * memory.kv_bytes_per_token <= budget
+    assert fixed + (suggested + 256) * memory.kv_bytes_per_token > budget
+
+
+def test_weights_that_cannot_fit_ask_for_quantization_or_tensor_parallelism():
+    config = WorkerConfig()
+    tiny_gpu = HostFacts(platform="cuda", gpus=(GpuFacts("Tesla T4", "7.5", 15 * GIB, 15 * GIB),))
+    [verdict] = diagnose(tiny_gpu, gams_memory(config), config).verdicts
+    assert "the weights alone do not fit: quantize or TENSOR_PARALLEL_SIZE=2" in verdict
+
+
+def test_busy_gpu_suggests_a_lower_memory_utilization():
+    config = WorkerConfig(gpu_memory_utilization=0.9)
+    [verdict] = diagnose(h100(free_gib=40.0), gams_memory(config), config).verdicts
+    assert "only 40.00 GiB of 79.60 GiB free" in verdict
+    assert "GPU_MEMORY_UTILIZATION to 0.50" in verdict
+
+
+def test_cpu_host_reports_the_cpu_backend_without_verdicts():
+    config = WorkerConfig()
+    report = diagnose(HostFacts(platform="cpu", torch_version="2.13.0+cpu"), None, config)
+    assert report.verdicts == () and report.start_mode is None
+    assert any("CPU backend" in line for line in report.lines)
+
+
+def test_run_doctor_on_this_machine_reports_and_continues(tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO)
+    report = run_doctor(WorkerConfig(model_name=tiny_model_dir))
+    assert report.facts.platform == "cpu"
+    import torch
+
+    assert report.facts.torch_version == torch.__version__
+    assert "doctor report:" in caplog.text and "CPU backend" in caplog.text
+    assert any("model needs ~" in line for line in report.lines)
+
+
+def test_probes_without_nvml_or_libcuda_report_unknown_instead_of_crashing(monkeypatch):
+    # This machine has neither libnvidia-ml nor libcuda: the GPU probes must fall back quietly.
+    monkeypatch.setattr(doctor, "_platform_name", lambda: "cuda")
+    facts = doctor.collect_host_facts()
+    assert facts.platform == "cuda"
+    assert facts.gpus == () and facts.driver_cuda == doctor.UNKNOWN
+    report = diagnose(facts, None, WorkerConfig())
+    assert any("no GPU visible" in verdict for verdict in report.verdicts)
+
+
+def test_doctor_survives_a_probe_that_raises(monkeypatch):
+    def broken():
+        raise OSError("no such device")
+
+    monkeypatch.setattr(doctor, "collect_host_facts", broken)
+    report = run_doctor(WorkerConfig(model_name="/nonexistent"))
+    assert report.facts.platform == doctor.UNKNOWN
+    assert any("model memory: unknown" in line for line in report.lines)
+
+
+def test_vllm_cuda_version_from_its_version_tag_or_linked_cudart(tmp_path):
+    assert doctor.cuda_from_version_tag("0.25.0+cu130") == "13.0"
+    assert doctor.cuda_from_version_tag("0.9.2+cu126") == "12.6"
+    assert doctor.cuda_from_version_tag("0.25.0") is None
+    extension = tmp_path / "_C.abi3.so"
+    extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0libcudart.so.13\0libc.so.6\0")
+    assert doctor._linked_cudart_major(str(extension)) == "13"
+    extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0")
+    assert doctor._linked_cudart_major(str(extension)) is None
