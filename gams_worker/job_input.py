@@ -6,19 +6,23 @@ Accepted shape (every other field is rejected by name)::
     "sampling_params": {...}   optional, see SAMPLING_FIELDS
     "stream": false            optional; true streams chunks as they are generated
 
-Errors raise ``JobInputError`` with the dotted path of the field at fault.
+Errors raise ``JobInputError`` with the dotted path of the field at fault. Size limits
+(gams_worker/limits.py) are checked before anything is tokenized.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.errors import JobInputError
+from gams_worker.limits import InputLimits, check_count, check_input_size, check_prompt_chars
 
 ROLES = ("system", "user", "assistant")
-MAX_N = 16
+MAX_N = InputLimits().max_n
+MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,7 @@ def _integer(low: int, high: Optional[int] = None) -> Callable[[str, Any], int]:
 
 
 def _top_k(field: str, value: Any) -> int:
-    value = _integer(-1)(field, value)
+    value = _integer(-1, MAX_TOP_K)(field, value)
     return -1 if value == 0 else value  # 0 and -1 both mean "no top-k"
 
 
@@ -96,16 +100,17 @@ SAMPLING_FIELDS: Dict[str, Callable[[str, Any], Any]] = {
     "frequency_penalty": _number(-2.0, 2.0),
     "stop": _stop,
     "seed": _seed,
-    "n": _integer(1, MAX_N),
+    "n": _integer(1),  # and at most InputLimits.max_n
     "ignore_eos": _boolean,
 }
 INPUT_FIELDS = ("prompt", "messages", "sampling_params", "stream")
 
 
-def parse_job_input(raw: Any, default_max_tokens: int) -> JobInput:
+def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = InputLimits()) -> JobInput:
     """Validate a job's ``input`` object; raise JobInputError naming the field at fault."""
     if not isinstance(raw, Mapping):
         raise JobInputError("must be an object with 'prompt' or 'messages'", "input")
+    check_input_size(raw, limits)
     _reject_unknown(raw, INPUT_FIELDS, "")
 
     has_prompt, has_messages = "prompt" in raw, "messages" in raw
@@ -117,23 +122,33 @@ def parse_job_input(raw: Any, default_max_tokens: int) -> JobInput:
         prompt = raw["prompt"]
         if not isinstance(prompt, str) or prompt == "":
             raise JobInputError("must be a non-empty string", "prompt")
+        check_prompt_chars(len(prompt), "prompt", limits)
     else:
-        messages = _messages(raw["messages"])
+        messages = _messages(raw["messages"], limits)
+        check_prompt_chars(sum(len(m.content) for m in messages), "messages", limits)
 
     stream = _boolean("stream", raw.get("stream", False))
-    sampling, max_tokens_given = _sampling(raw.get("sampling_params", {}), default_max_tokens)
+    sampling, max_tokens_given = _sampling(raw.get("sampling_params", {}), default_max_tokens, limits)
     return JobInput(prompt, messages, sampling, stream, max_tokens_given)
 
 
 def _reject_unknown(obj: Mapping, allowed: Tuple[str, ...], prefix: str) -> None:
     for key in obj:
         if key not in allowed:
-            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", f"{prefix}{key}")
+            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", _key_path(prefix, key))
 
 
-def _messages(value: Any) -> Tuple[Message, ...]:
+def _key_path(prefix: str, key: Any) -> str:
+    """``prefix`` + key; a key that is empty or holds . [ ] or " is quoted: ``input[""]``."""
+    if isinstance(key, str) and key and not any(c in key for c in '.[]"'):
+        return f"{prefix}{key}"
+    return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
+
+
+def _messages(value: Any, limits: InputLimits) -> Tuple[Message, ...]:
     if not isinstance(value, list) or not value:
         raise JobInputError("must be a non-empty list of {role, content} objects", "messages")
+    check_count(len(value), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
     out = []
     for i, item in enumerate(value):
         field = f"messages[{i}]"
@@ -161,7 +176,7 @@ def _content(value: Any, field: str) -> str:
     raise JobInputError("must be a string or a list of text parts", field)
 
 
-def _sampling(value: Any, default_max_tokens: int) -> Tuple[Dict[str, Any], bool]:
+def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple[Dict[str, Any], bool]:
     if not isinstance(value, Mapping):
         raise JobInputError("must be an object", "sampling_params")
     _reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
@@ -170,8 +185,17 @@ def _sampling(value: Any, default_max_tokens: int) -> Tuple[Dict[str, Any], bool
         for key, item in value.items()
         if item is not None
     }
+    _check_sampling_limits(sampling, limits)
     max_tokens_given = "max_tokens" in sampling
     sampling.setdefault("max_tokens", default_max_tokens)
     if sampling.get("min_tokens", 0) > sampling["max_tokens"]:
         raise JobInputError("must not exceed max_tokens", "sampling_params.min_tokens")
     return sampling, max_tokens_given
+
+
+def _check_sampling_limits(sampling: Dict[str, Any], limits: InputLimits) -> None:
+    check_count(sampling.get("n", 1), limits.max_n, "MAX_N", "choices", "sampling_params.n")
+    stop = sampling.get("stop", [])
+    check_count(len(stop), limits.max_stop_strings, "MAX_STOP_STRINGS", "stop strings", "sampling_params.stop")
+    for i, item in enumerate(stop):
+        check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"sampling_params.stop[{i}]")

@@ -54,7 +54,7 @@ def test_defaults():
     ({"prompt": "a", "sampling_params": {"max_tokens": 2.5}}, "sampling_params.max_tokens"),
     ({"prompt": "a", "sampling_params": {"max_tokens": True}}, "sampling_params.max_tokens"),
     ({"prompt": "a", "sampling_params": {"temperature": -1}}, "sampling_params.temperature"),
-    ({"prompt": "a", "sampling_params": {"temperature": float("nan")}}, "sampling_params.temperature"),
+    ({"prompt": "a", "sampling_params": {"temperature": float("nan")}}, "input"),  # not JSON
     ({"prompt": "a", "sampling_params": {"top_p": 0}}, "sampling_params.top_p"),
     ({"prompt": "a", "sampling_params": {"top_k": -2}}, "sampling_params.top_k"),
     ({"prompt": "a", "sampling_params": {"n": 17}}, "sampling_params.n"),

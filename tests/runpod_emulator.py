@@ -1,0 +1,332 @@
+"""A local emulator of RunPod's worker-facing API, for the real runpod SDK job loop.
+
+The SDK (runpod 1.12, rp_job.py / rp_http.py / rp_scale.py / rp_ping.py) talks to:
+
+    GET  {base}/v2/{endpoint}/job-take/{worker}?gpu=..&job_in_progress=0|1         one job or 204
+    GET  {base}/v2/{endpoint}/job-take-batch/{worker}?gpu=..&batch_size=N&job_in_progress=..
+                                                                                list of jobs or 204
+    POST {base}/v2/{endpoint}/job-stream/{worker}/{job}?gpu=..&isStream=false   body: {"output": chunk}
+    POST {base}/v2/{endpoint}/job-done/{worker}/{job}?gpu=..&isStream=true|false
+                                                 body: {"output": [...]} or {"error": "..."}
+    GET  {base}/v2/{endpoint}/job-stop/{worker}?gpu=..   long-poll: {"jobsToStop": [ids]} or 204
+    GET  {base}/v2/{endpoint}/ping/{worker}?gpu=..&job_id=..&runpod_version=..
+
+Post bodies are JSON sent as ``application/x-www-form-urlencoded``, as the SDK does.
+The take and stop channels are long-polls: held up to ``hold_s`` while there is nothing
+to hand out. Every take, chunk, result and ping is recorded with a ``time.monotonic()``
+timestamp. The server runs in its own thread, so tests call it synchronously::
+
+    emulator = RunPodEmulator()
+    base_url = emulator.start()                 # 127.0.0.1, a free port
+    env = emulator.worker_env()                 # RUNPOD_WEBHOOK_* for `python handler.py`
+    job_id = emulator.submit({"prompt": "Živjo"})
+    record = emulator.wait_result(job_id, timeout=60)
+    emulator.stop_job(job_id)                   # the platform's cancel / timeout
+    emulator.close()
+
+``python -m tests.runpod_emulator --port 8080`` serves it for manual use; it prints the
+worker environment and accepts jobs at ``POST /submit`` (body: a job input), results at
+``GET /result/{job}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from aiohttp import web
+
+ENDPOINT_ID = "gams-emulated"
+WORKER_ID = "emulated-worker-0"
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """One submitted job and everything the worker posted about it."""
+
+    id: str
+    input: Any
+    submitted_at: float
+    taken_at: List[float] = dataclasses.field(default_factory=list)  # one entry per hand-out
+    chunks: List[Tuple[float, Any]] = dataclasses.field(default_factory=list)  # (time, {"output": chunk})
+    results: List[Tuple[float, Any]] = dataclasses.field(default_factory=list)  # (time, final body)
+    stop_requested_at: Optional[float] = None
+    stop_delivered_at: Optional[float] = None  # when the stop poll handed the stop to the worker
+    done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+    @property
+    def result(self) -> Any:
+        """The first final post's body (``{"output": [...]}`` or ``{"error": "..."}``)."""
+        return self.results[0][1] if self.results else None
+
+    @property
+    def chunk_outputs(self) -> List[Any]:
+        return [body.get("output") for _, body in self.chunks]
+
+
+class RunPodEmulator:
+    """RunPod's job queue and worker API on 127.0.0.1, recording all traffic."""
+
+    def __init__(self, hold_s: float = 1.0, stop_hold_s: float = 10.0, endpoint_id: str = ENDPOINT_ID,
+                 worker_id: str = WORKER_ID):
+        # How long an empty take / stop poll is held open. The SDK sleeps 1 s after an empty stop
+        # poll, so a short stop hold would delay stops by up to 1 s; a long one delays the
+        # worker's exit after SIGTERM by up to stop_hold_s (the SDK waits for the poll to end).
+        self.hold_s = hold_s
+        self.stop_hold_s = stop_hold_s
+        self.endpoint_id = endpoint_id
+        self.worker_id = worker_id
+        self.jobs: Dict[str, JobRecord] = {}
+        self.takes: List[Tuple[float, Dict[str, str]]] = []  # (time, query) of every take request
+        self.pings: List[Tuple[float, Dict[str, str]]] = []
+        self.stream_failures_left = 0  # answer this many stream posts with HTTP 500
+        self.failed_stream_posts = 0
+        self.base_url: Optional[str] = None
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._queue: Deque[str] = deque()
+        self._stops: Deque[str] = deque()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._runner: Optional[web.AppRunner] = None
+        self._wakeup: Optional[asyncio.Event] = None
+
+    # ----------------------------------------------------------------- control
+    def start(self, port: int = 0) -> str:
+        """Serve on 127.0.0.1:``port`` (0: a free one) in a background thread; return the base URL."""
+        started = threading.Event()
+        errors: List[BaseException] = []
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._start_site(port))
+            except BaseException as exc:  # surface bind errors to start()
+                errors.append(exc)
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="runpod-emulator", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if errors:
+            raise errors[0]
+        return self.base_url
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        # cleanup() waits for open long-polls to end
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(self.stop_hold_s + 30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop = None
+
+    def worker_env(self) -> Dict[str, str]:
+        """The variables RunPod gives a serverless worker, pointing at this emulator."""
+        api = f"{self.base_url}/v2/{self.endpoint_id}"
+        return {
+            # The SDK replaces $ID in the take URL with the worker id, and $RUNPOD_POD_ID / $ID
+            # in the post URLs with the worker id / job id; it appends "&..." query parameters.
+            "RUNPOD_WEBHOOK_GET_JOB": f"{api}/job-take/$ID?gpu=emulated",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{api}/job-done/$RUNPOD_POD_ID/$ID?gpu=emulated",
+            "RUNPOD_WEBHOOK_POST_STREAM": f"{api}/job-stream/$RUNPOD_POD_ID/$ID?gpu=emulated",
+            "RUNPOD_WEBHOOK_PING": f"{api}/ping/$RUNPOD_POD_ID?gpu=emulated",
+            "RUNPOD_POD_ID": self.worker_id,
+            "RUNPOD_AI_API_KEY": "emulated-api-key",  # without it the SDK sends no pings
+            "RUNPOD_PING_INTERVAL": "1000",
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",  # the checks dial out and exit when offline
+        }
+
+    def submit(self, job_input: Any, job_id: Optional[str] = None) -> str:
+        """Queue a job with this ``input``; return its id."""
+        job_id = job_id or f"job-{next(self._ids):05d}"
+        with self._lock:
+            if job_id in self.jobs:
+                raise ValueError(f"job id {job_id} already submitted")
+            self.jobs[job_id] = JobRecord(job_id, job_input, time.monotonic())
+            self._queue.append(job_id)
+        self._wake()
+        return job_id
+
+    def stop_job(self, job_id: str) -> None:
+        """Ask the worker to stop this job, as RunPod does on cancel or timeout."""
+        with self._lock:
+            self.jobs[job_id].stop_requested_at = time.monotonic()
+            self._stops.append(job_id)
+        self._wake()
+
+    def fail_stream_posts(self, count: int) -> None:
+        """Answer the next ``count`` stream posts with HTTP 500."""
+        with self._lock:
+            self.stream_failures_left = count
+
+    def wait_result(self, job_id: str, timeout: float) -> JobRecord:
+        """Wait for the job's final post; raise TimeoutError naming the job otherwise."""
+        record = self.jobs[job_id]
+        if not record.done.wait(timeout):
+            raise TimeoutError(f"no result for {job_id} within {timeout} s (chunks: {len(record.chunks)})")
+        return record
+
+    def wait_chunks(self, job_id: str, count: int, timeout: float) -> JobRecord:
+        """Wait until the job has posted at least ``count`` stream chunks."""
+        record = self.jobs[job_id]
+        deadline = time.monotonic() + timeout
+        while len(record.chunks) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{job_id} posted {len(record.chunks)} chunks, not {count}, in {timeout} s")
+            time.sleep(0.02)
+        return record
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    # ----------------------------------------------------------------- server
+    async def _start_site(self, port: int) -> None:
+        self._wakeup = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        prefix = "/v2/{endpoint}"
+        app.router.add_get(prefix + "/job-take/{worker}", self._take_one)
+        app.router.add_get(prefix + "/job-take-batch/{worker}", self._take_batch)
+        app.router.add_post(prefix + "/job-stream/{worker}/{job}", self._stream)
+        app.router.add_post(prefix + "/job-done/{worker}/{job}", self._done)
+        app.router.add_get(prefix + "/job-stop/{worker}", self._stop_poll)
+        app.router.add_get(prefix + "/ping/{worker}", self._ping)
+        app.router.add_post("/submit", self._submit_http)  # manual use
+        app.router.add_get("/result/{job}", self._result_http)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        bound_port = site._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{bound_port}"
+
+    def _wake(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._pulse)
+
+    def _pulse(self) -> None:
+        # Wake every waiting long-poll; each re-checks its own condition.
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    async def _hold_until(self, ready, hold_s: float) -> bool:
+        """Wait up to ``hold_s`` for ``ready()`` to turn true."""
+        deadline = time.monotonic() + hold_s
+        while not ready():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                return ready()
+        return True
+
+    def _hand_out(self, limit: int) -> List[Dict[str, Any]]:
+        jobs = []
+        with self._lock:
+            now = time.monotonic()
+            while self._queue and len(jobs) < limit:
+                record = self.jobs[self._queue.popleft()]
+                record.taken_at.append(now)
+                jobs.append({"id": record.id, "input": record.input})
+        return jobs
+
+    async def _take_one(self, request: web.Request) -> web.Response:
+        self.takes.append((time.monotonic(), dict(request.query)))
+        await self._hold_until(lambda: bool(self._queue), self.hold_s)
+        jobs = self._hand_out(1)
+        return web.json_response(jobs[0]) if jobs else web.Response(status=204)
+
+    async def _take_batch(self, request: web.Request) -> web.Response:
+        self.takes.append((time.monotonic(), dict(request.query)))
+        try:
+            batch_size = int(request.query["batch_size"])
+        except (KeyError, ValueError):
+            return web.Response(status=400, text="batch_size missing")
+        await self._hold_until(lambda: bool(self._queue), self.hold_s)
+        jobs = self._hand_out(batch_size)
+        return web.json_response(jobs) if jobs else web.Response(status=204)
+
+    async def _stream(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.text())
+        with self._lock:
+            if self.stream_failures_left > 0:
+                self.stream_failures_left -= 1
+                self.failed_stream_posts += 1
+                return web.Response(status=500, text="emulated failure")
+            record = self.jobs.get(request.match_info["job"])
+            if record is None:
+                return web.Response(status=404, text="unknown job")
+            record.chunks.append((time.monotonic(), body))
+        return web.Response(text="ok")
+
+    async def _done(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.text())
+        record = self.jobs.get(request.match_info["job"])
+        if record is None:
+            return web.Response(status=404, text="unknown job")
+        with self._lock:
+            record.results.append((time.monotonic(), body))
+        record.done.set()
+        return web.Response(text="ok")
+
+    async def _stop_poll(self, request: web.Request) -> web.Response:
+        await self._hold_until(lambda: bool(self._stops), self.stop_hold_s)
+        with self._lock:
+            job_ids = list(self._stops)
+            self._stops.clear()
+            for job_id in job_ids:
+                self.jobs[job_id].stop_delivered_at = time.monotonic()
+        if not job_ids:
+            return web.Response(status=204)
+        return web.json_response({"jobsToStop": job_ids})
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        self.pings.append((time.monotonic(), dict(request.query)))
+        return web.Response(text="ok")
+
+    async def _submit_http(self, request: web.Request) -> web.Response:
+        return web.json_response({"id": self.submit(await request.json())})
+
+    async def _result_http(self, request: web.Request) -> web.Response:
+        record = self.jobs.get(request.match_info["job"])
+        if record is None:
+            return web.Response(status=404, text="unknown job")
+        return web.json_response({
+            "id": record.id,
+            "status": "COMPLETED" if record.results else "IN_QUEUE" if not record.taken_at else "IN_PROGRESS",
+            "stream": record.chunk_outputs,
+            "result": record.result,
+        })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args()
+    emulator = RunPodEmulator()
+    base_url = emulator.start(args.port)
+    print(f"RunPod emulator on {base_url}; start the worker with:")
+    print(" ".join(f"{k}='{v}'" for k, v in emulator.worker_env().items()) + " python handler.py")
+    print(f"submit: curl -s {base_url}/submit -d '{{\"prompt\": \"Živjo\"}}'; result: curl -s {base_url}/result/<id>")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        emulator.close()
+
+
+if __name__ == "__main__":
+    main()
