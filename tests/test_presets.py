@@ -1,0 +1,66 @@
+"""GaMS presets under the environment, and concurrency sized from the KV cache."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from gams_worker.concurrency import KvCapacity, derive_concurrency, kv_capacity
+from gams_worker.config import load_config
+from gams_worker.presets import apply_preset, choose_tensor_parallel, preset_for
+
+
+def test_presets_are_found_by_repo_id_in_any_case():
+    assert preset_for("cjvt/GaMS-9B-Instruct").max_model_len == 4096
+    assert preset_for("CJVT/gams-27b-instruct/").weights_gib > 50
+    assert preset_for("/models/my-own") is None
+
+
+def test_preset_fills_only_what_the_environment_left_unset():
+    config = load_config({"MODEL_NAME": "cjvt/GaMS-2B-Instruct", "GPU_MEMORY_UTILIZATION": "0.5"})
+    resolved, sources = apply_preset(config, gpu_count=1, gpu_memory_gib=79.1)
+    assert resolved.max_model_len == 8192 and sources["max_model_len"] == "preset"
+    assert resolved.gpu_memory_utilization == 0.5 and sources["gpu_memory_utilization"] == "env"
+    assert resolved.tensor_parallel_size == 1 and sources["tensor_parallel_size"] == "preset"
+
+
+def test_environment_wins_over_the_preset_for_every_setting():
+    env = {"MODEL_NAME": "cjvt/GaMS-27B-Instruct", "MAX_MODEL_LEN": "1024", "DTYPE": "float16",
+           "GPU_MEMORY_UTILIZATION": "0.8", "TENSOR_PARALLEL_SIZE": "4"}
+    resolved, sources = apply_preset(load_config(env), gpu_count=8, gpu_memory_gib=79.1)
+    assert (resolved.max_model_len, resolved.dtype, resolved.gpu_memory_utilization,
+            resolved.tensor_parallel_size) == (1024, "float16", 0.8, 4)
+    assert set(sources.values()) == {"env"}
+
+
+def test_other_models_keep_their_settings():
+    config = load_config({"MODEL_NAME": "/models/tiny"})
+    resolved, sources = apply_preset(config, gpu_count=2, gpu_memory_gib=79.1)
+    assert resolved == config and set(sources.values()) == {"default"}
+
+
+@pytest.mark.parametrize("weights, gpus, memory, expected", [
+    (50.7, 2, 79.1, 1),   # GaMS-27B bf16 fits one 80 GB card at short context
+    (50.7, 2, 44.4, 2),   # ... but needs two 48 GB cards
+    (50.7, 1, 44.4, 1),   # only one card: never more than present (the doctor reports it)
+    (17.2, 4, 22.0, 2),   # GaMS-9B on 24 GB cards: 17.2 GiB + headroom > 0.9 x 22
+    (120.0, 8, 79.1, 2),
+])
+def test_tensor_parallel_is_the_fewest_gpus_that_hold_the_weights(weights, gpus, memory, expected):
+    assert choose_tensor_parallel(weights, gpus, memory, 0.9) == expected
+
+
+def test_concurrency_from_kv_capacity():
+    # recorded on CPU with the tiny model: 12_064 KV tokens, max_num_seqs 256
+    assert derive_concurrency(KvCapacity(12_064, 256), expected_tokens_per_job=1024) == 11
+    assert derive_concurrency(KvCapacity(12_064, 4), expected_tokens_per_job=64) == 4   # scheduler bound
+    assert derive_concurrency(KvCapacity(500, 256), expected_tokens_per_job=1024) == 1  # never 0
+
+
+def test_kv_capacity_reads_the_engine_config():
+    cache = SimpleNamespace(kv_cache_size_tokens=None, num_gpu_blocks=100, block_size=16)
+    engine = SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache,
+                                                         scheduler_config=SimpleNamespace(max_num_seqs=256)))
+    assert kv_capacity(engine) == KvCapacity(1600, 256)
+    cache.kv_cache_size_tokens = 2048
+    assert kv_capacity(engine) == KvCapacity(2048, 256)
+    assert kv_capacity(SimpleNamespace()) is None
