@@ -12,11 +12,13 @@ import os
 from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
+from gams_worker.limits import InputLimits
 
 T = TypeVar("T")
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 GRAPH_MODES = ("full", "piecewise", "eager")
+QUANTIZATIONS = ("fp8",)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -38,20 +40,49 @@ class WorkerConfig:
     max_num_seqs: Optional[int] = None
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    quantization: Optional[str] = None  # "fp8": vLLM's online FP8 weights (compute capability >= 8.9)
     # Jobs
     max_concurrency: int = 64
     default_max_tokens: int = 512
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
+    # Input limits: each breach is a job error naming the field (see gams_worker/limits.py)
+    max_input_bytes: int = 1_048_576
+    max_prompt_chars: int = 200_000
+    max_messages: int = 256
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    max_n: int = 16
+    # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/status.py)
+    status_port: Optional[int] = None
+    # Where the model comes from (gams_worker/model_source.py)
+    baked_model_manifest: str = "/models/manifest.json"
+    network_volume_path: str = "/runpod-volume"
+    hf_hub_cache: str = os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
+    hub_offline: bool = False
+    hf_endpoint: Optional[str] = None  # None: huggingface_hub's default (huggingface.co)
     # Test-only: make the first engine start fail inside the engine process with this text.
     inject_start_failure: Optional[str] = None
     log_level: str = "INFO"
     # Set by the platform: without a job URL the worker runs locally (test_input.json).
     on_runpod: bool = False
+    # Names of the variables the environment set (presets fill only the others).
+    explicit: frozenset = frozenset()
 
     @property
     def tokenizer(self) -> str:
         return self.tokenizer_name or self.model_name
+
+    @property
+    def input_limits(self) -> InputLimits:
+        return InputLimits(
+            max_input_bytes=self.max_input_bytes,
+            max_prompt_chars=self.max_prompt_chars,
+            max_messages=self.max_messages,
+            max_stop_strings=self.max_stop_strings,
+            max_stop_length=self.max_stop_length,
+            max_n=self.max_n,
+        )
 
     @property
     def model_label(self) -> str:
@@ -77,15 +108,40 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         max_num_seqs=env.optional_integer("MAX_NUM_SEQS", minimum=1),
         tensor_parallel_size=env.integer("TENSOR_PARALLEL_SIZE", default.tensor_parallel_size, minimum=1),
         enable_prefix_caching=env.boolean("ENABLE_PREFIX_CACHING", default.enable_prefix_caching),
+        quantization=env.optional_choice("QUANTIZATION", QUANTIZATIONS),
         max_concurrency=env.integer("MAX_CONCURRENCY", default.max_concurrency, minimum=1),
         default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", default.default_max_tokens, minimum=1),
         stream_batch_tokens=env.integer("STREAM_BATCH_TOKENS", default.stream_batch_tokens, minimum=1),
         stream_batch_ms=env.integer("STREAM_BATCH_MS", default.stream_batch_ms, minimum=0),
+        max_input_bytes=env.integer("MAX_INPUT_BYTES", default.max_input_bytes, minimum=1024),
+        max_prompt_chars=env.integer("MAX_PROMPT_CHARS", default.max_prompt_chars, minimum=1),
+        max_messages=env.integer("MAX_MESSAGES", default.max_messages, minimum=1),
+        max_stop_strings=env.integer("MAX_STOP_STRINGS", default.max_stop_strings, minimum=0),
+        max_stop_length=env.integer("MAX_STOP_LENGTH", default.max_stop_length, minimum=1),
+        max_n=env.integer("MAX_N", default.max_n, minimum=1),
+        status_port=env.optional_integer("WORKER_STATUS_PORT", minimum=1, maximum=65535),
+        baked_model_manifest=env.text("BAKED_MODEL_MANIFEST", default.baked_model_manifest),
+        network_volume_path=env.text("NETWORK_VOLUME_PATH", default.network_volume_path),
+        hf_hub_cache=_hf_hub_cache(env),
+        hub_offline=env.boolean("HF_HUB_OFFLINE", default.hub_offline),
+        hf_endpoint=env.optional_text("HF_ENDPOINT"),
         inject_start_failure=env.optional_text("GAMS_TEST_INJECT_START_FAILURE"),
         log_level=env.choice("LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         on_runpod=env.optional_text("RUNPOD_WEBHOOK_GET_JOB") is not None
         or env.optional_text("RUNPOD_REALTIME_PORT") is not None,
+        explicit=frozenset(env.given),
     )
+
+
+
+def _hf_hub_cache(env: "_Env") -> str:
+    """The Hugging Face cache folder, found as huggingface_hub finds it."""
+    explicit = env.optional_text("HF_HUB_CACHE") or env.optional_text("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return os.path.expanduser(explicit)
+    xdg_cache = env.optional_text("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    hf_home = env.optional_text("HF_HOME") or os.path.join(xdg_cache, "huggingface")
+    return os.path.join(os.path.expanduser(hf_home), "hub")
 
 
 class _Env:
@@ -93,11 +149,13 @@ class _Env:
 
     def __init__(self, environ: Mapping[str, str]):
         self._environ = environ
+        self.given: set = set()
 
     def _raw(self, name: str) -> Optional[str]:
         value = self._environ.get(name)
         if value is None or value.strip() == "":
             return None
+        self.given.add(name)
         return value.strip()
 
     def _parse(self, name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
@@ -115,17 +173,18 @@ class _Env:
     def optional_text(self, name: str) -> Optional[str]:
         return self._raw(name)
 
-    def integer(self, name: str, default: int, minimum: int) -> int:
+    def integer(self, name: str, default: int, minimum: int, maximum: Optional[int] = None) -> int:
         def parse(raw: str) -> int:
             value = int(raw)
-            if value < minimum:
+            if value < minimum or (maximum is not None and value > maximum):
                 raise ValueError
             return value
 
-        return self._parse(name, default, parse, f"an integer >= {minimum}")
+        allowed = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        return self._parse(name, default, parse, allowed)
 
-    def optional_integer(self, name: str, minimum: int) -> Optional[int]:
-        return self.integer(name, None, minimum)  # type: ignore[arg-type]
+    def optional_integer(self, name: str, minimum: int, maximum: Optional[int] = None) -> Optional[int]:
+        return self.integer(name, None, minimum, maximum)  # type: ignore[arg-type]
 
     def fraction(self, name: str, default: float) -> float:
         def parse(raw: str) -> float:
@@ -145,6 +204,9 @@ class _Env:
             raise ValueError
 
         return self._parse(name, default, parse, "true or false (also 1/0, yes/no, on/off)")
+
+    def optional_choice(self, name: str, choices: tuple) -> Optional[str]:
+        return self.choice(name, None, choices)  # type: ignore[arg-type]
 
     def choice(self, name: str, default: str, choices: tuple, upper: bool = False) -> str:
         def parse(raw: str) -> str:

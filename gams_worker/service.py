@@ -6,6 +6,7 @@ Output shapes (every job ends with exactly one item carrying ``usage``, or one e
                 last: {"choices": [{"index", "text", "finish_reason"}], "usage": {...}, "engine": {...}}
     non-stream: one item shaped like the last chunk, with the whole text
     error:      {"error": {"type", "message", "field"?}}
+    openai:     input {"openai_route", "openai_input"}: see gams_worker.openai_routes
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from gams_worker.config import WorkerConfig
 from gams_worker.engine import EngineInfo
 from gams_worker.errors import JobInputError, error_output
 from gams_worker.job_input import parse_job_input
+from gams_worker.openai_routes import OpenAIRoutes
 from gams_worker.prompt import prepare_prompt
 from gams_worker.streaming import ChunkBatcher
+from gams_worker.timeline import StartupTimeline
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +31,15 @@ log = logging.getLogger(__name__)
 class GenerationService:
     """Turns RunPod jobs into requests on one shared vLLM engine."""
 
-    def __init__(self, engine: Any, tokenizer: Any, config: WorkerConfig, engine_info: EngineInfo):
+    def __init__(self, engine: Any, tokenizer: Any, config: WorkerConfig, engine_info: EngineInfo,
+                 startup: Optional[StartupTimeline] = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
         self.engine_info = engine_info
+        self.startup = startup  # reported once, with the first job served
         self.running_requests = 0  # engine requests in flight; tests and logs read it
+        self.openai = OpenAIRoutes(engine, config)  # jobs from RunPod's /openai/v1 passthrough
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Yield the outputs of one job (see the module docstring for their shapes)."""
@@ -41,8 +47,17 @@ class GenerationService:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if isinstance(job.get("input"), dict) and "openai_route" in job["input"]:
+            self.running_requests += 1
+            try:
+                async for output in self.openai.run(job["input"]):
+                    yield output
+            finally:
+                self.running_requests -= 1
+            return
+
         try:
-            job_input = parse_job_input(job.get("input"), self.config.default_max_tokens)
+            job_input = parse_job_input(job.get("input"), self.config.default_max_tokens, self.config.input_limits)
             prompt = prepare_prompt(job_input, self.tokenizer, self.config.max_model_len)
             params = SamplingParams(**prompt.sampling, output_kind=RequestOutputKind.DELTA)
         except JobInputError as exc:
@@ -110,4 +125,13 @@ class GenerationService:
             },
             "model": self.config.model_label,
             "engine": self.engine_info.to_output(),
+            **self._startup_metadata_once(),
         }
+
+    def _startup_metadata_once(self) -> Dict[str, Any]:
+        """The start-up timeline, in the first served job's output only."""
+        if self.startup is None:
+            return {}
+        startup, self.startup = self.startup, None
+        startup.mark("first job served")
+        return {"startup": startup.to_output()}

@@ -7,11 +7,16 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Tuple
 
 from gams_worker.config import WorkerConfig
+from gams_worker.doctor import DoctorReport, run_doctor
 from gams_worker.engine import EngineInfo, platform_name, start_engine
+from gams_worker.model_source import resolve_model
+from gams_worker.fallback import start_with_fallback
 from gams_worker.service import GenerationService
+from gams_worker.timeline import StartupTimeline
+from gams_worker.status import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,23 @@ class Worker:
     def __init__(self, service: GenerationService):
         self.service = service
         self.watchdog = EngineWatchdog(service.engine)
+        port = service.config.status_port
+        self.status_server = StatusServer(service, port) if port else None
 
     def close(self) -> None:
-        self.watchdog.stop()
+        self.watchdog.stop()  # first: the engine's shutdown below must not look like a crash
+        if self.status_server:
+            self.status_server.close()
         self.service.engine.shutdown()
+
+
+def first_rung(config: WorkerConfig, report: DoctorReport) -> Tuple[str, str]:
+    """The graph mode the engine starts in, and why."""
+    if config.enforce_eager:
+        return "eager", "ENFORCE_EAGER is set"
+    if report.start_mode:
+        return report.start_mode, report.start_reason
+    return "full", "default"
 
 
 def start_worker(config: WorkerConfig) -> Worker:
@@ -74,16 +92,23 @@ def start_worker(config: WorkerConfig) -> Worker:
     from transformers import AutoTokenizer
 
     started = time.monotonic()
-    model_path = config.model_name
-    mode = "eager" if config.enforce_eager else "full"
-    reason = "ENFORCE_EAGER is set" if config.enforce_eager else "default"
-    engine = start_engine(config, mode, model_path)
+    timeline = StartupTimeline()
+    timeline.mark("imports done, config loaded")
+    mode, reason = first_rung(config, run_doctor(config))
+    timeline.mark("doctor done")
+    model_path = resolve_model(config).path  # baked copy, then caches, then the hub
+    timeline.mark("model resolved")
+    started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, model_path))
+    engine, mode, reason = started_engine.engine, started_engine.mode, started_engine.reason
+    timeline.read_engine_output(started_engine.output)
+    timeline.mark("engine started")
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer_name or model_path,
         revision=config.model_revision,
         trust_remote_code=config.trust_remote_code,
     )
+    timeline.mark("tokenizer loaded")
     info = EngineInfo(mode=mode, reason=reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2))
-    log.info("worker ready: model %s, engine %s", config.model_label, info)
-    return Worker(GenerationService(engine, tokenizer, config, info))
+    log.info("worker ready: model %s, engine %s, start-up %s", config.model_label, info, timeline.to_output())
+    return Worker(GenerationService(engine, tokenizer, config, info, timeline))
