@@ -5,31 +5,20 @@ Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
 child process that re-imports this file.
 """
 
-import asyncio
 import sys
 
+from gams_worker.cancellation import close_when_cancelled
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, WorkerError
 
 service = None  # the process's GenerationService, set in main()
-_closing = set()  # close tasks, referenced until they finish
 
 
 async def handler(job):
     outputs = service.run(job)
-    asyncio.current_task().add_done_callback(lambda task: _close_if_cancelled(task, outputs))
+    close_when_cancelled(outputs)  # a stopped job frees its engine request at once
     async for output in outputs:
         yield output
-
-
-def _close_if_cancelled(task, outputs) -> None:
-    # RunPod stops a job by cancelling its task. A generator paused at `yield` is then closed
-    # only once garbage-collected (measured: not within 5 s); close it now, so the service
-    # aborts the engine request and frees its KV cache and batch slot at once.
-    if task.cancelled():
-        closing = asyncio.ensure_future(outputs.aclose())
-        _closing.add(closing)
-        closing.add_done_callback(_closing.discard)
 
 
 def main() -> int:
@@ -57,7 +46,7 @@ def main() -> int:
             return run_local(handler, sys.argv)
         runpod.serverless.start({
             "handler": handler,
-            "concurrency_modifier": lambda current: config.max_concurrency,
+            "concurrency_modifier": lambda current: worker.concurrency,
             "return_aggregate_stream": True,
         })
         return 0

@@ -30,6 +30,7 @@ class WorkerConfig:
     model_revision: Optional[str] = None
     tokenizer_name: Optional[str] = None
     served_model_name: Optional[str] = None
+    model_preset: Optional[str] = None  # a GaMS repo id whose preset applies (default: MODEL_NAME's)
     trust_remote_code: bool = False
     # Engine
     max_model_len: int = 4096
@@ -42,7 +43,8 @@ class WorkerConfig:
     enable_prefix_caching: bool = True
     quantization: Optional[str] = None  # "fp8": vLLM's online FP8 weights (compute capability >= 8.9)
     # Jobs
-    max_concurrency: int = 64
+    max_concurrency: Optional[int] = None  # None: sized from the KV cache (gams_worker/concurrency.py)
+    expected_tokens_per_job: int = 1024  # prompt + output tokens of a typical job, for that sizing
     default_max_tokens: int = 512
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
@@ -99,6 +101,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         model_revision=env.optional_text("MODEL_REVISION"),
         tokenizer_name=env.optional_text("TOKENIZER_NAME"),
         served_model_name=env.optional_text("SERVED_MODEL_NAME"),
+        model_preset=env.optional_text("MODEL_PRESET"),
         trust_remote_code=env.boolean("TRUST_REMOTE_CODE", default.trust_remote_code),
         max_model_len=env.integer("MAX_MODEL_LEN", default.max_model_len, minimum=16),
         dtype=env.choice("DTYPE", default.dtype, DTYPES),
@@ -109,7 +112,8 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         tensor_parallel_size=env.integer("TENSOR_PARALLEL_SIZE", default.tensor_parallel_size, minimum=1),
         enable_prefix_caching=env.boolean("ENABLE_PREFIX_CACHING", default.enable_prefix_caching),
         quantization=env.optional_choice("QUANTIZATION", QUANTIZATIONS),
-        max_concurrency=env.integer("MAX_CONCURRENCY", default.max_concurrency, minimum=1),
+        max_concurrency=env.optional_integer("MAX_CONCURRENCY", minimum=1),
+        expected_tokens_per_job=env.integer("EXPECTED_TOKENS_PER_JOB", default.expected_tokens_per_job, minimum=1),
         default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", default.default_max_tokens, minimum=1),
         stream_batch_tokens=env.integer("STREAM_BATCH_TOKENS", default.stream_batch_tokens, minimum=1),
         stream_batch_ms=env.integer("STREAM_BATCH_MS", default.stream_batch_ms, minimum=0),

@@ -68,15 +68,21 @@ class DoctorReport:
     verdicts: Tuple[str, ...]  # problems found, each with its remedy
     start_mode: Optional[str] = None  # a rung the verdicts choose to start from, if any
     start_reason: str = ""
+    blocking: Tuple[str, ...] = ()  # problems no start can get past: the worker stops with these
 
 
-def run_doctor(config: WorkerConfig) -> DoctorReport:
-    """Examine the host, log the report, and return it. Never raises."""
+def host_facts() -> HostFacts:
+    """What the doctor knows of this host; never raises."""
     try:
-        facts = collect_host_facts()
+        return collect_host_facts()
     except Exception as exc:  # the doctor must never stop the worker
-        facts = HostFacts(platform=UNKNOWN)
         log.warning("doctor: could not examine the host: %r", exc)
+        return HostFacts(platform=UNKNOWN)
+
+
+def run_doctor(config: WorkerConfig, facts: Optional[HostFacts] = None) -> DoctorReport:
+    """Examine the host (unless ``facts`` are given), log the report, and return it. Never raises."""
+    facts = host_facts() if facts is None else facts
     try:
         memory = estimate_model_memory(config)
     except Exception as exc:
@@ -131,7 +137,33 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
     memory_verdict = _memory_verdict(facts, memory, config)
     if memory_verdict:
         verdicts.append(memory_verdict)
-    return DoctorReport(facts, tuple(lines), tuple(verdicts), start_mode, start_reason)
+    blocking = _gpu_requirement_problems(facts, config)
+    if facts.gpus and not config.quantization and all(_supports_fp8(g) for g in facts.gpus):
+        lines.append("FP8 available on this GPU: QUANTIZATION=fp8 (vLLM's online FP8 weights) ran GaMS-9B-shaped "
+                     "weights 1.5x faster at batch 1 on an H100; the default stays bf16")
+    return DoctorReport(facts, tuple(lines), tuple(verdicts + blocking), start_mode, start_reason, tuple(blocking))
+
+
+def _supports_fp8(gpu: GpuFacts) -> bool:
+    capability = _version_tuple(gpu.compute_capability)
+    return capability is not None and capability >= (8, 9)
+
+
+def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[str]:
+    """Settings this host cannot honour (only judged where NVML listed the GPUs)."""
+    if not facts.gpus:
+        return []
+    problems = []
+    if config.tensor_parallel_size > len(facts.gpus):
+        problems.append(f"TENSOR_PARALLEL_SIZE={config.tensor_parallel_size} but {len(facts.gpus)} GPU(s) visible: "
+                        f"deploy with {config.tensor_parallel_size} GPUs per worker or lower TENSOR_PARALLEL_SIZE")
+    if config.quantization == "fp8":
+        unsupported = [g for g in facts.gpus if not _supports_fp8(g)]
+        if unsupported:
+            gpu = unsupported[0]
+            problems.append(f"QUANTIZATION=fp8 needs compute capability >= 8.9 (Ada, Hopper or newer); "
+                            f"{gpu.name} has {gpu.compute_capability}: unset QUANTIZATION")
+    return problems
 
 
 def _driver_verdict(facts: HostFacts) -> Optional[str]:

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
+from gams_worker.errors import ConfigError
 
 GIB = 2**30
 # Room beyond the weights on each GPU: activations, CUDA graphs and at least a few
@@ -59,7 +60,9 @@ PRESET_VARIABLES = {"max_model_len": "MAX_MODEL_LEN", "dtype": "DTYPE",
 def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]
                  ) -> Tuple[WorkerConfig, Dict[str, str]]:
     """Fill settings the environment left unset; return the new config and each value's source."""
-    preset = preset_for(config.model_name)
+    preset = preset_for(config.model_preset or config.model_name)
+    if config.model_preset and preset is None:
+        raise ConfigError("MODEL_PRESET", config.model_preset, "one of " + ", ".join(sorted(PRESETS)))
     from_env = {name for name, variable in PRESET_VARIABLES.items() if variable in config.explicit}
     sources = {name: ("env" if name in from_env else "default") for name in PRESET_VARIABLES}
     if preset is None:

@@ -7,19 +7,24 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
+from gams_worker.concurrency import derive_concurrency, kv_capacity
 from gams_worker.config import WorkerConfig
-from gams_worker.doctor import DoctorReport, run_doctor
+from gams_worker.doctor import DoctorReport, host_facts, run_doctor
 from gams_worker.engine import EngineInfo, platform_name, start_engine
-from gams_worker.model_source import resolve_model
+from gams_worker.errors import EngineStartError
 from gams_worker.fallback import start_with_fallback
+from gams_worker.model_source import resolve_model
+from gams_worker.presets import apply_preset
 from gams_worker.service import GenerationService
-from gams_worker.timeline import StartupTimeline
 from gams_worker.status import StatusServer
+from gams_worker.timeline import StartupTimeline
 
 log = logging.getLogger(__name__)
 
+# Jobs taken at once when neither MAX_CONCURRENCY nor the engine's KV cache size says.
+DEFAULT_CONCURRENCY = 32
 # Seconds a dead engine's in-flight jobs get to post their errors before the process exits.
 DEAD_ENGINE_GRACE_S = 1.0
 
@@ -65,8 +70,9 @@ class EngineWatchdog:
 class Worker:
     """The engine, the service running jobs on it, and the watchdog over both."""
 
-    def __init__(self, service: GenerationService):
+    def __init__(self, service: GenerationService, concurrency: int):
         self.service = service
+        self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
         self.watchdog = EngineWatchdog(service.engine)
         port = service.config.status_port
         self.status_server = StatusServer(service, port) if port else None
@@ -94,7 +100,13 @@ def start_worker(config: WorkerConfig) -> Worker:
     started = time.monotonic()
     timeline = StartupTimeline()
     timeline.mark("imports done, config loaded")
-    mode, reason = first_rung(config, run_doctor(config))
+    facts = host_facts()
+    config, sources = apply_preset(config, len(facts.gpus), _gib(facts.gpus[0].total_bytes) if facts.gpus else None)
+    log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
+    report = run_doctor(config, facts)
+    if report.blocking:
+        raise EngineStartError("; ".join(report.blocking))
+    mode, reason = first_rung(config, report)
     timeline.mark("doctor done")
     model_path = resolve_model(config).path  # baked copy, then caches, then the hub
     timeline.mark("model resolved")
@@ -111,4 +123,24 @@ def start_worker(config: WorkerConfig) -> Worker:
     info = EngineInfo(mode=mode, reason=reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2))
     log.info("worker ready: model %s, engine %s, start-up %s", config.model_label, info, timeline.to_output())
-    return Worker(GenerationService(engine, tokenizer, config, info, timeline))
+    return Worker(GenerationService(engine, tokenizer, config, info, timeline), job_concurrency(config, engine))
+
+
+def job_concurrency(config: WorkerConfig, engine: Any) -> int:
+    """Jobs this worker takes at once: MAX_CONCURRENCY, else sized from the engine's KV cache."""
+    if config.max_concurrency is not None:
+        log.info("concurrency: %d jobs (MAX_CONCURRENCY)", config.max_concurrency)
+        return config.max_concurrency
+    capacity = kv_capacity(engine)
+    if capacity is None:
+        log.info("concurrency: %d jobs (default; this vLLM does not report its KV cache size)",
+                 DEFAULT_CONCURRENCY)
+        return DEFAULT_CONCURRENCY
+    concurrency = derive_concurrency(capacity, config.expected_tokens_per_job)
+    log.info("concurrency: %d jobs = KV cache %d tokens / EXPECTED_TOKENS_PER_JOB %d, at most max_num_seqs %d",
+             concurrency, capacity.kv_cache_tokens, config.expected_tokens_per_job, capacity.max_num_seqs)
+    return concurrency
+
+
+def _gib(value: Optional[int]) -> Optional[float]:
+    return value / 2**30 if value else None

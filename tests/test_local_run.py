@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -14,11 +15,22 @@ from tests.conftest import ROOT, engine_env, subprocess_env
 
 @pytest.mark.engine
 def test_handler_py_streams_test_input_json(tiny_model_dir):
+    # Also: a GaMS preset applied to the tiny model, overridden by the environment where set,
+    # and the job concurrency sized from the KV cache the engine really got.
+    env = engine_env(tiny_model_dir, MODEL_PRESET="cjvt/GaMS-2B-Instruct")
+    del env["MAX_MODEL_LEN"], env["MAX_CONCURRENCY"]
     result = subprocess.run(
         [sys.executable, "handler.py"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=subprocess_env(**engine_env(tiny_model_dir)),
+        env=subprocess_env(**env),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_model_len=8192 (preset)" in result.stderr
+    assert "gpu_memory_utilization=0.2 (env)" in result.stderr
+    sizing = re.search(r"concurrency: (\d+) jobs = KV cache (\d+) tokens / EXPECTED_TOKENS_PER_JOB 1024, "
+                       r"at most max_num_seqs (\d+)", result.stderr)
+    assert sizing, result.stderr[-3000:]
+    jobs, kv_tokens, max_num_seqs = map(int, sizing.groups())
+    assert jobs == max(1, min(kv_tokens // 1024, max_num_seqs))
     lines = result.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("--- local job local-test")))
     end = lines.index("--- aggregate output:")

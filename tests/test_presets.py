@@ -6,6 +6,8 @@ import pytest
 
 from gams_worker.concurrency import KvCapacity, derive_concurrency, kv_capacity
 from gams_worker.config import load_config
+from gams_worker.doctor import GpuFacts, HostFacts, diagnose
+from gams_worker.errors import ConfigError
 from gams_worker.presets import apply_preset, choose_tensor_parallel, preset_for
 
 
@@ -50,8 +52,9 @@ def test_tensor_parallel_is_the_fewest_gpus_that_hold_the_weights(weights, gpus,
 
 
 def test_concurrency_from_kv_capacity():
-    # recorded on CPU with the tiny model: 12_064 KV tokens, max_num_seqs 256
-    assert derive_concurrency(KvCapacity(12_064, 256), expected_tokens_per_job=1024) == 11
+    # recorded on the H100 with GaMS-9B-shaped weights: "GPU KV cache size: 166,882 tokens"
+    assert derive_concurrency(KvCapacity(166_882, 256), expected_tokens_per_job=1024) == 162
+    assert derive_concurrency(KvCapacity(166_882, 128), expected_tokens_per_job=1024) == 128
     assert derive_concurrency(KvCapacity(12_064, 4), expected_tokens_per_job=64) == 4   # scheduler bound
     assert derive_concurrency(KvCapacity(500, 256), expected_tokens_per_job=1024) == 1  # never 0
 
@@ -64,3 +67,35 @@ def test_kv_capacity_reads_the_engine_config():
     cache.kv_cache_size_tokens = 2048
     assert kv_capacity(engine) == KvCapacity(2048, 256)
     assert kv_capacity(SimpleNamespace()) is None
+
+
+def test_model_preset_applies_a_gams_preset_to_a_local_directory():
+    config = load_config({"MODEL_NAME": "/models/gams", "MODEL_PRESET": "cjvt/GaMS-9B-Instruct"})
+    resolved, sources = apply_preset(config, gpu_count=1, gpu_memory_gib=79.1)
+    assert resolved.max_model_len == 4096 and sources["max_model_len"] == "preset"
+    with pytest.raises(ConfigError) as info:
+        apply_preset(load_config({"MODEL_PRESET": "cjvt/GaMS-1B"}), gpu_count=1, gpu_memory_gib=79.1)
+    assert info.value.variable == "MODEL_PRESET"
+
+
+def gpu(name, capability):
+    return GpuFacts(name=name, compute_capability=capability, total_bytes=80 * 2**30, free_bytes=79 * 2**30)
+
+
+def test_doctor_refuses_fp8_below_compute_capability_8_9_and_offers_it_above():
+    a100 = HostFacts(platform="cuda", gpus=(gpu("NVIDIA A100-SXM4-80GB", "8.0"),))
+    h100 = HostFacts(platform="cuda", gpus=(gpu("NVIDIA H100 80GB HBM3", "9.0"),))
+    refused = diagnose(a100, None, load_config({"QUANTIZATION": "fp8"}))
+    assert refused.blocking and "compute capability >= 8.9" in refused.blocking[0] and "8.0" in refused.blocking[0]
+    assert not diagnose(h100, None, load_config({"QUANTIZATION": "fp8"})).blocking
+    assert any("QUANTIZATION=fp8" in line for line in diagnose(h100, None, load_config({})).lines)
+    assert not any("QUANTIZATION=fp8" in line for line in diagnose(a100, None, load_config({})).lines)
+
+
+def test_doctor_stops_tensor_parallel_beyond_the_gpus_present():
+    one = HostFacts(platform="cuda", gpus=(gpu("NVIDIA H100 80GB HBM3", "9.0"),))
+    report = diagnose(one, None, load_config({"TENSOR_PARALLEL_SIZE": "2"}))
+    assert report.blocking == ("TENSOR_PARALLEL_SIZE=2 but 1 GPU(s) visible: deploy with 2 GPUs per worker "
+                               "or lower TENSOR_PARALLEL_SIZE",)
+    two = HostFacts(platform="cuda", gpus=(gpu("NVIDIA H100 80GB HBM3", "9.0"),) * 2)
+    assert not diagnose(two, None, load_config({"TENSOR_PARALLEL_SIZE": "2"})).blocking
