@@ -110,7 +110,8 @@ def run(args) -> None:
     from gams_worker.worker import setup_logging
 
     env = {"MODEL_NAME": args.model, "MAX_MODEL_LEN": str(args.max_model_len), "LOG_LEVEL": "INFO",
-           "GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization)}
+           "GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization),
+           "TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size)}
     if args.quantization:
         env["QUANTIZATION"] = args.quantization
     config = load_config(env)
@@ -126,7 +127,8 @@ def run(args) -> None:
     finally:
         engine.shutdown()
     weights = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
-    summary = {"mode": args.mode, "quantization": args.quantization, "engine_start_s": round(start_seconds, 1),
+    summary = {"mode": args.mode, "quantization": args.quantization, "tensor_parallel_size": args.tensor_parallel_size,
+               "engine_start_s": round(start_seconds, 1),
                "weight_bytes": weights, "results": results}
     batch1 = next(r for r in results if r["path"] == "raw" and r["concurrency"] == 1)
     if args.bandwidth_gbs:
@@ -151,6 +153,7 @@ def main() -> None:
     r.add_argument("--quantization", default=None)
     r.add_argument("--max-model-len", type=int, default=4096)
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    r.add_argument("--tensor-parallel-size", type=int, default=1)
     r.add_argument("--tokens", type=int, default=256)
     r.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     r.add_argument("--bandwidth-gbs", type=float, default=None)
