@@ -1,6 +1,6 @@
 """Handler overhead on CPU: N concurrent streamed jobs through the handler vs. the raw engine.
 
-    .venv/bin/python -m bench.handler_vs_raw [--jobs 32] [--tokens 128] [--rounds 3]
+    .venv/bin/python -m bench.handler_vs_raw [--jobs 32] [--tokens 128] [--rounds 21]
 
 One engine (the tiny GaMS-shaped model on vLLM's CPU build) serves both paths;
 rounds alternate raw / handler so that drift on a busy machine hits both alike.
@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=21)
     args = parser.parse_args()
     config = load_config({"MODEL_NAME": str(tiny_model.build()), "MAX_MODEL_LEN": "512",
                           "GPU_MEMORY_UTILIZATION": "0.2", "LOG_LEVEL": "WARNING"})

@@ -78,18 +78,20 @@ class GenerationService:
         self.running_requests += 1
         try:
             stream = self.engine.generate({"prompt_token_ids": prompt.token_ids}, params, request_id)
-            async for output in stream:
+            async for output in stream:  # once per engine step: keep this loop lean
                 for choice in output.outputs:
-                    completion_tokens += len(choice.token_ids)
-                    if first_token_at is None and choice.token_ids:
+                    num_tokens = len(choice.token_ids)
+                    completion_tokens += num_tokens
+                    if first_token_at is None and num_tokens:
                         first_token_at = time.monotonic()
-                    texts.setdefault(choice.index, []).append(choice.text)
                     if choice.finish_reason is not None:
                         finish[choice.index] = choice.finish_reason
                     if job_input.stream:
-                        ready = batcher.add(choice.index, choice.text, len(choice.token_ids))
+                        ready = batcher.add(choice.index, choice.text, num_tokens)
                         if ready:
                             yield {"choices": ready}
+                    else:
+                        texts.setdefault(choice.index, []).append(choice.text)
                 finished = output.finished
         except EngineDeadError as exc:
             log.error("job %s failed: the vLLM engine is dead (%s)", job.get("id"), exc)
@@ -104,14 +106,15 @@ class GenerationService:
             if not finished:  # cancelled or failed: free the KV cache and batch slot now
                 await self.engine.abort(request_id)
 
+        # A finished request has a finish reason for every choice.
         pending = batcher.drain()
         choices = [
             {
                 "index": i,
-                "text": pending.get(i, "") if job_input.stream else "".join(parts),
-                "finish_reason": finish.get(i),
+                "text": pending.get(i, "") if job_input.stream else "".join(texts.get(i, [])),
+                "finish_reason": reason,
             }
-            for i, parts in sorted(texts.items())
+            for i, reason in sorted(finish.items())
         ]
         ended = time.monotonic()
         yield {
