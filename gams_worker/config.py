@@ -49,12 +49,7 @@ class WorkerConfig:
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
     # Input limits: each breach is a job error naming the field (see gams_worker/limits.py)
-    max_input_bytes: int = 1_048_576
-    max_prompt_chars: int = 200_000
-    max_messages: int = 256
-    max_stop_strings: int = 16
-    max_stop_length: int = 256
-    max_n: int = 16
+    input_limits: InputLimits = InputLimits()
     # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/status.py)
     status_port: Optional[int] = None
     # Where the model comes from (gams_worker/model_source.py)
@@ -76,17 +71,6 @@ class WorkerConfig:
         return self.tokenizer_name or self.model_name
 
     @property
-    def input_limits(self) -> InputLimits:
-        return InputLimits(
-            max_input_bytes=self.max_input_bytes,
-            max_prompt_chars=self.max_prompt_chars,
-            max_messages=self.max_messages,
-            max_stop_strings=self.max_stop_strings,
-            max_stop_length=self.max_stop_length,
-            max_n=self.max_n,
-        )
-
-    @property
     def model_label(self) -> str:
         """The model name that users see in outputs."""
         return self.served_model_name or self.model_name
@@ -96,6 +80,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
     """Build the config from ``environ`` (default: the process environment)."""
     env = _Env(os.environ if environ is None else environ)
     default = WorkerConfig()
+    limits = default.input_limits
     return WorkerConfig(
         model_name=env.text("MODEL_NAME", default.model_name),
         model_revision=env.optional_text("MODEL_REVISION"),
@@ -117,12 +102,14 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", default.default_max_tokens, minimum=1),
         stream_batch_tokens=env.integer("STREAM_BATCH_TOKENS", default.stream_batch_tokens, minimum=1),
         stream_batch_ms=env.integer("STREAM_BATCH_MS", default.stream_batch_ms, minimum=0),
-        max_input_bytes=env.integer("MAX_INPUT_BYTES", default.max_input_bytes, minimum=1024),
-        max_prompt_chars=env.integer("MAX_PROMPT_CHARS", default.max_prompt_chars, minimum=1),
-        max_messages=env.integer("MAX_MESSAGES", default.max_messages, minimum=1),
-        max_stop_strings=env.integer("MAX_STOP_STRINGS", default.max_stop_strings, minimum=0),
-        max_stop_length=env.integer("MAX_STOP_LENGTH", default.max_stop_length, minimum=1),
-        max_n=env.integer("MAX_N", default.max_n, minimum=1),
+        input_limits=InputLimits(
+            max_input_bytes=env.integer("MAX_INPUT_BYTES", limits.max_input_bytes, minimum=1024),
+            max_prompt_chars=env.integer("MAX_PROMPT_CHARS", limits.max_prompt_chars, minimum=1),
+            max_messages=env.integer("MAX_MESSAGES", limits.max_messages, minimum=1),
+            max_stop_strings=env.integer("MAX_STOP_STRINGS", limits.max_stop_strings, minimum=0),
+            max_stop_length=env.integer("MAX_STOP_LENGTH", limits.max_stop_length, minimum=1),
+            max_n=env.integer("MAX_N", limits.max_n, minimum=1),
+        ),
         status_port=env.optional_integer("WORKER_STATUS_PORT", minimum=1, maximum=65535),
         baked_model_manifest=env.text("BAKED_MODEL_MANIFEST", default.baked_model_manifest),
         network_volume_path=env.text("NETWORK_VOLUME_PATH", default.network_volume_path),

@@ -103,7 +103,7 @@ def validate(raw: Any, tokenizer: Any) -> None:
 def test_10000_generated_inputs_are_accepted_or_rejected_by_field(tokenizer):
     outcomes: List[str] = []
 
-    @settings(max_examples=10_000, deadline=None, database=None,
+    @settings(max_examples=10_000, deadline=None, database=None, derandomize=True,  # the same inputs every CI run
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
     @given(raw=job_input)
     def check(raw: Any) -> None:

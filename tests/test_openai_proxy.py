@@ -15,21 +15,12 @@ import pytest
 
 from tests.openai_proxy import OpenAIProxy
 from tests.runpod_emulator import RunPodEmulator
+from tests.test_openai_direct import CITY_SCHEMA, QUESTION
 from tests.test_platform import start_platform_worker, wait_for_first_take
 
 pytestmark = pytest.mark.engine
 
 SERVED_NAME = "gams-9b-instruct"  # SERVED_MODEL_NAME; the direct tests cover the MODEL_NAME default
-QUESTION = [{"role": "user", "content": "Kaj je vredno videti v Ljubljani?"}]
-CITY_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "mesto": {"type": "string", "enum": ["Ljubljana", "Maribor", "Celje"]},
-        "prebivalci": {"type": "integer"},
-    },
-    "required": ["mesto", "prebivalci"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
