@@ -17,7 +17,6 @@ from gams_worker.limits import InputLimits
 T = TypeVar("T")
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-GRAPH_MODES = ("full", "piecewise", "eager")
 QUANTIZATIONS = ("fp8",)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -21,7 +21,6 @@ from gams_worker.errors import JobInputError
 from gams_worker.limits import InputLimits, check_count, check_input_size, check_prompt_chars
 
 ROLES = ("system", "user", "assistant")
-MAX_N = InputLimits().max_n
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
 
