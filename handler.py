@@ -5,7 +5,9 @@ Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
 child process that re-imports this file.
 """
 
+import importlib
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from gams_worker.cancellation import close_when_cancelled
 from gams_worker.config import load_config
@@ -29,18 +31,19 @@ def main() -> int:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    import runpod
-
     from gams_worker.local_run import run_local, wants_local_run
     from gams_worker.worker import setup_logging, start_worker
 
     setup_logging(config)
+    # The job loop's SDK takes seconds to import: do it while the engine starts.
+    runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
     try:
         worker = start_worker(config)
     except WorkerError as exc:  # engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
     service = worker.service
+    runpod = runpod_import.result()
     try:
         if wants_local_run(sys.argv, config.on_runpod):
             return run_local(handler, sys.argv)

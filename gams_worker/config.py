@@ -1,7 +1,8 @@
 """The worker's settings, read once from the environment into one typed object.
 
-This is the only module that reads ``os.environ``. Every other module receives a
-``WorkerConfig``. A bad value raises ``ConfigError`` with one line naming the
+This is the only module that touches ``os.environ``: it reads it once, and
+``export_to_engine`` adds what vLLM's engine process must read from its environment.
+Every other module receives a ``WorkerConfig``. A bad value raises ``ConfigError`` with one line naming the
 variable, the value and what is allowed.
 """
 
@@ -41,6 +42,8 @@ class WorkerConfig:
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     quantization: Optional[str] = None  # "fp8": vLLM's online FP8 weights (compute capability >= 8.9)
+    # Largest batch captured as a CUDA graph (README, "Fast starts"); None: vLLM's default (512).
+    max_cudagraph_capture_size: Optional[int] = None
     # Jobs
     max_concurrency: Optional[int] = None  # None: sized from the KV cache (gams_worker/concurrency.py)
     expected_tokens_per_job: int = 1024  # prompt + output tokens of a typical job, for that sizing
@@ -57,6 +60,10 @@ class WorkerConfig:
     hf_hub_cache: str = os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
     hub_offline: bool = False
     hf_endpoint: Optional[str] = None  # None: huggingface_hub's default (huggingface.co)
+    # Where vLLM's compiled graphs are kept (gams_worker/compile_cache.py): None picks the
+    # network volume if mounted, else the container; VLLM_CACHE_ROOT, if set, wins unkeyed.
+    compile_cache_dir: Optional[str] = None
+    vllm_cache_root: Optional[str] = None
     # Test-only: make the first engine start fail inside the engine process with this text.
     inject_start_failure: Optional[str] = None
     log_level: str = "INFO"
@@ -96,6 +103,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         tensor_parallel_size=env.integer("TENSOR_PARALLEL_SIZE", default.tensor_parallel_size, minimum=1),
         enable_prefix_caching=env.boolean("ENABLE_PREFIX_CACHING", default.enable_prefix_caching),
         quantization=env.optional_choice("QUANTIZATION", QUANTIZATIONS),
+        max_cudagraph_capture_size=env.optional_integer("MAX_CUDAGRAPH_CAPTURE_SIZE", minimum=1),
         max_concurrency=env.optional_integer("MAX_CONCURRENCY", minimum=1),
         expected_tokens_per_job=env.integer("EXPECTED_TOKENS_PER_JOB", default.expected_tokens_per_job, minimum=1),
         default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", default.default_max_tokens, minimum=1),
@@ -115,6 +123,8 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         hf_hub_cache=_hf_hub_cache(env),
         hub_offline=env.boolean("HF_HUB_OFFLINE", default.hub_offline),
         hf_endpoint=env.optional_text("HF_ENDPOINT"),
+        compile_cache_dir=env.optional_text("COMPILE_CACHE_DIR"),
+        vllm_cache_root=env.optional_text("VLLM_CACHE_ROOT"),
         inject_start_failure=env.optional_text("GAMS_TEST_INJECT_START_FAILURE"),
         log_level=env.choice("LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         on_runpod=env.optional_text("RUNPOD_WEBHOOK_GET_JOB") is not None
@@ -122,6 +132,10 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         explicit=frozenset(env.given),
     )
 
+
+def export_to_engine(variables: Mapping[str, str]) -> None:
+    """Set variables for vLLM's engine process, which inherits this process's environment."""
+    os.environ.update(variables)
 
 
 def _hf_hub_cache(env: "_Env") -> str:

@@ -57,6 +57,8 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
     )
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.max_cudagraph_capture_size is not None and mode != "eager":
+        kwargs["max_cudagraph_capture_size"] = config.max_cudagraph_capture_size
     if mode == "piecewise":
         kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     if config.inject_start_failure:  # test-only: the first start fails inside the engine process

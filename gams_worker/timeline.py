@@ -24,7 +24,6 @@ ENGINE_PHASES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ("kv_allocated_and_warmed_s",
      re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s")),
 )
-COMPILE_CACHE_HIT = re.compile(r"Directly load (?:AOT compilation|the compiled graph)")
 
 
 def process_start_time() -> float:
@@ -42,7 +41,7 @@ class StartupTimeline:
         self.started_at = process_start_time() if started_at is None else started_at
         self.marks: List[Tuple[str, float]] = []
         self.engine_phases: Dict[str, float] = {}
-        self.compile_cache_hit: Optional[bool] = None
+        self.compile_cache: Optional[Dict[str, Any]] = None  # CompileCache.report() of this start
 
     def mark(self, step: str) -> float:
         """Record that ``step`` is done; returns seconds since process start."""
@@ -57,11 +56,10 @@ class StartupTimeline:
             match = pattern.search(text)
             if match and phase not in self.engine_phases:
                 self.engine_phases[phase] = float(match.group(1))
-        self.compile_cache_hit = bool(COMPILE_CACHE_HIT.search(text))
 
     def to_output(self) -> Dict[str, Any]:
         return {
             "since_process_start_s": dict(self.marks),
             "engine_phases_s": dict(self.engine_phases),
-            "compile_cache_hit": self.compile_cache_hit,
+            "compile_cache": self.compile_cache,
         }

@@ -9,8 +9,9 @@ import threading
 import time
 from typing import Any, Optional, Tuple
 
+from gams_worker.compile_cache import choose_compile_cache
 from gams_worker.concurrency import derive_concurrency, kv_capacity
-from gams_worker.config import WorkerConfig
+from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.doctor import DoctorReport, host_facts, run_doctor
 from gams_worker.engine import EngineInfo, platform_name, start_engine
 from gams_worker.errors import EngineStartError
@@ -95,11 +96,9 @@ def first_rung(config: WorkerConfig, report: DoctorReport) -> Tuple[str, str]:
 
 def start_worker(config: WorkerConfig) -> Worker:
     """Start the one engine of this process and the service that runs jobs on it."""
-    from transformers import AutoTokenizer
-
     started = time.monotonic()
     timeline = StartupTimeline()
-    timeline.mark("imports done, config loaded")
+    timeline.mark("config loaded")
     facts = host_facts()
     config, sources = apply_preset(config, len(facts.gpus), _gib(facts.gpus[0].total_bytes) if facts.gpus else None)
     log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
@@ -110,16 +109,14 @@ def start_worker(config: WorkerConfig) -> Worker:
     timeline.mark("doctor done")
     model_path = resolve_model(config).path  # baked copy, then caches, then the hub
     timeline.mark("model resolved")
+    compile_cache = choose_compile_cache(config, facts)
+    export_to_engine(compile_cache.engine_environment())
     started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, model_path))
     engine, mode, reason = started_engine.engine, started_engine.mode, started_engine.reason
     timeline.read_engine_output(started_engine.output)
+    timeline.compile_cache = compile_cache.report(started_engine.output)
     timeline.mark("engine started")
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.tokenizer_name or model_path,
-        revision=config.model_revision,
-        trust_remote_code=config.trust_remote_code,
-    )
-    timeline.mark("tokenizer loaded")
+    tokenizer = engine.get_tokenizer()  # the engine's own: loading it again would cost seconds
     info = EngineInfo(mode=mode, reason=reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2))
     log.info("worker ready: model %s, engine %s, start-up %s", config.model_label, info, timeline.to_output())

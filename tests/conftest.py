@@ -87,8 +87,13 @@ def run_job(worker, loop_thread):
     return run
 
 
+# Set in this process by the in-process worker for its engine (gams_worker/compile_cache.py);
+# a worker subprocess must choose its own.
+ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR")
+
+
 def subprocess_env(**env: str) -> Dict[str, str]:
     """The current environment without the platform's variables, plus ``env``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_") and k not in ENGINE_EXPORTS}
     base.update(env)
     return base

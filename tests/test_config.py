@@ -36,6 +36,22 @@ def test_values_are_parsed_and_typed():
     assert config.tokenizer == "/tok" and config.model_label == "gams" and config.on_runpod
 
 
+def test_capture_size_limit_reaches_the_engine_except_in_eager_mode():
+    from gams_worker.engine import engine_kwargs
+
+    config = load_config({"MAX_CUDAGRAPH_CAPTURE_SIZE": "64"})
+    assert engine_kwargs(config, "full", "/m")["max_cudagraph_capture_size"] == 64
+    assert engine_kwargs(config, "piecewise", "/m")["max_cudagraph_capture_size"] == 64
+    assert "max_cudagraph_capture_size" not in engine_kwargs(config, "eager", "/m")
+    assert "max_cudagraph_capture_size" not in engine_kwargs(load_config({}), "full", "/m")
+
+
+def test_compile_cache_settings():
+    config = load_config({"COMPILE_CACHE_DIR": "/cache", "VLLM_CACHE_ROOT": "/vllm"})
+    assert (config.compile_cache_dir, config.vllm_cache_root) == ("/cache", "/vllm")
+    assert (load_config({}).compile_cache_dir, load_config({}).vllm_cache_root) == (None, None)
+
+
 @pytest.mark.parametrize(
     "name, value, allowed",
     [
@@ -47,6 +63,7 @@ def test_values_are_parsed_and_typed():
         ("DTYPE", "int3", "one of auto, bfloat16, float16, float32"),
         ("MAX_NUM_SEQS", "-1", "an integer >= 1"),
         ("STREAM_BATCH_MS", "-5", "an integer >= 0"),
+        ("MAX_CUDAGRAPH_CAPTURE_SIZE", "0", "an integer >= 1"),
     ],
 )
 def test_bad_value_names_variable_value_and_what_is_allowed(name, value, allowed):
