@@ -2,11 +2,16 @@
 # Steps of the H100 session, run on the lent GPU machine from the repo root, after the offline
 # vLLM kit is installed into /tmp/site (../shared/gpu/README.md). Logs and results go to $OUT.
 #   bash bench/gpu_session.sh model          # GaMS-9B-shaped random weights + copy bandwidth
-#   bash bench/gpu_session.sh starts         # worker cold start, warm start, eager start (handler.py)
 #   bash bench/gpu_session.sh suite MODE...  # bench/gpu_suite.py per graph mode (full, eager, piecewise, fp8)
 #   bash bench/gpu_session.sh ladder         # injected unsupported-PTX failure: worker falls back and serves
+#   bash bench/gpu_session.sh imports        # seconds each big import takes on this host
+#   bash bench/gpu_session.sh coldstart [spy] [VAR=value ...]
+#                                            # worker start, empty then warm compile cache on a stand-in
+#                                            # network volume; spy: py-spy dumps of the engine every 2 s
+#   bash bench/gpu_session.sh warmstart NAME [VAR=value ...]   # one more start on that warm cache,
+#                                            # e.g. warmstart eager ENFORCE_EAGER=true
 set -uo pipefail
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
+export PYTHONPATH=/tmp/site:$PWD:/tmp/spy PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true
 MODEL=/tmp/gams-9b-shaped
 OUT=${OUT:-/tmp/out}
@@ -27,22 +32,64 @@ if line:
     out = json.loads(line)
     print("   usage:", json.dumps(out["usage"]), "\n   engine:", json.dumps(out["engine"]))
     print("   startup:", json.dumps(out.get("startup")))'
-  grep -E "doctor|verdict|driver|fell back|rung|classified|start-up:" "$OUT/$name.log" | grep -v "^{" | head -40
+  grep -E "doctor|verdict|driver|fell back|rung|classified|start-up:|compile cache|took|Graph capturing|jit_monitor" \
+    "$OUT/$name.log" | grep -v "^{" | cut -c1-220 | head -60
+}
+
+VOLUME=/tmp/runpod-volume  # stands in for RunPod's network volume
+SPY=/tmp/spy/bin/py-spy     # pip install --no-deps --target /tmp/spy py_spy-*.whl (also fastsafetensors, to try it)
+
+# Stack dumps of the worker's processes every 2 s, into $1, until killed.
+spy_loop() {
+  while true; do
+    for pid in $(pgrep -f "spawn_main|EngineCore|handler.py"); do
+      { echo "=== $(date +%T.%N) pid $pid $(tr '\0' ' ' </proc/$pid/cmdline | cut -c1-80)"
+        timeout 5 $SPY dump --pid "$pid" 2>&1; } >>"$1"
+    done
+    sleep 2
+  done
+}
+
+spied_worker_run() {  # name, then env assignments
+  spy_loop "$OUT/$1.spy.txt" & local spy=$!
+  worker_run "$@"
+  kill $spy 2>/dev/null; wait $spy 2>/dev/null
 }
 
 case ${1:-} in
+  imports)
+    python3 - <<'EOF_PY' | tee "$OUT/imports.txt"
+import time
+t = time.perf_counter()
+def took(what):
+    global t
+    now = time.perf_counter(); print(f"{what:55s} {now - t:6.2f} s", flush=True); t = now
+import torch; took("import torch")
+import vllm; took("import vllm")
+from vllm.v1.engine.async_llm import AsyncLLM; took("from vllm.v1.engine.async_llm import AsyncLLM")
+from transformers import AutoTokenizer; took("from transformers import AutoTokenizer (after vllm)")
+import runpod; took("import runpod (after vllm, transformers)")
+EOF_PY
+    ( time python3 -c "import runpod" ) 2>&1 | grep real | sed 's/^/import runpod alone: /' | tee -a "$OUT/imports.txt"
+    ;;
+  coldstart)
+    shift
+    run=worker_run; [ "${1:-}" = spy ] && run=spied_worker_run && shift
+    rm -rf $VOLUME ~/.cache/vllm ~/.triton ~/.cache/gams-worker; mkdir -p $VOLUME
+    $run coldstart-cold NETWORK_VOLUME_PATH=$VOLUME "$@"
+    $run coldstart-warm NETWORK_VOLUME_PATH=$VOLUME "$@"
+    du -sh $VOLUME/gams-worker/compile-cache/*/*/* | tee "$OUT/compile-cache-size.txt"
+    ;;
+  warmstart)
+    name=$2; shift 2
+    worker_run "warmstart-$name" NETWORK_VOLUME_PATH=$VOLUME "$@"
+    ;;
   model)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -c 'import torch, vllm; print("torch", torch.__version__, "cuda", torch.version.cuda, "| vllm", vllm.__version__)' | tee -a "$OUT/gpu.txt"
     time python3 -m builder.shaped_model gams-9b $MODEL --device cuda 2>&1 | tail -2
     du -sh $MODEL
     python3 -m bench.gpu_suite bandwidth | tee -a "$OUT/gpu.txt"
-    ;;
-  starts)
-    rm -rf ~/.cache/vllm
-    worker_run cold-start
-    worker_run warm-start
-    worker_run eager-start ENFORCE_EAGER=true
     ;;
   suite)
     shift
@@ -65,5 +112,5 @@ INFO Capturing CUDA graphs (decode, FULL):   0%|          | 0/35
 EOF_FAULT
     worker_run ladder-ptx GAMS_TEST_INJECT_START_FAILURE=/tmp/ptx-fault.txt
     ;;
-  *) sed -n 2,8p "$0"; exit 2 ;;
+  *) sed -n 2,12p "$0"; exit 2 ;;
 esac
