@@ -60,12 +60,14 @@ ARG MODEL_REVISION=""
 # An empty MODEL_NAME means the config's default, cjvt/GaMS-9B-Instruct.
 # A mounted network volume gets the HF cache (/runpod-volume/huggingface-cache/hub): see
 # gams_worker/model_source.py; HF_TOKEN at run time is read by huggingface_hub itself.
+# RUNPOD_LOG_LEVEL: the SDK's default, DEBUG, logs every streamed chunk two or three times.
 ENV MODEL_NAME=${MODEL_NAME} \
     MODEL_REVISION=${MODEL_REVISION} \
     BAKED_MODEL_MANIFEST=/models/manifest.json \
     NETWORK_VOLUME_PATH=/runpod-volume \
     VLLM_NO_USAGE_STATS=1 \
-    DO_NOT_TRACK=1
+    DO_NOT_TRACK=1 \
+    RUNPOD_LOG_LEVEL=INFO
 COPY handler.py test_input.json ./
 COPY gams_worker/ gams_worker/
 CMD ["python", "handler.py"]

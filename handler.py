@@ -47,6 +47,9 @@ def main() -> int:
     try:
         if wants_local_run(sys.argv, config.on_runpod):
             return run_local(handler, sys.argv)
+        from gams_worker.job_loop import use_prompt_job_scaler
+
+        use_prompt_job_scaler()  # the SDK's loop, but taken jobs start at once, not within 100 ms
         runpod.serverless.start({
             "handler": handler,
             "concurrency_modifier": lambda current: worker.concurrency,
