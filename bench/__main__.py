@@ -1,0 +1,46 @@
+"""One entry point for the benchmarks (they print numbers; they are not tests).
+
+    .venv/bin/python -m bench cpu [options]     # CPU suite: raw engine, handler, SDK + emulator, proxy design
+    python -m bench gpu bandwidth|run [options] # GPU suite of one graph mode (bench/gpu_suite.py)
+    python -m bench gpu-profile [options]       # batch-1 decode step vs the roofline (bench/gpu_profile.py)
+    .venv/bin/python -m bench plot [options]    # PNGs of tokens/s vs concurrency from bench/results/*.json
+
+``python -m bench SUITE --help`` shows each suite's options.
+"""
+
+from __future__ import annotations
+
+import sys
+
+SUITES = ("cpu", "gpu", "gpu-profile", "plot")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    suite, rest = argv[0], argv[1:]
+    if suite == "cpu":
+        from bench import cpu_suite
+
+        cpu_suite.main(rest)
+    elif suite == "gpu":
+        from bench import gpu_suite
+
+        sys.argv = ["python -m bench gpu", *rest]  # gpu_suite parses sys.argv itself
+        gpu_suite.main()
+    elif suite == "gpu-profile":
+        from bench import gpu_profile
+
+        sys.argv = ["python -m bench gpu-profile", *rest]
+        gpu_profile.main()
+    else:
+        from bench import plot
+
+        plot.main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
