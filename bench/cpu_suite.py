@@ -60,7 +60,6 @@ import platform
 import random
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import psutil
 
+from bench.gpu_suite import percentile
+from tests.conftest import free_port
 from tests.runpod_emulator import JobRecord, RunPodEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,11 +89,6 @@ ROUND_TIMEOUT_S = 300
 def job_input(i: int, tokens: int) -> Dict[str, Any]:
     return {"prompt": PROMPTS[i % len(PROMPTS)], "stream": True,
             "sampling_params": {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}}
-
-
-def percentile(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class Round:
@@ -294,12 +290,6 @@ class PlatformWorker:
                 pass
             self.proc.wait(10)
         self.emulator.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- CPU accounting

@@ -66,7 +66,7 @@ class CompileCache:
 
 
 def cache_key(config: WorkerConfig, facts: HostFacts) -> str:
-    """model/vllm-torch/device, readable, e.g. cjvt--GaMS-9B-Instruct/vllm-0.25.0_torch-2.11.0+cu130/NVIDIA-H100-80GB-HBM3_sm9.0"""
+    """model/vllm-torch/device, readable, e.g. cjvt--GaMS-9B-Instruct/vllm-0.25.0_torch-2.11.0+cu130/1xNVIDIA-H100-80GB-HBM3_sm9.0"""
     model = config.model_name + (f"@{config.model_revision}" if config.model_revision else "")
     versions = f"vllm-{facts.vllm_version}_torch-{facts.torch_version}"
     if facts.gpus:

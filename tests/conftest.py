@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -90,6 +91,12 @@ def run_job(worker, loop_thread):
 # Set in this process by the in-process worker for its engine (gams_worker/compile_cache.py);
 # a worker subprocess must choose its own.
 ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def subprocess_env(**env: str) -> Dict[str, str]:

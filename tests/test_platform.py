@@ -14,7 +14,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,12 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import ROOT, engine_env, subprocess_env
+from tests.conftest import ROOT, engine_env, free_port, subprocess_env
 from tests.runpod_emulator import RunPodEmulator
 
 HF_TOKEN_CANARY = "hf_canary_7f3c9b2e41d84a6b"
 START_TIMEOUT_S = 240  # engine starts take 30-90 s on this 2-core machine beside other engines
 SLOVENE = "Kaj je vredno videti v Ljubljani? Čebele, šolske žlice in žganci"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def greedy(max_tokens: int, **extra: Any) -> Dict[str, Any]:
