@@ -2,10 +2,12 @@
 
 RunPod stops a job (cancel, timeout) by cancelling the task that iterates the
 handler. While that task waits in the SDK (posting a chunk), the job's generator is
-paused at ``yield`` and is closed only when garbage-collected (measured: not within
-5 s), so its engine request would keep its KV cache and batch slot. Closing the
+paused at ``yield`` and is closed only when its last reference goes: when the SDK's
+loop drops the task (within milliseconds in runpod 1.12 with our job loop), or at a
+garbage collection if a reference cycle holds it (an earlier SDK loop: not within
+5 s). Until then its engine request keeps its KV cache and batch slot. Closing the
 generator as soon as the task is cancelled runs its ``finally``, which aborts the
-request.
+request, whatever the SDK keeps.
 """
 
 from __future__ import annotations

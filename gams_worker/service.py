@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional
+from collections import deque
+from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.engine import EngineInfo
@@ -39,6 +40,9 @@ class GenerationService:
         self.engine_info = engine_info
         self.startup = startup  # reported once, with the first job served
         self.running_requests = 0  # engine requests in flight; tests and logs read it
+        # (job id, time.monotonic()) of the latest requests aborted before they finished: a
+        # stopped job's abort time, measured where it happens (the status endpoint reports it).
+        self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         self.openai = OpenAIRoutes(engine, config)  # jobs from RunPod's /openai/v1 passthrough
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
@@ -105,6 +109,9 @@ class GenerationService:
             self.running_requests -= 1
             if not finished:  # cancelled or failed: free the KV cache and batch slot now
                 await self.engine.abort(request_id)
+                self.aborted.append((job.get("id"), time.monotonic()))
+                log.info("job %s ended before its request finished: engine request aborted after %d tokens",
+                         job.get("id"), completion_tokens)
 
         # A finished request has a finish reason for every choice.
         pending = batcher.drain()

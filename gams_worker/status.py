@@ -1,10 +1,13 @@
 """An opt-in local status endpoint: ``GET http://127.0.0.1:WORKER_STATUS_PORT/status``.
 
-It answers ``{"running_requests": N, "engine_requests": M, "engine_errored": bool}``:
-``running_requests`` counts jobs inside the service's generate loop, ``engine_requests``
-counts requests vLLM's output processor still tracks (an aborted request leaves it at
-once). Tests and benchmarks read it to see that a stopped job freed its engine request;
-it binds to 127.0.0.1 only and is off unless WORKER_STATUS_PORT is set.
+It answers ``{"running_requests": N, "engine_requests": M, "engine_errored": bool,
+"aborted": [{"job_id": id, "at": t}, ...]}``: ``running_requests`` counts jobs inside the
+service's generate loop, ``engine_requests`` counts requests vLLM's output processor still
+tracks (an aborted request leaves it at once), ``aborted`` lists the latest jobs whose engine
+request was aborted before it finished, with the ``time.monotonic()`` of the abort (on Linux
+one clock for all processes of the host, so a test can compare it with its own times).
+Tests and benchmarks read it to see that a stopped job freed its engine request; it binds
+to 127.0.0.1 only and is off unless WORKER_STATUS_PORT is set.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def worker_status(service: Any) -> Dict[str, Any]:
         "running_requests": service.running_requests,
         "engine_requests": engine_requests,
         "engine_errored": bool(service.engine.errored),
+        "aborted": [{"job_id": job_id, "at": at} for job_id, at in list(service.aborted)],
     }
 
 

@@ -87,6 +87,7 @@ class RunPodEmulator:
         self.takes: List[Tuple[float, Dict[str, str]]] = []  # (time, query) of every take request
         self.pings: List[Tuple[float, Dict[str, str]]] = []
         self.stream_failures_left = 0  # answer this many stream posts with HTTP 500
+        self._posts_held_until_stop: set = set()  # job ids (see hold_stream_posts_until_stopped)
         self.failed_stream_posts = 0
         self.base_url: Optional[str] = None
         self._ids = itertools.count()
@@ -170,6 +171,12 @@ class RunPodEmulator:
         """Answer the next ``count`` stream posts with HTTP 500."""
         with self._lock:
             self.stream_failures_left = count
+
+    def hold_stream_posts_until_stopped(self, job_id: str) -> None:
+        """Answer this job's stream posts only once its stop has been handed to the worker, as a
+        slow link to RunPod would: the stop then finds the job's task waiting on a post."""
+        with self._lock:
+            self._posts_held_until_stop.add(job_id)
 
     def wait_result(self, job_id: str, timeout: float) -> JobRecord:
         """Wait for the job's final post; raise TimeoutError naming the job otherwise."""
@@ -271,6 +278,10 @@ class RunPodEmulator:
             if record is None:
                 return web.Response(status=404, text="unknown job")
             record.chunks.append((time.monotonic(), body))
+            held = record.id in self._posts_held_until_stop
+        if held:
+            await self._hold_until(lambda: record.stop_delivered_at is not None, self.stop_hold_s + 60)
+            await asyncio.sleep(1.0)  # answer only once the stop has surely reached the worker
         return web.Response(text="ok")
 
     async def _done(self, request: web.Request) -> web.Response:
@@ -292,6 +303,7 @@ class RunPodEmulator:
                 self.jobs[job_id].stop_delivered_at = time.monotonic()
         if not job_ids:
             return web.Response(status=204)
+        self._pulse()  # wakes the posts held until their job's stop was handed over
         return web.json_response({"jobsToStop": job_ids})
 
     async def _ping(self, request: web.Request) -> web.Response:

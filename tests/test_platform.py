@@ -9,6 +9,7 @@ Engine starts are the cost here, so one worker serves most tests of this module 
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import os
 import random
@@ -46,7 +47,7 @@ class WorkerProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "handler.py"), *args],
-                cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True,
+                cwd=cwd, env=env, stdout=out, stderr=err, process_group=0,
             )
         self.pid = self.proc.pid
 
@@ -274,10 +275,15 @@ def test_stream_posts_answered_500_are_retried_and_the_job_completes(platform):
 def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_stream(platform):
     emulator = platform.emulator
     idle = {"running_requests": 0, "engine_requests": 0, "engine_errored": False}
-    assert platform.status() == idle  # nothing left over from earlier jobs
+    status = platform.status()
+    assert {key: status[key] for key in idle} == idle  # nothing left over from earlier jobs
     # The tiny model is fast and the engine runs ahead of the posts: only very long jobs are
-    # surely still generating when the stop comes.
-    long_id = emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(8000), "stream": True})
+    # surely still generating when the stop comes. The stopped job's first post is left
+    # unanswered, so the stop always finds its task waiting on the post and its generator
+    # paused at ``yield`` (see gams_worker/cancellation.py), not inside the engine loop.
+    long_id = "job-to-stop"
+    emulator.hold_stream_posts_until_stopped(long_id)
+    emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(8000), "stream": True}, job_id=long_id)
     other_ids = [emulator.submit({"prompt": f"{SLOVENE} {i}", "sampling_params": greedy(8000), "stream": True})
                  for i in range(2)]
     # Stop as soon as all three generate: waiting for posts would let the engine run ahead.
@@ -291,11 +297,15 @@ def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_strea
     # Delivery waits on the SDK's stop long-poll (and its 1 s pause after an empty poll); on a
     # loaded CI machine that alone has taken seconds, so it gets its own generous bound.
     wait_until(lambda: emulator.jobs[long_id].stop_delivered_at is not None, 15, "stop delivered", platform.worker)
-    wait_until(lambda: platform.status()["engine_requests"] <= 2, 5, "engine request freed", platform.worker)
-    freed_at = time.monotonic()
-    delivered_at = emulator.jobs[long_id].stop_delivered_at
-    latency = freed_at - delivered_at  # the worker's part: stop received -> engine request aborted
-    assert platform.status()["running_requests"] <= 2
+    aborted = wait_until(lambda: [a["at"] for a in platform.status()["aborted"] if a["job_id"] == long_id], 15,
+                         "the stopped job's engine request aborted", platform.worker)
+    status = platform.status()
+    assert status["engine_requests"] <= 2 and status["running_requests"] <= 2
+    # The worker's part, stop handed over -> engine request aborted, timed where each happens
+    # (emulator, worker): this process's own polling lagged by seconds on a loaded 2-core
+    # machine. Both are time.monotonic(), one clock for all processes of a Linux host.
+    delivered_at, aborted_at = emulator.jobs[long_id].stop_delivered_at, aborted[0]
+    latency = aborted_at - delivered_at
 
     for job_id in other_ids:
         record = emulator.wait_result(job_id, 120)
@@ -304,13 +314,15 @@ def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_strea
         assert record.result["output"][-1]["usage"]["completion_tokens"] == 8000
     stopped = emulator.jobs[long_id]
     assert stopped.results == []  # the SDK posts nothing for a stopped job
-    chunks_after_stop = [t for t, _ in stopped.chunks if t > delivered_at + 0.5]
-    assert chunks_after_stop == []
+    # The SDK posts a job's chunks one at a time: only the post in flight when the job was
+    # stopped may arrive after the abort, however late the emulator records it.
+    chunks_after_abort = [t for t, _ in stopped.chunks if t > aborted_at]
+    assert len(chunks_after_abort) <= 1, chunks_after_abort
     assert platform.status()["engine_requests"] == 0
     print(f"\n[cancel] stop delivered to the worker {(delivered_at - stopped_at) * 1000:.0f} ms after the "
-          f"platform's stop; engine request freed {latency * 1000:.0f} ms after delivery "
+          f"platform's stop; engine request aborted {latency * 1000:.0f} ms after delivery "
           f"(others streamed on: {[len(emulator.jobs[j].chunks) for j in other_ids]} chunks)")
-    assert latency < 1.0
+    assert 0 < latency < 1.0
 
 
 @pytest.mark.engine
@@ -491,6 +503,7 @@ class FakeService:
     def __init__(self):
         self.closed_at = None
         self.running_requests = 0
+        self.aborted = collections.deque()
         self.engine = type("Engine", (), {"errored": False})()
 
     async def run(self, job):
@@ -548,10 +561,12 @@ def test_status_endpoint_reports_the_service_counters():
 
     service = FakeService()
     service.running_requests = 3
+    service.aborted.append(("job-1", 12.5))
     server = StatusServer(service, free_port())
     try:
         body = requests.get(f"http://127.0.0.1:{server.port}/status", timeout=5).json()
-        assert body == {"running_requests": 3, "engine_requests": None, "engine_errored": False}
+        assert body == {"running_requests": 3, "engine_requests": None, "engine_errored": False,
+                        "aborted": [{"job_id": "job-1", "at": 12.5}]}
         assert requests.get(f"http://127.0.0.1:{server.port}/other", timeout=5).status_code == 404
     finally:
         server.close()
