@@ -212,7 +212,7 @@ class PlatformWorker:
         with open(self.log_path, "wb") as log:
             spawned = time.monotonic()
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.worker_env(), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, process_group=0)
         record = self.emulator.submit_many([job_input(0, tokens)])[0]
         await self._wait([record], START_TIMEOUT_S)
         self.count_tokens(record.result["output"])
