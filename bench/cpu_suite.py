@@ -211,6 +211,8 @@ class PlatformWorker:
         """Spawn the process, submit one job at once, and time it until that job is served."""
         with open(self.log_path, "wb") as log:
             spawned = time.monotonic()
+            # Own process group, same session: a new session is a new scheduler autogroup, and
+            # it starved the emulator in this process for seconds (BENCHMARKS.md).
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.worker_env(), stdout=log,
                                          stderr=subprocess.STDOUT, process_group=0)
         record = self.emulator.submit_many([job_input(0, tokens)])[0]

@@ -38,7 +38,11 @@ def greedy(max_tokens: int, **extra: Any) -> Dict[str, Any]:
 
 
 class WorkerProcess:
-    """`python handler.py` in its own session, its stdout and stderr in files under ``cwd``."""
+    """`python handler.py` in its own process group, its stdout and stderr in files under ``cwd``.
+
+    Not in its own session: with scheduler autogroups (Linux's default) a new session is a new
+    CPU group, and on the 2-core CI machine the busy engine's group starved this one (pytest
+    and the emulator) for 10-14 s at a time."""
 
     def __init__(self, env: Dict[str, str], cwd: Path, name: str, args: tuple = ()):
         self.cwd = cwd
