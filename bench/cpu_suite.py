@@ -157,22 +157,6 @@ async def handler_round(concurrency: int, tokens: int) -> Round:
 
 
 # --------------------------------------------------------------------------- platform paths
-class BenchEmulator(RunPodEmulator):
-    def submit_many(self, inputs: List[Any]) -> List[JobRecord]:
-        """Queue all jobs under one lock and wake the worker's take once."""
-        records = []
-        with self._lock:
-            now = time.monotonic()
-            for job_input_ in inputs:
-                job_id = f"job-{next(self._ids):05d}"
-                record = JobRecord(job_id, job_input_, now)
-                self.jobs[job_id] = record
-                self._queue.append(job_id)
-                records.append(record)
-        self._wake()
-        return records
-
-
 def usage_tokens_sdk(output: List[Any]) -> int:
     """Completion tokens of a job of this worker: the last chunk's usage."""
     return output[-1]["usage"]["completion_tokens"]
@@ -199,7 +183,7 @@ class PlatformWorker:
         self.log_path = log_dir / f"{name}.log"
         self.concurrency = concurrency
         self.count_tokens = count_tokens
-        self.emulator = BenchEmulator(hold_s=1.0, stop_hold_s=2.0)
+        self.emulator = RunPodEmulator(hold_s=1.0, stop_hold_s=2.0)
         self.emulator.start()
         self.proc: Optional[subprocess.Popen] = None
         self.last_done = 0.0

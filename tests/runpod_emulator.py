@@ -151,14 +151,26 @@ class RunPodEmulator:
 
     def submit(self, job_input: Any, job_id: Optional[str] = None) -> str:
         """Queue a job with this ``input``; return its id."""
-        job_id = job_id or f"job-{next(self._ids):05d}"
+        return self._enqueue([(job_input, job_id)])[0].id
+
+    def submit_many(self, inputs: List[Any]) -> List[JobRecord]:
+        """Queue all these jobs at one instant, waking the worker's take once."""
+        return self._enqueue([(job_input, None) for job_input in inputs])
+
+    def _enqueue(self, jobs: List[Tuple[Any, Optional[str]]]) -> List[JobRecord]:
+        records = []
         with self._lock:
-            if job_id in self.jobs:
-                raise ValueError(f"job id {job_id} already submitted")
-            self.jobs[job_id] = JobRecord(job_id, job_input, time.monotonic())
-            self._queue.append(job_id)
+            now = time.monotonic()
+            for job_input, job_id in jobs:
+                job_id = job_id or f"job-{next(self._ids):05d}"
+                if job_id in self.jobs:
+                    raise ValueError(f"job id {job_id} already submitted")
+                record = JobRecord(job_id, job_input, now)
+                self.jobs[job_id] = record
+                self._queue.append(job_id)
+                records.append(record)
         self._wake()
-        return job_id
+        return records
 
     def stop_job(self, job_id: str) -> None:
         """Ask the worker to stop this job, as RunPod does on cancel or timeout."""
