@@ -2,8 +2,8 @@
 
 This is the only module that touches ``os.environ``: it reads it once, and
 ``export_to_engine`` adds what vLLM's engine process must read from its environment.
-Every other module receives a ``WorkerConfig``. A bad value raises ``ConfigError`` with one line naming the
-variable, the value and what is allowed.
+Every other module receives a ``WorkerConfig``. A bad value raises ``ConfigError``
+with one line naming the variable, the value and what is allowed.
 """
 
 from __future__ import annotations
