@@ -35,7 +35,8 @@ FROM base AS bake
 RUN pip install huggingface_hub==2.4.0
 WORKDIR /app
 # Only what the bake step imports, so code changes elsewhere keep this layer cached.
-COPY gams_worker/__init__.py gams_worker/errors.py gams_worker/model_files.py gams_worker/
+COPY gams_worker/__init__.py gams_worker/errors.py gams_worker/
+COPY gams_worker/startup/__init__.py gams_worker/startup/model_files.py gams_worker/startup/
 COPY builder/__init__.py builder/download_model.py builder/
 ARG MODEL_NAME=""
 ARG MODEL_REVISION=main
@@ -59,7 +60,7 @@ ARG MODEL_NAME=""
 ARG MODEL_REVISION=""
 # An empty MODEL_NAME means the config's default, cjvt/GaMS-9B-Instruct.
 # A mounted network volume gets the HF cache (/runpod-volume/huggingface-cache/hub): see
-# gams_worker/model_source.py; HF_TOKEN at run time is read by huggingface_hub itself.
+# gams_worker/startup/model.py; HF_TOKEN at run time is read by huggingface_hub itself.
 # RUNPOD_LOG_LEVEL: the SDK's default, DEBUG, logs every streamed chunk two or three times.
 ENV MODEL_NAME=${MODEL_NAME} \
     MODEL_REVISION=${MODEL_REVISION} \

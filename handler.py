@@ -9,7 +9,7 @@ import importlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from gams_worker.cancellation import close_when_cancelled
+from gams_worker.platform.cancellation import close_when_cancelled
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, WorkerError
 
@@ -31,8 +31,8 @@ def main() -> int:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from gams_worker.local_run import run_local, wants_local_run
-    from gams_worker.worker import setup_logging, start_worker
+    from gams_worker.platform.local_run import run_local, wants_local_run
+    from gams_worker.startup.worker import setup_logging, start_worker
 
     setup_logging(config)
     # The job loop's SDK takes seconds to import: do it while the engine starts.
@@ -47,7 +47,7 @@ def main() -> int:
     try:
         if wants_local_run(sys.argv, config.on_runpod):
             return run_local(handler, sys.argv)
-        from gams_worker.job_loop import use_prompt_job_scaler
+        from gams_worker.platform.job_loop import use_prompt_job_scaler
 
         use_prompt_job_scaler()  # the SDK's loop, but taken jobs start at once, not within 100 ms
         runpod.serverless.start({

@@ -7,9 +7,9 @@ Paths (every job: one of PROMPTS, greedy, ``ignore_eos``, ``--tokens`` output to
 
 (a) ``raw``: vLLM's ``AsyncLLM.generate`` in this process, DELTA outputs.
 (b) ``handler``: ``handler.handler`` in this process, on the same engine as (a) (the worker
-    from ``gams_worker.worker.start_worker``, as ``handler.py`` builds it).
+    from ``gams_worker.startup.worker.start_worker``, as ``handler.py`` builds it).
 (c) ``emulator``: ``python handler.py`` as a subprocess with the worker environment of
-    ``tests/runpod_emulator.py`` (RunPod's worker-facing job API on 127.0.0.1): the real runpod
+    ``tests/harness/runpod_emulator.py`` (RunPod's worker-facing job API on 127.0.0.1): the real runpod
     SDK job loop takes the jobs over HTTP and posts every chunk and the result back.
     ``MAX_CONCURRENCY=32``.
 (d) ``proxy``: the design of RunPod's official worker-vllm (``bench/proxy_worker.py``): a vLLM
@@ -25,7 +25,7 @@ round's wall time from submission to the last result POST; completion tokens com
 job's final output (``usage``). Each round submits ``c`` jobs at once (one queue insert, as
 when ``c`` clients call at the same moment) to an idle worker that is long-polling for jobs,
 a random 0-100 ms after its job-take request came in (the SDK's own job loop, which (d) runs,
-looks at its queue every 100 ms, (c)'s every 5 ms: gams_worker/job_loop.py; the offset spreads
+looks at its queue every 100 ms, (c)'s every 5 ms: gams_worker/platform/job_loop.py; the offset spreads
 arrivals over that cycle as real traffic does).
 
 Layout: all three engines run at once and rounds alternate over the paths (the order rotates
@@ -73,7 +73,7 @@ import psutil
 
 from bench.gpu_suite import percentile
 from tests.conftest import free_port
-from tests.runpod_emulator import JobRecord, RunPodEmulator
+from tests.harness.runpod_emulator import JobRecord, RunPodEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("raw", "handler", "emulator", "proxy")
@@ -332,7 +332,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
     import handler
     from builder import tiny_model
     from gams_worker.config import load_config
-    from gams_worker.worker import setup_logging, start_worker
+    from gams_worker.startup.worker import setup_logging, start_worker
     from vllm.v1.engine.async_llm import AsyncLLM
 
     model = str(tiny_model.build())

@@ -105,9 +105,9 @@ def run(args) -> None:
     from transformers import AutoTokenizer
 
     from gams_worker.config import load_config
-    from gams_worker.engine import EngineInfo, platform_name, start_engine
-    from gams_worker.service import GenerationService
-    from gams_worker.worker import setup_logging
+    from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
+    from gams_worker.jobs.service import GenerationService
+    from gams_worker.startup.worker import setup_logging
 
     env = {"MODEL_NAME": args.model, "MAX_MODEL_LEN": str(args.max_model_len), "LOG_LEVEL": "INFO",
            "GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization),

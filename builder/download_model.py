@@ -3,7 +3,7 @@
     python -m builder.download_model --model cjvt/GaMS-9B-Instruct --revision main \
         --out /models --token-file /run/secrets/hf_token
 
-Fetches only the files vLLM needs (gams_worker.model_files.ALLOW_PATTERNS) at the commit the
+Fetches only the files vLLM needs (gams_worker.startup.model_files.ALLOW_PATTERNS) at the commit the
 revision resolves to, checks that every shard is there and whole (sizes and the hub's sha256
 of each LFS file), then writes OUT/manifest.json, which the worker reads at start to serve
 this copy with the hub offline. The token comes from a file (a BuildKit secret, never stored
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from the image's /app
     sys.path.insert(0, str(ROOT))
 
-from gams_worker.model_files import (  # noqa: E402
+from gams_worker.startup.model_files import (  # noqa: E402
     ALLOW_PATTERNS,
     IGNORE_PATTERNS,
     MANIFEST_NAME,

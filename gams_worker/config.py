@@ -13,7 +13,7 @@ import os
 from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
-from gams_worker.limits import InputLimits
+from gams_worker.jobs.limits import InputLimits
 
 T = TypeVar("T")
 
@@ -45,22 +45,22 @@ class WorkerConfig:
     # Largest batch captured as a CUDA graph (README, "Fast starts"); None: vLLM's default (512).
     max_cudagraph_capture_size: Optional[int] = None
     # Jobs
-    max_concurrency: Optional[int] = None  # None: sized from the KV cache (gams_worker/concurrency.py)
+    max_concurrency: Optional[int] = None  # None: sized from the KV cache (gams_worker/startup/concurrency.py)
     expected_tokens_per_job: int = 1024  # prompt + output tokens of a typical job, for that sizing
     default_max_tokens: int = 512
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
-    # Input limits: each breach is a job error naming the field (see gams_worker/limits.py)
+    # Input limits: each breach is a job error naming the field (see gams_worker/jobs/limits.py)
     input_limits: InputLimits = InputLimits()
-    # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/status.py)
+    # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/platform/status.py)
     status_port: Optional[int] = None
-    # Where the model comes from (gams_worker/model_source.py)
+    # Where the model comes from (gams_worker/startup/model.py)
     baked_model_manifest: str = "/models/manifest.json"
     network_volume_path: str = "/runpod-volume"
     hf_hub_cache: str = os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
     hub_offline: bool = False
     hf_endpoint: Optional[str] = None  # None: huggingface_hub's default (huggingface.co)
-    # Where vLLM's compiled graphs are kept (gams_worker/compile_cache.py): None picks the
+    # Where vLLM's compiled graphs are kept (gams_worker/startup/compile_cache.py): None picks the
     # network volume if mounted, else the container; VLLM_CACHE_ROOT, if set, wins unkeyed.
     compile_cache_dir: Optional[str] = None
     vllm_cache_root: Optional[str] = None

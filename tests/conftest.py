@@ -64,7 +64,7 @@ def loop_thread() -> LoopThread:
 @pytest.fixture(scope="session")
 def worker(tiny_model_dir):
     from gams_worker.config import load_config
-    from gams_worker.worker import start_worker
+    from gams_worker.startup.worker import start_worker
 
     config = load_config(engine_env(tiny_model_dir))
     worker = start_worker(config)
@@ -88,7 +88,7 @@ def run_job(worker, loop_thread):
     return run
 
 
-# Set in this process by the in-process worker for its engine (gams_worker/compile_cache.py);
+# Set in this process by the in-process worker for its engine (gams_worker/startup/compile_cache.py);
 # a worker subprocess must choose its own.
 ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR")
 

@@ -1,5 +1,5 @@
 """The image's bake step (builder/download_model.py) with the real huggingface_hub client
-against a local hub (tests/fake_hub.py), and a worker started offline from its manifest."""
+against a local hub (tests/harness/fake_hub.py), and a worker started offline from its manifest."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Dict, Optional
 
 import pytest
 
-from gams_worker.model_files import read_manifest
+from gams_worker.startup.model_files import read_manifest
 from tests.conftest import ROOT, engine_env, subprocess_env
-from tests.fake_hub import FakeHub, model_files, sharded
+from tests.harness.fake_hub import FakeHub, model_files, sharded
 
 TOKEN = "hf_bakeTestTokenThatMustNeverBeLogged0123"
 NEEDED = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -37,7 +37,7 @@ def test_values_are_parsed_and_typed():
 
 
 def test_capture_size_limit_reaches_the_engine_except_in_eager_mode():
-    from gams_worker.engine import engine_kwargs
+    from gams_worker.startup.engine import engine_kwargs
 
     config = load_config({"MAX_CUDAGRAPH_CAPTURE_SIZE": "64"})
     assert engine_kwargs(config, "full", "/m")["max_cudagraph_capture_size"] == 64

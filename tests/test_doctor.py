@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from gams_worker import doctor
+from gams_worker.startup import doctor
 from gams_worker.config import WorkerConfig
-from gams_worker.doctor import (
+from gams_worker.startup.doctor import (
     ENGINE_OVERHEAD_BYTES,
     GIB,
     GpuFacts,

@@ -13,7 +13,7 @@ import pytest
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
-from gams_worker.fallback import (
+from gams_worker.startup.ladder import (
     FATAL,
     RETRY_LOWER_RUNG,
     OutputCapture,

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, JobInputError
-from gams_worker.job_input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
-from gams_worker.limits import InputLimits
-from gams_worker.prompt import prepare_prompt
+from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
+from gams_worker.jobs.limits import InputLimits
+from gams_worker.jobs.chat import prepare_prompt
 
 # Small limits, so that generated inputs reach every one of them often.
 SMALL = InputLimits(max_input_bytes=4096, max_prompt_chars=600, max_messages=6, max_stop_strings=3,
@@ -180,7 +180,7 @@ def test_limits_come_from_the_environment_with_documented_defaults():
 
 
 def test_trust_remote_code_is_off_unless_set():
-    from gams_worker.engine import engine_kwargs
+    from gams_worker.startup.engine import engine_kwargs
 
     assert load_config({}).trust_remote_code is False
     assert engine_kwargs(load_config({}), "eager", "/m")["trust_remote_code"] is False

@@ -4,8 +4,8 @@ import pytest
 
 from builder import tiny_model
 from gams_worker.errors import JobInputError
-from gams_worker.job_input import Message, parse_job_input
-from gams_worker.prompt import fold_system_message, prepare_prompt
+from gams_worker.jobs.input import Message, parse_job_input
+from gams_worker.jobs.chat import fold_system_message, prepare_prompt
 
 
 def parse(raw):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gams_worker.local_run import read_test_job, run_job, run_local, wants_local_run
+from gams_worker.platform.local_run import read_test_job, run_job, run_local, wants_local_run
 from tests.conftest import ROOT, engine_env, subprocess_env
 
 

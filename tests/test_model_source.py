@@ -12,9 +12,9 @@ import pytest
 
 from gams_worker.config import load_config
 from gams_worker.errors import IncompleteModelError, ModelNotFoundError
-from gams_worker.model_files import BakedManifest, find_problems, write_manifest
-from gams_worker.model_source import BAKED, HUB, LOCAL, MACHINE_CACHE, RUNPOD_CACHE, resolve_model
-from tests.fake_hub import FakeHub, model_files
+from gams_worker.startup.model_files import BakedManifest, find_problems, write_manifest
+from gams_worker.startup.model import BAKED, HUB, LOCAL, MACHINE_CACHE, RUNPOD_CACHE, resolve_model
+from tests.harness.fake_hub import FakeHub, model_files
 
 REPO = "cjvt/GaMS-tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -58,7 +58,7 @@ def test_order_is_baked_then_runpod_cache_then_machine_cache(tiny_model_dir, pla
                         with_ref=False)  # RunPod's cache may hold a lone snapshot without refs
     machine = cache_copy(tiny_model_dir, Path(places.hf_hub_cache))
 
-    with caplog.at_level(logging.INFO, logger="gams_worker.model_source"):
+    with caplog.at_level(logging.INFO, logger="gams_worker.startup.model"):
         found = resolve_model(places)
     assert (found.path, found.source, found.commit) == (str(baked.resolve()), BAKED, COMMIT)
     assert f"model {REPO}: using the baked copy at {baked.resolve()}" in caplog.text
@@ -117,7 +117,7 @@ def test_a_local_directory_is_used_as_it_is_and_must_be_whole(tiny_model_dir, pl
 
 
 def test_find_problems_checks_the_index_and_each_shard(tiny_model_dir, tmp_path):
-    from tests.fake_hub import sharded
+    from tests.harness.fake_hub import sharded
 
     model = tmp_path / "m"
     model.mkdir()
@@ -149,7 +149,7 @@ def test_hub_download_goes_to_the_volume_cache_when_a_volume_is_mounted(tiny_mod
     commit = hub.add_repo(REPO, {**model_files(tiny_model_dir), "pytorch_model.bin": b"decoy"})
     online = dataclasses.replace(places, hub_offline=False, hf_endpoint=hub.url)
     Path(online.network_volume_path).mkdir()
-    with caplog.at_level(logging.INFO, logger="gams_worker.model_source"):
+    with caplog.at_level(logging.INFO, logger="gams_worker.startup.model"):
         found = resolve_model(online)
     volume_cache = Path(online.network_volume_path) / "huggingface-cache" / "hub"
     assert (found.source, found.commit) == (HUB, commit)

@@ -15,7 +15,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from gams_worker.openai_routes import SseBatcher, fold_system_message, OpenAIRequestError
+from gams_worker.jobs.openai import SseBatcher, fold_system_message, OpenAIRequestError
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -1,7 +1,7 @@
 """The official openai client against the worker through RunPod's /openai/v1 surface.
 
 One `python handler.py` subprocess on the real runpod SDK job loop, the platform
-emulator (tests/runpod_emulator.py) and its OpenAI proxy (tests/openai_proxy.py); the
+emulator (tests/harness/runpod_emulator.py) and its OpenAI proxy (tests/harness/openai_proxy.py); the
 client's base_url is the proxy's ``/v2/<endpoint>/openai/v1``, as on RunPod.
 """
 
@@ -13,8 +13,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.openai_proxy import OpenAIProxy
-from tests.runpod_emulator import RunPodEmulator
+from tests.harness.openai_proxy import OpenAIProxy
+from tests.harness.runpod_emulator import RunPodEmulator
 from tests.test_openai_direct import CITY_SCHEMA, QUESTION
 from tests.test_platform import start_platform_worker, wait_for_first_take
 

@@ -1,5 +1,5 @@
 """The worker as RunPod runs it: `python handler.py` as a subprocess, the real runpod SDK job
-loop, and a local emulator of RunPod's worker API (tests/runpod_emulator.py) over real HTTP.
+loop, and a local emulator of RunPod's worker API (tests/harness/runpod_emulator.py) over real HTTP.
 
 Engine starts are the cost here, so one worker serves most tests of this module (the
 ``platform`` fixture, torn down by the engine-core kill test); the restart, SIGTERM and
@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from tests.conftest import ROOT, engine_env, free_port, subprocess_env
-from tests.runpod_emulator import RunPodEmulator
+from tests.harness.runpod_emulator import RunPodEmulator
 
 HF_TOKEN_CANARY = "hf_canary_7f3c9b2e41d84a6b"
 START_TIMEOUT_S = 240  # engine starts take 30-90 s on this 2-core machine beside other engines
@@ -284,7 +284,7 @@ def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_strea
     # The tiny model is fast and the engine runs ahead of the posts: only very long jobs are
     # surely still generating when the stop comes. The stopped job's first post is left
     # unanswered, so the stop always finds its task waiting on the post and its generator
-    # paused at ``yield`` (see gams_worker/cancellation.py), not inside the engine loop.
+    # paused at ``yield`` (see gams_worker/platform/cancellation.py), not inside the engine loop.
     long_id = "job-to-stop"
     emulator.hold_stream_posts_until_stopped(long_id)
     emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(8000), "stream": True}, job_id=long_id)
@@ -560,7 +560,7 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
 
 
 def test_status_endpoint_reports_the_service_counters():
-    from gams_worker.status import StatusServer
+    from gams_worker.platform.status import StatusServer
 
     service = FakeService()
     service.running_requests = 3

@@ -4,11 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from gams_worker.concurrency import KvCapacity, derive_concurrency, kv_capacity
+from gams_worker.startup.concurrency import KvCapacity, derive_concurrency, kv_capacity
 from gams_worker.config import load_config
-from gams_worker.doctor import GpuFacts, HostFacts, diagnose
+from gams_worker.startup.doctor import GpuFacts, HostFacts, diagnose
 from gams_worker.errors import ConfigError
-from gams_worker.presets import apply_preset, choose_tensor_parallel, preset_for
+from gams_worker.startup.presets import apply_preset, choose_tensor_parallel, preset_for
 
 
 def test_presets_are_found_by_repo_id_in_any_case():

@@ -1,6 +1,6 @@
 """Chunk batching: first delta at once, then every N tokens or T ms."""
 
-from gams_worker.streaming import ChunkBatcher
+from gams_worker.jobs.streaming import ChunkBatcher
 
 
 class Clock:

@@ -1,6 +1,6 @@
 """The start-up timeline reads vLLM's own log lines for the engine's inner phases."""
 
-from gams_worker.timeline import StartupTimeline
+from gams_worker.startup.timeline import StartupTimeline
 
 # Lines as vLLM 0.25 logs them on an H100 (GaMS-9B-shaped), and as 0.32 does on CPU.
 GPU_LOG = """

@@ -17,9 +17,9 @@ from gams_worker.config import WorkerConfig
 log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("full", "piecewise", "eager")
-# Test-only fault injection (gams_worker/fault_injection.py), named here so that the
+# Test-only fault injection (gams_worker/startup/fault_injection.py), named here so that the
 # parent process need not import vLLM's worker classes.
-FAILING_WORKER_CLS = "gams_worker.fault_injection.FailingStartWorker"
+FAILING_WORKER_CLS = "gams_worker.startup.fault_injection.FailingStartWorker"
 INJECTED_FAILURE_KEY = "gams_inject_start_failure"  # in vLLM's additional_config
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Dict, List, Sequence
 
 from gams_worker.errors import JobInputError
-from gams_worker.job_input import JobInput, Message
+from gams_worker.jobs.input import JobInput, Message
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gams_worker.engine import INJECTED_FAILURE_KEY
+from gams_worker.startup.engine import INJECTED_FAILURE_KEY
 
 
 def _platform_worker_class() -> type:

@@ -19,7 +19,7 @@ import re
 from typing import Any, Dict, Optional
 
 from gams_worker.config import WorkerConfig
-from gams_worker.doctor import HostFacts
+from gams_worker.startup.doctor import HostFacts
 
 log = logging.getLogger(__name__)
 

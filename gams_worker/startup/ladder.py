@@ -24,7 +24,7 @@ import traceback
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from gams_worker.config import WorkerConfig
-from gams_worker.engine import GRAPH_MODES
+from gams_worker.startup.engine import GRAPH_MODES
 from gams_worker.errors import EngineStartError
 
 log = logging.getLogger(__name__)

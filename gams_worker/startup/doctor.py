@@ -245,7 +245,7 @@ def _guard(probe: Any, default: Any) -> Any:
 
 
 def _platform_name() -> str:
-    from gams_worker.engine import platform_name
+    from gams_worker.startup.engine import platform_name
 
     return platform_name()
 

@@ -14,7 +14,7 @@ truncates. The defaults (each overridable by the environment variable in bracket
   characters each: vLLM checks every stop string against new text at every step.
 - ``max_n`` [MAX_N] 16 choices per job: each choice is a sequence in the batch.
 
-``max_tokens`` is bounded by MAX_MODEL_LEN minus the prompt's tokens (gams_worker/prompt.py).
+``max_tokens`` is bounded by MAX_MODEL_LEN minus the prompt's tokens (gams_worker/jobs/chat.py).
 """
 
 from __future__ import annotations

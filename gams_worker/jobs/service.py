@@ -6,7 +6,7 @@ Output shapes (every job ends with exactly one item carrying ``usage``, or one e
                 last: {"choices": [{"index", "text", "finish_reason"}], "usage": {...}, "engine": {...}}
     non-stream: one item shaped like the last chunk, with the whole text
     error:      {"error": {"type", "message", "field"?}}
-    openai:     input {"openai_route", "openai_input"}: see gams_worker.openai_routes
+    openai:     input {"openai_route", "openai_input"}: see gams_worker.jobs.openai
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from collections import deque
 from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
-from gams_worker.engine import EngineInfo
+from gams_worker.startup.engine import EngineInfo
 from gams_worker.errors import JobInputError, error_output
-from gams_worker.job_input import parse_job_input
-from gams_worker.openai_routes import OpenAIRoutes
-from gams_worker.prompt import prepare_prompt
-from gams_worker.streaming import ChunkBatcher
-from gams_worker.timeline import StartupTimeline
+from gams_worker.jobs.input import parse_job_input
+from gams_worker.jobs.openai import OpenAIRoutes
+from gams_worker.jobs.chat import prepare_prompt
+from gams_worker.jobs.streaming import ChunkBatcher
+from gams_worker.startup.timeline import StartupTimeline
 
 log = logging.getLogger(__name__)
 

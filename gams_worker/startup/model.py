@@ -10,7 +10,7 @@ A hub repo id is looked for in:
 4. the hub itself, downloaded with progress into the volume's cache when a volume is
    mounted, else into the machine's cache. Skipped when HF_HUB_OFFLINE is set.
 
-Each copy must be whole (gams_worker.model_files) to be used. When none is, the
+Each copy must be whole (gams_worker.startup.model_files) to be used. When none is, the
 ModelNotFoundError names every place searched and why it was passed over.
 """
 
@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import IncompleteModelError, ModelNotFoundError
-from gams_worker.model_files import ALLOW_PATTERNS, IGNORE_PATTERNS, find_problems, read_manifest
+from gams_worker.startup.model_files import ALLOW_PATTERNS, IGNORE_PATTERNS, find_problems, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _resolve(config: WorkerConfig) -> ResolvedModel:
         return ResolvedModel(str(Path(name).resolve()), LOCAL)
     if name.startswith(("/", "./", "../")):
         # A path, not a repo id: nothing to search. vLLM's start fails on it with a
-        # classified "model not found" error (gams_worker/fallback.py).
+        # classified "model not found" error (gams_worker/startup/ladder.py).
         return ResolvedModel(name, LOCAL)
 
     searched: List[str] = []

@@ -63,7 +63,7 @@ def openai_error(message: str, status: HTTPStatus, param: Optional[str] = None) 
 def fold_system_message(messages: List[Any]) -> List[Any]:
     """Gemma 2 has no system role: prepend a leading system message to the first user turn.
 
-    Same rule as plain jobs (gams_worker.prompt): joined by a blank line; a system message
+    Same rule as plain jobs (gams_worker.jobs.chat): joined by a blank line; a system message
     anywhere but first is an error. Messages stay OpenAI dicts (content a string or parts).
     """
     for i, message in enumerate(messages):

@@ -10,18 +10,18 @@ import threading
 import time
 from typing import Any, Optional, Tuple
 
-from gams_worker.compile_cache import choose_compile_cache
-from gams_worker.concurrency import derive_concurrency, kv_capacity
+from gams_worker.startup.compile_cache import choose_compile_cache
+from gams_worker.startup.concurrency import derive_concurrency, kv_capacity
 from gams_worker.config import WorkerConfig, export_to_engine
-from gams_worker.doctor import DoctorReport, host_facts, run_doctor
-from gams_worker.engine import EngineInfo, platform_name, start_engine
+from gams_worker.startup.doctor import DoctorReport, host_facts, run_doctor
+from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
 from gams_worker.errors import EngineStartError
-from gams_worker.fallback import start_with_fallback
-from gams_worker.model_source import resolve_model
-from gams_worker.presets import apply_preset
-from gams_worker.service import GenerationService
-from gams_worker.status import StatusServer
-from gams_worker.timeline import StartupTimeline
+from gams_worker.startup.ladder import start_with_fallback
+from gams_worker.startup.model import resolve_model
+from gams_worker.startup.presets import apply_preset
+from gams_worker.jobs.service import GenerationService
+from gams_worker.platform.status import StatusServer
+from gams_worker.startup.timeline import StartupTimeline
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Which files of a hub repo make a servable model, how to tell a copy is whole, and the bake manifest.
 
 Shared by the image's bake step (builder/download_model.py) and the worker's start-up
-(gams_worker/model_source.py), so both fetch and accept exactly the same files. This module
+(gams_worker/startup/model.py), so both fetch and accept exactly the same files. This module
 imports only the standard library: the Dockerfile copies it into the bake stage alone, so code
 changes elsewhere do not re-download the weights.
 """

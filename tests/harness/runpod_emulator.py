@@ -24,7 +24,7 @@ timestamp. The server runs in its own thread, so tests call it synchronously::
     emulator.stop_job(job_id)                   # the platform's cancel / timeout
     emulator.close()
 
-``python -m tests.runpod_emulator --port 8080`` serves it for manual use; it prints the
+``python -m tests.harness.runpod_emulator --port 8080`` serves it for manual use; it prints the
 worker environment and accepts jobs at ``POST /submit`` (body: a job input), results at
 ``GET /result/{job}``.
 """

@@ -1,4 +1,4 @@
-"""RunPod's OpenAI surface, emulated on top of tests/runpod_emulator.py.
+"""RunPod's OpenAI surface, emulated on top of tests/harness/runpod_emulator.py.
 
 RunPod answers ``{base}/v2/{endpoint}/openai/v1/...`` by queueing a job
 ``{"openai_route": "/v1/...", "openai_input": <request body>}`` and relaying what the
@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 
 from aiohttp import web
 
-from tests.runpod_emulator import RunPodEmulator
+from tests.harness.runpod_emulator import RunPodEmulator
 
 POLL_S = 0.005  # how often a waiting request looks for new chunks of its job
 

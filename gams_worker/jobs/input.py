@@ -7,7 +7,7 @@ Accepted shape (every other field is rejected by name)::
     "stream": false            optional; true streams chunks as they are generated
 
 Errors raise ``JobInputError`` with the dotted path of the field at fault. Size limits
-(gams_worker/limits.py) are checked before anything is tokenized.
+(gams_worker/jobs/limits.py) are checked before anything is tokenized.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.errors import JobInputError
-from gams_worker.limits import InputLimits, check_count, check_input_size, check_prompt_chars
+from gams_worker.jobs.limits import InputLimits, check_count, check_input_size, check_prompt_chars
 
 ROLES = ("system", "user", "assistant")
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
