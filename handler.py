@@ -13,18 +13,18 @@ from gams_worker.platform.cancellation import close_when_cancelled
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, WorkerError
 
-service = None  # the process's GenerationService, set in main()
+jobs = None  # the process's JobRouter (gams_worker/jobs/route.py), set in main()
 
 
 async def handler(job):
-    outputs = service.run(job)
+    outputs = jobs.run(job)
     close_when_cancelled(outputs)  # a stopped job frees its engine request at once
     async for output in outputs:
         yield output
 
 
 def main() -> int:
-    global service
+    global jobs
     try:
         config = load_config()
     except ConfigError as exc:
@@ -42,7 +42,7 @@ def main() -> int:
     except WorkerError as exc:  # engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
-    service = worker.service
+    jobs = worker.jobs
     runpod = runpod_import.result()
     try:
         if wants_local_run(sys.argv, config.on_runpod):

@@ -73,7 +73,10 @@ async def sweep(service, args):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    handler.service = service
+    from gams_worker.jobs.openai import OpenAIRoutes
+    from gams_worker.jobs.route import JobRouter
+
+    handler.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config))
     prompt_ids = service.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)

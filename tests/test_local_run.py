@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from gams_worker.errors import error_output
 from gams_worker.platform.local_run import read_test_job, run_job, run_local, wants_local_run
 from tests.conftest import ROOT, engine_env, subprocess_env
 
@@ -57,7 +58,7 @@ def test_test_input_argument_wins_over_the_file():
 def test_each_output_is_printed_as_it_arrives_and_errors_exit_1(capsys):
     async def handler(job):
         yield {"choices": [{"index": 0, "text": "Lju"}]}
-        yield {"error": {"type": "invalid_input", "message": "bad", "field": "prompt"}}
+        yield error_output("invalid_input", "bad", "prompt")
 
     out = io.StringIO()
     outputs = asyncio.run(run_job(handler, {"id": "j"}, out))

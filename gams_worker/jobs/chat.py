@@ -1,17 +1,20 @@
-"""Turning a validated job input into prompt token ids that fit the model.
+"""Gemma 2's chat rules, for plain and OpenAI jobs alike, and a plain job's prompt as token ids.
 
-Messages go through the model's own chat template. Gemma 2's template refuses a
+Message content is a string or OpenAI-style text parts. Gemma 2's chat template refuses a
 ``system`` role, so a leading system message is folded into the first user turn
-(separated by a blank line) instead of failing the job.
+(separated by a blank line) instead of failing the job; a system message anywhere else
+is an error. Messages then go through the model's own chat template.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
 
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.input import JobInput, Message
+
+if TYPE_CHECKING:  # gams_worker.jobs.input applies these rules as it validates
+    from gams_worker.jobs.input import JobInput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,30 +23,54 @@ class PreparedPrompt:
     sampling: Dict[str, Any]  # with max_tokens fitted to the model length
 
 
-def fold_system_message(messages: Sequence[Message]) -> List[Dict[str, str]]:
-    """Gemma has no system role: prepend a leading system message to the first user turn."""
-    chat = [{"role": m.role, "content": m.content} for m in messages]
-    for i, message in enumerate(chat[1:], start=1):
-        if message["role"] == "system":
-            raise JobInputError("a system message may only come first", f"messages[{i}].role")
-    if chat[0]["role"] != "system":
+def join_text_parts(content: Any, field: str) -> str:
+    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for i, part in enumerate(content):
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise JobInputError("must be a string or a list of text parts", field)
+
+
+def fold_system_message(messages: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Gemma has no system role: prepend a leading system message to the first user turn.
+
+    Other keys of a message (an OpenAI ``name``) and a user turn's content parts are kept.
+    """
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise JobInputError("must be an object with 'role' and 'content'", f"messages[{i}]")
+        if i > 0 and message.get("role") == "system":
+            raise JobInputError("a system message may only come first (Gemma 2 has no system role)",
+                                f"messages[{i}].role")
+    chat = [dict(message) for message in messages]
+    if not chat or chat[0].get("role") != "system":
         return chat
-    system, rest = chat[0]["content"], chat[1:]
-    if rest and rest[0]["role"] == "user":
-        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
-    return [{"role": "user", "content": system}] + rest
+    system, rest = join_text_parts(chat[0].get("content"), "messages[0].content"), chat[1:]
+    if not rest or rest[0].get("role") != "user":
+        return [{"role": "user", "content": system}] + rest
+    content = rest[0].get("content")
+    if isinstance(content, str):
+        rest[0]["content"] = f"{system}\n\n{content}"
+    elif isinstance(content, list):
+        rest[0]["content"] = [{"type": "text", "text": f"{system}\n\n"}] + content
+    else:
+        raise JobInputError("must be a string or a list of content parts", "messages[1].content")
+    return rest
 
 
 def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int) -> PreparedPrompt:
     """Tokenize the prompt (through the chat template for messages) and fit max_tokens."""
     if job.messages is not None:
         field = "messages"
+        chat = fold_system_message(job.messages)
         try:
-            text = tokenizer.apply_chat_template(
-                fold_system_message(job.messages), tokenize=False, add_generation_prompt=True
-            )
-        except JobInputError:
-            raise
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
             raise JobInputError(f"the model's chat template refused these messages: {exc}", field) from exc
         # The template already wrote <bos>; adding special tokens again would double it.
@@ -67,5 +94,5 @@ def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int) -> Prepare
             )
         sampling["max_tokens"] = room  # the default shrinks to fit; an explicit value is never cut
     if sampling.get("min_tokens", 0) > sampling["max_tokens"]:
-        raise JobInputError(f"must not exceed {sampling['max_tokens']}", "sampling_params.min_tokens")
+        raise JobInputError(f"must not exceed max_tokens ({sampling['max_tokens']})", "sampling_params.min_tokens")
     return PreparedPrompt(token_ids, sampling)

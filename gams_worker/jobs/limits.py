@@ -1,9 +1,10 @@
 """Size limits on a job's input, checked before any tokenization or engine work.
 
-A job over a limit gets an ``invalid_input`` error naming the field; no limit ever
-truncates. The defaults (each overridable by the environment variable in brackets):
+A job over a limit gets an error naming the field (plain and OpenAI jobs alike); no limit
+ever truncates. The defaults (each overridable by the environment variable in brackets):
 
-- ``max_input_bytes`` [MAX_INPUT_BYTES] 1 MiB: the whole ``input`` as UTF-8 JSON. RunPod
+- ``max_input_bytes`` [MAX_INPUT_BYTES] 1 MiB: the whole ``input`` (an OpenAI job's request
+  body) as UTF-8 JSON. RunPod
   itself accepts up to 10 MB (/run) and 20 MB (/runsync); nothing that fits GaMS's context
   comes near 1 MiB, and it bounds the worker's memory and parsing time per job.
 - ``max_prompt_chars`` [MAX_PROMPT_CHARS] 200,000: the prompt, or all message contents
@@ -36,17 +37,17 @@ class InputLimits:
     max_n: int = 16
 
 
-def check_input_size(raw: Any, limits: InputLimits) -> None:
+def check_input_size(raw: Any, limits: InputLimits, field: str) -> None:
     """The whole input, serialized as the platform sent it, must fit ``max_input_bytes``."""
     try:
         encoded = json.dumps(raw, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise JobInputError("contains a lone surrogate (text that is not valid Unicode)", "input") from None
+        raise JobInputError("contains a lone surrogate (text that is not valid Unicode)", field) from None
     except (TypeError, ValueError, RecursionError):
-        raise JobInputError("must be plain JSON (objects, lists, strings, finite numbers)", "input") from None
+        raise JobInputError("must be plain JSON (objects, lists, strings, finite numbers)", field) from None
     if len(encoded) > limits.max_input_bytes:
         raise JobInputError(
-            f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most {limits.max_input_bytes}", "input"
+            f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most {limits.max_input_bytes}", field
         )
 
 

@@ -7,25 +7,29 @@ job yields. The outputs match runpod-workers/worker-vllm:
     non-stream:  one dict, the ChatCompletion / Completion / model list JSON
     stream:      strings, each a concatenation of whole SSE events ``data: {json}\\n\\n``;
                  the last one ends with ``data: [DONE]\\n\\n``
-    error:       one dict {"error": {"message", "type", "param", "code"}}, where ``code``
+    error:       {"error": "<JSON of {"message", "type", "param", "code"}>"}, where ``code``
                  is the HTTP status (400, 404, 500...) the platform should answer with
 
 Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels
 on the worker's one engine, so templating, sampling, logprobs, n, structured output and
-usage are vLLM's, exactly as ``vllm serve`` does them. The worker adds three things:
-Gemma 2's missing system role (a leading system message is folded into the first user
-turn), rejection of fields vLLM would silently ignore, and batching of stream events.
+usage are vLLM's, exactly as ``vllm serve`` does them. The worker adds four things:
+Gemma 2's chat rules (gams_worker/jobs/chat.py), the input limits of plain jobs
+(gams_worker/jobs/limits.py), rejection of fields vLLM would silently ignore, and batching
+of stream events (gams_worker/jobs/streaming.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional
+from typing import Any, AsyncIterator, Dict, Mapping, Optional
 
 from gams_worker.config import WorkerConfig
+from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
+from gams_worker.jobs.chat import fold_system_message
+from gams_worker.jobs.input import check_openai_limits
+from gams_worker.jobs.streaming import StreamBatcher
 
 log = logging.getLogger(__name__)
 
@@ -34,102 +38,6 @@ COMPLETIONS_ROUTE = "/v1/completions"
 MODELS_ROUTE = "/v1/models"
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE)
 JOB_FIELDS = ("openai_route", "openai_input")
-SSE_DONE = "data: [DONE]\n\n"
-
-
-class OpenAIRequestError(Exception):
-    """A request the worker refuses before vLLM sees it; becomes an OpenAI error JSON."""
-
-    def __init__(self, message: str, param: Optional[str] = None,
-                 status: HTTPStatus = HTTPStatus.BAD_REQUEST):
-        self.message = message
-        self.param = param
-        self.status = status
-        super().__init__(message)
-
-    def to_output(self) -> Dict[str, Any]:
-        return openai_error(self.message, self.status, self.param)
-
-
-def openai_error(message: str, status: HTTPStatus, param: Optional[str] = None) -> Dict[str, Any]:
-    """OpenAI's error shape as vLLM writes it: ``type`` names the error, ``code`` is the HTTP status."""
-    error_type = {
-        HTTPStatus.BAD_REQUEST: "BadRequestError",
-        HTTPStatus.NOT_FOUND: "NotFoundError",
-    }.get(status, "InternalServerError")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": int(status)}}
-
-
-def fold_system_message(messages: List[Any]) -> List[Any]:
-    """Gemma 2 has no system role: prepend a leading system message to the first user turn.
-
-    Same rule as plain jobs (gams_worker.jobs.chat): joined by a blank line; a system message
-    anywhere but first is an error. Messages stay OpenAI dicts (content a string or parts).
-    """
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise OpenAIRequestError("must be an object with 'role' and 'content'", f"messages[{i}]")
-        if i > 0 and message.get("role") == "system":
-            raise OpenAIRequestError("a system message may only come first (Gemma 2 has no system role)",
-                                     f"messages[{i}].role")
-    if not messages or messages[0].get("role") != "system":
-        return messages
-    system_text = _text_of(messages[0].get("content"), "messages[0].content")
-    rest = list(messages[1:])
-    if rest and rest[0].get("role") == "user":
-        content = rest[0].get("content")
-        if isinstance(content, str):
-            folded = f"{system_text}\n\n{content}"
-        elif isinstance(content, list):
-            folded = [{"type": "text", "text": f"{system_text}\n\n"}] + content
-        else:
-            raise OpenAIRequestError("must be a string or a list of content parts", "messages[1].content")
-        return [{**rest[0], "content": folded}] + rest[1:]
-    return [{"role": "user", "content": system_text}] + rest
-
-
-def _text_of(content: Any, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        for part in content
-    ):
-        return "".join(part["text"] for part in content)
-    raise OpenAIRequestError("a system message must be a string or a list of text parts", param)
-
-
-class SseBatcher:
-    """Gathers SSE events into strings of whole events, flushed by count or by time.
-
-    vLLM writes one event per generated token and choice, so ``batch_events`` plays the
-    role of STREAM_BATCH_TOKENS. The first token is flushed at once (the first flush
-    waits only for one event after the role event), as for plain jobs.
-    """
-
-    def __init__(self, batch_events: int, batch_ms: int, clock: Callable[[], float] = time.monotonic):
-        self._batch_events = batch_events
-        self._batch_s = batch_ms / 1000.0
-        self._clock = clock
-        self._events: List[str] = []
-        self._last_flush: Optional[float] = None  # None: nothing flushed yet
-
-    def add(self, event: str) -> Optional[str]:
-        """Gather one event; return the batch to send when a flush is due, else None."""
-        self._events.append(event)
-        now = self._clock()
-        if self._last_flush is None:
-            due = len(self._events) >= 2
-        else:
-            due = len(self._events) >= self._batch_events or now - self._last_flush >= self._batch_s
-        if not due:
-            return None
-        self._last_flush = now
-        return self.drain()
-
-    def drain(self) -> str:
-        batch, self._events = "".join(self._events), []
-        return batch
 
 
 def _import_vllm_openai() -> Dict[str, Any]:
@@ -225,17 +133,24 @@ class OpenAIRoutes:
             yield self._error_from_exception(exc, vllm)
             return
 
-        if isinstance(result, (vllm["ErrorResponse"], vllm["ChatCompletionResponse"], vllm["CompletionResponse"])):
+        if isinstance(result, vllm["ErrorResponse"]):
+            yield job_error_output(result.model_dump()["error"])
+            return
+        if isinstance(result, (vllm["ChatCompletionResponse"], vllm["CompletionResponse"])):
             yield result.model_dump()
             return
-        batcher = SseBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
+        # vLLM writes one event per generated token and choice; a chat stream opens with one
+        # event per choice that carries only the role.
+        role_events = (request.n or 1) if route == CHAT_ROUTE else 0
+        batcher: StreamBatcher = StreamBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
         async for event in result:
-            batch = batcher.add(event)
+            batch = batcher.add(event, 1, has_text=role_events <= 0)
+            role_events -= 1
             if batch:
-                yield batch
+                yield "".join(batch)
         rest = batcher.drain()
         if rest:
-            yield rest
+            yield "".join(rest)
 
     def _parse_job(self, job_input: Mapping[str, Any]) -> tuple:
         for key in job_input:
@@ -261,8 +176,12 @@ class OpenAIRoutes:
         for key in body:
             if key not in known:
                 raise OpenAIRequestError(f"unknown parameter {key!r}", key)
-        if route == CHAT_ROUTE and isinstance(body.get("messages"), list):
-            body["messages"] = fold_system_message(body["messages"])
+        try:
+            check_openai_limits(body, self.config.input_limits)
+            if route == CHAT_ROUTE and isinstance(body.get("messages"), list):
+                body["messages"] = fold_system_message(body["messages"])
+        except JobInputError as exc:
+            raise OpenAIRequestError(exc.message, exc.field) from None
         body.setdefault("model", self.config.model_label)
         try:
             return request_class(**body)
@@ -270,11 +189,11 @@ class OpenAIRoutes:
             raise OpenAIRequestError(*_describe_validation_error(exc)) from None
 
     @staticmethod
-    def _error_from_exception(exc: Exception, vllm: Dict[str, Any]) -> Dict[str, Any]:
-        error = vllm["create_error_response"](exc).model_dump()
-        if error["error"]["code"] >= 500:
+    def _error_from_exception(exc: Exception, vllm: Dict[str, Any]) -> Dict[str, str]:
+        error = vllm["create_error_response"](exc).model_dump()["error"]
+        if error["code"] >= 500:
             log.exception("OpenAI request failed in the engine", exc_info=exc)
-        return error
+        return job_error_output(error)
 
 
 def _describe_validation_error(exc: Exception) -> tuple:

@@ -19,6 +19,8 @@ from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
 from gams_worker.startup.model import resolve_model
 from gams_worker.startup.presets import apply_preset
+from gams_worker.jobs.openai import OpenAIRoutes
+from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.service import GenerationService
 from gams_worker.platform.status import StatusServer
 from gams_worker.startup.timeline import StartupTimeline
@@ -70,14 +72,15 @@ class EngineWatchdog:
 
 
 class Worker:
-    """The engine, the service running jobs on it, and the watchdog over both."""
+    """The engine, the jobs running on it (both dialects), and the watchdog over both."""
 
     def __init__(self, service: GenerationService, concurrency: int):
-        self.service = service
+        self.service = service  # plain jobs
+        self.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config))
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
         self.watchdog = EngineWatchdog(service.engine)
         port = service.config.status_port
-        self.status_server = StatusServer(service, port) if port else None
+        self.status_server = StatusServer(self.jobs, port) if port else None
 
     def close(self) -> None:
         self.watchdog.stop()  # first: the engine's shutdown below must not look like a crash
