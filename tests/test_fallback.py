@@ -241,6 +241,9 @@ def test_fatal_failure_stops_after_one_attempt():
     assert starts.modes == ["full"]
     assert "remedy:" in str(raised.value)
     assert isinstance(raised.value.__cause__, RuntimeError)
+    # The error carries its diagnosis, not only a sentence.
+    assert raised.value.cause == raised.value.diagnosis.cause == "out of GPU memory while loading weights"
+    assert raised.value.diagnosis.decision == FATAL and "OutOfMemoryError" in raised.value.diagnosis.evidence
 
 
 def test_graph_fallback_off_stops_after_one_attempt():

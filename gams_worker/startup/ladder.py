@@ -398,12 +398,13 @@ def start_with_fallback(
         failed_modes.append(mode)
         if diagnosis.decision == FATAL:
             raise EngineStartError(f"engine start failed in {mode} mode: {diagnosis.cause} "
-                                   f"({diagnosis.evidence}); remedy: {diagnosis.remedy}") from failure
+                                   f"({diagnosis.evidence}); remedy: {diagnosis.remedy}",
+                                   diagnosis.cause, diagnosis) from failure
         if not config.graph_fallback:
             raise EngineStartError(
                 f"engine start failed in {mode} mode: {diagnosis.cause} ({diagnosis.evidence}); "
                 f"GRAPH_FALLBACK=false, so no retry in {diagnosis.next_mode} mode: set GRAPH_FALLBACK=true "
-                f"or ENFORCE_EAGER=true") from failure
+                f"or ENFORCE_EAGER=true", diagnosis.cause, diagnosis) from failure
         mode = diagnosis.next_mode or "eager"
         reason = f"{diagnosis.cause}; fell back from {' and '.join(failed_modes)}"
         log.warning("fallback: retrying at rung %d/%d in %s mode after %.1f s because %s",

@@ -108,7 +108,8 @@ def start_worker(config: WorkerConfig) -> Worker:
     log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
     report = run_doctor(config, facts)
     if report.blocking:
-        raise EngineStartError("; ".join(report.blocking))
+        problems = "; ".join(report.blocking)
+        raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
     mode, reason = first_rung(config, report)
     timeline.mark("doctor done")
     model_path = resolve_model(config).path  # baked copy, then caches, then the hub
