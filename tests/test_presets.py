@@ -6,7 +6,8 @@ import pytest
 
 from gams_worker.startup.concurrency import KvCapacity, derive_concurrency, kv_capacity
 from gams_worker.config import load_config
-from gams_worker.startup.doctor import GpuFacts, HostFacts, diagnose
+from gams_worker.startup.doctor import diagnose
+from gams_worker.startup.host import GpuFacts, HostFacts
 from gams_worker.errors import ConfigError
 from gams_worker.startup.presets import apply_preset, choose_tensor_parallel, preset_for
 

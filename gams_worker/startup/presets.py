@@ -14,7 +14,6 @@ from typing import Dict, Optional, Tuple
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import ConfigError
 
-GIB = 2**30
 # Room beyond the weights on each GPU: activations, CUDA graphs and at least a few
 # sequences of KV cache. Below this vLLM starts but serves almost nothing.
 HEADROOM_GIB = 6.0

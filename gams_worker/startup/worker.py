@@ -8,16 +8,17 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 from gams_worker.startup.compile_cache import choose_compile_cache
 from gams_worker.startup.concurrency import derive_concurrency, kv_capacity
 from gams_worker.config import WorkerConfig, export_to_engine
-from gams_worker.startup.doctor import DoctorReport, host_facts, run_doctor
+from gams_worker.startup.doctor import DoctorReport, run_doctor
+from gams_worker.startup.host import host_facts
 from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
-from gams_worker.startup.model import resolve_model
+from gams_worker.startup.model import find_local_model, resolve_model
 from gams_worker.startup.presets import apply_preset
 from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.route import JobRouter
@@ -104,9 +105,10 @@ def start_worker(config: WorkerConfig) -> Worker:
     timeline = StartupTimeline()
     timeline.mark("config loaded")
     facts = host_facts()
-    config, sources = apply_preset(config, len(facts.gpus), _gib(facts.gpus[0].total_bytes) if facts.gpus else None)
+    config, sources = apply_preset(config, len(facts.gpus), facts.gpus[0].total_gib if facts.gpus else None)
     log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
-    report = run_doctor(config, facts)
+    local_model = find_local_model(config)  # None: not on this machine; resolve_model downloads it below
+    report = run_doctor(config, facts, local_model.path if local_model else None)
     if report.blocking:
         problems = "; ".join(report.blocking)
         raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
@@ -147,7 +149,3 @@ def job_concurrency(config: WorkerConfig, engine: Any) -> int:
     log.info("concurrency: %d jobs = KV cache %d tokens / EXPECTED_TOKENS_PER_JOB %d, at most max_num_seqs %d",
              concurrency, capacity.kv_cache_tokens, config.expected_tokens_per_job, capacity.max_num_seqs)
     return concurrency
-
-
-def _gib(value: Optional[int]) -> Optional[float]:
-    return value / 2**30 if value else None
