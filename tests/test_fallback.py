@@ -13,13 +13,8 @@ import pytest
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
-from gams_worker.startup.ladder import (
-    FATAL,
-    RETRY_LOWER_RUNG,
-    OutputCapture,
-    classify_start_failure,
-    start_with_fallback,
-)
+from gams_worker.startup.engine_log import OutputCapture
+from gams_worker.startup.ladder import FATAL, RETRY_LOWER_RUNG, classify_start_failure, start_with_fallback
 
 PARENT_TAIL = """\
 Traceback (most recent call last):
