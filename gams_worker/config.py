@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
 from gams_worker.jobs.limits import InputLimits
+from gams_worker.startup.presets import PRESETS
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ class WorkerConfig:
     model_revision: Optional[str] = None
     tokenizer_name: Optional[str] = None
     served_model_name: Optional[str] = None
-    model_preset: Optional[str] = None  # a GaMS repo id whose preset applies (default: MODEL_NAME's)
+    model_preset: Optional[str] = None  # a GaMS repo id (lower case) whose preset applies (default: MODEL_NAME's)
     trust_remote_code: bool = False
     # Engine
     max_model_len: int = 4096
@@ -92,7 +93,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         model_revision=env.optional_text("MODEL_REVISION"),
         tokenizer_name=env.optional_text("TOKENIZER_NAME"),
         served_model_name=env.optional_text("SERVED_MODEL_NAME"),
-        model_preset=env.optional_text("MODEL_PRESET"),
+        model_preset=env.optional_choice("MODEL_PRESET", tuple(PRESETS)),
         trust_remote_code=env.boolean("TRUST_REMOTE_CODE", default.trust_remote_code),
         max_model_len=env.integer("MAX_MODEL_LEN", default.max_model_len, minimum=16),
         dtype=env.choice("DTYPE", default.dtype, DTYPES),

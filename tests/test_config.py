@@ -84,11 +84,17 @@ def test_no_other_module_reads_the_environment():
     assert offenders == []
 
 
-def test_bad_env_stops_worker_at_start_with_one_line():
+@pytest.mark.parametrize("variable, value, expected", [
+    ("MAX_MODEL_LEN", "abc", "an integer >= 16"),
+    ("MODEL_PRESET", "cjvt/GaMS-1B", "one of cjvt/gams-2b-instruct, cjvt/gams-9b-instruct"),
+])
+def test_bad_env_stops_worker_at_start_with_one_line(variable, value, expected):
     result = subprocess.run(
         [sys.executable, "handler.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env=subprocess_env(MAX_MODEL_LEN="abc"),
+        env=subprocess_env(**{variable: value}),
     )
     assert result.returncode == 2
+    assert result.stdout == ""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["gams-worker: configuration error: MAX_MODEL_LEN='abc' is invalid: expected an integer >= 16"]
+    assert len(lines) == 1, result.stderr  # no traceback, no noise
+    assert lines[0].startswith(f"gams-worker: configuration error: {variable}={value!r} is invalid: expected {expected}")
