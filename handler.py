@@ -24,17 +24,24 @@ async def handler(job):
 
 
 def main() -> int:
-    global jobs
     try:
         config = load_config()
     except ConfigError as exc:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from gams_worker.platform.local_run import run_local, wants_local_run
-    from gams_worker.startup.worker import setup_logging, start_worker
+    from gams_worker.startup.worker import exit_quietly, setup_logging
 
     setup_logging(config)
+    exit_quietly(serve(config))
+
+
+def serve(config) -> int:
+    """Start the engine, then run the SDK's job loop (or one local job); return the exit status."""
+    global jobs
+    from gams_worker.platform.local_run import run_local, wants_local_run
+    from gams_worker.startup.worker import start_worker
+
     # The job loop's SDK takes seconds to import: do it while the engine starts.
     runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
     try:

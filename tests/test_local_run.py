@@ -11,7 +11,7 @@ import pytest
 
 from gams_worker.errors import error_output
 from gams_worker.platform.local_run import read_test_job, run_job, run_local, wants_local_run
-from tests.conftest import ROOT, engine_env, subprocess_env
+from tests.harness.worker_process import ROOT, engine_env, exit_noise, subprocess_env
 
 
 @pytest.mark.engine
@@ -40,6 +40,23 @@ def test_handler_py_streams_test_input_json(tiny_model_dir):
     assert chunks[-1]["usage"]["completion_tokens"] > 0
     aggregate = json.loads(lines[end + 1])
     assert aggregate["output"] == chunks
+    assert exit_noise(result.stdout, result.stderr) == []  # a finished run ends quietly
+
+
+@pytest.mark.engine
+def test_a_bad_job_ends_the_local_run_with_its_json_error_and_no_traceback(tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", '{"input": {"prompt": "Bled", "sampling_params": {"n": 500}}}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(**engine_env(tiny_model_dir, ENFORCE_EAGER="true")),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = {"type": "invalid_input", "message": "has 500 choices; MAX_N allows at most 16", "field": "sampling_params.n"}
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith('{"error"')]
+    assert json.loads(json.loads(line)["error"]) == error
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("--- job failed: ") and json.loads(last[len("--- job failed: "):]) == error
+    assert exit_noise(result.stdout, result.stderr) == []
 
 
 def test_local_mode_is_chosen_like_the_sdk_does():

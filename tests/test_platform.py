@@ -25,6 +25,7 @@ from tests.harness.worker_process import (
     START_TIMEOUT_S,
     WorkerProcess,
     engine_env,
+    exit_noise,
     free_port,
     start_platform_worker,
     subprocess_env,
@@ -416,6 +417,7 @@ def test_sigterm_lets_in_flight_jobs_finish_and_the_worker_exits_0(restarted):
     print(f"\n[sigterm] worker exited with status {returncode} {exit_s:.1f} s after SIGTERM; "
           f"the in-flight job {'finished' if record.results else 'was LOST'}")
     assert returncode == 0, y.tail()
+    assert exit_noise(y.stdout(), y.stderr()) == []  # no traceback or leak report on the way out
     assert record.results[0][0] > sent_at  # the job was still in flight at SIGTERM, and finished
     assert record.result["output"][-1]["usage"]["completion_tokens"] == 2000
     assert record.chunk_outputs == record.result["output"]

@@ -48,6 +48,16 @@ def subprocess_env(**env: str) -> Dict[str, str]:
     return base
 
 
+# What Python's interpreter teardown printed after vLLM and Triton before the worker ended
+# its process itself (gams_worker/startup/worker.py, exit_quietly).
+EXIT_NOISE = ("Traceback", "Exception ignored", "nanobind", "leaked")
+
+
+def exit_noise(*outputs: str) -> list:
+    """The lines of a worker's stdout/stderr that look like a crash or a leak report."""
+    return [line for output in outputs for line in output.splitlines() if any(n in line for n in EXIT_NOISE)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
