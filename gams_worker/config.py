@@ -13,7 +13,7 @@ import os
 from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
-from gams_worker.jobs.limits import InputLimits
+from gams_worker.jobs.input import InputLimits
 from gams_worker.startup.presets import PRESETS
 
 T = TypeVar("T")
@@ -51,7 +51,7 @@ class WorkerConfig:
     default_max_tokens: int = 512
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
-    # Input limits: each breach is a job error naming the field (see gams_worker/jobs/limits.py)
+    # Input limits: each breach is a job error naming the field (see gams_worker/jobs/input.py)
     input_limits: InputLimits = InputLimits()
     # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/platform/status.py)
     status_port: Optional[int] = None

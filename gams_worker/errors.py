@@ -6,7 +6,7 @@ dict would reach clients as a Python literal; JSON text passes unchanged, and a 
 reads the error with ``json.loads``. The object in it is
 
 - plain jobs: ``{"type", "message", "field"?}``; ``field`` is the dotted path of the input
-  field at fault, ``type`` one of JOB_ERROR_TYPES;
+  field at fault, ``type`` one of the three below;
 - OpenAI jobs: OpenAI's error object ``{"message", "type", "param", "code"}``, ``code``
   being the HTTP status (400, 404, 500...).
 """
@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
-
-if TYPE_CHECKING:
-    from gams_worker.startup.ladder import Diagnosis
+from typing import Any, Dict, List, Optional
 
 INVALID_INPUT = "invalid_input"  # the job's input is at fault; the next job is served
 ENGINE_ERROR = "engine_error"  # the engine failed this request only
 ENGINE_DEAD = "engine_dead"  # the engine died; the worker exits and RunPod replaces it
-JOB_ERROR_TYPES = (INVALID_INPUT, ENGINE_ERROR, ENGINE_DEAD)
 
 
 class WorkerError(Exception):
@@ -62,14 +58,18 @@ class OpenAIRequestError(WorkerError):
         super().__init__(message)
 
     def to_output(self) -> Dict[str, str]:
-        return openai_error_output(self.message, self.status, self.param)
+        """OpenAI's error object, ``type`` named as vLLM names it."""
+        error_type = {HTTPStatus.BAD_REQUEST: "BadRequestError", HTTPStatus.NOT_FOUND: "NotFoundError"}.get(
+            self.status, "InternalServerError")
+        return job_error_output({"message": self.message, "type": error_type, "param": self.param,
+                                 "code": int(self.status)})
 
 
 class EngineStartError(WorkerError):
     """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis``
     of the failed attempt (None when the doctor stopped the start before any attempt)."""
 
-    def __init__(self, message: str, cause: str, diagnosis: Optional["Diagnosis"] = None):
+    def __init__(self, message: str, cause: str, diagnosis: Any = None):  # a startup.ladder.Diagnosis
         self.cause = cause
         self.diagnosis = diagnosis
         super().__init__(message)
@@ -105,10 +105,3 @@ def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[
     if field is not None:
         error["field"] = field
     return job_error_output(error)
-
-
-def openai_error_output(message: str, status: HTTPStatus, param: Optional[str] = None) -> Dict[str, str]:
-    """An OpenAI job's error output; ``type`` is named as vLLM names it."""
-    error_type = {HTTPStatus.BAD_REQUEST: "BadRequestError", HTTPStatus.NOT_FOUND: "NotFoundError"}.get(
-        status, "InternalServerError")
-    return job_error_output({"message": message, "type": error_type, "param": param, "code": int(status)})

@@ -14,7 +14,7 @@ Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIS
 on the worker's one engine, so templating, sampling, logprobs, n, structured output and
 usage are vLLM's, exactly as ``vllm serve`` does them. The worker adds four things:
 Gemma 2's chat rules (gams_worker/jobs/chat.py), the input limits of plain jobs
-(gams_worker/jobs/limits.py), rejection of fields vLLM would silently ignore, and batching
+(gams_worker/jobs/input.py), rejection of fields vLLM would silently ignore, and batching
 of stream events (gams_worker/jobs/streaming.py).
 """
 

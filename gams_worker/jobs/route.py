@@ -13,10 +13,6 @@ from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.service import GenerationService
 
 
-def is_openai_job(job_input: Any) -> bool:
-    return isinstance(job_input, Mapping) and "openai_route" in job_input
-
-
 class JobRouter:
     """Runs each job in its dialect; counts the jobs in flight."""
 
@@ -29,7 +25,8 @@ class JobRouter:
         """Yield the job's outputs; closing this generator closes the dialect's at once (a
         stopped job's engine request is aborted in its ``finally``)."""
         job_input = job.get("input")
-        outputs = self.openai.run(job_input) if is_openai_job(job_input) else self.plain.run(job)
+        is_openai = isinstance(job_input, Mapping) and "openai_route" in job_input
+        outputs = self.openai.run(job_input) if is_openai else self.plain.run(job)
         self.running_jobs += 1
         try:
             async for output in outputs:

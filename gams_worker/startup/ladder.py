@@ -247,7 +247,7 @@ def wait_for_children_gone(before: set, timeout_s: float = CHILD_EXIT_TIMEOUT_S)
     """
     import psutil
 
-    new = [psutil.Process(pid) for pid in _child_pids() - before if _exists(pid)]
+    new = [psutil.Process(pid) for pid in _child_pids() - before if psutil.pid_exists(pid)]
     if not new:
         return
     _, alive = psutil.wait_procs(new, timeout=timeout_s)
@@ -258,12 +258,6 @@ def wait_for_children_gone(before: set, timeout_s: float = CHILD_EXIT_TIMEOUT_S)
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
-
-
-def _exists(pid: int) -> bool:
-    import psutil
-
-    return psutil.pid_exists(pid)
 
 
 # --- the ladder --------------------------------------------------------------------
@@ -310,15 +304,12 @@ def start_with_fallback(
         log.error("engine start in %s mode failed after %.1f s; cause: %s; evidence: %s",
                   mode, spent, diagnosis.cause, diagnosis.evidence or "(none)")
         failed_modes.append(mode)
+        failed = f"engine start failed in {mode} mode: {diagnosis.cause} ({diagnosis.evidence}); "
         if diagnosis.decision == FATAL:
-            raise EngineStartError(f"engine start failed in {mode} mode: {diagnosis.cause} "
-                                   f"({diagnosis.evidence}); remedy: {diagnosis.remedy}",
-                                   diagnosis.cause, diagnosis) from failure
+            raise EngineStartError(failed + f"remedy: {diagnosis.remedy}", diagnosis.cause, diagnosis) from failure
         if not config.graph_fallback:
-            raise EngineStartError(
-                f"engine start failed in {mode} mode: {diagnosis.cause} ({diagnosis.evidence}); "
-                f"GRAPH_FALLBACK=false, so no retry in {diagnosis.next_mode} mode: set GRAPH_FALLBACK=true "
-                f"or ENFORCE_EAGER=true", diagnosis.cause, diagnosis) from failure
+            raise EngineStartError(failed + f"GRAPH_FALLBACK=false, so no retry in {diagnosis.next_mode} mode: set "
+                                   "GRAPH_FALLBACK=true or ENFORCE_EAGER=true", diagnosis.cause, diagnosis) from failure
         mode = diagnosis.next_mode or "eager"
         reason = f"{diagnosis.cause}; fell back from {' and '.join(failed_modes)}"
         log.warning("fallback: retrying at rung %d/%d in %s mode after %.1f s because %s",
