@@ -108,7 +108,8 @@ def run(args) -> None:
     from transformers import AutoTokenizer
 
     from gams_worker.config import load_config
-    from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
+    from gams_worker.startup.engine import EngineInfo, start_engine
+    from gams_worker.startup.host import platform_name
     from gams_worker.jobs.service import GenerationService
     from gams_worker.startup.worker import setup_logging
 

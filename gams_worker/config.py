@@ -74,10 +74,6 @@ class WorkerConfig:
     explicit: frozenset = frozenset()
 
     @property
-    def tokenizer(self) -> str:
-        return self.tokenizer_name or self.model_name
-
-    @property
     def model_label(self) -> str:
         """The model name that users see in outputs."""
         return self.served_model_name or self.model_name

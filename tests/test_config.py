@@ -17,7 +17,7 @@ def test_defaults_serve_gams_9b():
     assert config.max_model_len == 4096
     assert config.dtype == "bfloat16"
     assert config.enforce_eager is False
-    assert config.tokenizer == config.model_name
+    assert config.tokenizer_name is None  # the model's own (engine.py: the resolved model directory)
     assert config.on_runpod is False
 
 
@@ -33,7 +33,7 @@ def test_values_are_parsed_and_typed():
     assert (config.enforce_eager, config.enable_prefix_caching) == (True, False)
     assert (config.tensor_parallel_size, config.max_concurrency) == (2, 16)
     assert (config.stream_batch_tokens, config.stream_batch_ms, config.dtype) == (8, 0, "float16")
-    assert config.tokenizer == "/tok" and config.model_label == "gams" and config.on_runpod
+    assert config.tokenizer_name == "/tok" and config.model_label == "gams" and config.on_runpod
 
 
 def test_capture_size_limit_reaches_the_engine_except_in_eager_mode():

@@ -123,7 +123,7 @@ def test_run_doctor_on_this_machine_reports_and_continues(tiny_model_dir, caplog
 
 def test_probes_without_nvml_or_libcuda_report_unknown_instead_of_crashing(monkeypatch):
     # This machine has neither libnvidia-ml nor libcuda: the GPU probes must fall back quietly.
-    monkeypatch.setattr(host, "_platform_name", lambda: "cuda")
+    monkeypatch.setattr(host, "platform_name", lambda: "cuda")
     facts = host.collect_host_facts()
     assert facts.platform == "cuda"
     assert facts.gpus == () and facts.driver_cuda == host.UNKNOWN

@@ -55,7 +55,7 @@ def host_facts() -> HostFacts:
 
 
 def collect_host_facts() -> HostFacts:
-    platform = _guard(_platform_name, UNKNOWN)
+    platform = _guard(platform_name, UNKNOWN)
     driver_version, driver_cuda, gpus = UNKNOWN, UNKNOWN, ()
     if platform != "cpu":
         nvml = _guard(_nvml_facts, None)
@@ -83,10 +83,11 @@ def _guard(probe: Any, default: Any) -> Any:
     return default if result is None else result
 
 
-def _platform_name() -> str:
-    from gams_worker.startup.engine import platform_name
+def platform_name() -> str:
+    """vLLM's platform: "cuda", "cpu", ..."""
+    from vllm.platforms import current_platform
 
-    return platform_name()
+    return "cuda" if current_platform.is_cuda() else current_platform.device_type or "cpu"
 
 
 def _torch_cuda() -> str:

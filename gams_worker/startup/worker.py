@@ -15,8 +15,8 @@ from gams_worker.startup.compile_cache import choose_compile_cache
 from gams_worker.startup.concurrency import derive_concurrency, kv_capacity
 from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.startup.doctor import DoctorReport, run_doctor
-from gams_worker.startup.host import host_facts
-from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
+from gams_worker.startup.host import host_facts, platform_name
+from gams_worker.startup.engine import EngineInfo, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
 from gams_worker.startup.model import find_local_model, resolve_model
