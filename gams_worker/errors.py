@@ -6,7 +6,7 @@ dict would reach clients as a Python literal; JSON text passes unchanged, and a 
 reads the error with ``json.loads``. The object in it is
 
 - plain jobs: ``{"type", "message", "field"?}``; ``field`` is the dotted path of the input
-  field at fault, ``type`` one of the three below;
+  field at fault, ``type`` one of the four below;
 - OpenAI jobs: OpenAI's error object ``{"message", "type", "param", "code"}``, ``code``
   being the HTTP status (400, 404, 500...).
 """
@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 INVALID_INPUT = "invalid_input"  # the job's input is at fault; the next job is served
 ENGINE_ERROR = "engine_error"  # the engine failed this request only
 ENGINE_DEAD = "engine_dead"  # the engine died; the worker exits and RunPod replaces it
+WORKER_ERROR = "worker_error"  # the worker itself failed on this job (a bug)
 
 
 class WorkerError(Exception):

@@ -2,15 +2,21 @@
 
 A job whose input holds ``openai_route`` came from RunPod's ``/openai/v1`` surface and goes
 to vLLM's OpenAI serving layer (gams_worker/jobs/openai.py); every other job is a plain job
-(gams_worker/jobs/service.py).
+(gams_worker/jobs/service.py). An exception that escapes either (a bug) still ends the job
+with an error of its dialect, so that every job error a client sees is JSON (gams_worker/errors.py).
 """
 
 from __future__ import annotations
 
+import logging
+from http import HTTPStatus
 from typing import Any, AsyncIterator, Dict, Mapping
 
+from gams_worker.errors import WORKER_ERROR, OpenAIRequestError, error_output
 from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.service import GenerationService
+
+log = logging.getLogger(__name__)
 
 
 class JobRouter:
@@ -31,6 +37,11 @@ class JobRouter:
         try:
             async for output in outputs:
                 yield output
+        except Exception as exc:
+            log.exception("job %s failed in the worker", job.get("id"))
+            message = f"the worker failed on this job: {type(exc).__name__}: {exc}"
+            yield (OpenAIRequestError(message, None, HTTPStatus.INTERNAL_SERVER_ERROR).to_output() if is_openai
+                   else error_output(WORKER_ERROR, message))
         finally:
             self.running_jobs -= 1
             await outputs.aclose()
