@@ -105,8 +105,15 @@ async def wait_until(condition, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
+@pytest.fixture(autouse=True)
+def empty_progress_set():
+    """The SDK's set of jobs in progress is one per process: a failed test must not leave jobs in it."""
+    JobsProgress().clear()
+    yield
+    JobsProgress().clear()
+
+
 async def start_loop(platform: FakePlatform, concurrency: int) -> asyncio.Task:
-    assert not JobsProgress(), f"jobs left in progress by an earlier test: {JobsProgress()}"
     platform.loop = JobLoop(platform.config(concurrency))
     return asyncio.create_task(platform.loop.run())
 
