@@ -40,23 +40,27 @@ def serve(config) -> int:
     """Start the engine, then run the SDK's job loop (or one local job); return the exit status."""
     global jobs
     from gams_worker.platform.local_run import run_local, wants_local_run
+    from gams_worker.platform.sdk_version import check_sdk_version
     from gams_worker.startup.worker import start_worker
 
-    # The job loop's SDK takes seconds to import: do it while the engine starts.
-    runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
+    local_run = wants_local_run(sys.argv, config.on_runpod)
     try:
+        if not local_run:
+            check_sdk_version()  # refuse an SDK the job loop was not written for before the engine starts
+        # The job loop's SDK takes seconds to import: do it while the engine starts.
+        runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
         worker = start_worker(config)
-    except WorkerError as exc:  # engine start failed for a classified cause, or no model
+    except WorkerError as exc:  # that SDK, an engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
     jobs = worker.jobs
     runpod = runpod_import.result()
     try:
-        if wants_local_run(sys.argv, config.on_runpod):
+        if local_run:
             return run_local(handler, sys.argv)
-        from gams_worker.platform.job_loop import use_prompt_job_scaler
+        from gams_worker.platform.job_loop import install_job_loop
 
-        use_prompt_job_scaler()  # the SDK's loop, but taken jobs start at once, not within 100 ms
+        install_job_loop()  # the SDK's loop, taking jobs up to the concurrency and starting them at once
         runpod.serverless.start({
             "handler": handler,
             "concurrency_modifier": lambda current: worker.concurrency,

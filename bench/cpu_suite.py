@@ -333,6 +333,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
     from builder import tiny_model
     from gams_worker.config import load_config
     from gams_worker.startup.worker import setup_logging, start_worker
+    from tests.conftest import free_port  # imported here: the platform suite runs where pytest is not
     from vllm.v1.engine.async_llm import AsyncLLM
 
     model = str(tiny_model.build())
