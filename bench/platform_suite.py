@@ -1,9 +1,10 @@
 """Platform benchmark: the worker as RunPod runs it against the raw engine, side by side in one run.
 
-    .venv/bin/python -m bench platform                        # CPU: the tiny model, ~10 min on 2 cores
+    .venv/bin/python -m bench platform                        # CPU: the tiny model, ~13 min on 2 cores
     python3 -m bench platform --model DIR --max-model-len 4096 --gpu-memory-utilization 0.42   # a GPU
+    bash bench/gpu_session.sh platform                        # the H100 step, GaMS-9B-shaped weights
 
-Two paths serve the same jobs (one of ``cpu_suite.PROMPTS``, greedy, ``ignore_eos``,
+Two paths (three with ``--baseline-worker``) serve the same jobs (one of ``cpu_suite.PROMPTS``, greedy, ``ignore_eos``,
 ``--tokens`` output tokens, streamed):
 
 - **raw**: vLLM's ``AsyncLLM.generate`` in this process (DELTA outputs, the token ids the
@@ -12,7 +13,6 @@ Two paths serve the same jobs (one of ``cpu_suite.PROMPTS``, greedy, ``ignore_eo
   (gams_worker/platform/job_loop.py), taking jobs from and posting every chunk and result to
   ``tests/harness/runpod_emulator.py`` (RunPod's worker API on 127.0.0.1, in this process),
   with ``MAX_CONCURRENCY=--max-concurrency`` and ``RUNPOD_LOG_LEVEL=INFO`` as in the image.
-
 - **baseline** (with ``--baseline-worker PATH``): the same as platform, but running another
   checkout's ``handler.py`` (e.g. the commit before a change to the job loop), so before and after
   are measured side by side.
@@ -27,18 +27,20 @@ Load:
   enqueue, as ``c`` clients calling within a few milliseconds) to an idle worker, a random
   0-100 ms after its job-take request came in; raw starts ``c`` requests at once.
 - **Poisson**: ``--poisson-jobs`` jobs arriving at random (exponential gaps, one seeded schedule
-  for both paths) at ``--poisson-load`` × the capacity that raw measured at the largest burst
+  for all paths) at ``--poisson-load`` × the capacity that raw measured at the largest burst
   (its tokens/s / ``--tokens``). Raw admits at most ``--max-concurrency`` requests at once (a
-  semaphore, the worker's concurrency), so both paths queue alike.
+  semaphore, the worker's concurrency), so all paths queue alike. Where the platform path's own
+  capacity is lower than raw's (on 2 CPU cores its front end is the bottleneck), that load is more
+  than it can serve and its queue grows.
 
 Figures per run: throughput = completion tokens / (last result − first submission); queue wait =
-submission → the job handed to the worker (the emulator's hand-out; raw: the wait for a free slot); TTFC =
-submission → the first stream POST arriving at the emulator (raw: → the first output with text;
+submission → the job handed to the worker (the emulator's hand-out; raw: the wait for a free slot);
+TTFC = submission → the first stream POST arriving at the emulator (raw: → the first output with text;
 raw TTFT: → the first output with tokens); handler TTFT = the job's own ``usage.time_to_first_token_s``
 (handler start → first token), so TTFC − queue wait − handler TTFT is what the platform path adds
 outside the engine (the worker's pick-up and request set-up, the first token's text, the first stream
-POST). Bursts: median throughput over ``--rounds``, percentiles over all jobs of those rounds. Goals (issue 14, for the H100): platform ≥ 0.95 × raw at every
-concurrency; queue wait p50 ≤ 20 ms at the largest burst; TTFC p50 at 32 ≤ raw TTFT p50 + 20 ms.
+POST). Bursts: median throughput over ``--rounds``, percentiles over all jobs of those rounds.
+Goals (issue 14, for the H100): platform ≥ 0.95 × raw at every concurrency; queue wait p50 ≤ 20 ms at the largest burst; TTFC p50 at 32 ≤ raw TTFT p50 + 20 ms.
 """
 
 from __future__ import annotations
