@@ -25,7 +25,7 @@ round's wall time from submission to the last result POST; completion tokens com
 job's final output (``usage``). Each round submits ``c`` jobs at once (one queue insert, as
 when ``c`` clients call at the same moment) to an idle worker that is long-polling for jobs,
 a random 0-100 ms after its job-take request came in (the SDK's own job loop, which (d) runs,
-looks at its queue every 100 ms, (c)'s every 5 ms: gams_worker/platform/job_loop.py; the offset spreads
+looks at its queue every 100 ms, (c)'s starts a taken job at once: gams_worker/platform/job_loop.py; the offset spreads
 arrivals over that cycle as real traffic does).
 
 Layout: all three engines run at once and rounds alternate over the paths (the order rotates

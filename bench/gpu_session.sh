@@ -116,11 +116,13 @@ EOF_FAULT
     ;;
   platform)
     # Two engines on the one GPU (raw in-process, the worker's in handler.py), 0.42 of its memory each.
+    # Options after the step's name win (e.g. --worker-script /tmp/before/handler.py --out $OUT/before.json).
     shift
+    log="$OUT/platform-suite-$(date +%H%M%S).log"
     python3 -m bench platform --model $MODEL --max-model-len 4096 --gpu-memory-utilization 0.42 \
-      --max-concurrency 64 --concurrency 1 8 32 64 --tokens 256 --rounds 5 --poisson-jobs 512 "$@" \
-      --out "$OUT/platform-suite.json" >"$OUT/platform-suite.log" 2>&1
-    echo "== platform: exit $?"; sed -n '/^platform suite/,$p' "$OUT/platform-suite.log"
+      --max-concurrency 64 --concurrency 1 8 32 64 --tokens 256 --rounds 5 --poisson-jobs 512 \
+      --out "$OUT/platform-suite.json" "$@" >"$log" 2>&1
+    echo "== platform: exit $?, log $log"; sed -n '/^platform suite/,/^wrote/p' "$log"
     ;;
   *) sed -n 2,14p "$0"; exit 2 ;;
 esac

@@ -1,9 +1,10 @@
 """Platform benchmark: the worker as RunPod runs it against the raw engine, side by side in one run.
 
-    .venv/bin/python -m bench platform                        # CPU: the tiny model, ~10 min on 2 cores
+    .venv/bin/python -m bench platform                        # CPU: the tiny model, ~13 min on 2 cores
     python3 -m bench platform --model DIR --max-model-len 4096 --gpu-memory-utilization 0.42   # a GPU
+    bash bench/gpu_session.sh platform                        # the H100 step, GaMS-9B-shaped weights
 
-Two paths serve the same jobs (one of ``cpu_suite.PROMPTS``, greedy, ``ignore_eos``,
+Two paths (three with ``--baseline-worker``) serve the same jobs (one of ``cpu_suite.PROMPTS``, greedy, ``ignore_eos``,
 ``--tokens`` output tokens, streamed):
 
 - **raw**: vLLM's ``AsyncLLM.generate`` in this process (DELTA outputs, the token ids the
@@ -12,9 +13,13 @@ Two paths serve the same jobs (one of ``cpu_suite.PROMPTS``, greedy, ``ignore_eo
   (gams_worker/platform/job_loop.py), taking jobs from and posting every chunk and result to
   ``tests/harness/runpod_emulator.py`` (RunPod's worker API on 127.0.0.1, in this process),
   with ``MAX_CONCURRENCY=--max-concurrency`` and ``RUNPOD_LOG_LEVEL=INFO`` as in the image.
+- **baseline** (with ``--baseline-worker PATH``): the same as platform, but running another
+  checkout's ``handler.py`` (e.g. the commit before a change to the job loop), so before and after
+  are measured side by side.
 
-Both engines run at once (on a GPU each gets ``--gpu-memory-utilization`` of its memory);
-runs alternate between the paths and every run starts once the other processes are quiet.
+All engines run at once (on a GPU each gets ``--gpu-memory-utilization`` of its memory); runs
+alternate between the paths (the order rotates each round) and each starts once the other
+processes are quiet.
 
 Load:
 
@@ -22,16 +27,20 @@ Load:
   enqueue, as ``c`` clients calling within a few milliseconds) to an idle worker, a random
   0-100 ms after its job-take request came in; raw starts ``c`` requests at once.
 - **Poisson**: ``--poisson-jobs`` jobs arriving at random (exponential gaps, one seeded schedule
-  for both paths) at ``--poisson-load`` × the capacity that raw measured at the largest burst
+  for all paths) at ``--poisson-load`` × the capacity that raw measured at the largest burst
   (its tokens/s / ``--tokens``). Raw admits at most ``--max-concurrency`` requests at once (a
-  semaphore, the worker's concurrency), so both paths queue alike.
+  semaphore, the worker's concurrency), so all paths queue alike. Where the platform path's own
+  capacity is lower than raw's (on 2 CPU cores its front end is the bottleneck), that load is more
+  than it can serve and its queue grows.
 
 Figures per run: throughput = completion tokens / (last result − first submission); queue wait =
-submission → the job handed to the worker (the emulator's hand-out; raw: → admitted); TTFC =
-submission → the first stream POST arriving at the emulator (raw: → the first output with text;
-raw TTFT: → the first output with tokens). Bursts: median throughput over ``--rounds``, percentiles
-over all jobs of those rounds. Goals (issue 14, for the H100): platform ≥ 0.95 × raw at every
-concurrency; queue wait p50 ≤ 20 ms at the largest burst; TTFC p50 at 32 ≤ raw TTFT p50 + 20 ms.
+submission → the job handed to the worker (the emulator's hand-out; raw: the wait for a free slot);
+TTFC = submission → the first stream POST arriving at the emulator (raw: → the first output with text;
+raw TTFT: → the first output with tokens); handler TTFT = the job's own ``usage.time_to_first_token_s``
+(handler start → first token), so TTFC − queue wait − handler TTFT is what the platform path adds
+outside the engine (the worker's pick-up and request set-up, the first token's text, the first stream
+POST). Bursts: median throughput over ``--rounds``, percentiles over all jobs of those rounds.
+Goals (issue 14, for the H100): platform ≥ 0.95 × raw at every concurrency; queue wait p50 ≤ 20 ms at the largest burst; TTFC p50 at 32 ≤ raw TTFT p50 + 20 ms.
 """
 
 from __future__ import annotations
@@ -106,6 +115,7 @@ class RawEngine:
 
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
                                 output_kind=RequestOutputKind.DELTA)
+        asked = time.monotonic()
         async with admission:
             admitted = time.monotonic()
             count, first_token, first_text = 0, None, None
@@ -118,7 +128,9 @@ class RawEngine:
                     first_text = time.monotonic()
                 count += n
             ended = time.monotonic()
-        return count, admitted - arrived, (first_text or ended) - arrived, (first_token or ended) - arrived, ended
+        # Queue wait: the time this job waited for a free slot only (a burst's requests also wait for the
+        # front end to add the ones before them, which counts in their TTFC, as on the platform).
+        return count, admitted - asked, (first_text or ended) - arrived, (first_token or ended) - arrived, ended
 
     async def run(self, arrivals: List[float], tokens: int) -> Run:
         """Jobs arriving ``arrivals`` seconds from now (all 0: a burst)."""
@@ -187,7 +199,8 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
     sub_env.update(common)
     sub_env["RUNPOD_LOG_LEVEL"] = "INFO"  # as the image sets it (the SDK's default DEBUG logs every chunk)
     meter = CpuMeter()
-    worker = platform = None
+    worker = None
+    workers: Dict[str, PlatformPath] = {}
     try:
         config = load_config({**common, "LOG_LEVEL": "WARNING", "MAX_CONCURRENCY": str(args.max_concurrency)})
         setup_logging(config)
@@ -199,13 +212,18 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
         meter.add("in_process", in_process_groups())
         print(f"raw: in-process start_worker {cold['raw_start_worker_s']} s", flush=True)
 
-        platform = PlatformPath("platform", [sys.executable, args.worker_script], sub_env, log_dir,
-                                args.max_concurrency, usage_tokens_sdk)
-        await meter.settle()
-        cold["platform"] = await platform.cold_start(args.tokens)
-        meter.add("platform", platform.process_groups())
-        print(f"platform: process start -> first job-take {cold['platform']['first_take_s']} s, first job served "
-              f"{cold['platform']['first_job_served_s']} s", flush=True)
+        scripts = {"platform": args.worker_script}
+        if args.baseline_worker:
+            scripts["baseline"] = args.baseline_worker
+        for name, script in scripts.items():  # one at a time, the other engines idle
+            workers[name] = PlatformPath(name, [sys.executable, script], sub_env, log_dir, args.max_concurrency,
+                                         usage_tokens_sdk)
+            await meter.settle()
+            cold[name] = await workers[name].cold_start(args.tokens)
+            meter.add(name, workers[name].process_groups())
+            print(f"{name} ({script}): process start -> first job-take {cold[name]['first_take_s']} s, first job "
+                  f"served {cold[name]['first_job_served_s']} s", flush=True)
+        paths = ["raw", *workers]
         gc.collect()
         gc.freeze()  # as the worker does after start-up: no full collections over vLLM's heap mid-run
 
@@ -213,16 +231,16 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
             if path == "raw":
                 await asyncio.sleep(offset_s)
                 return await raw.run(arrivals, args.tokens)
-            return await platform.run(arrivals, args.tokens, offset_s)
+            return await workers[path].run(arrivals, args.tokens, offset_s)
 
-        for path in ("raw", "platform"):  # warm-up: first requests pay one-time costs
+        for path in paths:  # warm-up: first requests pay one-time costs
             await meter.settle()
             await one_run(path, [0.0] * max(args.concurrency), 0.0)
         phase = random.Random(7)
         bursts: List[Dict[str, Any]] = []
         for concurrency in args.concurrency:
             for r in range(args.rounds):
-                for path in (("raw", "platform") if r % 2 == 0 else ("platform", "raw")):
+                for path in paths[r % len(paths):] + paths[:r % len(paths)]:
                     await meter.settle()
                     result = await one_run(path, [0.0] * concurrency, phase.uniform(0, 0.1))
                     if result.tokens != concurrency * args.tokens:
@@ -244,7 +262,7 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
             print(f"Poisson: {args.poisson_jobs} jobs at {rate:.2f} jobs/s = {args.poisson_load} x raw capacity at "
                   f"c{top} ({capacity_tok_s:.0f} tok/s / {args.tokens} tokens)", flush=True)
             for r in range(args.poisson_rounds):
-                for path in (("raw", "platform") if r % 2 == 0 else ("platform", "raw")):
+                for path in paths[r % len(paths):] + paths[:r % len(paths)]:
                     await meter.settle()
                     result = await one_run(path, arrivals, 0.0)
                     poisson.append({"path": path, "round": r + 1, "rate_per_s": round(rate, 3), **result.row()})
@@ -255,8 +273,8 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
         return {"cold_start": cold, "bursts": bursts, "poisson": poisson,
                 "poisson_rate_per_s": round(rate, 3) if rate else None}
     finally:
-        if platform is not None:
-            platform.close()
+        for platform_worker in workers.values():
+            platform_worker.close()
         if worker is not None:
             worker.close()
 
@@ -277,12 +295,15 @@ def summarize(runs: List[Dict[str, Any]], key: Optional[str]) -> List[Dict[str, 
                     values = [v for r in mine for v in r[name]]
                     row[name.replace("_ms", "_p50_ms")] = round(percentile(values, 0.5), 1)
                     row[name.replace("_ms", "_p95_ms")] = round(percentile(values, 0.95), 1)
+            if "handler_ttft_ms" in mine[0]:  # per job: TTFC - queue wait - handler TTFT
+                outside = [t - q - h for r in mine for t, q, h in zip(r["ttfc_ms"], r["queue_ms"], r["handler_ttft_ms"])]
+                row["outside_engine_p50_ms"] = round(percentile(outside, 0.5), 1)
             rows[path] = row
-        if "raw" in rows and "platform" in rows:
-            rows["platform"]["over_raw"] = round(rows["platform"]["tok_s"] / rows["raw"]["tok_s"], 3)
-            rows["platform"]["ttfc_p50_over_raw_ttft_ms"] = round(
-                rows["platform"]["ttfc_p50_ms"] - rows["raw"]["first_token_p50_ms"], 1)
-        summary += [rows[p] for p in ("raw", "platform") if p in rows]
+        for path, row in rows.items():
+            if path != "raw" and "raw" in rows:
+                row["over_raw"] = round(row["tok_s"] / rows["raw"]["tok_s"], 3)
+                row["ttfc_p50_over_raw_ttft_ms"] = round(row["ttfc_p50_ms"] - rows["raw"]["first_token_p50_ms"], 1)
+        summary += [rows[p] for p in ("raw", "platform", "baseline") if p in rows]
     return summary
 
 
@@ -312,23 +333,29 @@ def format_report(result: Dict[str, Any]) -> str:
              f"{s['rounds']} rounds, percentiles over all their jobs; times from each job's submission",
              "",
              f"{'load':>8s} {'path':9s} {'tok/s':>9s} {'x raw':>6s} {'queue p50':>10s} {'p95':>8s} "
-             f"{'TTFC p50':>9s} {'p95':>8s} {'raw TTFT p50':>12s} {'handler TTFT p50':>16s}"]
+             f"{'TTFC p50':>9s} {'p95':>8s} {'TTFT p50':>9s} {'handler TTFT':>12s} {'outside':>8s}"]
     for row in result["summary_bursts"] + result["summary_poisson"]:
         load = f"c{row['load']}" if isinstance(row["load"], int) else "Poisson"
         over = f"{row['over_raw']:.3f}" if "over_raw" in row else "-"
         ttft = f"{row['first_token_p50_ms']:.1f}ms" if "first_token_p50_ms" in row else "-"
         handler = f"{row['handler_ttft_p50_ms']:.1f}ms" if "handler_ttft_p50_ms" in row else "-"
+        outside = f"{row['outside_engine_p50_ms']:.1f}ms" if "outside_engine_p50_ms" in row else "-"
         lines.append(f"{load:>8s} {row['path']:9s} {row['tok_s']:9.1f} {over:>6s} {row['queue_p50_ms']:8.1f}ms "
                      f"{row['queue_p95_ms']:6.1f}ms {row['ttfc_p50_ms']:7.1f}ms {row['ttfc_p95_ms']:6.1f}ms "
-                     f"{ttft:>12s} {handler:>16s}")
+                     f"{ttft:>9s} {handler:>12s} {outside:>8s}")
     if result["poisson_rate_per_s"]:
         lines.append(f"Poisson: {s['poisson_jobs']} jobs at {result['poisson_rate_per_s']} jobs/s "
                      f"({s['poisson_load']} x raw capacity at c{max(s['concurrency'])}), {s['poisson_rounds']} "
                      f"run(s) per path")
+    lines.append("p50s; TTFT: raw's first token; handler TTFT: the job's own (handler start -> first token); "
+                 "outside: TTFC - queue - handler TTFT, per job")
     cold = result["cold_start"]
-    lines += ["", f"cold start: raw in-process start_worker {cold['raw_start_worker_s']} s; platform process start "
-                  f"-> first job-take {cold['platform']['first_take_s']} s, -> first job served "
-                  f"{cold['platform']['first_job_served_s']} s", "", "goals (issue 14, set for the H100):"]
+    lines += ["", f"cold start: raw in-process start_worker {cold['raw_start_worker_s']} s"]
+    for name in ("platform", "baseline"):
+        if name in cold:
+            lines.append(f"  {name} ({s['worker_scripts'][name]}): process start -> first job-take "
+                         f"{cold[name]['first_take_s']} s, -> first job served {cold[name]['first_job_served_s']} s")
+    lines += ["", "goals (issue 14, set for the H100; the platform path):"]
     for check in result["goals"]:
         lines.append(f"  {'met   ' if check['met'] else 'MISSED'} {check['goal']} at {check['at']}: {check['value']}")
     return "\n".join(lines)
@@ -360,8 +387,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
                         help="per engine (two run at once); on CPU the share of RAM")
-    parser.add_argument("--worker-script", default="handler.py",
-                        help="the worker the platform path runs (another checkout's handler.py to compare)")
+    parser.add_argument("--worker-script", default="handler.py", help="the worker the platform path runs")
+    parser.add_argument("--baseline-worker", default=None,
+                        help="another checkout's handler.py, run as a third path (before/after a change)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "platform-suite-cpu.json"))
     args = parser.parse_args(argv)
     if max(args.concurrency) > args.max_concurrency:
@@ -381,7 +409,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                      "concurrency": args.concurrency, "rounds": args.rounds, "max_concurrency": args.max_concurrency,
                      "poisson_jobs": args.poisson_jobs, "poisson_load": args.poisson_load,
                      "poisson_rounds": args.poisson_rounds, "max_model_len": args.max_model_len,
-                     "gpu_memory_utilization": args.gpu_memory_utilization, "worker_script": args.worker_script,
+                     "gpu_memory_utilization": args.gpu_memory_utilization,
+                     "worker_scripts": {"platform": args.worker_script, "baseline": args.baseline_worker},
                      "sampling": "greedy, ignore_eos, streamed", "sdk_log_level": "INFO"},
         "cold_start": measured["cold_start"],
         "summary_bursts": summary_bursts,

@@ -191,6 +191,31 @@ def test_never_more_jobs_than_the_concurrency_modifier_allows():
     asyncio.run(scenario())
 
 
+def test_a_job_handed_over_beyond_the_concurrency_runs_once_a_slot_frees():
+    async def scenario():
+        platform = FakePlatform()
+        original_take = platform.take
+
+        async def generous_take(session, num_jobs):  # a platform that hands out one job too many
+            return await original_take(session, num_jobs + 1)
+
+        platform.take = generous_take
+        task = await start_loop(platform, 2)
+        ids = platform.submit(3)
+        await wait_until(lambda: platform.running == 2, 5, "2 jobs running")
+        await asyncio.sleep(0.2)
+        assert platform.running == 2 and ids[2] not in platform.started, "ran more jobs than its concurrency"
+        platform.end(ids[0])
+        await wait_until(lambda: ids[2] in platform.started, PROMPT_S, "the third job started in the freed slot")
+        platform.end(ids[1])
+        platform.end(ids[2])
+        await wait_until(lambda: len(platform.ended) == 3, 5, "all jobs ended")
+        assert platform.max_running == 2
+        await shut_down(platform, task)
+
+    asyncio.run(scenario())
+
+
 def test_jobs_in_progress_are_what_pings_report():
     async def scenario():
         platform = FakePlatform()

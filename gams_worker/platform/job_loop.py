@@ -109,13 +109,18 @@ class JobLoop(rp_scale.JobScaler):
     async def run_jobs(self, session):
         tasks: Set[asyncio.Task] = set()
         last_task_count = 0
+
+        def task_ended(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            self._jobs_to_start.set()  # its slot may start a job that waited for one
+
         while self.is_alive() or self._taking or not self.jobs_queue.empty():
             self._jobs_to_start.clear()
             while len(tasks) < self.current_concurrency and not self.jobs_queue.empty():
                 job = self.jobs_queue.get_nowait()
                 task = asyncio.create_task(self.handle_job(session, job))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(task_ended)
                 self.jobs_tasks[job["id"]] = task
             if len(tasks) != last_task_count:
                 log.info(f"Jobs in progress: {len(tasks)}")
@@ -132,7 +137,6 @@ class JobLoop(rp_scale.JobScaler):
         finally:
             self.jobs_in_flight -= 1
             self._slot_freed.set()
-            self._jobs_to_start.set()  # a job that waited for a task slot (concurrency lowered)
 
 
 def install_job_loop() -> None:
