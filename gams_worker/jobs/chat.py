@@ -1,16 +1,17 @@
 """Turning a validated job input into prompt token ids that fit the model.
 
-Messages go through the model's own chat template. Gemma 2's template refuses a
-``system`` role, so a leading system message is folded into the first user turn
-(separated by a blank line) instead of failing the job.
+Messages go through the model's own chat template. Where the template refuses a
+``system`` role (Gemma 2; see gams_worker.jobs.chat_template), a leading system message
+is folded into the first user turn (separated by a blank line) instead of failing the job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from gams_worker.errors import JobInputError
+from gams_worker.jobs.chat_template import ChatTemplateFacts
 from gams_worker.jobs.input import JobInput, Message
 
 
@@ -34,14 +35,20 @@ def fold_system_message(messages: Sequence[Message]) -> List[Dict[str, str]]:
     return [{"role": "user", "content": system}] + rest
 
 
-def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int) -> PreparedPrompt:
-    """Tokenize the prompt (through the chat template for messages) and fit max_tokens."""
+def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
+                   template: Optional[ChatTemplateFacts] = None) -> PreparedPrompt:
+    """Tokenize the prompt (through the chat template for messages) and fit max_tokens.
+
+    ``template`` says whether the chat template takes a system role; without it, fold.
+    """
     if job.messages is not None:
         field = "messages"
+        if template is not None and template.accepts_system:
+            chat = [{"role": m.role, "content": m.content} for m in job.messages]
+        else:
+            chat = fold_system_message(job.messages)
         try:
-            text = tokenizer.apply_chat_template(
-                fold_system_message(job.messages), tokenize=False, add_generation_prompt=True
-            )
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         except JobInputError:
             raise
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
