@@ -10,11 +10,17 @@ job yields. The outputs match runpod-workers/worker-vllm:
     error:       one dict {"error": {"message", "type", "param", "code"}}, where ``code``
                  is the HTTP status (400, 404, 500...) the platform should answer with
 
-Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels
-on the worker's one engine, so templating, sampling, logprobs, n, structured output and
-usage are vLLM's, exactly as ``vllm serve`` does them. The worker adds three things:
-Gemma 2's missing system role (a leading system message is folded into the first user
-turn), rejection of fields vLLM would silently ignore, and batching of stream events.
+Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels /
+OpenAIServingResponses / ServingTokenization on the worker's one engine, so templating,
+sampling, logprobs, n, structured output and usage are vLLM's, exactly as ``vllm serve`` does
+them. The worker adds four things: a leading system message folded into the first user turn
+where the chat template refuses a system role (Gemma 2; Responses ``instructions`` too), chat
+and Responses requests stopped at the template's end of turn (gams_worker.jobs.chat_template),
+rejection of fields vLLM would silently ignore, and batching of stream events.
+
+/v1/responses streams SSE events as ``vllm serve`` writes them (``event: <type>\ndata: {json}``,
+no ``[DONE]``); /v1/tokenize takes ``prompt`` or ``messages`` and /v1/detokenize ``tokens``,
+answering one dict each, as vLLM's /tokenize and /detokenize do.
 """
 
 from __future__ import annotations
@@ -26,13 +32,17 @@ from http import HTTPStatus
 from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional
 
 from gams_worker.config import WorkerConfig
+from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
 
 log = logging.getLogger(__name__)
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 MODELS_ROUTE = "/v1/models"
-ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE)
+RESPONSES_ROUTE = "/v1/responses"
+TOKENIZE_ROUTE = "/v1/tokenize"
+DETOKENIZE_ROUTE = "/v1/detokenize"
+ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE, DETOKENIZE_ROUTE)
 JOB_FIELDS = ("openai_route", "openai_input")
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -163,9 +173,11 @@ def _import_vllm_openai() -> Dict[str, Any]:
 class OpenAIRoutes:
     """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
-    def __init__(self, engine: Any, config: WorkerConfig):
+    def __init__(self, engine: Any, config: WorkerConfig, chat_template: Optional[ChatTemplateFacts] = None):
         self.engine = engine
         self.config = config
+        self.chat_template = chat_template  # None: fold system messages, no end-of-turn stop
+        self._fold_system = chat_template is None or not chat_template.accepts_system
         self._vllm: Optional[Dict[str, Any]] = None
         self._init_lock = asyncio.Lock()
 
@@ -185,23 +197,38 @@ class OpenAIRoutes:
                                                     model_path=self.config.model_name)],
         )
         await models.init_static_loras()
-        renderer = vllm["OnlineRenderer"](
+        renderer_class = vllm["OnlineRenderer"]
+        if self._fold_system:
+            renderer_class = _system_folding_renderer(renderer_class)
+        renderer = renderer_class(
             model_config=self.engine.model_config,
             renderer=self.engine.renderer,
             request_logger=None,
             chat_template=None,  # the model's own template
             chat_template_content_format="auto",
         )
+        chat_engine = self.engine  # chat and Responses requests stop at the template's end of turn
+        if self.chat_template is not None:
+            chat_engine = EndOfTurnEngine(self.engine, self.chat_template, self.engine.get_tokenizer().eos_token_id)
         chat = vllm["OpenAIServingChat"](
-            self.engine, models, "assistant",
+            chat_engine, models, "assistant",
             online_renderer=renderer, request_logger=None,
             chat_template=None, chat_template_content_format="auto",
         )
         completion = vllm["OpenAIServingCompletion"](
             self.engine, models, online_renderer=renderer, request_logger=None,
         )
-        log.info("OpenAI routes ready for model %s", self.config.model_label)
-        return {**vllm, "models": models, "chat": chat, "completion": completion}
+        extra = _import_vllm_responses_and_tokenize()
+        responses = extra["OpenAIServingResponses"](
+            chat_engine, models, renderer,
+            request_logger=None, chat_template=None, chat_template_content_format="auto",
+        )
+        tokenization = extra["ServingTokenization"](
+            models, renderer, chat_template=None, chat_template_content_format="auto",
+        )
+        log.info("OpenAI routes ready for model %s: %s", self.config.model_label, ", ".join(ROUTES))
+        return {**vllm, **extra, "models": models, "chat": chat, "completion": completion,
+                "responses": responses, "tokenization": tokenization}
 
     async def run(self, job_input: Mapping[str, Any]) -> AsyncIterator[Any]:
         """Yield the outputs of one passthrough job (see the module docstring)."""
@@ -219,15 +246,30 @@ class OpenAIRoutes:
         try:
             if route == CHAT_ROUTE:
                 result = await vllm["chat"].create_chat_completion(request, None)
+            elif route == RESPONSES_ROUTE:
+                result = await vllm["responses"].create_responses(request, None)
+            elif route == TOKENIZE_ROUTE:
+                result = await vllm["tokenization"].create_tokenize(request, None)
+            elif route == DETOKENIZE_ROUTE:
+                result = await vllm["tokenization"].create_detokenize(request, None)
             else:
                 result = await vllm["completion"].create_completion(request, None)
+        except OpenAIRequestError as exc:  # raised while vLLM renders the messages
+            yield exc.to_output()
+            return
         except Exception as exc:  # vLLM raises some request errors (e.g. bad sampling values)
             yield self._error_from_exception(exc, vllm)
             return
 
-        if isinstance(result, (vllm["ErrorResponse"], vllm["ChatCompletionResponse"], vllm["CompletionResponse"])):
+        if isinstance(result, vllm["ResponsesResponse"]):
+            yield result.model_dump(mode="json", by_alias=True)  # as vLLM's /v1/responses writes it
+            return
+        if isinstance(result, (vllm["ErrorResponse"], vllm["ChatCompletionResponse"], vllm["CompletionResponse"],
+                               vllm["TokenizeResponse"], vllm["DetokenizeResponse"])):
             yield result.model_dump()
             return
+        if route == RESPONSES_ROUTE:
+            result = _responses_sse_events(result)
         batcher = SseBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
         async for event in result:
             batch = batcher.add(event)
@@ -253,7 +295,7 @@ class OpenAIRoutes:
         return route, dict(body)
 
     def _parse_request(self, route: str, body: Dict[str, Any], vllm: Dict[str, Any]) -> Any:
-        request_class = vllm["ChatCompletionRequest"] if route == CHAT_ROUTE else vllm["CompletionRequest"]
+        request_class = _request_class(route, body, vllm)
         # vLLM logs and ignores unknown fields; a misspelt parameter must not pass silently.
         known = set(request_class.model_fields) | {
             field.alias for field in request_class.model_fields.values() if field.alias
@@ -261,7 +303,7 @@ class OpenAIRoutes:
         for key in body:
             if key not in known:
                 raise OpenAIRequestError(f"unknown parameter {key!r}", key)
-        if route == CHAT_ROUTE and isinstance(body.get("messages"), list):
+        if route == CHAT_ROUTE and self._fold_system and isinstance(body.get("messages"), list):
             body["messages"] = fold_system_message(body["messages"])
         body.setdefault("model", self.config.model_label)
         try:
@@ -287,3 +329,54 @@ def _describe_validation_error(exc: Exception) -> tuple:
     for part in first.get("loc", ()):
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return first.get("msg", str(exc)), path or None
+
+
+def _request_class(route: str, body: Mapping[str, Any], vllm: Dict[str, Any]) -> Any:
+    """vLLM's request model for a route; /v1/tokenize takes a prompt or chat messages."""
+    if route == TOKENIZE_ROUTE:
+        return vllm["TokenizeChatRequest"] if "messages" in body else vllm["TokenizeCompletionRequest"]
+    return {
+        CHAT_ROUTE: vllm["ChatCompletionRequest"],
+        COMPLETIONS_ROUTE: vllm["CompletionRequest"],
+        RESPONSES_ROUTE: vllm["ResponsesRequest"],
+        DETOKENIZE_ROUTE: vllm["DetokenizeRequest"],
+    }[route]
+
+
+def _import_vllm_responses_and_tokenize() -> Dict[str, Any]:
+    """vLLM's Responses and tokenization serving classes (same module paths in vLLM 0.25 to 0.33)."""
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
+    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+    )
+    from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+
+    return dict(
+        ResponsesRequest=ResponsesRequest, ResponsesResponse=ResponsesResponse,
+        OpenAIServingResponses=OpenAIServingResponses, ServingTokenization=ServingTokenization,
+        TokenizeChatRequest=TokenizeChatRequest, TokenizeCompletionRequest=TokenizeCompletionRequest,
+        TokenizeResponse=TokenizeResponse, DetokenizeRequest=DetokenizeRequest,
+        DetokenizeResponse=DetokenizeResponse,
+    )
+
+
+async def _responses_sse_events(events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """Responses stream events as SSE text, as vLLM's /v1/responses route writes them."""
+    async for event in events:
+        yield f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+
+
+def _system_folding_renderer(online_renderer_class: Any) -> Any:
+    """vLLM's OnlineRenderer, folding a leading system message before the chat template sees it.
+
+    Every chat-templated route (chat, Responses with ``instructions``, tokenize) renders
+    through ``preprocess_chat``, so this is the one place that serves templates refusing a
+    system role.
+    """
+
+    class SystemFoldingRenderer(online_renderer_class):
+        async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:
+            return await super().preprocess_chat(request, fold_system_message(list(messages)), *args, **kwargs)
+
+    return SystemFoldingRenderer
