@@ -26,6 +26,7 @@ answering one dict each, as vLLM's /tokenize and /detokenize do.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from http import HTTPStatus
@@ -352,8 +353,15 @@ def _import_vllm_responses_and_tokenize() -> Dict[str, Any]:
     )
     from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 
+    class ChatTemplatedResponsesRequest(ResponsesRequest):
+        """Tokenizes the rendered chat template without adding special tokens, as vLLM's chat
+        route does; its Responses route adds them, so Gemma's prompt got a second <bos>."""
+
+        def build_tok_params(self, model_config: Any) -> Any:
+            return dataclasses.replace(super().build_tok_params(model_config), add_special_tokens=False)
+
     return dict(
-        ResponsesRequest=ResponsesRequest, ResponsesResponse=ResponsesResponse,
+        ResponsesRequest=ChatTemplatedResponsesRequest, ResponsesResponse=ResponsesResponse,
         OpenAIServingResponses=OpenAIServingResponses, ServingTokenization=ServingTokenization,
         TokenizeChatRequest=TokenizeChatRequest, TokenizeCompletionRequest=TokenizeCompletionRequest,
         TokenizeResponse=TokenizeResponse, DetokenizeRequest=DetokenizeRequest,
