@@ -18,7 +18,7 @@ from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
 from gams_worker.startup.model import resolve_model
-from gams_worker.startup.presets import apply_preset
+from gams_worker.startup.presets import apply_preset, kv_summary
 from gams_worker.jobs.service import GenerationService
 from gams_worker.platform.status import StatusServer
 from gams_worker.startup.timeline import StartupTimeline
@@ -101,8 +101,12 @@ def start_worker(config: WorkerConfig) -> Worker:
     timeline = StartupTimeline()
     timeline.mark("config loaded")
     facts = host_facts()
-    config, sources = apply_preset(config, len(facts.gpus), _gib(facts.gpus[0].total_bytes) if facts.gpus else None)
+    gpu_memory_gib = _gib(facts.gpus[0].total_bytes) if facts.gpus else None
+    config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
     log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
+    kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
+    if kv_line:
+        log.info(kv_line)
     report = run_doctor(config, facts)
     if report.blocking:
         raise EngineStartError("; ".join(report.blocking))
