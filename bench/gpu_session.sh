@@ -10,6 +10,8 @@
 #                                            # network volume; spy: py-spy dumps of the engine every 2 s
 #   bash bench/gpu_session.sh warmstart NAME [VAR=value ...]   # one more start on that warm cache,
 #                                            # e.g. warmstart eager ENFORCE_EAGER=true
+#   bash bench/gpu_session.sh openai         # one /v1/responses job (and its stream) and one chat job through
+#                                            # the worker under the SDK loop, openai client, GaMS-9B preset (8192)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD:/tmp/spy PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true
@@ -112,5 +114,9 @@ INFO Capturing CUDA graphs (decode, FULL):   0%|          | 0/35
 EOF_FAULT
     worker_run ladder-ptx GAMS_TEST_INJECT_START_FAILURE=/tmp/ptx-fault.txt
     ;;
-  *) sed -n 2,12p "$0"; exit 2 ;;
+  openai)
+    python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
+      | tee "$OUT/openai-session.txt"
+    ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
 esac

@@ -111,7 +111,11 @@ def test_report_names_every_stop_id_and_its_source(tokenizer):
                            "(the chat template's end of turn)")
     assert report.warning.startswith("generation_config.json lacks the chat template's end-of-turn token "
                                      "<end_of_turn>=5")
-    assert report_stop_tokens(facts, tokenizer, {"eos_token_id": [1, 5]}, "generation_config.json").warning is None
+    complete = report_stop_tokens(facts, tokenizer, {"eos_token_id": [1, 5]}, "generation_config.json")
+    assert complete.warning is None
+    assert complete.line.endswith("<end_of_turn>=5 (generation_config.json eos_token_id); chat jobs (messages, "
+                                  "OpenAI chat, Responses): nothing more (the chat template's end of turn is "
+                                  "among them)")
 
 
 # ---- on the engine, with a model whose generation config lacks <end_of_turn>

@@ -132,6 +132,8 @@ def report_stop_tokens(facts: ChatTemplateFacts, tokenizer: Any, generation_conf
     warning = None
     if facts.end_of_turn_id is None:
         parts.append(f"{CHAT_JOBS}: nothing more (the chat template writes no special token after a turn)")
+    elif facts.end_of_turn_id in all_jobs:
+        parts.append(f"{CHAT_JOBS}: nothing more (the chat template's end of turn is among them)")
     else:
         parts.append(f"{CHAT_JOBS} also: {name(facts.end_of_turn_id)} (the chat template's end of turn)")
         if facts.end_of_turn_id not in configured:
