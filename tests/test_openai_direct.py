@@ -331,6 +331,7 @@ def test_tokenize_and_detokenize(openai_job, model, worker):
 @pytest.mark.parametrize("route, body, param", [
     (RESPONSES, {"input": "a", "max_output_tokens": "many"}, "max_output_tokens"),
     (RESPONSES, {"input": "a", "temprature": 0}, "temprature"),
+    (RESPONSES, {"input": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "input"),
     ("/v1/detokenize", {"tokens": "abc"}, "tokens"),
     ("/v1/tokenize", {"prompt": "a", "unknown": 1}, "unknown"),
 ])

@@ -256,6 +256,8 @@ class OpenAIRoutes:
             else:
                 result = await vllm["completion"].create_completion(request, None)
         except OpenAIRequestError as exc:  # raised while vLLM renders the messages
+            if route == RESPONSES_ROUTE:
+                exc.param = "input"  # the messages it names are vLLM's, made of instructions + input
             yield exc.to_output()
             return
         except Exception as exc:  # vLLM raises some request errors (e.g. bad sampling values)
