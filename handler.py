@@ -13,43 +13,54 @@ from gams_worker.platform.cancellation import close_when_cancelled
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, WorkerError
 
-service = None  # the process's GenerationService, set in main()
+jobs = None  # the process's JobRouter (gams_worker/jobs/route.py), set in main()
 
 
 async def handler(job):
-    outputs = service.run(job)
+    outputs = jobs.run(job)
     close_when_cancelled(outputs)  # a stopped job frees its engine request at once
     async for output in outputs:
         yield output
 
 
 def main() -> int:
-    global service
     try:
         config = load_config()
     except ConfigError as exc:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from gams_worker.platform.local_run import run_local, wants_local_run
-    from gams_worker.startup.worker import setup_logging, start_worker
+    from gams_worker.startup.worker import exit_quietly, setup_logging
 
     setup_logging(config)
-    # The job loop's SDK takes seconds to import: do it while the engine starts.
-    runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
+    exit_quietly(serve(config))
+
+
+def serve(config) -> int:
+    """Start the engine, then run the SDK's job loop (or one local job); return the exit status."""
+    global jobs
+    from gams_worker.platform.local_run import run_local, wants_local_run
+    from gams_worker.platform.sdk_version import check_sdk_version
+    from gams_worker.startup.worker import start_worker
+
+    local_run = wants_local_run(sys.argv, config.on_runpod)
     try:
+        if not local_run:
+            check_sdk_version()  # refuse an SDK the job loop was not written for before the engine starts
+        # The job loop's SDK takes seconds to import: do it while the engine starts.
+        runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
         worker = start_worker(config)
-    except WorkerError as exc:  # engine start failed for a classified cause, or no model
+    except WorkerError as exc:  # that SDK, an engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
-    service = worker.service
+    jobs = worker.jobs
     runpod = runpod_import.result()
     try:
-        if wants_local_run(sys.argv, config.on_runpod):
+        if local_run:
             return run_local(handler, sys.argv)
-        from gams_worker.platform.job_loop import use_prompt_job_scaler
+        from gams_worker.platform.job_loop import install_job_loop
 
-        use_prompt_job_scaler()  # the SDK's loop, but taken jobs start at once, not within 100 ms
+        install_job_loop()  # the SDK's loop, taking jobs up to the concurrency and starting them at once
         runpod.serverless.start({
             "handler": handler,
             "concurrency_modifier": lambda current: worker.concurrency,

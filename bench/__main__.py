@@ -1,6 +1,7 @@
 """One entry point for the benchmarks (they print numbers; they are not tests).
 
     .venv/bin/python -m bench cpu [options]     # CPU suite: raw engine, handler, SDK + emulator, proxy design
+    python -m bench platform [options]          # the worker under the SDK loop vs the raw engine: bursts, Poisson
     python -m bench gpu bandwidth|run [options] # GPU suite of one graph mode (bench/gpu_suite.py)
     python -m bench gpu-profile [options]       # batch-1 decode step vs the roofline (bench/gpu_profile.py)
     .venv/bin/python -m bench plot [options]    # PNGs of tokens/s vs concurrency from bench/results/*.json
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-SUITES = ("cpu", "gpu", "gpu-profile", "plot", "openai")
+SUITES = ("cpu", "platform", "gpu", "gpu-profile", "plot", "openai")
 
 
 def main(argv=None) -> int:
@@ -26,6 +27,10 @@ def main(argv=None) -> int:
         from bench import cpu_suite
 
         cpu_suite.main(rest)
+    elif suite == "platform":
+        from bench import platform_suite
+
+        platform_suite.main(rest)
     elif suite == "gpu":
         from bench import gpu_suite
 

@@ -72,8 +72,8 @@ from typing import Any, Callable, Dict, List, Optional
 import psutil
 
 from bench.gpu_suite import percentile
-from tests.conftest import free_port
 from tests.harness.runpod_emulator import JobRecord, RunPodEmulator
+from tests.harness.worker_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("raw", "handler", "emulator", "proxy")
@@ -333,6 +333,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
     from builder import tiny_model
     from gams_worker.config import load_config
     from gams_worker.startup.worker import setup_logging, start_worker
+    from tests.conftest import free_port  # imported here: the platform suite runs where pytest is not
     from vllm.v1.engine.async_llm import AsyncLLM
 
     model = str(tiny_model.build())
@@ -374,7 +375,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
             finally:
                 AsyncLLM.from_engine_args = original
             cold["raw_engine_init_s"] = round(init_times[-1], 2)
-            handler.service = worker.service
+            handler.jobs = worker.jobs
             prompt_ids = [worker.service.tokenizer.encode(p) for p in PROMPTS]  # what the handler passes
             meter.add("in_process", in_process_groups())
             print(f"in-process engine: AsyncLLM.from_engine_args {cold['raw_engine_init_s']} s, "

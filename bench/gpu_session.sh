@@ -10,6 +10,8 @@
 #                                            # network volume; spy: py-spy dumps of the engine every 2 s
 #   bash bench/gpu_session.sh warmstart NAME [VAR=value ...]   # one more start on that warm cache,
 #                                            # e.g. warmstart eager ENFORCE_EAGER=true
+#   bash bench/gpu_session.sh platform [option ...]   # handler.py under the SDK loop + emulator vs the raw
+#                                            # engine: bursts 1/8/32/64, Poisson at 90 % (bench/platform_suite.py)
 #   bash bench/gpu_session.sh openai         # one /v1/responses job (and its stream) and one chat job through
 #                                            # the worker under the SDK loop, openai client, GaMS-9B preset (8192)
 set -uo pipefail
@@ -114,9 +116,17 @@ INFO Capturing CUDA graphs (decode, FULL):   0%|          | 0/35
 EOF_FAULT
     worker_run ladder-ptx GAMS_TEST_INJECT_START_FAILURE=/tmp/ptx-fault.txt
     ;;
+  platform)
+    # Two engines on the one GPU (raw in-process, the worker's in handler.py), 0.42 of its memory each.
+    shift
+    python3 -m bench platform --model $MODEL --max-model-len 4096 --gpu-memory-utilization 0.42 \
+      --max-concurrency 64 --concurrency 1 8 32 64 --tokens 256 --rounds 5 --poisson-jobs 512 "$@" \
+      --out "$OUT/platform-suite.json" >"$OUT/platform-suite.log" 2>&1
+    echo "== platform: exit $?"; sed -n '/^platform suite/,$p' "$OUT/platform-suite.log"
+    ;;
   openai)
     python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
       | tee "$OUT/openai-session.txt"
     ;;
-  *) sed -n 2,14p "$0"; exit 2 ;;
+  *) sed -n 2,16p "$0"; exit 2 ;;
 esac

@@ -73,7 +73,10 @@ async def sweep(service, args):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    handler.service = service
+    from gams_worker.jobs.openai import OpenAIRoutes
+    from gams_worker.jobs.route import JobRouter
+
+    handler.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template))
     prompt_ids = service.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)
@@ -105,7 +108,8 @@ def run(args) -> None:
     from transformers import AutoTokenizer
 
     from gams_worker.config import load_config
-    from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
+    from gams_worker.startup.engine import EngineInfo, start_engine
+    from gams_worker.startup.host import platform_name
     from gams_worker.jobs.service import GenerationService
     from gams_worker.startup.worker import setup_logging
 

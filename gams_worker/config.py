@@ -13,7 +13,8 @@ import os
 from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
-from gams_worker.jobs.limits import InputLimits
+from gams_worker.jobs.input import InputLimits
+from gams_worker.startup.presets import PRESETS
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ class WorkerConfig:
     model_revision: Optional[str] = None
     tokenizer_name: Optional[str] = None
     served_model_name: Optional[str] = None
-    model_preset: Optional[str] = None  # a GaMS repo id whose preset applies (default: MODEL_NAME's)
+    model_preset: Optional[str] = None  # a GaMS repo id (lower case) whose preset applies (default: MODEL_NAME's)
     trust_remote_code: bool = False
     # Engine
     max_model_len: int = 4096
@@ -50,7 +51,7 @@ class WorkerConfig:
     default_max_tokens: int = 512
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
-    # Input limits: each breach is a job error naming the field (see gams_worker/jobs/limits.py)
+    # Input limits: each breach is a job error naming the field (see gams_worker/jobs/input.py)
     input_limits: InputLimits = InputLimits()
     # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/platform/status.py)
     status_port: Optional[int] = None
@@ -73,10 +74,6 @@ class WorkerConfig:
     explicit: frozenset = frozenset()
 
     @property
-    def tokenizer(self) -> str:
-        return self.tokenizer_name or self.model_name
-
-    @property
     def model_label(self) -> str:
         """The model name that users see in outputs."""
         return self.served_model_name or self.model_name
@@ -92,7 +89,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         model_revision=env.optional_text("MODEL_REVISION"),
         tokenizer_name=env.optional_text("TOKENIZER_NAME"),
         served_model_name=env.optional_text("SERVED_MODEL_NAME"),
-        model_preset=env.optional_text("MODEL_PRESET"),
+        model_preset=env.optional_choice("MODEL_PRESET", tuple(PRESETS)),
         trust_remote_code=env.boolean("TRUST_REMOTE_CODE", default.trust_remote_code),
         max_model_len=env.integer("MAX_MODEL_LEN", default.max_model_len, minimum=16),
         dtype=env.choice("DTYPE", default.dtype, DTYPES),

@@ -1,8 +1,26 @@
-"""Typed errors of the worker. Each carries what a user needs to fix the cause."""
+"""The worker's errors, and the one shape in which a job reports one.
+
+A failed job yields one output ``{"error": "<JSON text>"}``. The runpod SDK turns a
+yielded error into the job's error with ``str()`` (runpod 1.12, rp_job.handle_job), so a
+dict would reach clients as a Python literal; JSON text passes unchanged, and a client
+reads the error with ``json.loads``. The object in it is
+
+- plain jobs: ``{"type", "message", "field"?}``; ``field`` is the dotted path of the input
+  field at fault, ``type`` one of the four below;
+- OpenAI jobs: OpenAI's error object ``{"message", "type", "param", "code"}``, ``code``
+  being the HTTP status (400, 404, 500...).
+"""
 
 from __future__ import annotations
 
+import json
+from http import HTTPStatus
 from typing import Any, Dict, List, Optional
+
+INVALID_INPUT = "invalid_input"  # the job's input is at fault; the next job is served
+ENGINE_ERROR = "engine_error"  # the engine failed this request only
+ENGINE_DEAD = "engine_dead"  # the engine died; the worker exits and RunPod replaces it
+WORKER_ERROR = "worker_error"  # the worker itself failed on this job (a bug)
 
 
 class WorkerError(Exception):
@@ -22,19 +40,40 @@ class ConfigError(WorkerError):
 class JobInputError(WorkerError):
     """A job's input is malformed; ``field`` is the dotted path of the offending field."""
 
-    type = "invalid_input"
-
     def __init__(self, message: str, field: Optional[str] = None):
         self.message = message
         self.field = field
         super().__init__(f"{field}: {message}" if field else message)
 
-    def to_output(self) -> Dict[str, Any]:
-        return error_output(self.type, self.message, self.field)
+    def to_output(self) -> Dict[str, str]:
+        return error_output(INVALID_INPUT, self.message, self.field)
+
+
+class OpenAIRequestError(WorkerError):
+    """An OpenAI request the worker refuses before vLLM sees it; ``param`` names the field."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        self.message = message
+        self.param = param
+        self.status = status
+        super().__init__(message)
+
+    def to_output(self) -> Dict[str, str]:
+        """OpenAI's error object, ``type`` named as vLLM names it."""
+        error_type = {HTTPStatus.BAD_REQUEST: "BadRequestError", HTTPStatus.NOT_FOUND: "NotFoundError"}.get(
+            self.status, "InternalServerError")
+        return job_error_output({"message": self.message, "type": error_type, "param": self.param,
+                                 "code": int(self.status)})
 
 
 class EngineStartError(WorkerError):
-    """The engine could not be started; ``cause`` is the classified root cause."""
+    """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis``
+    of the failed attempt (None when the doctor stopped the start before any attempt)."""
+
+    def __init__(self, message: str, cause: str, diagnosis: Any = None):  # a startup.ladder.Diagnosis
+        self.cause = cause
+        self.diagnosis = diagnosis
+        super().__init__(message)
 
 
 class ModelNotFoundError(WorkerError):
@@ -56,9 +95,14 @@ class IncompleteModelError(WorkerError):
         super().__init__(f"model files in {path} are incomplete: " + "; ".join(problems))
 
 
-def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[str, Any]:
-    """The one shape of an error that a job yields."""
+def job_error_output(error: Dict[str, Any]) -> Dict[str, str]:
+    """What a failed job yields: its error object as JSON text (see the module docstring)."""
+    return {"error": json.dumps(error, ensure_ascii=False)}
+
+
+def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[str, str]:
+    """A plain job's error output."""
     error: Dict[str, Any] = {"type": type_, "message": message}
     if field is not None:
         error["field"] = field
-    return {"error": error}
+    return job_error_output(error)

@@ -8,8 +8,6 @@ lives in the loop of the first request); tests submit coroutines to it.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -17,26 +15,11 @@ from typing import Any, Dict, List
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from builder import tiny_model  # noqa: E402
-
-
-def engine_env(model_dir: str, **overrides: str) -> Dict[str, str]:
-    """Environment for a worker on the tiny model on this CPU machine."""
-    env = {
-        "MODEL_NAME": model_dir,
-        "MAX_MODEL_LEN": "512",
-        "GPU_MEMORY_UTILIZATION": "0.2",  # on CPU: share of one NUMA node's RAM
-        "MAX_CONCURRENCY": "32",
-        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.update(overrides)
-    return env
+# The worker-process harness, also imported from here by the tests that predate tests/harness/.
+from tests.harness.worker_process import ROOT, engine_env, free_port, subprocess_env  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -72,35 +55,17 @@ def worker(tiny_model_dir):
     worker.close()
 
 
-async def collect(service, job: Dict[str, Any]) -> List[Dict[str, Any]]:
-    return [output async for output in service.run(job)]
+async def collect(jobs, job: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [output async for output in jobs.run(job)]
 
 
 @pytest.fixture(scope="session")
 def run_job(worker, loop_thread):
-    """run_job(input_dict) -> the list of outputs the job yielded."""
+    """run_job(input_dict) -> the list of outputs the job yielded (plain or OpenAI, as the handler routes it)."""
     counter = iter(range(10**9))
 
     def run(job_input: Any) -> List[Dict[str, Any]]:
         job = {"id": f"test-{next(counter)}", "input": job_input}
-        return loop_thread.run(collect(worker.service, job))
+        return loop_thread.run(collect(worker.jobs, job))
 
     return run
-
-
-# Set in this process by the in-process worker for its engine (gams_worker/startup/compile_cache.py);
-# a worker subprocess must choose its own.
-ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def subprocess_env(**env: str) -> Dict[str, str]:
-    """The current environment without the platform's variables, plus ``env``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_") and k not in ENGINE_EXPORTS}
-    base.update(env)
-    return base

@@ -11,7 +11,7 @@ import pytest
 from gams_worker.startup import compile_cache
 from gams_worker.startup.compile_cache import CompileCache, cache_key, choose_compile_cache
 from gams_worker.config import load_config
-from gams_worker.startup.doctor import GpuFacts, HostFacts
+from gams_worker.startup.host import GpuFacts, HostFacts
 from tests.conftest import ROOT, engine_env, subprocess_env
 
 H100 = GpuFacts(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", total_bytes=None, free_bytes=None)

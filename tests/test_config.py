@@ -17,7 +17,7 @@ def test_defaults_serve_gams_9b():
     assert config.max_model_len == 4096
     assert config.dtype == "bfloat16"
     assert config.enforce_eager is False
-    assert config.tokenizer == config.model_name
+    assert config.tokenizer_name is None  # the model's own (engine.py: the resolved model directory)
     assert config.on_runpod is False
 
 
@@ -33,7 +33,7 @@ def test_values_are_parsed_and_typed():
     assert (config.enforce_eager, config.enable_prefix_caching) == (True, False)
     assert (config.tensor_parallel_size, config.max_concurrency) == (2, 16)
     assert (config.stream_batch_tokens, config.stream_batch_ms, config.dtype) == (8, 0, "float16")
-    assert config.tokenizer == "/tok" and config.model_label == "gams" and config.on_runpod
+    assert config.tokenizer_name == "/tok" and config.model_label == "gams" and config.on_runpod
 
 
 def test_capture_size_limit_reaches_the_engine_except_in_eager_mode():
@@ -84,11 +84,17 @@ def test_no_other_module_reads_the_environment():
     assert offenders == []
 
 
-def test_bad_env_stops_worker_at_start_with_one_line():
+@pytest.mark.parametrize("variable, value, expected", [
+    ("MAX_MODEL_LEN", "abc", "an integer >= 16"),
+    ("MODEL_PRESET", "cjvt/GaMS-1B", "one of cjvt/gams-2b-instruct, cjvt/gams-9b-instruct"),
+])
+def test_bad_env_stops_worker_at_start_with_one_line(variable, value, expected):
     result = subprocess.run(
         [sys.executable, "handler.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env=subprocess_env(MAX_MODEL_LEN="abc"),
+        env=subprocess_env(**{variable: value}),
     )
     assert result.returncode == 2
+    assert result.stdout == ""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["gams-worker: configuration error: MAX_MODEL_LEN='abc' is invalid: expected an integer >= 16"]
+    assert len(lines) == 1, result.stderr  # no traceback, no noise
+    assert lines[0].startswith(f"gams-worker: configuration error: {variable}={value!r} is invalid: expected {expected}")

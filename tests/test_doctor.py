@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from gams_worker.startup import doctor
 from gams_worker.config import WorkerConfig
-from gams_worker.startup.doctor import (
-    ENGINE_OVERHEAD_BYTES,
-    GIB,
-    GpuFacts,
-    HostFacts,
-    diagnose,
-    memory_from_config,
-    run_doctor,
-)
+from gams_worker.startup import host
+from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES, diagnose, memory_from_config, run_doctor
+from gams_worker.startup.host import GIB, GpuFacts, HostFacts
 
 # GaMS-9B-Instruct's config.json (a Gemma 2 9B), the fields the estimate reads.
 GAMS_9B_CONFIG = {
@@ -119,7 +112,7 @@ def test_cpu_host_reports_the_cpu_backend_without_verdicts():
 
 def test_run_doctor_on_this_machine_reports_and_continues(tiny_model_dir, caplog):
     caplog.set_level(logging.INFO)
-    report = run_doctor(WorkerConfig(model_name=tiny_model_dir))
+    report = run_doctor(WorkerConfig(model_name=tiny_model_dir), host.host_facts(), tiny_model_dir)
     assert report.facts.platform == "cpu"
     import torch
 
@@ -130,10 +123,10 @@ def test_run_doctor_on_this_machine_reports_and_continues(tiny_model_dir, caplog
 
 def test_probes_without_nvml_or_libcuda_report_unknown_instead_of_crashing(monkeypatch):
     # This machine has neither libnvidia-ml nor libcuda: the GPU probes must fall back quietly.
-    monkeypatch.setattr(doctor, "_platform_name", lambda: "cuda")
-    facts = doctor.collect_host_facts()
+    monkeypatch.setattr(host, "platform_name", lambda: "cuda")
+    facts = host.collect_host_facts()
     assert facts.platform == "cuda"
-    assert facts.gpus == () and facts.driver_cuda == doctor.UNKNOWN
+    assert facts.gpus == () and facts.driver_cuda == host.UNKNOWN
     report = diagnose(facts, None, WorkerConfig())
     assert any("no GPU visible" in verdict for verdict in report.verdicts)
 
@@ -142,18 +135,18 @@ def test_doctor_survives_a_probe_that_raises(monkeypatch):
     def broken():
         raise OSError("no such device")
 
-    monkeypatch.setattr(doctor, "collect_host_facts", broken)
-    report = run_doctor(WorkerConfig(model_name="/nonexistent"))
-    assert report.facts.platform == doctor.UNKNOWN
+    monkeypatch.setattr(host, "collect_host_facts", broken)
+    report = run_doctor(WorkerConfig(model_name="/nonexistent"), host.host_facts(), "/nonexistent")
+    assert report.facts.platform == host.UNKNOWN
     assert any("model memory: unknown" in line for line in report.lines)
 
 
 def test_vllm_cuda_version_from_its_version_tag_or_linked_cudart(tmp_path):
-    assert doctor.cuda_from_version_tag("0.25.0+cu130") == "13.0"
-    assert doctor.cuda_from_version_tag("0.9.2+cu126") == "12.6"
-    assert doctor.cuda_from_version_tag("0.25.0") is None
+    assert host.cuda_from_version_tag("0.25.0+cu130") == "13.0"
+    assert host.cuda_from_version_tag("0.9.2+cu126") == "12.6"
+    assert host.cuda_from_version_tag("0.25.0") is None
     extension = tmp_path / "_C.abi3.so"
     extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0libcudart.so.13\0libc.so.6\0")
-    assert doctor._linked_cudart_major(str(extension)) == "13"
+    assert host._linked_cudart_major(str(extension)) == "13"
     extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0")
-    assert doctor._linked_cudart_major(str(extension)) is None
+    assert host._linked_cudart_major(str(extension)) is None

@@ -151,7 +151,7 @@ def job(eot_worker, loop_thread):
     counter = iter(range(10**6))
 
     def run(job_input):
-        return loop_thread.run(collect(eot_worker[0].service, {"id": f"eot-{next(counter)}", "input": job_input}))
+        return loop_thread.run(collect(eot_worker[0].jobs, {"id": f"eot-{next(counter)}", "input": job_input}))
 
     return run
 

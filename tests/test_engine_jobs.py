@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -66,15 +67,15 @@ def test_sixteen_concurrent_jobs_equal_their_sequential_runs(worker, loop_thread
     prompts = [f"{start} {i}" for i, start in enumerate(starts)]
     jobs = [{"id": f"c{i}", "input": {"prompt": p, "sampling_params": greedy(32), "stream": i % 2 == 0}}
             for i, p in enumerate(prompts)]
-    sequential = [joined_text(loop_thread.run(collect(worker.service, job))) for job in jobs]
+    sequential = [joined_text(loop_thread.run(collect(worker.jobs, job))) for job in jobs]
 
     async def all_at_once():
-        return await asyncio.gather(*(collect(worker.service, job) for job in jobs))
+        return await asyncio.gather(*(collect(worker.jobs, job) for job in jobs))
 
     concurrent = [joined_text(outputs) for outputs in loop_thread.run(all_at_once())]
     assert concurrent == sequential
     assert len(set(sequential)) > 1  # the prompts really lead to different texts
-    assert worker.service.running_requests == 0
+    assert worker.jobs.running_jobs == 0
 
 
 def test_system_message_is_folded_into_first_user_turn(run_job):
@@ -121,7 +122,7 @@ def test_n_choices_each_end_with_finish_reason(run_job):
 def test_bad_input_gets_structured_error_and_next_job_succeeds(run_job, bad_input, field):
     outputs = run_job(bad_input)
     assert len(outputs) == 1
-    error = outputs[0]["error"]
+    error = json.loads(outputs[0]["error"])  # JSON text: the SDK str()s a job's error
     assert error["type"] == "invalid_input"
     assert error["field"] == field
     assert error["message"]

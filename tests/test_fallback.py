@@ -13,13 +13,8 @@ import pytest
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
-from gams_worker.startup.ladder import (
-    FATAL,
-    RETRY_LOWER_RUNG,
-    OutputCapture,
-    classify_start_failure,
-    start_with_fallback,
-)
+from gams_worker.startup.engine_log import OutputCapture
+from gams_worker.startup.ladder import FATAL, RETRY_LOWER_RUNG, classify_start_failure, start_with_fallback
 
 PARENT_TAIL = """\
 Traceback (most recent call last):
@@ -241,6 +236,9 @@ def test_fatal_failure_stops_after_one_attempt():
     assert starts.modes == ["full"]
     assert "remedy:" in str(raised.value)
     assert isinstance(raised.value.__cause__, RuntimeError)
+    # The error carries its diagnosis, not only a sentence.
+    assert raised.value.cause == raised.value.diagnosis.cause == "out of GPU memory while loading weights"
+    assert raised.value.diagnosis.decision == FATAL and "OutOfMemoryError" in raised.value.diagnosis.evidence
 
 
 def test_graph_fallback_off_stops_after_one_attempt():

@@ -1,7 +1,7 @@
 """The fallback ladder end to end: ``python handler.py`` on the real vLLM CPU engine.
 
 A test-only setting makes the first engine start fail from inside vLLM's engine
-process with a given text (gams_worker/startup/fault_injection.py); the worker must read
+process with a given text (tests/harness/fault_injection.py); the worker must read
 the cause from that process's output, pick the next rung, and serve the job there.
 """
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, JobInputError
-from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
-from gams_worker.jobs.limits import InputLimits
+from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, check_openai_limits, parse_job_input
+from gams_worker.jobs.input import InputLimits
 from gams_worker.jobs.chat import prepare_prompt
 
 # Small limits, so that generated inputs reach every one of them often.
@@ -89,7 +89,7 @@ def validate(raw: Any, tokenizer: Any) -> None:
 
     job = parse_job_input(raw, DEFAULT_MAX_TOKENS, SMALL)
     assert len(json.dumps(raw, ensure_ascii=False).encode()) <= SMALL.max_input_bytes
-    prompt_chars = len(job.prompt) if job.prompt is not None else sum(len(m.content) for m in job.messages)
+    prompt_chars = len(job.prompt) if job.prompt is not None else sum(len(m["content"]) for m in job.messages)
     assert prompt_chars <= SMALL.max_prompt_chars
     assert job.messages is None or len(job.messages) <= SMALL.max_messages
     assert 1 <= job.sampling.get("n", 1) <= SMALL.max_n
@@ -114,8 +114,8 @@ def test_10000_generated_inputs_are_accepted_or_rejected_by_field(tokenizer):
             root = re.split(r"[.\[]", exc.field)[0]
             assert root in INPUT_FIELDS or root == "input" or root in raw, (exc.field, raw)
             assert exc.message
-            output = exc.to_output()
-            assert output["error"]["field"] == exc.field and output["error"]["type"] == "invalid_input"
+            error = json.loads(exc.to_output()["error"])
+            assert error["field"] == exc.field and error["type"] == "invalid_input"
             outcomes.append("rejected:" + (root if root in INPUT_FIELDS or root == "input" else "unknown key"))
             return
         outcomes.append("accepted")
@@ -159,6 +159,28 @@ def test_each_limit_is_inclusive_and_its_breach_names_the_field():
     assert error({**ok, "sampling_params": {"top_k": 2**31}}).field == "sampling_params.top_k"
     message = error({"prompt": "č" * (limits.max_prompt_chars + 1)}).message
     assert "MAX_PROMPT_CHARS" in message and str(limits.max_prompt_chars) in message
+
+
+def test_openai_bodies_meet_the_same_limits_named_by_their_own_fields():
+    def field(body: Any) -> Any:
+        try:
+            check_openai_limits(body, SMALL)
+        except JobInputError as exc:
+            return exc.field
+        return None
+
+    chat = [{"role": "user", "content": "Živjo"}]
+    assert field({"messages": chat, "n": SMALL.max_n, "stop": ["s" * SMALL.max_stop_length] * SMALL.max_stop_strings}) is None
+    assert field({"prompt": "Bled", "n": SMALL.max_n + 1}) == "n"
+    assert field({"prompt": "Bled", "stop": "s" * (SMALL.max_stop_length + 1)}) == "stop[0]"
+    assert field({"prompt": "Bled", "stop": ["s"] * (SMALL.max_stop_strings + 1)}) == "stop"
+    assert field({"prompt": ["a" * 300, "b" * 301]}) == "prompt"  # all prompts of a batch together
+    assert field({"messages": chat * (SMALL.max_messages + 1)}) == "messages"
+    parts = [{"type": "text", "text": "a" * 300}, {"type": "text", "text": "b" * 301}]
+    assert field({"messages": [{"role": "user", "content": parts}]}) == "messages"
+    assert field({"prompt": "a" * SMALL.max_input_bytes}) == "openai_input"
+    # Values of another type are left to vLLM's own validation, which names them too.
+    assert field({"prompt": [[1, 2, 3]], "n": "two", "stop": 5, "messages": "hi"}) is None
 
 
 def test_limits_come_from_the_environment_with_documented_defaults():

@@ -1,11 +1,13 @@
 """Validation of job inputs and prompt preparation (no engine)."""
 
+import json
+
 import pytest
 
 from builder import tiny_model
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.input import Message, parse_job_input
 from gams_worker.jobs.chat import fold_system_message, prepare_prompt
+from gams_worker.jobs.input import parse_job_input
 
 
 def parse(raw):
@@ -36,7 +38,7 @@ def test_defaults():
     assert job.stream is False
     assert job.sampling == {"max_tokens": 256}
     assert not job.max_tokens_given
-    assert job.messages == (Message("user", "ab"),)
+    assert job.messages == ({"role": "user", "content": "ab"},)
 
 
 @pytest.mark.parametrize("raw, field", [
@@ -62,7 +64,6 @@ def test_defaults():
     ({"prompt": "a", "sampling_params": {"stop": 5}}, "sampling_params.stop"),
     ({"prompt": "a", "sampling_params": {"seed": -1}}, "sampling_params.seed"),
     ({"prompt": "a", "sampling_params": {"ignore_eos": "yes"}}, "sampling_params.ignore_eos"),
-    ({"prompt": "a", "sampling_params": {"max_tokens": 5, "min_tokens": 6}}, "sampling_params.min_tokens"),
     ({"prompt": "a", "sampling_params": {"beam_width": 4}}, "sampling_params.beam_width"),
     ({"prompt": "a", "stream": 1}, "stream"),
 ])
@@ -70,23 +71,41 @@ def test_each_bad_input_names_its_field(raw, field):
     assert field_of(raw) == field
 
 
-def test_error_output_shape():
+def test_error_output_is_json_text():
     with pytest.raises(JobInputError) as info:
         parse({"prompt": "a", "sampling_params": {"n": 0}})
-    assert info.value.to_output() == {
-        "error": {"type": "invalid_input", "message": "must be an integer >= 1", "field": "sampling_params.n"}
-    }
+    output = info.value.to_output()
+    assert list(output) == ["error"] and isinstance(output["error"], str)  # the SDK str()s it: keep it JSON
+    assert json.loads(output["error"]) == {
+        "type": "invalid_input", "message": "must be an integer >= 1", "field": "sampling_params.n"}
+
+
+def message(role, content, **extra):
+    return {"role": role, "content": content, **extra}
 
 
 def test_system_message_folds_into_first_user_turn():
-    chat = fold_system_message([Message("system", "Bodi kratek."), Message("user", "Živjo"), Message("assistant", "Pozdravljeni"),
-                                Message("user", "Kako si?")])
-    assert chat == [{"role": "user", "content": "Bodi kratek.\n\nŽivjo"}, {"role": "assistant", "content": "Pozdravljeni"},
-                    {"role": "user", "content": "Kako si?"}]
-    assert fold_system_message([Message("system", "Samo sistem.")]) == [{"role": "user", "content": "Samo sistem."}]
+    chat = fold_system_message([message("system", "Bodi kratek."), message("user", "Živjo"),
+                                message("assistant", "Pozdravljeni"), message("user", "Kako si?")])
+    assert chat == [message("user", "Bodi kratek.\n\nŽivjo"), message("assistant", "Pozdravljeni"),
+                    message("user", "Kako si?")]
+    assert fold_system_message([message("system", "Samo sistem.")]) == [message("user", "Samo sistem.")]
     with pytest.raises(JobInputError) as info:
-        fold_system_message([Message("user", "a"), Message("system", "b")])
+        fold_system_message([message("user", "a"), message("system", "b")])
     assert info.value.field == "messages[1].role"
+
+
+def test_system_folding_keeps_openai_content_parts_and_names():
+    parts = [{"type": "text", "text": "Živjo"}]
+    folded = fold_system_message([message("system", [{"type": "text", "text": "S"}]),
+                                  message("user", parts, name="ana")])
+    assert folded == [message("user", [{"type": "text", "text": "S\n\n"}] + parts, name="ana")]
+    for bad, field in [([message("system", [{"type": "image_url"}])], "messages[0].content[0]"),
+                       ([message("system", "S"), message("user", None)], "messages[1].content"),
+                       (["hi"], "messages[0]")]:
+        with pytest.raises(JobInputError) as info:
+            fold_system_message(bad)
+        assert info.value.field == field
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +128,16 @@ def test_template_refusal_is_a_field_error(tokenizer):
     with pytest.raises(JobInputError) as info:
         prepare_prompt(job, tokenizer, max_model_len=512)
     assert info.value.field == "messages" and "alternate" in info.value.message
+
+
+def test_min_tokens_may_not_exceed_the_max_tokens_that_fit(tokenizer):
+    with pytest.raises(JobInputError) as info:
+        prepare_prompt(parse({"prompt": "a", "sampling_params": {"max_tokens": 5, "min_tokens": 6}}), tokenizer, 512)
+    assert info.value.field == "sampling_params.min_tokens"
+    shrunk = parse({"prompt": "Ljubljana", "sampling_params": {"min_tokens": 64}})  # default max_tokens 256
+    with pytest.raises(JobInputError) as info:
+        prepare_prompt(shrunk, tokenizer, max_model_len=64)
+    assert info.value.field == "sampling_params.min_tokens"
 
 
 def test_default_max_tokens_shrinks_to_fit_but_explicit_is_never_cut(tokenizer):

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from gams_worker.errors import error_output
 from gams_worker.platform.local_run import read_test_job, run_job, run_local, wants_local_run
-from tests.conftest import ROOT, engine_env, subprocess_env
+from tests.harness.worker_process import ROOT, engine_env, exit_noise, subprocess_env
 
 
 @pytest.mark.engine
@@ -39,6 +40,23 @@ def test_handler_py_streams_test_input_json(tiny_model_dir):
     assert chunks[-1]["usage"]["completion_tokens"] > 0
     aggregate = json.loads(lines[end + 1])
     assert aggregate["output"] == chunks
+    assert exit_noise(result.stdout, result.stderr) == []  # a finished run ends quietly
+
+
+@pytest.mark.engine
+def test_a_bad_job_ends_the_local_run_with_its_json_error_and_no_traceback(tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", '{"input": {"prompt": "Bled", "sampling_params": {"n": 500}}}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(**engine_env(tiny_model_dir, ENFORCE_EAGER="true")),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = {"type": "invalid_input", "message": "has 500 choices; MAX_N allows at most 16", "field": "sampling_params.n"}
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith('{"error"')]
+    assert json.loads(json.loads(line)["error"]) == error
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("--- job failed: ") and json.loads(last[len("--- job failed: "):]) == error
+    assert exit_noise(result.stdout, result.stderr) == []
 
 
 def test_local_mode_is_chosen_like_the_sdk_does():
@@ -57,7 +75,7 @@ def test_test_input_argument_wins_over_the_file():
 def test_each_output_is_printed_as_it_arrives_and_errors_exit_1(capsys):
     async def handler(job):
         yield {"choices": [{"index": 0, "text": "Lju"}]}
-        yield {"error": {"type": "invalid_input", "message": "bad", "field": "prompt"}}
+        yield error_output("invalid_input", "bad", "prompt")
 
     out = io.StringIO()
     outputs = asyncio.run(run_job(handler, {"id": "j"}, out))

@@ -13,7 +13,9 @@ import pytest
 from gams_worker.config import load_config
 from gams_worker.errors import IncompleteModelError, ModelNotFoundError
 from gams_worker.startup.model_files import BakedManifest, find_problems, write_manifest
-from gams_worker.startup.model import BAKED, HUB, LOCAL, MACHINE_CACHE, RUNPOD_CACHE, resolve_model
+from gams_worker.startup.doctor import run_doctor
+from gams_worker.startup.host import HostFacts
+from gams_worker.startup.model import BAKED, HUB, LOCAL, MACHINE_CACHE, RUNPOD_CACHE, find_local_model, resolve_model
 from tests.harness.fake_hub import FakeHub, model_files
 
 REPO = "cjvt/GaMS-tiny"
@@ -70,6 +72,20 @@ def test_order_is_baked_then_runpod_cache_then_machine_cache(tiny_model_dir, pla
     shutil.rmtree(runpod)
     found = resolve_model(places)
     assert (found.path, found.source) == (str(machine), MACHINE_CACHE)
+
+
+def test_the_doctor_sizes_the_copy_the_engine_will_load_baked_or_on_the_volume(tiny_model_dir, places):
+    # The doctor once looked only in the machine's Hugging Face cache: "model memory: unknown"
+    # in the baked image. It now reads the copy the one locator finds.
+    assert find_local_model(places) is None  # nothing here yet; nothing downloaded either
+    for copy in (lambda: bake_copy(tiny_model_dir, places),
+                 lambda: cache_copy(tiny_model_dir, Path(places.network_volume_path) / "huggingface-cache" / "hub")):
+        shutil.rmtree(Path(places.baked_model_manifest).parent, ignore_errors=True)
+        copy()
+        local = find_local_model(places)
+        assert local == resolve_model(places)
+        report = run_doctor(places, HostFacts("cpu"), local.path)
+        assert any(line.startswith("model needs ~") for line in report.lines), report.lines
 
 
 def test_nothing_found_offline_names_every_place_searched(places):

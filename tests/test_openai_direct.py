@@ -16,7 +16,6 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
 
-from gams_worker.jobs.openai import SseBatcher, fold_system_message, OpenAIRequestError
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -65,38 +64,6 @@ def completion_chunk(event):
 
 def chat_text_of(chunks, index=0):
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
-
-
-# ---- without the engine
-
-
-def test_sse_batcher_flushes_first_token_then_by_count_and_by_time():
-    now = [0.0]
-    batcher = SseBatcher(batch_events=3, batch_ms=100, clock=lambda: now[0])
-    assert batcher.add("data: role\n\n") is None
-    assert batcher.add("data: t1\n\n") == "data: role\n\ndata: t1\n\n"  # first token at once
-    assert batcher.add("data: t2\n\n") is None
-    assert batcher.add("data: t3\n\n") is None
-    assert batcher.add("data: t4\n\n") == "data: t2\n\ndata: t3\n\ndata: t4\n\n"  # by count
-    now[0] = 0.05
-    assert batcher.add("data: t5\n\n") is None
-    now[0] = 0.2
-    assert batcher.add("data: t6\n\n") == "data: t5\n\ndata: t6\n\n"  # by time
-    assert batcher.add("data: [DONE]\n\n") is None
-    assert batcher.drain() == "data: [DONE]\n\n"
-
-
-def test_fold_system_message_matches_plain_jobs_and_keeps_parts():
-    folded = fold_system_message([{"role": "system", "content": "Bodi kratek."}, *QUESTION])
-    assert folded == [{"role": "user", "content": "Bodi kratek.\n\n" + QUESTION[0]["content"]}]
-    parts = [{"type": "text", "text": "Živjo"}]
-    folded = fold_system_message([{"role": "system", "content": [{"type": "text", "text": "S"}]},
-                                  {"role": "user", "content": parts, "name": "ana"}])
-    assert folded == [{"role": "user", "content": [{"type": "text", "text": "S\n\n"}] + parts, "name": "ana"}]
-    assert fold_system_message([{"role": "system", "content": "S"}]) == [{"role": "user", "content": "S"}]
-    with pytest.raises(OpenAIRequestError) as info:
-        fold_system_message([*QUESTION, {"role": "system", "content": "S"}])
-    assert info.value.param == "messages[1].role"
 
 
 # ---- on the engine
@@ -243,6 +210,14 @@ def test_stop_and_max_completion_tokens(openai_job, model):
         (CHAT, {"messages": [*QUESTION, {"role": "system", "content": "x"}]}, 400, "messages[1].role"),
         (CHAT, {"messages": [{"role": "assistant", "content": "x"}]}, 400, None),  # the template refuses
         (COMPLETIONS, {"prompt": "a", "n": 0}, 400, None),
+        # The input limits of plain jobs (MAX_N, MAX_STOP_STRINGS, ...), checked before vLLM sees the request
+        (COMPLETIONS, {"prompt": "Bled", "n": 500, "max_tokens": 400}, 400, "n"),
+        (CHAT, {"messages": QUESTION, "stop": ["x"] * 20}, 400, "stop"),
+        (CHAT, {"messages": QUESTION, "stop": ["a", "s" * 257]}, 400, "stop[1]"),
+        (COMPLETIONS, {"prompt": "č" * 200_001}, 400, "prompt"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "č" * 200_001}]}]}, 400, "messages"),
+        (CHAT, {"messages": QUESTION * 257}, 400, "messages"),
+        (COMPLETIONS, {"prompt": "a" * 1_100_000}, 400, "openai_input"),  # MAX_INPUT_BYTES
         ("/v1/embeddings", {"input": "a"}, 404, "openai_route"),
         (CHAT, None, 400, "openai_input"),
     ],
@@ -250,7 +225,7 @@ def test_stop_and_max_completion_tokens(openai_job, model):
 def test_bad_request_gets_an_openai_error_and_the_next_request_succeeds(openai_job, model, route, body,
                                                                          status, param):
     (output,) = openai_job(route, body)
-    error = output["error"]
+    error = json.loads(output["error"])  # JSON text: the SDK str()s a job's error
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == status
     assert error["type"] == {400: "BadRequestError", 404: "NotFoundError"}[status]
@@ -264,7 +239,8 @@ def test_bad_request_gets_an_openai_error_and_the_next_request_succeeds(openai_j
 @pytest.mark.engine
 def test_unknown_job_field_is_rejected(run_job):
     (output,) = run_job({"openai_route": CHAT, "openai_input": {"messages": QUESTION}, "extra": 1})
-    assert output["error"]["param"] == "extra" and output["error"]["code"] == 400
+    error = json.loads(output["error"])
+    assert error["param"] == "extra" and error["code"] == 400
 
 
 # ---- Responses, tokenize, detokenize
@@ -337,12 +313,14 @@ def test_tokenize_and_detokenize(openai_job, model, worker):
 ])
 def test_bad_responses_and_tokenize_requests_name_the_field(openai_job, model, route, body, param):
     (output,) = openai_job(route, body)
-    assert output["error"]["code"] == 400 and output["error"]["param"] == param, output
+    error = json.loads(output["error"])
+    assert error["code"] == 400 and error["type"] == "BadRequestError" and error["param"] == param, error
 
 
 @pytest.mark.engine
 def test_unknown_route_names_the_served_routes(openai_job):
     (output,) = openai_job("/v1/embeddings", {"input": "a"})
-    assert output["error"]["code"] == 404 and output["error"]["type"] == "NotFoundError"
+    error = json.loads(output["error"])
+    assert error["code"] == 404 and error["type"] == "NotFoundError"
     for route in (CHAT, COMPLETIONS, "/v1/models", RESPONSES, "/v1/tokenize", "/v1/detokenize"):
-        assert route in output["error"]["message"]
+        assert route in error["message"]

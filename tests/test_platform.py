@@ -8,28 +8,32 @@ Engine starts are the cost here, so one worker serves most tests of this module 
 
 from __future__ import annotations
 
-import ast
 import collections
 import json
-import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-import psutil
 import pytest
 import requests
 
-from tests.conftest import ROOT, engine_env, free_port, subprocess_env
 from tests.harness.runpod_emulator import RunPodEmulator
+from tests.harness.worker_process import (
+    ROOT,
+    START_TIMEOUT_S,
+    WorkerProcess,
+    engine_env,
+    exit_noise,
+    free_port,
+    start_platform_worker,
+    subprocess_env,
+    wait_for_first_take,
+    wait_until,
+)
 
 HF_TOKEN_CANARY = "hf_canary_7f3c9b2e41d84a6b"
-START_TIMEOUT_S = 240  # engine starts take 30-90 s on this 2-core machine beside other engines
 SLOVENE = "Kaj je vredno videti v Ljubljani? Čebele, šolske žlice in žganci"
 
 
@@ -37,101 +41,14 @@ def greedy(max_tokens: int, **extra: Any) -> Dict[str, Any]:
     return {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, **extra}
 
 
-class WorkerProcess:
-    """`python handler.py` in its own process group, its stdout and stderr in files under ``cwd``.
-
-    Not in its own session: with scheduler autogroups (Linux's default) a new session is a new
-    CPU group, and on the 2-core CI machine the busy engine's group starved this one (pytest
-    and the emulator) for 10-14 s at a time."""
-
-    def __init__(self, env: Dict[str, str], cwd: Path, name: str, args: tuple = ()):
-        self.cwd = cwd
-        self.stdout_path = cwd / f"{name}.stdout"
-        self.stderr_path = cwd / f"{name}.stderr"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "handler.py"), *args],
-                cwd=cwd, env=env, stdout=out, stderr=err, process_group=0,
-            )
-        self.pid = self.proc.pid
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def tail(self) -> str:
-        return f"--- stdout:\n{self.stdout()[-3000:]}\n--- stderr:\n{self.stderr()[-3000:]}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def engine_core(self) -> psutil.Process:
-        for child in psutil.Process(self.pid).children(recursive=True):
-            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-                return child
-        raise AssertionError("no EngineCore child process found")
-
-    def rss_mib(self, with_children: bool = False) -> float:
-        process = psutil.Process(self.pid)
-        processes = [process] + (process.children(recursive=True) if with_children else [])
-        return sum(p.memory_info().rss for p in processes) / 2**20
-
-    def kill_group(self) -> None:
-        if self.alive():
-            os.killpg(self.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def terminate(self, timeout: float = 120) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._reap_group()
-
-    def _reap_group(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)  # leftovers of a failed test only
-        except ProcessLookupError:
-            pass
-
-
-def start_platform_worker(emulator: RunPodEmulator, model_dir: str, cwd: Path, name: str,
-                          **overrides: str) -> WorkerProcess:
-    settings = {"GPU_MEMORY_UTILIZATION": "0.05", "MAX_MODEL_LEN": "4096", **overrides}
-    env = subprocess_env(**{**engine_env(model_dir, **settings), **emulator.worker_env()})
-    return WorkerProcess(env, cwd, name)
-
-
-def wait_until(condition, timeout: float, what: str, worker: Optional[WorkerProcess] = None, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if worker is not None and not worker.alive():
-            raise AssertionError(f"worker exited ({worker.proc.returncode}) while waiting for {what}\n{worker.tail()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})" + (f"\n{worker.tail()}" if worker else ""))
-        time.sleep(step)
-
-
-def wait_for_first_take(emulator: RunPodEmulator, worker: WorkerProcess, since: int = 0) -> Dict[str, str]:
-    """The query of the worker's first job-take request after ``since`` earlier ones."""
-    wait_until(lambda: len(emulator.takes) > since, START_TIMEOUT_S, "the worker's first job-take", worker)
-    return emulator.takes[since][1]
-
-
 def texts(outputs: List[Dict[str, Any]], index: int = 0) -> str:
     return "".join(c["text"] for o in outputs for c in o["choices"] if c["index"] == index)
 
 
 def job_error(record) -> Dict[str, Any]:
-    """The structured error of a failed job. The SDK posts it as str(dict), a Python literal."""
+    """The structured error of a failed job, as RunPod received it: JSON text."""
     assert record.result is not None and "error" in record.result, record.result
-    error = ast.literal_eval(record.result["error"])
+    error = json.loads(record.result["error"])
     assert isinstance(error, dict), record.result
     return error
 
@@ -266,6 +183,45 @@ def test_200_bad_jobs_get_errors_naming_their_field_then_a_good_job_succeeds(pla
 
 
 @pytest.mark.engine
+def test_job_errors_reach_clients_as_json_through_run_runsync_status_and_stream(platform):
+    """Through the emulator's client job API, as a client of RunPod reads them."""
+    api = f"{platform.emulator.base_url}/v2/{platform.emulator.endpoint_id}"
+    plain = {"input": {"prompt": "Bled", "sampling_params": {"n": 500, "max_tokens": 400}}}
+    expected = {"type": "invalid_input", "message": "has 500 choices; MAX_N allows at most 16",
+                "field": "sampling_params.n"}
+    runsync = requests.post(f"{api}/runsync", json=plain, timeout=120).json()
+    assert runsync["status"] == "FAILED" and json.loads(runsync["error"]) == expected
+    job_id = requests.post(f"{api}/run", json=plain, timeout=30).json()["id"]
+    platform.emulator.wait_result(job_id, 120)
+    status = requests.get(f"{api}/status/{job_id}", timeout=30).json()
+    stream = requests.get(f"{api}/stream/{job_id}", timeout=30).json()
+    assert status["status"] == stream["status"] == "FAILED"
+    assert json.loads(status["error"]) == json.loads(stream["error"]) == expected
+    assert stream["stream"] == []
+
+    # The OpenAI dialect: OpenAI's error object; the same limit applies.
+    openai_job = {"input": {"openai_route": "/v1/completions",
+                            "openai_input": {"prompt": "Bled", "n": 500, "max_tokens": 400}}}
+    runsync = requests.post(f"{api}/runsync", json=openai_job, timeout=120).json()
+    assert runsync["status"] == "FAILED"
+    assert json.loads(runsync["error"]) == {"message": "has 500 choices; MAX_N allows at most 16",
+                                            "type": "BadRequestError", "param": "n", "code": 400}
+
+    # A good job streams through the same API.
+    job_id = requests.post(f"{api}/run", json={"input": {"prompt": SLOVENE, "sampling_params": greedy(24),
+                                                          "stream": True}}, timeout=30).json()["id"]
+    chunks: List[Any] = []
+    while True:
+        answer = requests.get(f"{api}/stream/{job_id}", timeout=30).json()
+        chunks += [item["output"] for item in answer["stream"]]
+        if answer["status"] == "COMPLETED":
+            break
+        assert answer["status"] in ("IN_QUEUE", "IN_PROGRESS"), answer
+    assert chunks == requests.get(f"{api}/status/{job_id}", timeout=30).json()["output"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 24
+
+
+@pytest.mark.engine
 def test_stream_posts_answered_500_are_retried_and_the_job_completes(platform):
     reference = platform.run({"prompt": SLOVENE, "sampling_params": greedy(48)})
     platform.emulator.fail_stream_posts(2)
@@ -278,7 +234,7 @@ def test_stream_posts_answered_500_are_retried_and_the_job_completes(platform):
 @pytest.mark.engine
 def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_stream(platform):
     emulator = platform.emulator
-    idle = {"running_requests": 0, "engine_requests": 0, "engine_errored": False}
+    idle = {"running_jobs": 0, "engine_requests": 0, "engine_errored": False}
     status = platform.status()
     assert {key: status[key] for key in idle} == idle  # nothing left over from earlier jobs
     # The tiny model is fast and the engine runs ahead of the posts: only very long jobs are
@@ -303,7 +259,7 @@ def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_strea
     aborted = wait_until(lambda: [a["at"] for a in platform.status()["aborted"] if a["job_id"] == long_id], 15,
                          "the stopped job's engine request aborted", platform.worker)
     status = platform.status()
-    assert status["engine_requests"] <= 2 and status["running_requests"] <= 2
+    assert status["engine_requests"] <= 2 and status["running_jobs"] <= 2
     # The worker's part, stop handed over -> engine request aborted, timed where each happens
     # (emulator, worker): this process's own polling lagged by seconds on a loaded 2-core
     # machine. Both are time.monotonic(), one clock for all processes of a Linux host.
@@ -384,7 +340,7 @@ def test_500_jobs_at_concurrency_64_complete_exactly_once(platform, tiny_model_d
     assert lost == [] and duplicated == []
     assert inconsistent == []
     assert abs(growth) <= 0.10
-    assert platform.status()["running_requests"] == 0
+    assert platform.status()["running_jobs"] == 0
 
 
 @pytest.mark.engine
@@ -461,6 +417,7 @@ def test_sigterm_lets_in_flight_jobs_finish_and_the_worker_exits_0(restarted):
     print(f"\n[sigterm] worker exited with status {returncode} {exit_s:.1f} s after SIGTERM; "
           f"the in-flight job {'finished' if record.results else 'was LOST'}")
     assert returncode == 0, y.tail()
+    assert exit_noise(y.stdout(), y.stderr()) == []  # no traceback or leak report on the way out
     assert record.results[0][0] > sent_at  # the job was still in flight at SIGTERM, and finished
     assert record.result["output"][-1]["usage"]["completion_tokens"] == 2000
     assert record.chunk_outputs == record.result["output"]
@@ -493,8 +450,9 @@ def test_rp_serve_api_serves_runsync_and_stream(tiny_model_dir, tmp_path):
         assert texts(outputs) == texts(runsync["output"])
 
         bad = requests.post(f"{base}/runsync", json={"input": {"prompt": ""}}, timeout=30).json()
-        assert bad["output"] == [{"error": {"type": "invalid_input", "message": "must be a non-empty string",
-                                            "field": "prompt"}}]
+        (output,) = bad["output"]  # the SDK's test server lists what the handler yielded
+        assert json.loads(output["error"]) == {"type": "invalid_input", "message": "must be a non-empty string",
+                                               "field": "prompt"}
     finally:
         worker.terminate(60)
 
@@ -505,20 +463,17 @@ class FakeService:
 
     def __init__(self):
         self.closed_at = None
-        self.running_requests = 0
         self.aborted = collections.deque()
         self.engine = type("Engine", (), {"errored": False})()
 
     async def run(self, job):
         import asyncio
 
-        self.running_requests += 1
         try:
             for i in range(1000):
                 await asyncio.sleep(0.001)
                 yield {"choices": [{"index": 0, "text": str(i)}]}
         finally:
-            self.running_requests -= 1
             self.closed_at = time.monotonic()
 
 
@@ -529,9 +484,11 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
     import asyncio
 
     import handler as handler_module
+    from gams_worker.jobs.route import JobRouter
 
     service = FakeService()
-    monkeypatch.setattr(handler_module, "service", service)
+    jobs = JobRouter(service, openai=None)
+    monkeypatch.setattr(handler_module, "jobs", jobs)
     posting = asyncio.Event()
     still_referenced = []  # as the SDK's frames and task keep the generator alive
 
@@ -556,19 +513,20 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
     cancelled_at, task = asyncio.run(scenario())
     assert task.cancelled()
     assert service.closed_at is not None and service.closed_at - cancelled_at < 0.5
-    assert service.running_requests == 0
+    assert jobs.running_jobs == 0
 
 
-def test_status_endpoint_reports_the_service_counters():
+def test_status_endpoint_reports_the_job_counters():
+    from gams_worker.jobs.route import JobRouter
     from gams_worker.platform.status import StatusServer
 
-    service = FakeService()
-    service.running_requests = 3
-    service.aborted.append(("job-1", 12.5))
-    server = StatusServer(service, free_port())
+    jobs = JobRouter(FakeService(), openai=None)
+    jobs.running_jobs = 3
+    jobs.plain.aborted.append(("job-1", 12.5))
+    server = StatusServer(jobs, free_port())
     try:
         body = requests.get(f"http://127.0.0.1:{server.port}/status", timeout=5).json()
-        assert body == {"running_requests": 3, "engine_requests": None, "engine_errored": False,
+        assert body == {"running_jobs": 3, "engine_requests": None, "engine_errored": False,
                         "aborted": [{"job_id": "job-1", "at": 12.5}]}
         assert requests.get(f"http://127.0.0.1:{server.port}/other", timeout=5).status_code == 404
     finally:

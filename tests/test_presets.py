@@ -6,7 +6,8 @@ import pytest
 
 from gams_worker.startup.concurrency import KvCapacity, derive_concurrency, kv_capacity
 from gams_worker.config import load_config
-from gams_worker.startup.doctor import GpuFacts, HostFacts, diagnose
+from gams_worker.startup.doctor import diagnose
+from gams_worker.startup.host import GpuFacts, HostFacts
 from gams_worker.errors import ConfigError
 from gams_worker.startup.presets import (
     GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, apply_preset, choose_tensor_parallel, full_length_sequences,
@@ -77,9 +78,9 @@ def test_model_preset_applies_a_gams_preset_to_a_local_directory():
     config = load_config({"MODEL_NAME": "/models/gams", "MODEL_PRESET": "cjvt/GaMS-9B-Instruct"})
     resolved, sources = apply_preset(config, gpu_count=1, gpu_memory_gib=79.1)
     assert resolved.max_model_len == 8192 and sources["max_model_len"] == "preset"
-    with pytest.raises(ConfigError) as info:
-        apply_preset(load_config({"MODEL_PRESET": "cjvt/GaMS-1B"}), gpu_count=1, gpu_memory_gib=79.1)
-    assert info.value.variable == "MODEL_PRESET"
+    with pytest.raises(ConfigError) as info:  # read with the other settings: a bad value stops the worker at once
+        load_config({"MODEL_PRESET": "cjvt/GaMS-1B"})
+    assert info.value.variable == "MODEL_PRESET" and "cjvt/gams-9b-instruct" in info.value.allowed
 
 
 def gpu(name, capability):

@@ -1,18 +1,22 @@
-"""Turning a validated job input into prompt token ids that fit the model.
+"""Gemma's chat rules, for plain and OpenAI jobs alike, and a plain job's prompt as token ids.
 
-Messages go through the model's own chat template. Where the template refuses a
-``system`` role (Gemma 2; see gams_worker.jobs.chat_template), a leading system message
-is folded into the first user turn (separated by a blank line) instead of failing the job.
+Message content is a string or OpenAI-style text parts. Where the model's chat template
+refuses a ``system`` role (Gemma 2; gams_worker/jobs/chat_template.py learns it at start-up),
+a leading system message is folded into the first user turn (separated by a blank line)
+instead of failing the job, and a system message anywhere else is an error; where the
+template renders a system role (Gemma 3), messages go to it as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from gams_worker.errors import JobInputError
 from gams_worker.jobs.chat_template import ChatTemplateFacts
-from gams_worker.jobs.input import JobInput, Message
+
+if TYPE_CHECKING:  # gams_worker.jobs.input applies these rules as it validates
+    from gams_worker.jobs.input import JobInput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,36 +25,66 @@ class PreparedPrompt:
     sampling: Dict[str, Any]  # with max_tokens fitted to the model length
 
 
-def fold_system_message(messages: Sequence[Message]) -> List[Dict[str, str]]:
-    """Gemma has no system role: prepend a leading system message to the first user turn."""
-    chat = [{"role": m.role, "content": m.content} for m in messages]
-    for i, message in enumerate(chat[1:], start=1):
-        if message["role"] == "system":
-            raise JobInputError("a system message may only come first", f"messages[{i}].role")
-    if chat[0]["role"] != "system":
+def join_text_parts(content: Any, field: str) -> str:
+    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for i, part in enumerate(content):
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise JobInputError("must be a string or a list of text parts", field)
+
+
+def fold_system_message(messages: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Gemma has no system role: prepend a leading system message to the first user turn.
+
+    Other keys of a message (an OpenAI ``name``) and a user turn's content parts are kept.
+    """
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise JobInputError("must be an object with 'role' and 'content'", f"messages[{i}]")
+        if i > 0 and message.get("role") == "system":
+            raise JobInputError("a system message may only come first (Gemma 2 has no system role)",
+                                f"messages[{i}].role")
+    chat = [dict(message) for message in messages]
+    if not chat or chat[0].get("role") != "system":
         return chat
-    system, rest = chat[0]["content"], chat[1:]
-    if rest and rest[0]["role"] == "user":
-        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
-    return [{"role": "user", "content": system}] + rest
+    system, rest = join_text_parts(chat[0].get("content"), "messages[0].content"), chat[1:]
+    if not rest or rest[0].get("role") != "user":
+        return [{"role": "user", "content": system}] + rest
+    content = rest[0].get("content")
+    if isinstance(content, str):
+        rest[0]["content"] = f"{system}\n\n{content}"
+    elif isinstance(content, list):
+        rest[0]["content"] = [{"type": "text", "text": f"{system}\n\n"}] + content
+    else:
+        raise JobInputError("must be a string or a list of content parts", "messages[1].content")
+    return rest
+
+
+def template_messages(messages: Sequence[Any], template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
+    """The messages as the chat template gets them, for both dialects: a leading system message
+    folded where the template refuses a system role (``template`` None: not known, so fold)."""
+    if template is not None and template.accepts_system:
+        return list(messages)
+    return fold_system_message(messages)
 
 
 def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
                    template: Optional[ChatTemplateFacts] = None) -> PreparedPrompt:
     """Tokenize the prompt (through the chat template for messages) and fit max_tokens.
 
-    ``template`` says whether the chat template takes a system role; without it, fold.
+    ``template`` says whether the chat template takes a system role (see template_messages).
     """
     if job.messages is not None:
         field = "messages"
-        if template is not None and template.accepts_system:
-            chat = [{"role": m.role, "content": m.content} for m in job.messages]
-        else:
-            chat = fold_system_message(job.messages)
+        chat = template_messages(job.messages, template)
         try:
             text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        except JobInputError:
-            raise
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
             raise JobInputError(f"the model's chat template refused these messages: {exc}", field) from exc
         # The template already wrote <bos>; adding special tokens again would double it.
@@ -74,5 +108,5 @@ def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
             )
         sampling["max_tokens"] = room  # the default shrinks to fit; an explicit value is never cut
     if sampling.get("min_tokens", 0) > sampling["max_tokens"]:
-        raise JobInputError(f"must not exceed {sampling['max_tokens']}", "sampling_params.min_tokens")
+        raise JobInputError(f"must not exceed max_tokens ({sampling['max_tokens']})", "sampling_params.min_tokens")
     return PreparedPrompt(token_ids, sampling)

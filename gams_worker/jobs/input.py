@@ -1,13 +1,30 @@
-"""Validation of a job's input into a typed ``JobInput``.
+"""Validation of a job's input: a plain job into a typed ``JobInput``, and the input limits of
+both dialects (an OpenAI job's request body meets the same limits).
 
-Accepted shape (every other field is rejected by name)::
+A plain job's accepted shape (every other field is rejected by name)::
 
     {"prompt": "..."}  or  {"messages": [{"role": "user", "content": "..."}, ...]}
     "sampling_params": {...}   optional, see SAMPLING_FIELDS
     "stream": false            optional; true streams chunks as they are generated
 
-Errors raise ``JobInputError`` with the dotted path of the field at fault. Size limits
-(gams_worker/jobs/limits.py) are checked before anything is tokenized.
+Errors raise ``JobInputError`` with the dotted path of the field at fault.
+
+Size limits are checked before any tokenization or engine work; a job over one gets an error
+naming the field, and no limit ever truncates. The defaults (each overridable by the
+environment variable in brackets):
+
+- ``max_input_bytes`` [MAX_INPUT_BYTES] 1 MiB: the whole ``input`` (an OpenAI job's request
+  body) as UTF-8 JSON. RunPod itself accepts up to 10 MB (/run) and 20 MB (/runsync); nothing
+  that fits GaMS's context comes near 1 MiB, and it bounds the worker's memory and parsing time.
+- ``max_prompt_chars`` [MAX_PROMPT_CHARS] 200,000: the prompt, or all message contents
+  together. GaMS's 8192-token context holds roughly 40,000 characters of Slovene; the rest is
+  headroom for unusual tokenizations. It bounds tokenizer time, which runs on the event loop.
+- ``max_messages`` [MAX_MESSAGES] 256 chat messages.
+- ``max_stop_strings`` [MAX_STOP_STRINGS] 16 and ``max_stop_length`` [MAX_STOP_LENGTH] 256
+  characters each: vLLM checks every stop string against new text at every step.
+- ``max_n`` [MAX_N] 16 choices per job: each choice is a sequence in the batch.
+
+``max_tokens`` is bounded by MAX_MODEL_LEN minus the prompt's tokens (gams_worker/jobs/chat.py).
 """
 
 from __future__ import annotations
@@ -18,22 +35,52 @@ import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.limits import InputLimits, check_count, check_input_size, check_prompt_chars
+from gams_worker.jobs.chat import join_text_parts
 
 ROLES = ("system", "user", "assistant")
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
 
 @dataclasses.dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
+class InputLimits:
+    max_input_bytes: int = 1_048_576
+    max_prompt_chars: int = 200_000
+    max_messages: int = 256
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    max_n: int = 16
+
+
+def check_input_size(raw: Any, limits: InputLimits, field: str) -> None:
+    """The whole input, serialized as the platform sent it, must fit ``max_input_bytes``."""
+    try:
+        encoded = json.dumps(raw, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise JobInputError("contains a lone surrogate (text that is not valid Unicode)", field) from None
+    except (TypeError, ValueError, RecursionError):
+        raise JobInputError("must be plain JSON (objects, lists, strings, finite numbers)", field) from None
+    if len(encoded) > limits.max_input_bytes:
+        raise JobInputError(
+            f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most {limits.max_input_bytes}", field
+        )
+
+
+def check_prompt_chars(chars: int, field: str, limits: InputLimits) -> None:
+    if chars > limits.max_prompt_chars:
+        raise JobInputError(
+            f"is {chars} characters; MAX_PROMPT_CHARS allows at most {limits.max_prompt_chars}", field
+        )
+
+
+def check_count(count: int, maximum: int, variable: str, what: str, field: str) -> None:
+    if count > maximum:
+        raise JobInputError(f"has {count} {what}; {variable} allows at most {maximum}", field)
 
 
 @dataclasses.dataclass(frozen=True)
 class JobInput:
     prompt: Optional[str]
-    messages: Optional[Tuple[Message, ...]]
+    messages: Optional[Tuple[Dict[str, str], ...]]  # {"role", "content"}, text parts joined
     sampling: Dict[str, Any]  # validated SamplingParams keyword arguments
     stream: bool
     max_tokens_given: bool  # False: max_tokens is the default and may be lowered to fit the model
@@ -73,10 +120,6 @@ def _boolean(field: str, value: Any) -> bool:
     return value
 
 
-def _seed(field: str, value: Any) -> int:
-    return _integer(0, 2**63 - 1)(field, value)
-
-
 def _stop(field: str, value: Any) -> List[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list):
@@ -98,7 +141,7 @@ SAMPLING_FIELDS: Dict[str, Callable[[str, Any], Any]] = {
     "presence_penalty": _number(-2.0, 2.0),
     "frequency_penalty": _number(-2.0, 2.0),
     "stop": _stop,
-    "seed": _seed,
+    "seed": _integer(0, 2**63 - 1),
     "n": _integer(1),  # and at most InputLimits.max_n
     "ignore_eos": _boolean,
 }
@@ -109,7 +152,7 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
     """Validate a job's ``input`` object; raise JobInputError naming the field at fault."""
     if not isinstance(raw, Mapping):
         raise JobInputError("must be an object with 'prompt' or 'messages'", "input")
-    check_input_size(raw, limits)
+    check_input_size(raw, limits, "input")
     _reject_unknown(raw, INPUT_FIELDS, "")
 
     has_prompt, has_messages = "prompt" in raw, "messages" in raw
@@ -124,7 +167,7 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
         check_prompt_chars(len(prompt), "prompt", limits)
     else:
         messages = _messages(raw["messages"], limits)
-        check_prompt_chars(sum(len(m.content) for m in messages), "messages", limits)
+        check_prompt_chars(sum(len(m["content"]) for m in messages), "messages", limits)
 
     stream = _boolean("stream", raw.get("stream", False))
     sampling, max_tokens_given = _sampling(raw.get("sampling_params", {}), default_max_tokens, limits)
@@ -144,7 +187,7 @@ def _key_path(prefix: str, key: Any) -> str:
     return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
 
 
-def _messages(value: Any, limits: InputLimits) -> Tuple[Message, ...]:
+def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:
     if not isinstance(value, list) or not value:
         raise JobInputError("must be a non-empty list of {role, content} objects", "messages")
     check_count(len(value), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
@@ -157,22 +200,8 @@ def _messages(value: Any, limits: InputLimits) -> Tuple[Message, ...]:
         role = item.get("role")
         if role not in ROLES:
             raise JobInputError(f"must be one of {', '.join(ROLES)}", field + ".role")
-        out.append(Message(role, _content(item.get("content"), field + ".content")))
+        out.append({"role": role, "content": join_text_parts(item.get("content"), field + ".content")})
     return tuple(out)
-
-
-def _content(value: Any, field: str) -> str:
-    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value:
-        texts = []
-        for i, part in enumerate(value):
-            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise JobInputError("must be a string or a list of text parts", field)
 
 
 def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple[Dict[str, Any], bool]:
@@ -186,15 +215,43 @@ def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple
     }
     _check_sampling_limits(sampling, limits)
     max_tokens_given = "max_tokens" in sampling
-    sampling.setdefault("max_tokens", default_max_tokens)
-    if sampling.get("min_tokens", 0) > sampling["max_tokens"]:
-        raise JobInputError("must not exceed max_tokens", "sampling_params.min_tokens")
+    sampling.setdefault("max_tokens", default_max_tokens)  # min_tokens <= max_tokens: see prepare_prompt
     return sampling, max_tokens_given
 
 
-def _check_sampling_limits(sampling: Dict[str, Any], limits: InputLimits) -> None:
-    check_count(sampling.get("n", 1), limits.max_n, "MAX_N", "choices", "sampling_params.n")
-    stop = sampling.get("stop", [])
-    check_count(len(stop), limits.max_stop_strings, "MAX_STOP_STRINGS", "stop strings", "sampling_params.stop")
+def _check_sampling_limits(sampling: Dict[str, Any], limits: InputLimits, prefix: str = "sampling_params.") -> None:
+    n = sampling.get("n")
+    if isinstance(n, int):
+        check_count(n, limits.max_n, "MAX_N", "choices", prefix + "n")
+    stop = sampling.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    check_count(len(stop), limits.max_stop_strings, "MAX_STOP_STRINGS", "stop strings", prefix + "stop")
     for i, item in enumerate(stop):
-        check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"sampling_params.stop[{i}]")
+        if isinstance(item, str):
+            check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"{prefix}stop[{i}]")
+
+
+def check_openai_limits(body: Mapping[str, Any], limits: InputLimits) -> None:
+    """The input limits on an OpenAI request body, fields named as the body names them.
+
+    Only values of the right type are measured; vLLM's own validation names the rest.
+    """
+    check_input_size(body, limits, "openai_input")
+    _check_sampling_limits(body, limits, prefix="")
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if prompt is not None:  # /v1/completions: a string, or a list of strings (or token ids)
+        prompts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+        check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt", limits)
+    if isinstance(messages, list):
+        check_count(len(messages), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
+        check_prompt_chars(sum(_text_chars(m.get("content")) for m in messages if isinstance(m, Mapping)),
+                           "messages", limits)
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of a message's text: a string, or the text of its content parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p["text"]) for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    return 0

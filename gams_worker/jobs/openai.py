@@ -7,16 +7,18 @@ job yields. The outputs match runpod-workers/worker-vllm:
     non-stream:  one dict, the ChatCompletion / Completion / model list JSON
     stream:      strings, each a concatenation of whole SSE events ``data: {json}\\n\\n``;
                  the last one ends with ``data: [DONE]\\n\\n``
-    error:       one dict {"error": {"message", "type", "param", "code"}}, where ``code``
+    error:       {"error": "<JSON of {"message", "type", "param", "code"}>"}, where ``code``
                  is the HTTP status (400, 404, 500...) the platform should answer with
 
 Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels /
 OpenAIServingResponses / ServingTokenization on the worker's one engine, so templating,
 sampling, logprobs, n, structured output and usage are vLLM's, exactly as ``vllm serve`` does
-them. The worker adds four things: a leading system message folded into the first user turn
-where the chat template refuses a system role (Gemma 2; Responses ``instructions`` too), chat
-and Responses requests stopped at the template's end of turn (gams_worker.jobs.chat_template),
-rejection of fields vLLM would silently ignore, and batching of stream events.
+them. The worker adds five things: Gemma's chat rules (gams_worker/jobs/chat.py; a leading
+system message folded where the template refuses a system role, Responses ``instructions``
+too), chat and Responses requests stopped at the template's end of turn
+(gams_worker/jobs/chat_template.py), the input limits of plain jobs (gams_worker/jobs/input.py),
+rejection of fields vLLM would silently ignore, and batching of stream events
+(gams_worker/jobs/streaming.py).
 
 /v1/responses streams SSE events as ``vllm serve`` writes them (``event: <type>\ndata: {json}``,
 no ``[DONE]``); /v1/tokenize takes ``prompt`` or ``messages`` and /v1/detokenize ``tokens``,
@@ -28,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
+from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
+from gams_worker.jobs.chat import template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
+from gams_worker.jobs.input import check_openai_limits
+from gams_worker.jobs.streaming import StreamBatcher
 
 log = logging.getLogger(__name__)
 
@@ -45,102 +50,6 @@ TOKENIZE_ROUTE = "/v1/tokenize"
 DETOKENIZE_ROUTE = "/v1/detokenize"
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE, DETOKENIZE_ROUTE)
 JOB_FIELDS = ("openai_route", "openai_input")
-SSE_DONE = "data: [DONE]\n\n"
-
-
-class OpenAIRequestError(Exception):
-    """A request the worker refuses before vLLM sees it; becomes an OpenAI error JSON."""
-
-    def __init__(self, message: str, param: Optional[str] = None,
-                 status: HTTPStatus = HTTPStatus.BAD_REQUEST):
-        self.message = message
-        self.param = param
-        self.status = status
-        super().__init__(message)
-
-    def to_output(self) -> Dict[str, Any]:
-        return openai_error(self.message, self.status, self.param)
-
-
-def openai_error(message: str, status: HTTPStatus, param: Optional[str] = None) -> Dict[str, Any]:
-    """OpenAI's error shape as vLLM writes it: ``type`` names the error, ``code`` is the HTTP status."""
-    error_type = {
-        HTTPStatus.BAD_REQUEST: "BadRequestError",
-        HTTPStatus.NOT_FOUND: "NotFoundError",
-    }.get(status, "InternalServerError")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": int(status)}}
-
-
-def fold_system_message(messages: List[Any]) -> List[Any]:
-    """Gemma 2 has no system role: prepend a leading system message to the first user turn.
-
-    Same rule as plain jobs (gams_worker.jobs.chat): joined by a blank line; a system message
-    anywhere but first is an error. Messages stay OpenAI dicts (content a string or parts).
-    """
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise OpenAIRequestError("must be an object with 'role' and 'content'", f"messages[{i}]")
-        if i > 0 and message.get("role") == "system":
-            raise OpenAIRequestError("a system message may only come first (Gemma 2 has no system role)",
-                                     f"messages[{i}].role")
-    if not messages or messages[0].get("role") != "system":
-        return messages
-    system_text = _text_of(messages[0].get("content"), "messages[0].content")
-    rest = list(messages[1:])
-    if rest and rest[0].get("role") == "user":
-        content = rest[0].get("content")
-        if isinstance(content, str):
-            folded = f"{system_text}\n\n{content}"
-        elif isinstance(content, list):
-            folded = [{"type": "text", "text": f"{system_text}\n\n"}] + content
-        else:
-            raise OpenAIRequestError("must be a string or a list of content parts", "messages[1].content")
-        return [{**rest[0], "content": folded}] + rest[1:]
-    return [{"role": "user", "content": system_text}] + rest
-
-
-def _text_of(content: Any, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        for part in content
-    ):
-        return "".join(part["text"] for part in content)
-    raise OpenAIRequestError("a system message must be a string or a list of text parts", param)
-
-
-class SseBatcher:
-    """Gathers SSE events into strings of whole events, flushed by count or by time.
-
-    vLLM writes one event per generated token and choice, so ``batch_events`` plays the
-    role of STREAM_BATCH_TOKENS. The first token is flushed at once (the first flush
-    waits only for one event after the role event), as for plain jobs.
-    """
-
-    def __init__(self, batch_events: int, batch_ms: int, clock: Callable[[], float] = time.monotonic):
-        self._batch_events = batch_events
-        self._batch_s = batch_ms / 1000.0
-        self._clock = clock
-        self._events: List[str] = []
-        self._last_flush: Optional[float] = None  # None: nothing flushed yet
-
-    def add(self, event: str) -> Optional[str]:
-        """Gather one event; return the batch to send when a flush is due, else None."""
-        self._events.append(event)
-        now = self._clock()
-        if self._last_flush is None:
-            due = len(self._events) >= 2
-        else:
-            due = len(self._events) >= self._batch_events or now - self._last_flush >= self._batch_s
-        if not due:
-            return None
-        self._last_flush = now
-        return self.drain()
-
-    def drain(self) -> str:
-        batch, self._events = "".join(self._events), []
-        return batch
 
 
 def _import_vllm_openai() -> Dict[str, Any]:
@@ -174,11 +83,10 @@ def _import_vllm_openai() -> Dict[str, Any]:
 class OpenAIRoutes:
     """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
-    def __init__(self, engine: Any, config: WorkerConfig, chat_template: Optional[ChatTemplateFacts] = None):
+    def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts):
         self.engine = engine
         self.config = config
-        self.chat_template = chat_template  # None: fold system messages, no end-of-turn stop
-        self._fold_system = chat_template is None or not chat_template.accepts_system
+        self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
         self._vllm: Optional[Dict[str, Any]] = None
         self._init_lock = asyncio.Lock()
 
@@ -198,19 +106,15 @@ class OpenAIRoutes:
                                                     model_path=self.config.model_name)],
         )
         await models.init_static_loras()
-        renderer_class = vllm["OnlineRenderer"]
-        if self._fold_system:
-            renderer_class = _system_folding_renderer(renderer_class)
-        renderer = renderer_class(
+        renderer = _chat_rules_renderer(vllm["OnlineRenderer"], self.chat_template)(
             model_config=self.engine.model_config,
             renderer=self.engine.renderer,
             request_logger=None,
             chat_template=None,  # the model's own template
             chat_template_content_format="auto",
         )
-        chat_engine = self.engine  # chat and Responses requests stop at the template's end of turn
-        if self.chat_template is not None:
-            chat_engine = EndOfTurnEngine(self.engine, self.chat_template, self.engine.get_tokenizer().eos_token_id)
+        # Chat and Responses requests stop at the template's end of turn.
+        chat_engine = EndOfTurnEngine(self.engine, self.chat_template, self.engine.get_tokenizer().eos_token_id)
         chat = vllm["OpenAIServingChat"](
             chat_engine, models, "assistant",
             online_renderer=renderer, request_logger=None,
@@ -255,32 +159,38 @@ class OpenAIRoutes:
                 result = await vllm["tokenization"].create_detokenize(request, None)
             else:
                 result = await vllm["completion"].create_completion(request, None)
-        except OpenAIRequestError as exc:  # raised while vLLM renders the messages
-            if route == RESPONSES_ROUTE:
-                exc.param = "input"  # the messages it names are vLLM's, made of instructions + input
-            yield exc.to_output()
+        except JobInputError as exc:  # Gemma's chat rules, applied while vLLM renders the messages
+            # On /v1/responses the messages are vLLM's, made of instructions + input.
+            yield OpenAIRequestError(exc.message, "input" if route == RESPONSES_ROUTE else exc.field).to_output()
             return
         except Exception as exc:  # vLLM raises some request errors (e.g. bad sampling values)
             yield self._error_from_exception(exc, vllm)
             return
 
+        if isinstance(result, vllm["ErrorResponse"]):
+            yield job_error_output(result.model_dump()["error"])
+            return
         if isinstance(result, vllm["ResponsesResponse"]):
             yield result.model_dump(mode="json", by_alias=True)  # as vLLM's /v1/responses writes it
             return
-        if isinstance(result, (vllm["ErrorResponse"], vllm["ChatCompletionResponse"], vllm["CompletionResponse"],
+        if isinstance(result, (vllm["ChatCompletionResponse"], vllm["CompletionResponse"],
                                vllm["TokenizeResponse"], vllm["DetokenizeResponse"])):
             yield result.model_dump()
             return
         if route == RESPONSES_ROUTE:
-            result = _responses_sse_events(result)
-        batcher = SseBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
-        async for event in result:
-            batch = batcher.add(event)
+            events = _responses_sse_events(result)
+        else:
+            # A chat stream opens with one event per choice that carries only the role.
+            events = _marked_events(result, role_events=(request.n or 1) if route == CHAT_ROUTE else 0)
+        batcher: StreamBatcher = StreamBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
+        # vLLM writes one event per generated token and choice.
+        async for event, has_text in events:
+            batch = batcher.add(event, 1, has_text)
             if batch:
-                yield batch
+                yield "".join(batch)
         rest = batcher.drain()
         if rest:
-            yield rest
+            yield "".join(rest)
 
     def _parse_job(self, job_input: Mapping[str, Any]) -> tuple:
         for key in job_input:
@@ -306,8 +216,10 @@ class OpenAIRoutes:
         for key in body:
             if key not in known:
                 raise OpenAIRequestError(f"unknown parameter {key!r}", key)
-        if route == CHAT_ROUTE and self._fold_system and isinstance(body.get("messages"), list):
-            body["messages"] = fold_system_message(body["messages"])
+        try:
+            check_openai_limits(body, self.config.input_limits)
+        except JobInputError as exc:
+            raise OpenAIRequestError(exc.message, exc.field) from None
         body.setdefault("model", self.config.model_label)
         try:
             return request_class(**body)
@@ -315,11 +227,11 @@ class OpenAIRoutes:
             raise OpenAIRequestError(*_describe_validation_error(exc)) from None
 
     @staticmethod
-    def _error_from_exception(exc: Exception, vllm: Dict[str, Any]) -> Dict[str, Any]:
-        error = vllm["create_error_response"](exc).model_dump()
-        if error["error"]["code"] >= 500:
+    def _error_from_exception(exc: Exception, vllm: Dict[str, Any]) -> Dict[str, str]:
+        error = vllm["create_error_response"](exc).model_dump()["error"]
+        if error["code"] >= 500:
             log.exception("OpenAI request failed in the engine", exc_info=exc)
-        return error
+        return job_error_output(error)
 
 
 def _describe_validation_error(exc: Exception) -> tuple:
@@ -371,22 +283,31 @@ def _import_vllm_responses_and_tokenize() -> Dict[str, Any]:
     )
 
 
-async def _responses_sse_events(events: AsyncIterator[Any]) -> AsyncIterator[str]:
-    """Responses stream events as SSE text, as vLLM's /v1/responses route writes them."""
+async def _marked_events(events: AsyncIterator[str], role_events: int) -> AsyncIterator[Tuple[str, bool]]:
+    """Chat and completion SSE events, each with whether it carries text (all but the first ``role_events``)."""
     async for event in events:
-        yield f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+        yield event, role_events <= 0
+        role_events -= 1
 
 
-def _system_folding_renderer(online_renderer_class: Any) -> Any:
-    """vLLM's OnlineRenderer, folding a leading system message before the chat template sees it.
+async def _responses_sse_events(events: AsyncIterator[Any]) -> AsyncIterator[Tuple[str, bool]]:
+    """Responses stream events as SSE text, as vLLM's /v1/responses route writes them, each with
+    whether it carries text (a delta; the events before the first announce the response)."""
+    async for event in events:
+        sse = f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+        yield sse, event.type.endswith(".delta")
 
-    Every chat-templated route (chat, Responses with ``instructions``, tokenize) renders
-    through ``preprocess_chat``, so this is the one place that serves templates refusing a
-    system role.
+
+def _chat_rules_renderer(online_renderer_class: Any, chat_template: ChatTemplateFacts) -> Any:
+    """vLLM's OnlineRenderer, applying Gemma's chat rules (chat.template_messages) before the
+    chat template sees the messages.
+
+    Every chat-templated route (chat, Responses, tokenize) renders through ``preprocess_chat``,
+    so this is the one place where OpenAI jobs meet those rules.
     """
 
-    class SystemFoldingRenderer(online_renderer_class):
+    class ChatRulesRenderer(online_renderer_class):
         async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:
-            return await super().preprocess_chat(request, fold_system_message(list(messages)), *args, **kwargs)
+            return await super().preprocess_chat(request, template_messages(messages, chat_template), *args, **kwargs)
 
-    return SystemFoldingRenderer
+    return ChatRulesRenderer

@@ -1,12 +1,11 @@
-"""Running one job on the shared engine: validate, generate, stream, report.
+"""Running one plain job on the shared engine: validate, generate, stream, report.
 
 Output shapes (every job ends with exactly one item carrying ``usage``, or one error):
 
     stream:     {"choices": [{"index": 0, "text": "..."}]} ...
                 last: {"choices": [{"index", "text", "finish_reason"}], "usage": {...}, "engine": {...}}
     non-stream: one item shaped like the last chunk, with the whole text
-    error:      {"error": {"type", "message", "field"?}}
-    openai:     input {"openai_route", "openai_input"}: see gams_worker.jobs.openai
+    error:      {"error": "<JSON of {"type", "message", "field"?}>"} (gams_worker/errors.py)
 """
 
 from __future__ import annotations
@@ -18,14 +17,11 @@ from collections import deque
 from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
-from gams_worker.startup.engine import EngineInfo
-from gams_worker.errors import JobInputError, error_output
-from gams_worker.jobs.input import parse_job_input
-from gams_worker.jobs.openai import OpenAIRoutes
+from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
 from gams_worker.jobs.chat import prepare_prompt
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template, stop_at_end_of_turn
-from gams_worker.jobs.streaming import ChunkBatcher
-from gams_worker.startup.timeline import StartupTimeline
+from gams_worker.jobs.input import parse_job_input
+from gams_worker.jobs.streaming import StreamBatcher, text_by_choice
 
 log = logging.getLogger(__name__)
 
@@ -33,35 +29,24 @@ log = logging.getLogger(__name__)
 class GenerationService:
     """Turns RunPod jobs into requests on one shared vLLM engine."""
 
-    def __init__(self, engine: Any, tokenizer: Any, config: WorkerConfig, engine_info: EngineInfo,
-                 startup: Optional[StartupTimeline] = None):
+    def __init__(self, engine: Any, tokenizer: Any, config: WorkerConfig, engine_info: Any, startup: Any = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
-        self.engine_info = engine_info
-        self.startup = startup  # reported once, with the first job served
-        self.running_requests = 0  # engine requests in flight; tests and logs read it
+        self.engine_info = engine_info  # startup.engine.EngineInfo, reported with every job
+        self.startup = startup  # startup.timeline.StartupTimeline, reported once, with the first job served
         # (job id, time.monotonic()) of the latest requests aborted before they finished: a
         # stopped job's abort time, measured where it happens (the status endpoint reports it).
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
-        self.chat_template = probe_chat_template(tokenizer)  # end-of-turn token, system role
+        # What the chat template does (end-of-turn token, system role), for both dialects.
+        self.chat_template = probe_chat_template(tokenizer)
         log_chat_template(engine, tokenizer, self.chat_template)
-        self.openai = OpenAIRoutes(engine, config, self.chat_template)  # jobs from RunPod's /openai/v1 passthrough
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Yield the outputs of one job (see the module docstring for their shapes)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(job.get("input"), dict) and "openai_route" in job["input"]:
-            self.running_requests += 1
-            try:
-                async for output in self.openai.run(job["input"]):
-                    yield output
-            finally:
-                self.running_requests -= 1
-            return
 
         try:
             job_input = parse_job_input(job.get("input"), self.config.default_max_tokens, self.config.input_limits)
@@ -73,18 +58,17 @@ class GenerationService:
             yield exc.to_output()
             return
         except ValueError as exc:  # vLLM's own checks of sampling parameters
-            yield error_output("invalid_input", str(exc), "sampling_params")
+            yield error_output(INVALID_INPUT, str(exc), "sampling_params")
             return
 
         request_id = f"{job.get('id', 'job')}-{uuid.uuid4().hex[:8]}"
-        batcher = ChunkBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
+        batcher: StreamBatcher = StreamBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
         texts: Dict[int, List[str]] = {}
         finish: Dict[int, Optional[str]] = {}
         completion_tokens = 0
         started = time.monotonic()
         first_token_at: Optional[float] = None
         finished = False
-        self.running_requests += 1
         try:
             stream = self.engine.generate({"prompt_token_ids": prompt.token_ids}, params, request_id)
             async for output in stream:  # once per engine step: keep this loop lean
@@ -96,22 +80,22 @@ class GenerationService:
                     if choice.finish_reason is not None:
                         finish[choice.index] = choice.finish_reason
                     if job_input.stream:
-                        ready = batcher.add(choice.index, choice.text, num_tokens)
+                        ready = batcher.add((choice.index, choice.text), num_tokens, bool(choice.text))
                         if ready:
-                            yield {"choices": ready}
+                            yield {"choices": [{"index": i, "text": t}
+                                               for i, t in sorted(text_by_choice(ready).items())]}
                     else:
                         texts.setdefault(choice.index, []).append(choice.text)
                 finished = output.finished
         except EngineDeadError as exc:
             log.error("job %s failed: the vLLM engine is dead (%s)", job.get("id"), exc)
-            yield error_output("engine_dead", "the inference engine died; this worker is being replaced")
+            yield error_output(ENGINE_DEAD, "the inference engine died; this worker is being replaced")
             return
         except Exception as exc:  # a request-level engine error fails this job only
             log.exception("job %s failed in the engine", job.get("id"))
-            yield error_output("engine_error", f"{type(exc).__name__}: {exc}")
+            yield error_output(ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
             return
         finally:
-            self.running_requests -= 1
             if not finished:  # cancelled or failed: free the KV cache and batch slot now
                 await self.engine.abort(request_id)
                 self.aborted.append((job.get("id"), time.monotonic()))
@@ -119,7 +103,7 @@ class GenerationService:
                          job.get("id"), completion_tokens)
 
         # A finished request has a finish reason for every choice.
-        pending = batcher.drain()
+        pending = text_by_choice(batcher.drain())
         choices = [
             {
                 "index": i,

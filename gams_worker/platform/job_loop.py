@@ -1,48 +1,141 @@
-"""The runpod SDK's job loop, with each taken job started at once.
+"""The runpod SDK's job loop (runpod 1.12.0, serverless/modules/rp_scale.py), with its waits replaced.
 
-runpod 1.12's ``JobScaler.run_jobs`` looks at its queue of taken jobs only every
-100 ms (``asyncio.wait(..., timeout=0.1)`` / ``asyncio.sleep(0.1)`` in rp_scale.py), so
-a job waited 0-100 ms before its handler ran: 48 ms more time to first chunk than the
-in-process handler at one job at a time (``python -m bench cpu``). ``PromptJobScaler``
-is that same loop with a 5 ms look; everything else (taking jobs, stop signals,
-concurrency, shutdown) stays the SDK's.
+Two loops of the SDK's ``JobScaler`` decide how fast a job reaches the handler:
+
+- ``get_jobs`` takes jobs from RunPod. It counts the jobs it holds as ``jobs_queue.qsize() +
+  job_progress.get_job_count()``, but every taken job is in both until ``run_jobs`` picks it
+  up, so after a take it believes it is fuller than it is; when it believes it is full it
+  sleeps 1 s. A burst of 64 at ``MAX_CONCURRENCY=64`` had half its jobs wait 1 s on the
+  platform (issue 14), and under steady load each freed slot waited up to 1 s for a refill.
+- ``run_jobs`` starts a task per taken job, but looks at its queue only every 100 ms.
+
+``JobLoop`` counts each job once, from its take to the end of its task, and both loops wait
+on events instead of sleeping: ``get_jobs`` takes again the moment a job ends, ``run_jobs``
+starts a job the moment it is taken. Everything else is the SDK's: ``set_scale`` and the
+``concurrency_modifier``, the stop-signal long-poll and ``stop_job``, ``handle_job`` (stream
+and result posts, the job progress set that pings report), the error handling around a take,
+and SIGTERM draining (stop taking, finish every taken job, then return). One change there: a
+job that the last take in flight brings in after SIGTERM is run too (the SDK's ``run_jobs`` may
+already have returned and left it unrun).
+
+The SDK's ``runpod.serverless.start`` builds ``rp_scale.JobScaler(config)``; ``install_job_loop``
+points that name at ``JobLoop``, after ``check_sdk_version`` (gams_worker/platform/sdk_version.py)
+has made sure the installed SDK is the release this was written for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Set
+from typing import Optional, Set
 
+from runpod.http_client import TooManyRequests
 from runpod.serverless.modules import rp_scale
 
-log = logging.getLogger(__name__)
+from gams_worker.platform.sdk_version import check_sdk_version
 
-JOB_PICKUP_INTERVAL_S = 0.005
+log = rp_scale.log  # the SDK's logger: same format and RUNPOD_LOG_LEVEL as the rest of its loop
 
 
-class PromptJobScaler(rp_scale.JobScaler):
-    async def run_jobs(self, session) -> None:
-        # runpod 1.12.0's run_jobs, with its 0.1 s waits cut to JOB_PICKUP_INTERVAL_S.
+class JobLoop(rp_scale.JobScaler):
+    def __init__(self, config):
+        super().__init__(config)
+        self.jobs_in_flight = 0  # taken and not yet ended, queued or running: each job once
+        self._slot_freed = asyncio.Event()  # get_jobs waits on it when full
+        self._jobs_to_start = asyncio.Event()  # run_jobs waits on it
+        self._taking = True  # get_jobs may still bring jobs in
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def current_occupancy(self) -> int:
+        return self.jobs_in_flight
+
+    async def run(self):
+        self._loop = asyncio.get_running_loop()
+        await super().run()
+
+    def kill_worker(self):
+        super().kill_worker()
+        # Called from the SIGTERM handler too: wake both loops through the loop's own wake-up
+        # pipe, since a plain Event.set() there would wait for the next network event.
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake_both)
+
+    def _wake_both(self) -> None:
+        self._slot_freed.set()
+        self._jobs_to_start.set()
+
+    async def get_jobs(self, session):
+        try:
+            while self.is_alive():
+                await self.set_scale()
+                self._slot_freed.clear()
+                jobs_needed = self.current_concurrency - self.current_occupancy()
+                if jobs_needed <= 0:
+                    log.debug("JobLoop.get_jobs | Full; taking again when a job ends.")
+                    await self._slot_freed.wait()
+                    continue
+                try:
+                    acquired_jobs = await asyncio.wait_for(self.jobs_fetcher(session, jobs_needed),
+                                                           timeout=self.jobs_fetcher_timeout)
+                    if not acquired_jobs:
+                        log.debug("JobLoop.get_jobs | No jobs acquired.")
+                        continue
+                    for job in acquired_jobs:
+                        self.jobs_in_flight += 1
+                        self.job_progress.add(job)
+                        self._jobs_to_start.set()  # before a put that may wait for run_jobs
+                        await self.jobs_queue.put(job)
+                        log.debug("Job Queued", job["id"])
+                    log.info(f"Jobs in queue: {self.jobs_queue.qsize()}")
+                # The SDK's handling of a failed take, unchanged.
+                except TooManyRequests:
+                    log.debug("JobLoop.get_jobs | Too many requests. Debounce for 5 seconds.")
+                    await asyncio.sleep(5)
+                except asyncio.CancelledError:
+                    log.debug("JobLoop.get_jobs | Request was cancelled.")
+                    raise
+                except asyncio.TimeoutError:
+                    log.debug("JobLoop.get_jobs | Job acquisition timed out. Retrying.")
+                except TypeError as error:
+                    log.debug(f"JobLoop.get_jobs | Unexpected error: {error}.")
+                except Exception as error:
+                    log.error(f"Failed to get job. | Error Type: {type(error).__name__} | "
+                              f"Error Message: {str(error)}")
+                finally:
+                    await asyncio.sleep(0)
+        finally:
+            self._taking = False
+            self._jobs_to_start.set()
+
+    async def run_jobs(self, session):
         tasks: Set[asyncio.Task] = set()
-        while self.is_alive() or not self.jobs_queue.empty():
+        last_task_count = 0
+        while self.is_alive() or self._taking or not self.jobs_queue.empty():
+            self._jobs_to_start.clear()
             while len(tasks) < self.current_concurrency and not self.jobs_queue.empty():
-                job = await self.jobs_queue.get()
+                job = self.jobs_queue.get_nowait()
                 task = asyncio.create_task(self.handle_job(session, job))
                 tasks.add(task)
+                task.add_done_callback(tasks.discard)
                 self.jobs_tasks[job["id"]] = task
-            if tasks:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED,
-                                             timeout=JOB_PICKUP_INTERVAL_S)
-                tasks.difference_update(done)
-            else:
-                await asyncio.sleep(JOB_PICKUP_INTERVAL_S)
+            if len(tasks) != last_task_count:
+                log.info(f"Jobs in progress: {len(tasks)}")
+                last_task_count = len(tasks)
+            await self._jobs_to_start.wait()
         # Drain on shutdown: stopped jobs end in CancelledError; other errors are logged.
         for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, Exception) and not isinstance(result, asyncio.CancelledError):
-                log.error("a job failed while the worker shut down: %r", result)
+                log.error(f"JobLoop.run_jobs | Task failed during shutdown drain: {result}")
+
+    async def handle_job(self, session, job):
+        try:
+            await super().handle_job(session, job)
+        finally:
+            self.jobs_in_flight -= 1
+            self._slot_freed.set()
+            self._jobs_to_start.set()  # a job that waited for a task slot (concurrency lowered)
 
 
-def use_prompt_job_scaler() -> None:
-    """Make ``runpod.serverless.start`` run PromptJobScaler (it builds ``rp_scale.JobScaler``)."""
-    rp_scale.JobScaler = PromptJobScaler
+def install_job_loop() -> None:
+    """Make ``runpod.serverless.start`` run JobLoop; SdkVersionError on an SDK it was not written for."""
+    check_sdk_version()
+    rp_scale.JobScaler = JobLoop

@@ -51,7 +51,7 @@ def run_local(handler: Callable, argv: Sequence[str]) -> int:
     outputs = asyncio.run(run_job(handler, job))
     print("--- aggregate output:", flush=True)
     print(json.dumps({"id": job["id"], "output": outputs}, ensure_ascii=False), flush=True)
-    failed: Optional[Dict[str, Any]] = next((o for o in outputs if "error" in o), None)
+    failed: Optional[Dict[str, Any]] = next((o for o in outputs if isinstance(o, dict) and "error" in o), None)
     if failed:
         print(f"--- job failed: {failed['error']}", file=sys.stderr, flush=True)
         return 1

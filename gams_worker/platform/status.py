@@ -1,8 +1,8 @@
 """An opt-in local status endpoint: ``GET http://127.0.0.1:WORKER_STATUS_PORT/status``.
 
-It answers ``{"running_requests": N, "engine_requests": M, "engine_errored": bool,
-"aborted": [{"job_id": id, "at": t}, ...]}``: ``running_requests`` counts jobs inside the
-service's generate loop, ``engine_requests`` counts requests vLLM's output processor still
+It answers ``{"running_jobs": N, "engine_requests": M, "engine_errored": bool,
+"aborted": [{"job_id": id, "at": t}, ...]}``: ``running_jobs`` counts jobs (both dialects)
+whose outputs are being produced, ``engine_requests`` counts requests vLLM's output processor still
 tracks (an aborted request leaves it at once), ``aborted`` lists the latest jobs whose engine
 request was aborted before it finished, with the ``time.monotonic()`` of the abort (on Linux
 one clock for all processes of the host, so a test can compare it with its own times).
@@ -21,30 +21,31 @@ from typing import Any, Dict, Optional
 log = logging.getLogger(__name__)
 
 
-def worker_status(service: Any) -> Dict[str, Any]:
-    """The figures the endpoint reports; reads plain counters, safe from another thread."""
-    output_processor = getattr(service.engine, "output_processor", None)
+def worker_status(jobs: Any) -> Dict[str, Any]:
+    """The figures the endpoint reports for a JobRouter; reads plain counters, safe from another thread."""
+    engine = jobs.plain.engine
+    output_processor = getattr(engine, "output_processor", None)
     engine_requests: Optional[int] = None
     if output_processor is not None:
         engine_requests = output_processor.get_num_unfinished_requests()
     return {
-        "running_requests": service.running_requests,
+        "running_jobs": jobs.running_jobs,
         "engine_requests": engine_requests,
-        "engine_errored": bool(service.engine.errored),
-        "aborted": [{"job_id": job_id, "at": at} for job_id, at in list(service.aborted)],
+        "engine_errored": bool(engine.errored),
+        "aborted": [{"job_id": job_id, "at": at} for job_id, at in list(jobs.plain.aborted)],
     }
 
 
 class StatusServer:
-    """Serves ``worker_status(service)`` on 127.0.0.1:``port`` from a daemon thread."""
+    """Serves ``worker_status(jobs)`` on 127.0.0.1:``port`` from a daemon thread."""
 
-    def __init__(self, service: Any, port: int):
+    def __init__(self, jobs: Any, port: int):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if self.path != "/status":
                     self.send_error(404)
                     return
-                body = json.dumps(worker_status(service)).encode()
+                body = json.dumps(worker_status(jobs)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

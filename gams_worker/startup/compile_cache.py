@@ -16,10 +16,10 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from gams_worker.config import WorkerConfig
-from gams_worker.startup.doctor import HostFacts
+from gams_worker.startup.host import HostFacts
 
 log = logging.getLogger(__name__)
 

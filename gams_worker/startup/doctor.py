@@ -1,55 +1,30 @@
-"""The CUDA doctor: a short report on the host before the engine starts, with verdicts.
+"""The CUDA doctor: verdicts on the host before the engine starts, with remedies.
 
-It reads the GPU, the driver and the builds of torch and vLLM, estimates the
-memory the model needs, and says in plain words what is wrong and what to do.
-A verdict may choose the fallback ladder's starting rung: a driver older than the
-CUDA toolkit cannot JIT the toolkit's PTX, which breaks FULL CUDA-graph capture,
-so the engine starts at piecewise. The doctor never raises: a probe that fails
-reports "unknown". It does not create a CUDA context in this process (that would
-hold GPU memory for the life of the worker); it asks NVML and the driver instead.
+From the host's facts (gams_worker/startup/host.py) and the memory the model needs, it
+says in plain words what is wrong and what to do. A verdict may choose the fallback
+ladder's starting rung: a driver older than the CUDA toolkit cannot JIT the toolkit's PTX,
+which breaks FULL CUDA-graph capture, so the engine starts at piecewise. The doctor never
+raises: what it cannot tell it reports as "unknown".
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import glob
 import json
 import logging
 import math
-import mmap
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
+from gams_worker.startup.host import GIB, UNKNOWN, GpuFacts, HostFacts
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 # CUDA context, activations and CUDA graphs on top of weights and KV cache (a rough figure).
 ENGINE_OVERHEAD_BYTES = int(1.5 * GIB)
-UNKNOWN = "unknown"
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuFacts:
-    name: str
-    compute_capability: str  # "9.0"
-    total_bytes: Optional[int]
-    free_bytes: Optional[int]
-
-
-@dataclasses.dataclass(frozen=True)
-class HostFacts:
-    platform: str  # "cuda", "cpu", ...
-    gpus: Tuple[GpuFacts, ...] = ()
-    driver_version: str = UNKNOWN  # "580.82.07"
-    driver_cuda: str = UNKNOWN  # the highest CUDA version the driver supports, "12.4"
-    torch_version: str = UNKNOWN
-    torch_cuda: str = UNKNOWN  # the CUDA version torch was built for, "13.0"
-    vllm_version: str = UNKNOWN
-    vllm_cuda: str = UNKNOWN  # the CUDA version vLLM's kernels were built for, "13.0" or "13"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +46,11 @@ class DoctorReport:
     blocking: Tuple[str, ...] = ()  # problems no start can get past: the worker stops with these
 
 
-def host_facts() -> HostFacts:
-    """What the doctor knows of this host; never raises."""
+def run_doctor(config: WorkerConfig, facts: HostFacts, model_dir: Optional[str]) -> DoctorReport:
+    """Judge the host for the model in ``model_dir`` (None: not on this machine yet); log the
+    report and return it. Never raises."""
     try:
-        return collect_host_facts()
-    except Exception as exc:  # the doctor must never stop the worker
-        log.warning("doctor: could not examine the host: %r", exc)
-        return HostFacts(platform=UNKNOWN)
-
-
-def run_doctor(config: WorkerConfig, facts: Optional[HostFacts] = None) -> DoctorReport:
-    """Examine the host (unless ``facts`` are given), log the report, and return it. Never raises."""
-    facts = host_facts() if facts is None else facts
-    try:
-        memory = estimate_model_memory(config)
+        memory = estimate_model_memory(model_dir, config) if model_dir else None
     except Exception as exc:
         memory = None
         log.warning("doctor: could not estimate the model's memory: %r", exc)
@@ -115,7 +81,7 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
                      f"+ ~{_gib(memory.kv_bytes_per_token * config.max_model_len)} GiB KV cache for "
                      f"MAX_MODEL_LEN={config.max_model_len}")
     else:
-        lines.append("model memory: unknown (config.json not found locally)")
+        lines.append("model memory: unknown (the model's config.json is not on this machine)")
 
     if facts.platform == "cpu":
         lines.append("CPU backend: vLLM captures no CUDA graphs here; GPU checks skipped")
@@ -214,163 +180,15 @@ def _gib(value: Optional[int]) -> str:
 
 # --- facts -------------------------------------------------------------------------
 
-
-def collect_host_facts() -> HostFacts:
-    platform = _guard(_platform_name, UNKNOWN)
-    driver_version, driver_cuda, gpus = UNKNOWN, UNKNOWN, ()
-    if platform != "cpu":
-        nvml = _guard(_nvml_facts, None)
-        if nvml is not None:
-            driver_version, driver_cuda, gpus = nvml
-        driver_cuda = _guard(_libcuda_driver_cuda, None) or driver_cuda
-    return HostFacts(
-        platform=platform,
-        gpus=tuple(gpus),
-        driver_version=driver_version,
-        driver_cuda=driver_cuda,
-        torch_version=_guard(lambda: __import__("torch").__version__, UNKNOWN),
-        torch_cuda=_guard(_torch_cuda, UNKNOWN),
-        vllm_version=_guard(lambda: __import__("vllm").__version__, UNKNOWN),
-        vllm_cuda="none (CPU build)" if platform == "cpu" else _guard(vllm_built_cuda, UNKNOWN),
-    )
-
-
-def _guard(probe: Any, default: Any) -> Any:
-    try:
-        result = probe()
-    except Exception as exc:
-        log.debug("doctor probe %s failed: %r", getattr(probe, "__name__", probe), exc)
-        return default
-    return default if result is None else result
-
-
-def _platform_name() -> str:
-    from gams_worker.startup.engine import platform_name
-
-    return platform_name()
-
-
-def _torch_cuda() -> str:
-    import torch
-
-    return torch.version.cuda or "none (CPU build)"
-
-
-def _cuda_version_text(encoded: int) -> str:
-    """12040 -> "12.4", as the CUDA driver API encodes versions."""
-    return f"{encoded // 1000}.{encoded % 1000 // 10}"
-
-
-def _libcuda_driver_cuda() -> Optional[str]:
-    """The highest CUDA version the driver supports (cuDriverGetVersion needs no cuInit)."""
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    version = ctypes.c_int(0)
-    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
-        return None
-    return _cuda_version_text(version.value)
-
-
-class _NvmlMemory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-
-def _nvml_facts() -> Optional[Tuple[str, str, List[GpuFacts]]]:
-    """(driver version, driver's CUDA version, GPUs) from libnvidia-ml, or None without NVML."""
-    nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    if nvml.nvmlInit_v2() != 0:
-        return None
-    try:
-        text = ctypes.create_string_buffer(96)
-        driver_version = UNKNOWN
-        if nvml.nvmlSystemGetDriverVersion(text, 96) == 0:
-            driver_version = text.value.decode()
-        cuda = ctypes.c_int(0)
-        driver_cuda = UNKNOWN
-        if nvml.nvmlSystemGetCudaDriverVersion_v2(ctypes.byref(cuda)) == 0 and cuda.value > 0:
-            driver_cuda = _cuda_version_text(cuda.value)
-        count = ctypes.c_uint(0)
-        gpus = []
-        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0:
-            for index in range(count.value):
-                gpus.append(_nvml_gpu(nvml, index))
-        return driver_version, driver_cuda, gpus
-    finally:
-        nvml.nvmlShutdown()
-
-
-def _nvml_gpu(nvml: Any, index: int) -> GpuFacts:
-    handle = ctypes.c_void_p()
-    if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
-        return GpuFacts(UNKNOWN, UNKNOWN, None, None)
-    name = ctypes.create_string_buffer(96)
-    name_text = name.value.decode() if nvml.nvmlDeviceGetName(handle, name, 96) == 0 else UNKNOWN
-    major, minor = ctypes.c_int(0), ctypes.c_int(0)
-    capability = UNKNOWN
-    if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) == 0:
-        capability = f"{major.value}.{minor.value}"
-    memory = _NvmlMemory()
-    if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0:
-        return GpuFacts(name_text, capability, memory.total, memory.free)
-    return GpuFacts(name_text, capability, None, None)
-
-
-def vllm_built_cuda() -> str:
-    """The CUDA version vLLM's kernels were built for: from its version tag, its
-    extension's libcudart soname, or its dependencies; "unknown" if none says."""
-    import vllm
-
-    for probe in (lambda: cuda_from_version_tag(vllm.__version__),
-                  lambda: _cudart_major_of_extensions(list(vllm.__path__)),
-                  _cuda_runtime_requirement):
-        found = _guard(probe, None)
-        if found:
-            return found
-    return UNKNOWN
-
-
-def _cudart_major_of_extensions(folders: List[str]) -> Optional[str]:
-    for folder in folders:
-        for extension in sorted(glob.glob(os.path.join(folder, "_C*.so"))):
-            major = _linked_cudart_major(extension)
-            if major:
-                return major
-    return None
-
-
-def _cuda_runtime_requirement() -> Optional[str]:
-    """The CUDA major version of the nvidia-cuda-runtime wheel that vLLM's distribution requires."""
-    import importlib.metadata
-
-    for requirement in importlib.metadata.requires("vllm") or []:
-        match = re.match(r"nvidia-cuda-runtime-cu(\d+)", requirement) or re.match(
-            r"nvidia-cuda-runtime\s*[=~<>]=\s*(\d+(?:\.\d+)?)", requirement)
-        if match:
-            return match.group(1)
-    return None
-
-
-def cuda_from_version_tag(version: str) -> Optional[str]:
-    """ "0.25.0+cu130" -> "13.0"; None without a +cuNNN tag."""
-    tag = re.search(r"\+cu(\d+)(\d)\b", version)
-    return f"{tag.group(1)}.{tag.group(2)}" if tag else None
-
-
-def _linked_cudart_major(path: str) -> Optional[str]:
-    """The NN of the libcudart.so.NN that an ELF file names (in its dynamic string table)."""
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        match = re.search(rb"libcudart\.so\.(\d+)", data)
-        return match.group(1).decode() if match else None
-
-
 # --- model memory ------------------------------------------------------------------
 
 
-def estimate_model_memory(config: WorkerConfig) -> Optional[ModelMemory]:
+def estimate_model_memory(model_dir: str, config: WorkerConfig) -> Optional[ModelMemory]:
     """Weights and KV-cache bytes per GPU, from the model's config.json and weight files."""
-    model_dir = _local_model_dir(config)
-    if model_dir is None:
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
         return None
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
+    with open(config_path, encoding="utf-8") as handle:
         model_config = json.load(handle)
     return memory_from_config(model_config, config, _weight_files_bytes(model_dir))
 
@@ -403,18 +221,6 @@ def memory_from_config(model_config: Dict[str, Any], config: WorkerConfig,
 def _dtype_bytes(requested: str, stored: Optional[str]) -> int:
     dtype = stored if requested == "auto" else requested
     return 4 if dtype in ("float32", "torch.float32") else 2
-
-
-def _local_model_dir(config: WorkerConfig) -> Optional[str]:
-    if os.path.isfile(os.path.join(config.model_name, "config.json")):
-        return config.model_name
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(config.model_name, "config.json", revision=config.model_revision)
-    except Exception:  # not a valid repo id either: the engine start will say so
-        return None
-    return os.path.dirname(cached) if isinstance(cached, str) else None
 
 
 def _weight_files_bytes(model_dir: str) -> Optional[int]:

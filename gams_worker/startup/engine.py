@@ -17,9 +17,9 @@ from gams_worker.config import WorkerConfig
 log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("full", "piecewise", "eager")
-# Test-only fault injection (gams_worker/startup/fault_injection.py), named here so that the
-# parent process need not import vLLM's worker classes.
-FAILING_WORKER_CLS = "gams_worker.startup.fault_injection.FailingStartWorker"
+# Test-only fault injection (tests/harness/fault_injection.py, importable where the tests run),
+# named here so that the parent process need not import vLLM's worker classes.
+FAILING_WORKER_CLS = "tests.harness.fault_injection.FailingStartWorker"
 INJECTED_FAILURE_KEY = "gams_inject_start_failure"  # in vLLM's additional_config
 
 
@@ -78,9 +78,3 @@ def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
     log.info("vLLM engine started in %s mode in %.1f s", mode, time.monotonic() - started)
     return engine
-
-
-def platform_name() -> str:
-    from vllm.platforms import current_platform
-
-    return "cuda" if current_platform.is_cuda() else current_platform.device_type or "cpu"

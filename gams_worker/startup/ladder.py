@@ -7,33 +7,29 @@ memory while loading weights, unsupported architecture) end the start-up at once
 
 vLLM's v1 engine core runs in a child process that prints the root cause itself;
 the parent only raises "Engine core initialization failed. See root cause above".
-So each attempt tees file descriptors 1 and 2 (which the child inherits) into a
-bounded buffer, and the classifier reads that buffer plus the parent's exception.
+So each attempt's output is captured (gams_worker/startup/engine_log.py), and the
+classifier reads it plus the parent's exception.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
-import sys
-import threading
 import time
 import traceback
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from gams_worker.config import WorkerConfig
-from gams_worker.startup.engine import GRAPH_MODES
 from gams_worker.errors import EngineStartError
+from gams_worker.startup.engine import GRAPH_MODES
+from gams_worker.startup.engine_log import OutputCapture
 
 log = logging.getLogger(__name__)
 
 RETRY_LOWER_RUNG = "retry_lower_rung"
 FATAL = "fatal"
 
-# What an attempt's output buffer keeps: the root cause is near the end.
-CAPTURE_LIMIT_BYTES = 256 * 1024  # a GPU start logs ~50 KiB; the timeline reads all of it
 # Seconds to wait for a failed attempt's child processes to exit before killing them.
 CHILD_EXIT_TIMEOUT_S = 30.0
 
@@ -225,88 +221,6 @@ def exception_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-# --- output capture ----------------------------------------------------------------
-
-
-class OutputCapture:
-    """While active, copies what this process and its children write to fds 1 and 2 into a buffer.
-
-    Output still reaches the original destination. Children started while active keep
-    writing into the pipe after ``stop()``; the reader threads forward that for as long
-    as they live, keeping the buffer's last ``limit_bytes`` bytes.
-    """
-
-    def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2)):
-        self._limit = limit_bytes
-        self._fds = tuple(fds)
-        self._buffer = bytearray()
-        self._lock = threading.Lock()
-        self._last_data = time.monotonic()
-        self._saved: List[Tuple[int, int]] = []  # (fd, duplicate of its original target)
-
-    def start(self) -> "OutputCapture":
-        _flush_python_streams()
-        for fd in self._fds:
-            original = os.dup(fd)
-            read_end, write_end = os.pipe()
-            os.dup2(write_end, fd)
-            os.close(write_end)
-            self._saved.append((fd, original))
-            threading.Thread(target=self._pump, args=(read_end, original), name=f"output-tee-{fd}",
-                             daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """Point fds 1 and 2 back at their original targets."""
-        _flush_python_streams()
-        for fd, original in self._saved:
-            os.dup2(original, fd)
-        self._saved = []
-
-    def __enter__(self) -> "OutputCapture":
-        return self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    def text(self, settle_s: float = 0.3, max_wait_s: float = 5.0) -> str:
-        """The buffered output, once no new bytes have come for ``settle_s`` (at most ``max_wait_s``)."""
-        deadline = time.monotonic() + max_wait_s
-        while time.monotonic() < deadline and time.monotonic() - self._last_data < settle_s:
-            time.sleep(0.05)
-        with self._lock:
-            return self._buffer.decode("utf-8", errors="replace")
-
-    def _pump(self, read_end: int, original: int) -> None:
-        forward = True
-        try:
-            while True:
-                data = os.read(read_end, 65536)
-                if not data:
-                    break
-                if forward:
-                    try:
-                        os.write(original, data)
-                    except OSError:  # the original reader went away; keep buffering
-                        forward = False
-                with self._lock:
-                    self._buffer += data
-                    if len(self._buffer) > self._limit:
-                        del self._buffer[: len(self._buffer) - self._limit]
-                    self._last_data = time.monotonic()
-        finally:
-            os.close(read_end)
-            os.close(original)
-
-
-def _flush_python_streams() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, ValueError, OSError):
-            pass
-
-
 # --- child processes ---------------------------------------------------------------
 
 
@@ -333,7 +247,7 @@ def wait_for_children_gone(before: set, timeout_s: float = CHILD_EXIT_TIMEOUT_S)
     """
     import psutil
 
-    new = [psutil.Process(pid) for pid in _child_pids() - before if _exists(pid)]
+    new = [psutil.Process(pid) for pid in _child_pids() - before if psutil.pid_exists(pid)]
     if not new:
         return
     _, alive = psutil.wait_procs(new, timeout=timeout_s)
@@ -344,12 +258,6 @@ def wait_for_children_gone(before: set, timeout_s: float = CHILD_EXIT_TIMEOUT_S)
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
-
-
-def _exists(pid: int) -> bool:
-    import psutil
-
-    return psutil.pid_exists(pid)
 
 
 # --- the ladder --------------------------------------------------------------------
@@ -396,14 +304,12 @@ def start_with_fallback(
         log.error("engine start in %s mode failed after %.1f s; cause: %s; evidence: %s",
                   mode, spent, diagnosis.cause, diagnosis.evidence or "(none)")
         failed_modes.append(mode)
+        failed = f"engine start failed in {mode} mode: {diagnosis.cause} ({diagnosis.evidence}); "
         if diagnosis.decision == FATAL:
-            raise EngineStartError(f"engine start failed in {mode} mode: {diagnosis.cause} "
-                                   f"({diagnosis.evidence}); remedy: {diagnosis.remedy}") from failure
+            raise EngineStartError(failed + f"remedy: {diagnosis.remedy}", diagnosis.cause, diagnosis) from failure
         if not config.graph_fallback:
-            raise EngineStartError(
-                f"engine start failed in {mode} mode: {diagnosis.cause} ({diagnosis.evidence}); "
-                f"GRAPH_FALLBACK=false, so no retry in {diagnosis.next_mode} mode: set GRAPH_FALLBACK=true "
-                f"or ENFORCE_EAGER=true") from failure
+            raise EngineStartError(failed + f"GRAPH_FALLBACK=false, so no retry in {diagnosis.next_mode} mode: set "
+                                   "GRAPH_FALLBACK=true or ENFORCE_EAGER=true", diagnosis.cause, diagnosis) from failure
         mode = diagnosis.next_mode or "eager"
         reason = f"{diagnosis.cause}; fell back from {' and '.join(failed_modes)}"
         log.warning("fallback: retrying at rung %d/%d in %s mode after %.1f s because %s",

@@ -1,4 +1,7 @@
-"""Where the worker gets the model's files at start, in a fixed order, and which one it used.
+"""The one model locator: where the worker gets the model's files, in a fixed order.
+
+The doctor reads the model's size from the copy already on this machine (``find_local_model``,
+which downloads nothing) and the engine starts from the copy ``resolve_model`` finds or downloads.
 
 MODEL_NAME that is a local path is served as it is (a directory must hold a whole model).
 A hub repo id is looked for in:
@@ -50,12 +53,18 @@ def volume_cache_dir(config: WorkerConfig) -> Path:
 
 def resolve_model(config: WorkerConfig) -> ResolvedModel:
     """Find or fetch the model named by ``config.model_name``; log and return where it is."""
-    resolved = _resolve(config)
+    searched: List[str] = []
+    resolved = _find_local(config, searched) or _download(config, searched)
     log.info("model %s: using the %s at %s", config.model_name, resolved.source, resolved.path)
     return resolved
 
 
-def _resolve(config: WorkerConfig) -> ResolvedModel:
+def find_local_model(config: WorkerConfig) -> Optional[ResolvedModel]:
+    """The copy ``resolve_model`` would use if it is on this machine already; None if it would download."""
+    return _find_local(config, [])
+
+
+def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
     name, revision = config.model_name, config.model_revision
     if Path(name).is_dir():
         problems = find_problems(Path(name))
@@ -66,8 +75,6 @@ def _resolve(config: WorkerConfig) -> ResolvedModel:
         # A path, not a repo id: nothing to search. vLLM's start fails on it with a
         # classified "model not found" error (gams_worker/startup/ladder.py).
         return ResolvedModel(name, LOCAL)
-
-    searched: List[str] = []
     found = _baked(config, searched)
     if found:
         return found
@@ -75,10 +82,7 @@ def _resolve(config: WorkerConfig) -> ResolvedModel:
         found = _cached(name, revision, source, cache_dir, searched)
         if found:
             return found
-    if config.hub_offline:
-        searched.append("the hub: not tried because HF_HUB_OFFLINE is set")
-        raise ModelNotFoundError(name, searched)
-    return _download(config, searched)
+    return None
 
 
 def _baked(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
@@ -142,6 +146,9 @@ def _cached(repo_id: str, revision: Optional[str], source: str, cache_dir: Path,
 
 
 def _download(config: WorkerConfig, searched: List[str]) -> ResolvedModel:
+    if config.hub_offline:
+        searched.append("the hub: not tried because HF_HUB_OFFLINE is set")
+        raise ModelNotFoundError(config.model_name, searched)
     from huggingface_hub import snapshot_download
 
     volume = Path(config.network_volume_path)

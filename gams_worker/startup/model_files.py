@@ -14,8 +14,6 @@ import struct
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from gams_worker.errors import IncompleteModelError
-
 # What vLLM and the tokenizer read: safetensors weights, configs, tokenizer files, the chat
 # template. Everything else in a repo (.bin/.pth duplicates of the weights, GGUF, ONNX,
 # original/ checkpoints) is left out.
@@ -142,10 +140,3 @@ def find_problems(model_dir: Path, expected_sizes: Optional[Dict[str, int]] = No
         elif path.stat().st_size != size:
             problems.append(f"{name} has {path.stat().st_size} bytes, expected {size}")
     return sorted(set(problems))
-
-
-def check_complete(model_dir: Path, expected_sizes: Optional[Dict[str, int]] = None) -> None:
-    """Raise IncompleteModelError naming every problem ``find_problems`` finds."""
-    problems = find_problems(model_dir, expected_sizes)
-    if problems:
-        raise IncompleteModelError(str(model_dir), problems)

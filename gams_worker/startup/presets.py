@@ -14,12 +14,13 @@ table the README shows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-from gams_worker.config import WorkerConfig
-from gams_worker.errors import ConfigError
+from gams_worker.startup.host import GIB
 
-GIB = 2**30
+if TYPE_CHECKING:  # config.py imports PRESETS, to check MODEL_PRESET as it reads it
+    from gams_worker.config import WorkerConfig
+
 # Room beyond the weights on each GPU: activations, CUDA graphs and at least a few
 # sequences of KV cache. Below this vLLM starts but serves almost nothing.
 HEADROOM_GIB = 6.0
@@ -129,8 +130,6 @@ def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[
                  ) -> Tuple[WorkerConfig, Dict[str, str]]:
     """Fill settings the environment left unset; return the new config and each value's source."""
     preset = preset_for(config.model_preset or config.model_name)
-    if config.model_preset and preset is None:
-        raise ConfigError("MODEL_PRESET", config.model_preset, "one of " + ", ".join(sorted(PRESETS)))
     from_env = {name for name, variable in PRESET_VARIABLES.items() if variable in config.explicit}
     sources = {name: ("env" if name in from_env else "default") for name in PRESET_VARIABLES}
     if preset is None:

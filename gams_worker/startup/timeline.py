@@ -3,7 +3,7 @@
 Our own steps are marked as they happen. The engine's inner phases (weights loaded,
 torch.compile, CUDA-graph capture, KV cache allocation) happen inside vLLM's engine
 process, so their durations are read from the lines vLLM logs, which the start-up
-captures anyway (gams_worker/startup/ladder.py).
+captures anyway (gams_worker/startup/engine_log.py).
 """
 
 from __future__ import annotations

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
 import sys
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, NoReturn, Tuple
 
 from gams_worker.startup.compile_cache import choose_compile_cache
 from gams_worker.startup.concurrency import derive_concurrency, kv_capacity
 from gams_worker.config import WorkerConfig, export_to_engine
-from gams_worker.startup.doctor import DoctorReport, host_facts, run_doctor
-from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
+from gams_worker.startup.doctor import DoctorReport, run_doctor
+from gams_worker.startup.host import host_facts, platform_name
+from gams_worker.startup.engine import EngineInfo, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
-from gams_worker.startup.model import resolve_model
+from gams_worker.startup.model import find_local_model, resolve_model
 from gams_worker.startup.presets import apply_preset, kv_summary
+from gams_worker.jobs.openai import OpenAIRoutes
+from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.service import GenerationService
 from gams_worker.platform.status import StatusServer
 from gams_worker.startup.timeline import StartupTimeline
@@ -38,6 +42,21 @@ def setup_logging(config: WorkerConfig) -> None:
         stream=sys.stderr,
         force=True,  # a library imported earlier may have configured the root logger
     )
+
+
+def exit_quietly(status: int) -> NoReturn:
+    """End the process once the worker is closed: run the exit handlers, skip the interpreter's teardown.
+
+    The teardown adds only noise to a clean end: vLLM's AsyncLLM.__del__ calls its shutdown
+    again once module globals are gone ("Exception ignored in ... TypeError"), and Triton's
+    nanobind extension lists every object still alive as "leaked" (about 60 lines). What
+    exiting does that matters (flushing the logs, ending the runpod SDK's heartbeat process)
+    is done by the atexit handlers, run here as Python would run them.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 class EngineWatchdog:
@@ -70,14 +89,15 @@ class EngineWatchdog:
 
 
 class Worker:
-    """The engine, the service running jobs on it, and the watchdog over both."""
+    """The engine, the jobs running on it (both dialects), and the watchdog over both."""
 
     def __init__(self, service: GenerationService, concurrency: int):
-        self.service = service
+        self.service = service  # plain jobs
+        self.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template))
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
         self.watchdog = EngineWatchdog(service.engine)
         port = service.config.status_port
-        self.status_server = StatusServer(service, port) if port else None
+        self.status_server = StatusServer(self.jobs, port) if port else None
 
     def close(self) -> None:
         self.watchdog.stop()  # first: the engine's shutdown below must not look like a crash
@@ -101,15 +121,17 @@ def start_worker(config: WorkerConfig) -> Worker:
     timeline = StartupTimeline()
     timeline.mark("config loaded")
     facts = host_facts()
-    gpu_memory_gib = _gib(facts.gpus[0].total_bytes) if facts.gpus else None
+    gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
     config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
     log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
     kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
     if kv_line:
         log.info(kv_line)
-    report = run_doctor(config, facts)
+    local_model = find_local_model(config)  # None: not on this machine; resolve_model downloads it below
+    report = run_doctor(config, facts, local_model.path if local_model else None)
     if report.blocking:
-        raise EngineStartError("; ".join(report.blocking))
+        problems = "; ".join(report.blocking)
+        raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
     mode, reason = first_rung(config, report)
     timeline.mark("doctor done")
     model_path = resolve_model(config).path  # baked copy, then caches, then the hub
@@ -147,7 +169,3 @@ def job_concurrency(config: WorkerConfig, engine: Any) -> int:
     log.info("concurrency: %d jobs = KV cache %d tokens / EXPECTED_TOKENS_PER_JOB %d, at most max_num_seqs %d",
              concurrency, capacity.kv_cache_tokens, config.expected_tokens_per_job, capacity.max_num_seqs)
     return concurrency
-
-
-def _gib(value: Optional[int]) -> Optional[float]:
-    return value / 2**30 if value else None

@@ -10,9 +10,9 @@ worker yields:
         stream false:  the job's one output, as a JSON response
     GET  .../openai/v1/models    a job with the route only; its output as JSON
 
-A failed job (the SDK turns a yielded ``{"error": {...}}`` into the job error
-``str(that dict)``) is answered with the error object and its ``code`` as HTTP status, so
-the openai client raises the matching class (400 BadRequestError, 404 NotFoundError...).
+A failed job (its error is the JSON text of OpenAI's error object, gams_worker/errors.py)
+is answered with ``{"error": <that object>}`` and its ``code`` as HTTP status, so the
+openai client raises the matching class (400 BadRequestError, 404 NotFoundError...).
 RunPod does not document that mapping (worker-vllm issue #57 saw HTTP 200 with the error
 in the body); this emulator takes the status from the worker's own error.
 
@@ -22,7 +22,6 @@ in the body); this emulator takes the status from the worker's own error.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import threading
@@ -151,10 +150,10 @@ class OpenAIProxy:
 
 
 def _job_error_response(error_text: Any) -> web.Response:
-    """The HTTP answer to a failed job; its error is the SDK's ``str()`` of the worker's error dict."""
+    """The HTTP answer to a failed job; its error is the JSON text of an OpenAI error object."""
     try:
-        error = ast.literal_eval(error_text) if isinstance(error_text, str) else error_text
-    except (ValueError, SyntaxError):
+        error = json.loads(error_text)
+    except (TypeError, ValueError):
         error = None
     if isinstance(error, dict) and isinstance(error.get("code"), int) and 400 <= error["code"] < 600:
         return web.json_response({"error": error}, status=error["code"])

@@ -11,6 +11,15 @@ The SDK (runpod 1.12, rp_job.py / rp_http.py / rp_scale.py / rp_ping.py) talks t
     GET  {base}/v2/{endpoint}/job-stop/{worker}?gpu=..   long-poll: {"jobsToStop": [ids]} or 204
     GET  {base}/v2/{endpoint}/ping/{worker}?gpu=..&job_id=..&runpod_version=..
 
+and, for clients, RunPod's job API (the answers carry ``output`` or ``error`` as the worker
+posted them, so a client sees what it would see on RunPod):
+
+    POST {base}/v2/{endpoint}/run          body {"input": ...}  ->  {"id", "status": "IN_QUEUE"}
+    POST {base}/v2/{endpoint}/runsync      body {"input": ...}  ->  the status, once the job ended
+    GET  {base}/v2/{endpoint}/status/{job}  ->  {"id", "status", "output"? , "error"?}
+    GET  {base}/v2/{endpoint}/stream/{job}  ->  {"id", "status", "stream": [{"output": chunk}, ...
+                                                 posted since the last call], "error"?}
+
 Post bodies are JSON sent as ``application/x-www-form-urlencoded``, as the SDK does.
 The take and stop channels are long-polls: held up to ``hold_s`` while there is nothing
 to hand out. Every take, chunk, result and ping is recorded with a ``time.monotonic()``
@@ -25,8 +34,7 @@ timestamp. The server runs in its own thread, so tests call it synchronously::
     emulator.close()
 
 ``python -m tests.harness.runpod_emulator --port 8080`` serves it for manual use; it prints the
-worker environment and accepts jobs at ``POST /submit`` (body: a job input), results at
-``GET /result/{job}``.
+worker environment, and clients use the job API above.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from aiohttp import web
 
 ENDPOINT_ID = "gams-emulated"
 WORKER_ID = "emulated-worker-0"
+RUNSYNC_WAIT_S = 90.0  # how long /runsync waits for the job to end before answering its status
 
 
 @dataclasses.dataclass
@@ -59,12 +68,22 @@ class JobRecord:
     results: List[Tuple[float, Any]] = dataclasses.field(default_factory=list)  # (time, final body)
     stop_requested_at: Optional[float] = None
     stop_delivered_at: Optional[float] = None  # when the stop poll handed the stop to the worker
+    chunks_read: int = 0  # chunks a client has read through /stream
     done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     @property
     def result(self) -> Any:
         """The first final post's body (``{"output": [...]}`` or ``{"error": "..."}``)."""
         return self.results[0][1] if self.results else None
+
+    @property
+    def status(self) -> str:
+        """The job's status as RunPod's job API names it."""
+        if self.results:
+            return "FAILED" if "error" in self.result else "COMPLETED"
+        if self.stop_requested_at is not None:
+            return "CANCELLED"
+        return "IN_PROGRESS" if self.taken_at else "IN_QUEUE"
 
     @property
     def chunk_outputs(self) -> List[Any]:
@@ -222,8 +241,10 @@ class RunPodEmulator:
         app.router.add_post(prefix + "/job-done/{worker}/{job}", self._done)
         app.router.add_get(prefix + "/job-stop/{worker}", self._stop_poll)
         app.router.add_get(prefix + "/ping/{worker}", self._ping)
-        app.router.add_post("/submit", self._submit_http)  # manual use
-        app.router.add_get("/result/{job}", self._result_http)
+        app.router.add_post(prefix + "/run", self._client_run)
+        app.router.add_post(prefix + "/runsync", self._client_runsync)
+        app.router.add_get(prefix + "/status/{job}", self._client_status)
+        app.router.add_get(prefix + "/stream/{job}", self._client_stream)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -291,6 +312,7 @@ class RunPodEmulator:
                 return web.Response(status=404, text="unknown job")
             record.chunks.append((time.monotonic(), body))
             held = record.id in self._posts_held_until_stop
+        self._pulse()  # wakes /stream calls waiting for this job
         if held:
             await self._hold_until(lambda: record.stop_delivered_at is not None, self.stop_hold_s + 60)
             await asyncio.sleep(1.0)  # answer only once the stop has surely reached the worker
@@ -304,6 +326,7 @@ class RunPodEmulator:
         with self._lock:
             record.results.append((time.monotonic(), body))
         record.done.set()
+        self._pulse()  # wakes /runsync and /stream calls waiting for this job
         return web.Response(text="ok")
 
     async def _stop_poll(self, request: web.Request) -> web.Response:
@@ -322,19 +345,47 @@ class RunPodEmulator:
         self.pings.append((time.monotonic(), dict(request.query)))
         return web.Response(text="ok")
 
-    async def _submit_http(self, request: web.Request) -> web.Response:
-        return web.json_response({"id": self.submit(await request.json())})
+    # ----------------------------------------------------------------- client job API
+    def job_status(self, job_id: str) -> Dict[str, Any]:
+        """What RunPod's /status answers for this job."""
+        record = self.jobs[job_id]
+        answer: Dict[str, Any] = {"id": record.id, "status": record.status}
+        if record.result is not None:
+            key = "error" if "error" in record.result else "output"
+            answer[key] = record.result.get(key)
+        return answer
 
-    async def _result_http(self, request: web.Request) -> web.Response:
+    async def _client_job(self, request: web.Request) -> str:
+        body = await request.json()
+        if not isinstance(body, dict) or "input" not in body:
+            raise web.HTTPBadRequest(text="the body must be {\"input\": ...}")
+        return self.submit(body["input"])
+
+    async def _client_run(self, request: web.Request) -> web.Response:
+        return web.json_response({"id": await self._client_job(request), "status": "IN_QUEUE"})
+
+    async def _client_runsync(self, request: web.Request) -> web.Response:
+        record = self.jobs[await self._client_job(request)]
+        await self._hold_until(record.done.is_set, RUNSYNC_WAIT_S)
+        return web.json_response(self.job_status(record.id))
+
+    async def _client_status(self, request: web.Request) -> web.Response:
+        if request.match_info["job"] not in self.jobs:
+            return web.Response(status=404, text="unknown job")
+        return web.json_response(self.job_status(request.match_info["job"]))
+
+    async def _client_stream(self, request: web.Request) -> web.Response:
         record = self.jobs.get(request.match_info["job"])
         if record is None:
             return web.Response(status=404, text="unknown job")
-        return web.json_response({
-            "id": record.id,
-            "status": "COMPLETED" if record.results else "IN_QUEUE" if not record.taken_at else "IN_PROGRESS",
-            "stream": record.chunk_outputs,
-            "result": record.result,
-        })
+        await self._hold_until(lambda: len(record.chunks) > record.chunks_read or record.done.is_set(), self.hold_s)
+        with self._lock:
+            chunks = record.chunks[record.chunks_read:]
+            record.chunks_read += len(chunks)
+        answer = self.job_status(record.id)
+        answer.pop("output", None)
+        answer["stream"] = [{"output": body.get("output")} for _, body in chunks]
+        return web.json_response(answer)
 
 
 def main() -> None:
@@ -345,7 +396,8 @@ def main() -> None:
     base_url = emulator.start(args.port)
     print(f"RunPod emulator on {base_url}; start the worker with:")
     print(" ".join(f"{k}='{v}'" for k, v in emulator.worker_env().items()) + " python handler.py")
-    print(f"submit: curl -s {base_url}/submit -d '{{\"prompt\": \"Živjo\"}}'; result: curl -s {base_url}/result/<id>")
+    api = f"{base_url}/v2/{emulator.endpoint_id}"
+    print(f"a job: curl -s {api}/runsync -d '{{\"input\": {{\"prompt\": \"Živjo\"}}}}'; its stream: {api}/stream/<id>")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -1,0 +1,403 @@
+"""Platform benchmark: the worker as RunPod runs it against the raw engine, side by side in one run.
+
+    .venv/bin/python -m bench platform                        # CPU: the tiny model, ~10 min on 2 cores
+    python3 -m bench platform --model DIR --max-model-len 4096 --gpu-memory-utilization 0.42   # a GPU
+
+Two paths serve the same jobs (one of ``cpu_suite.PROMPTS``, greedy, ``ignore_eos``,
+``--tokens`` output tokens, streamed):
+
+- **raw**: vLLM's ``AsyncLLM.generate`` in this process (DELTA outputs, the token ids the
+  handler would pass), on an engine started by ``start_worker`` with the worker's settings.
+- **platform**: ``python handler.py`` as a subprocess under the real runpod SDK job loop
+  (gams_worker/platform/job_loop.py), taking jobs from and posting every chunk and result to
+  ``tests/harness/runpod_emulator.py`` (RunPod's worker API on 127.0.0.1, in this process),
+  with ``MAX_CONCURRENCY=--max-concurrency`` and ``RUNPOD_LOG_LEVEL=INFO`` as in the image.
+
+Both engines run at once (on a GPU each gets ``--gpu-memory-utilization`` of its memory);
+runs alternate between the paths and every run starts once the other processes are quiet.
+
+Load:
+
+- **bursts** of ``c`` jobs (``--concurrency``), submitted one by one in a tight loop (each its own
+  enqueue, as ``c`` clients calling within a few milliseconds) to an idle worker, a random
+  0-100 ms after its job-take request came in; raw starts ``c`` requests at once.
+- **Poisson**: ``--poisson-jobs`` jobs arriving at random (exponential gaps, one seeded schedule
+  for both paths) at ``--poisson-load`` × the capacity that raw measured at the largest burst
+  (its tokens/s / ``--tokens``). Raw admits at most ``--max-concurrency`` requests at once (a
+  semaphore, the worker's concurrency), so both paths queue alike.
+
+Figures per run: throughput = completion tokens / (last result − first submission); queue wait =
+submission → the job handed to the worker (the emulator's hand-out; raw: → admitted); TTFC =
+submission → the first stream POST arriving at the emulator (raw: → the first output with text;
+raw TTFT: → the first output with tokens). Bursts: median throughput over ``--rounds``, percentiles
+over all jobs of those rounds. Goals (issue 14, for the H100): platform ≥ 0.95 × raw at every
+concurrency; queue wait p50 ≤ 20 ms at the largest burst; TTFC p50 at 32 ≤ raw TTFT p50 + 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from bench.cpu_suite import (PROMPTS, ROOT, CpuMeter, PlatformWorker, cpu_model, in_process_groups, job_input,
+                             usage_tokens_sdk, versions)
+from bench.gpu_suite import percentile
+from tests.harness.runpod_emulator import JobRecord
+
+GOALS = {"platform_over_raw": 0.95, "queue_wait_p50_ms": 20.0, "added_ttfc_p50_ms_at_32": 20.0}
+RUN_TIMEOUT_S = 600
+
+
+class Run:
+    """One burst or Poisson run of one path: per job, seconds from its submission (or arrival)."""
+
+    def __init__(self, tokens: int, wall_s: float, ttfc_s: List[float], queue_s: List[float],
+                 first_token_s: Optional[List[float]] = None, handler_ttft_s: Optional[List[float]] = None):
+        self.tokens = tokens
+        self.wall_s = wall_s
+        self.ttfc_s = ttfc_s
+        self.queue_s = queue_s
+        self.first_token_s = first_token_s  # raw only
+        self.handler_ttft_s = handler_ttft_s  # platform only: handler start -> first token (the job's usage)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    def row(self) -> Dict[str, Any]:
+        row = {"tokens": self.tokens, "wall_s": round(self.wall_s, 4), "tok_s": round(self.tok_s, 1),
+               "ttfc_ms": ms(self.ttfc_s), "queue_ms": ms(self.queue_s)}
+        if self.first_token_s is not None:
+            row["first_token_ms"] = ms(self.first_token_s)
+        if self.handler_ttft_s is not None:
+            row["handler_ttft_ms"] = ms(self.handler_ttft_s)
+        return row
+
+
+def ms(seconds: List[float]) -> List[float]:
+    return [round(1000 * s, 2) for s in seconds]
+
+
+# --------------------------------------------------------------------------- raw
+class RawEngine:
+    """The in-process engine, driven as the handler would drive it."""
+
+    def __init__(self, engine, prompt_ids: List[List[int]], max_concurrency: int):
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.max_concurrency = max_concurrency
+
+    async def _job(self, i: int, tokens: int, arrived: float, admission: asyncio.Semaphore):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        async with admission:
+            admitted = time.monotonic()
+            count, first_token, first_text = 0, None, None
+            ids = self.prompt_ids[i % len(self.prompt_ids)]
+            async for output in self.engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                n = sum(len(c.token_ids) for c in output.outputs)
+                if n and first_token is None:
+                    first_token = time.monotonic()
+                if first_text is None and any(c.text for c in output.outputs):
+                    first_text = time.monotonic()
+                count += n
+            ended = time.monotonic()
+        return count, admitted - arrived, (first_text or ended) - arrived, (first_token or ended) - arrived, ended
+
+    async def run(self, arrivals: List[float], tokens: int) -> Run:
+        """Jobs arriving ``arrivals`` seconds from now (all 0: a burst)."""
+        admission = asyncio.Semaphore(self.max_concurrency)
+        started = time.monotonic()
+
+        async def arrive(i: int, at: float):
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            return await self._job(i, tokens, time.monotonic(), admission)
+
+        if all(at == 0 for at in arrivals):  # a burst: every request starts in this instant
+            jobs = await asyncio.gather(*(self._job(i, tokens, started, admission) for i in range(len(arrivals))))
+        else:
+            jobs = await asyncio.gather(*(arrive(i, at) for i, at in enumerate(arrivals)))
+        return Run(sum(j[0] for j in jobs), max(j[4] for j in jobs) - started, [j[2] for j in jobs],
+                   [j[1] for j in jobs], first_token_s=[j[3] for j in jobs])
+
+
+# --------------------------------------------------------------------------- platform
+class PlatformPath(PlatformWorker):
+    """``python handler.py`` under the SDK loop, fed by its own emulator."""
+
+    async def run(self, arrivals: List[float], tokens: int, offset_s: float = 0.0) -> Run:
+        await self._wait_idle()
+        await asyncio.sleep(offset_s)
+        started = time.monotonic()
+        records: List[JobRecord] = []
+        for i, at in enumerate(arrivals):
+            delay = started + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            job_id = self.emulator.submit(job_input(i, tokens))  # one enqueue per job, as clients do
+            records.append(self.emulator.jobs[job_id])
+        await self._wait(records, RUN_TIMEOUT_S)
+        self.last_done = max(r.results[0][0] for r in records)
+        for r in records:
+            if not r.chunks:
+                raise RuntimeError(f"{self.name}: job {r.id} posted no stream chunk: {r.result}")
+        first = min(r.submitted_at for r in records)
+        return Run(sum(usage_tokens_sdk(r.result["output"]) for r in records), self.last_done - first,
+                   [r.chunks[0][0] - r.submitted_at for r in records],
+                   [r.taken_at[0] - r.submitted_at for r in records],
+                   handler_ttft_s=[r.result["output"][-1]["usage"]["time_to_first_token_s"] for r in records])
+
+
+# --------------------------------------------------------------------------- the suite
+def poisson_arrivals(count: int, rate_per_s: float, seed: int = 14) -> List[float]:
+    rng = random.Random(seed)
+    at, arrivals = 0.0, []
+    for _ in range(count):
+        arrivals.append(at)
+        at += rng.expovariate(rate_per_s)
+    return arrivals
+
+
+async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
+    from builder import tiny_model
+    from gams_worker.config import load_config
+    from gams_worker.startup.worker import setup_logging, start_worker
+
+    model = args.model or str(tiny_model.build())
+    common = {"MODEL_NAME": model, "MAX_MODEL_LEN": str(args.max_model_len),
+              "GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization), "VLLM_NO_USAGE_STATS": "1",
+              "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    sub_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+    sub_env.update(common)
+    sub_env["RUNPOD_LOG_LEVEL"] = "INFO"  # as the image sets it (the SDK's default DEBUG logs every chunk)
+    meter = CpuMeter()
+    worker = platform = None
+    try:
+        config = load_config({**common, "LOG_LEVEL": "WARNING", "MAX_CONCURRENCY": str(args.max_concurrency)})
+        setup_logging(config)
+        started = time.monotonic()
+        worker = start_worker(config)
+        cold = {"raw_start_worker_s": round(time.monotonic() - started, 1)}
+        prompt_ids = [worker.service.tokenizer.encode(p) for p in PROMPTS]  # what the handler passes
+        raw = RawEngine(worker.service.engine, prompt_ids, args.max_concurrency)
+        meter.add("in_process", in_process_groups())
+        print(f"raw: in-process start_worker {cold['raw_start_worker_s']} s", flush=True)
+
+        platform = PlatformPath("platform", [sys.executable, args.worker_script], sub_env, log_dir,
+                                args.max_concurrency, usage_tokens_sdk)
+        await meter.settle()
+        cold["platform"] = await platform.cold_start(args.tokens)
+        meter.add("platform", platform.process_groups())
+        print(f"platform: process start -> first job-take {cold['platform']['first_take_s']} s, first job served "
+              f"{cold['platform']['first_job_served_s']} s", flush=True)
+        gc.collect()
+        gc.freeze()  # as the worker does after start-up: no full collections over vLLM's heap mid-run
+
+        async def one_run(path: str, arrivals: List[float], offset_s: float) -> Run:
+            if path == "raw":
+                await asyncio.sleep(offset_s)
+                return await raw.run(arrivals, args.tokens)
+            return await platform.run(arrivals, args.tokens, offset_s)
+
+        for path in ("raw", "platform"):  # warm-up: first requests pay one-time costs
+            await meter.settle()
+            await one_run(path, [0.0] * max(args.concurrency), 0.0)
+        phase = random.Random(7)
+        bursts: List[Dict[str, Any]] = []
+        for concurrency in args.concurrency:
+            for r in range(args.rounds):
+                for path in (("raw", "platform") if r % 2 == 0 else ("platform", "raw")):
+                    await meter.settle()
+                    result = await one_run(path, [0.0] * concurrency, phase.uniform(0, 0.1))
+                    if result.tokens != concurrency * args.tokens:
+                        raise RuntimeError(f"{path} c{concurrency}: {result.tokens} tokens, "
+                                           f"expected {concurrency * args.tokens}")
+                    bursts.append({"path": path, "concurrency": concurrency, "round": r + 1, **result.row()})
+                    print(f"c{concurrency:<3d} round {r + 1:2d} {path:8s} {result.tok_s:8.1f} tok/s, TTFC p50 "
+                          f"{1000 * percentile(result.ttfc_s, 0.5):7.1f} ms, queue p50 "
+                          f"{1000 * percentile(result.queue_s, 0.5):7.1f} ms", flush=True)
+
+        poisson: List[Dict[str, Any]] = []
+        rate = None
+        if args.poisson_jobs:
+            top = max(args.concurrency)
+            capacity_tok_s = statistics.median(b["tok_s"] for b in bursts
+                                               if b["path"] == "raw" and b["concurrency"] == top)
+            rate = args.poisson_load * capacity_tok_s / args.tokens
+            arrivals = poisson_arrivals(args.poisson_jobs, rate)
+            print(f"Poisson: {args.poisson_jobs} jobs at {rate:.2f} jobs/s = {args.poisson_load} x raw capacity at "
+                  f"c{top} ({capacity_tok_s:.0f} tok/s / {args.tokens} tokens)", flush=True)
+            for r in range(args.poisson_rounds):
+                for path in (("raw", "platform") if r % 2 == 0 else ("platform", "raw")):
+                    await meter.settle()
+                    result = await one_run(path, arrivals, 0.0)
+                    poisson.append({"path": path, "round": r + 1, "rate_per_s": round(rate, 3), **result.row()})
+                    print(f"Poisson round {r + 1} {path:8s} {result.tok_s:8.1f} tok/s, TTFC p50/p95 "
+                          f"{1000 * percentile(result.ttfc_s, 0.5):.1f}/{1000 * percentile(result.ttfc_s, 0.95):.1f}"
+                          f" ms, queue p50/p95 {1000 * percentile(result.queue_s, 0.5):.1f}/"
+                          f"{1000 * percentile(result.queue_s, 0.95):.1f} ms", flush=True)
+        return {"cold_start": cold, "bursts": bursts, "poisson": poisson,
+                "poisson_rate_per_s": round(rate, 3) if rate else None}
+    finally:
+        if platform is not None:
+            platform.close()
+        if worker is not None:
+            worker.close()
+
+
+def summarize(runs: List[Dict[str, Any]], key: Optional[str]) -> List[Dict[str, Any]]:
+    """One row per (path, ``key`` value): median tok/s, percentiles over all jobs of those runs."""
+    groups: Dict[Any, Dict[str, List[Dict[str, Any]]]] = {}
+    for run in runs:
+        groups.setdefault(run[key] if key else "poisson", {}).setdefault(run["path"], []).append(run)
+    summary = []
+    for level, paths in groups.items():
+        rows = {}
+        for path, mine in paths.items():
+            row = {"path": path, "load": level, "runs": len(mine),
+                   "tok_s": round(statistics.median(r["tok_s"] for r in mine), 1)}
+            for name in ("ttfc_ms", "queue_ms", "first_token_ms", "handler_ttft_ms"):
+                if name in mine[0]:
+                    values = [v for r in mine for v in r[name]]
+                    row[name.replace("_ms", "_p50_ms")] = round(percentile(values, 0.5), 1)
+                    row[name.replace("_ms", "_p95_ms")] = round(percentile(values, 0.95), 1)
+            rows[path] = row
+        if "raw" in rows and "platform" in rows:
+            rows["platform"]["over_raw"] = round(rows["platform"]["tok_s"] / rows["raw"]["tok_s"], 3)
+            rows["platform"]["ttfc_p50_over_raw_ttft_ms"] = round(
+                rows["platform"]["ttfc_p50_ms"] - rows["raw"]["first_token_p50_ms"], 1)
+        summary += [rows[p] for p in ("raw", "platform") if p in rows]
+    return summary
+
+
+def check_goals(bursts: List[Dict[str, Any]], top: int) -> List[Dict[str, Any]]:
+    checks = []
+    for row in bursts:
+        if row["path"] != "platform" or "over_raw" not in row:
+            continue
+        c = row["load"]
+        checks.append({"goal": f"platform >= {GOALS['platform_over_raw']} x raw", "at": f"c{c}",
+                       "value": row["over_raw"], "met": row["over_raw"] >= GOALS["platform_over_raw"]})
+        if c == top:
+            checks.append({"goal": f"queue wait p50 <= {GOALS['queue_wait_p50_ms']:g} ms", "at": f"c{c}",
+                           "value": row["queue_p50_ms"], "met": row["queue_p50_ms"] <= GOALS["queue_wait_p50_ms"]})
+        if c == 32:
+            added = row["ttfc_p50_over_raw_ttft_ms"]
+            checks.append({"goal": f"TTFC p50 <= raw TTFT p50 + {GOALS['added_ttfc_p50_ms_at_32']:g} ms",
+                           "at": "c32", "value": added, "met": added <= GOALS["added_ttfc_p50_ms_at_32"]})
+    return checks
+
+
+def format_report(result: Dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [f"platform suite {result['date']}: {result['device']}, vllm {result['versions']['vllm']}, "
+             f"runpod {result['versions']['runpod']}; model {s['model']}",
+             f"{s['tokens']} tokens per job, MAX_CONCURRENCY={s['max_concurrency']}; bursts: median tok/s of "
+             f"{s['rounds']} rounds, percentiles over all their jobs; times from each job's submission",
+             "",
+             f"{'load':>8s} {'path':9s} {'tok/s':>9s} {'x raw':>6s} {'queue p50':>10s} {'p95':>8s} "
+             f"{'TTFC p50':>9s} {'p95':>8s} {'raw TTFT p50':>12s} {'handler TTFT p50':>16s}"]
+    for row in result["summary_bursts"] + result["summary_poisson"]:
+        load = f"c{row['load']}" if isinstance(row["load"], int) else "Poisson"
+        over = f"{row['over_raw']:.3f}" if "over_raw" in row else "-"
+        ttft = f"{row['first_token_p50_ms']:.1f}ms" if "first_token_p50_ms" in row else "-"
+        handler = f"{row['handler_ttft_p50_ms']:.1f}ms" if "handler_ttft_p50_ms" in row else "-"
+        lines.append(f"{load:>8s} {row['path']:9s} {row['tok_s']:9.1f} {over:>6s} {row['queue_p50_ms']:8.1f}ms "
+                     f"{row['queue_p95_ms']:6.1f}ms {row['ttfc_p50_ms']:7.1f}ms {row['ttfc_p95_ms']:6.1f}ms "
+                     f"{ttft:>12s} {handler:>16s}")
+    if result["poisson_rate_per_s"]:
+        lines.append(f"Poisson: {s['poisson_jobs']} jobs at {result['poisson_rate_per_s']} jobs/s "
+                     f"({s['poisson_load']} x raw capacity at c{max(s['concurrency'])}), {s['poisson_rounds']} "
+                     f"run(s) per path")
+    cold = result["cold_start"]
+    lines += ["", f"cold start: raw in-process start_worker {cold['raw_start_worker_s']} s; platform process start "
+                  f"-> first job-take {cold['platform']['first_take_s']} s, -> first job served "
+                  f"{cold['platform']['first_job_served_s']} s", "", "goals (issue 14, set for the H100):"]
+    for check in result["goals"]:
+        lines.append(f"  {'met   ' if check['met'] else 'MISSED'} {check['goal']} at {check['at']}: {check['value']}")
+    return "\n".join(lines)
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001 (only a label)
+        pass
+    return f"CPU: {os.cpu_count()} x {cpu_model()}"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench platform", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the tiny test model)")
+    parser.add_argument("--tokens", type=int, default=256, help="output tokens per job")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64], help="burst sizes")
+    parser.add_argument("--rounds", type=int, default=7, help="runs per path and burst size")
+    parser.add_argument("--max-concurrency", type=int, default=64, help="MAX_CONCURRENCY of the worker")
+    parser.add_argument("--poisson-jobs", type=int, default=256, help="0: no Poisson run")
+    parser.add_argument("--poisson-load", type=float, default=0.9, help="arrival rate / raw capacity")
+    parser.add_argument("--poisson-rounds", type=int, default=1, help="Poisson runs per path")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
+                        help="per engine (two run at once); on CPU the share of RAM")
+    parser.add_argument("--worker-script", default="handler.py",
+                        help="the worker the platform path runs (another checkout's handler.py to compare)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "platform-suite-cpu.json"))
+    args = parser.parse_args(argv)
+    if max(args.concurrency) > args.max_concurrency:
+        parser.error("a burst larger than --max-concurrency would queue in the raw path only")
+    log_dir = Path(tempfile.mkdtemp(prefix="platform-suite-"))
+    print(f"worker log in {log_dir}", flush=True)
+    started = time.monotonic()
+    measured = asyncio.run(run_suite(args, log_dir))
+    summary_bursts = summarize(measured["bursts"], "concurrency")
+    result = {
+        "suite": "platform",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["python", "-m", "bench", "platform", *argv]),
+        "device": device_name(),
+        "versions": versions(),
+        "settings": {"model": args.model or "tiny test model (builder/tiny_model.py)", "tokens": args.tokens,
+                     "concurrency": args.concurrency, "rounds": args.rounds, "max_concurrency": args.max_concurrency,
+                     "poisson_jobs": args.poisson_jobs, "poisson_load": args.poisson_load,
+                     "poisson_rounds": args.poisson_rounds, "max_model_len": args.max_model_len,
+                     "gpu_memory_utilization": args.gpu_memory_utilization, "worker_script": args.worker_script,
+                     "sampling": "greedy, ignore_eos, streamed", "sdk_log_level": "INFO"},
+        "cold_start": measured["cold_start"],
+        "summary_bursts": summary_bursts,
+        "summary_poisson": summarize(measured["poisson"], None),
+        "poisson_rate_per_s": measured["poisson_rate_per_s"],
+        "goals": check_goals(summary_bursts, max(args.concurrency)),
+        "bursts": measured["bursts"],
+        "poisson": measured["poisson"],
+        "suite_seconds": round(time.monotonic() - started, 1),
+    }
+    print("\n" + format_report(result), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(f"\nwrote {out} (suite took {result['suite_seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

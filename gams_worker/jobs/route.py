@@ -1,0 +1,47 @@
+"""Which dialect a job speaks, decided once: RunPod's OpenAI passthrough or a plain job.
+
+A job whose input holds ``openai_route`` came from RunPod's ``/openai/v1`` surface and goes
+to vLLM's OpenAI serving layer (gams_worker/jobs/openai.py); every other job is a plain job
+(gams_worker/jobs/service.py). An exception that escapes either (a bug) still ends the job
+with an error of its dialect, so that every job error a client sees is JSON (gams_worker/errors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any, AsyncIterator, Dict, Mapping
+
+from gams_worker.errors import WORKER_ERROR, OpenAIRequestError, error_output
+from gams_worker.jobs.openai import OpenAIRoutes
+from gams_worker.jobs.service import GenerationService
+
+log = logging.getLogger(__name__)
+
+
+class JobRouter:
+    """Runs each job in its dialect; counts the jobs in flight."""
+
+    def __init__(self, plain: GenerationService, openai: OpenAIRoutes):
+        self.plain = plain
+        self.openai = openai
+        self.running_jobs = 0  # the status endpoint and tests read it
+
+    async def run(self, job: Dict[str, Any]) -> AsyncIterator[Any]:
+        """Yield the job's outputs; closing this generator closes the dialect's at once (a
+        stopped job's engine request is aborted in its ``finally``)."""
+        job_input = job.get("input")
+        is_openai = isinstance(job_input, Mapping) and "openai_route" in job_input
+        outputs = self.openai.run(job_input) if is_openai else self.plain.run(job)
+        self.running_jobs += 1
+        try:
+            async for output in outputs:
+                yield output
+        except Exception as exc:
+            log.exception("job %s failed in the worker", job.get("id"))
+            message = f"the worker failed on this job: {type(exc).__name__}: {exc}"
+            yield (OpenAIRequestError(message, None, HTTPStatus.INTERNAL_SERVER_ERROR).to_output() if is_openai
+                   else error_output(WORKER_ERROR, message))
+        finally:
+            self.running_jobs -= 1
+            await outputs.aclose()

@@ -1,0 +1,97 @@
+"""Capture of the engine's output while it starts, at the file-descriptor level.
+
+vLLM's engine core is a child process that inherits file descriptors 1 and 2 and prints
+its log and the root cause of a failed start there; Python's sys.stdout never sees it.
+So an attempt tees fds 1 and 2 into a bounded buffer, which the failure classifier
+(gams_worker/startup/ladder.py) and the start-up timeline read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any, List, Sequence, Tuple
+
+# What the buffer keeps: the root cause is near the end.
+CAPTURE_LIMIT_BYTES = 256 * 1024  # a GPU start logs ~50 KiB; the timeline reads all of it
+
+
+class OutputCapture:
+    """While active, copies what this process and its children write to fds 1 and 2 into a buffer.
+
+    Output still reaches the original destination. Children started while active keep
+    writing into the pipe after ``stop()``; the reader threads forward that for as long
+    as they live, keeping the buffer's last ``limit_bytes`` bytes.
+    """
+
+    def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2)):
+        self._limit = limit_bytes
+        self._fds = tuple(fds)
+        self._buffer = bytearray()
+        self._lock = threading.Lock()
+        self._last_data = time.monotonic()
+        self._saved: List[Tuple[int, int]] = []  # (fd, duplicate of its original target)
+
+    def start(self) -> "OutputCapture":
+        _flush_python_streams()
+        for fd in self._fds:
+            original = os.dup(fd)
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self._saved.append((fd, original))
+            threading.Thread(target=self._pump, args=(read_end, original), name=f"output-tee-{fd}",
+                             daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Point fds 1 and 2 back at their original targets."""
+        _flush_python_streams()
+        for fd, original in self._saved:
+            os.dup2(original, fd)
+        self._saved = []
+
+    def __enter__(self) -> "OutputCapture":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def text(self, settle_s: float = 0.3, max_wait_s: float = 5.0) -> str:
+        """The buffered output, once no new bytes have come for ``settle_s`` (at most ``max_wait_s``)."""
+        deadline = time.monotonic() + max_wait_s
+        while time.monotonic() < deadline and time.monotonic() - self._last_data < settle_s:
+            time.sleep(0.05)
+        with self._lock:
+            return self._buffer.decode("utf-8", errors="replace")
+
+    def _pump(self, read_end: int, original: int) -> None:
+        forward = True
+        try:
+            while True:
+                data = os.read(read_end, 65536)
+                if not data:
+                    break
+                if forward:
+                    try:
+                        os.write(original, data)
+                    except OSError:  # the original reader went away; keep buffering
+                        forward = False
+                with self._lock:
+                    self._buffer += data
+                    if len(self._buffer) > self._limit:
+                        del self._buffer[: len(self._buffer) - self._limit]
+                    self._last_data = time.monotonic()
+        finally:
+            os.close(read_end)
+            os.close(original)
+
+
+def _flush_python_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
