@@ -310,6 +310,14 @@ def test_tokenize_and_detokenize(openai_job, model, worker):
     (RESPONSES, {"input": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "input"),
     ("/v1/detokenize", {"tokens": "abc"}, "tokens"),
     ("/v1/tokenize", {"prompt": "a", "unknown": 1}, "unknown"),
+    # The input limits of plain jobs, on the fields /v1/responses has
+    (RESPONSES, {"input": "a", "stop": ["x"] * 20}, "stop"),
+    (RESPONSES, {"input": "a", "stop": ["s" * 257]}, "stop[0]"),
+    (RESPONSES, {"input": "č" * 200_001}, "input"),
+    (RESPONSES, {"instructions": "č" * 150_000, "input": [{"role": "user", "content": "č" * 60_000}]}, "input"),
+    (RESPONSES, {"input": [{"role": "user", "content": "a"}] * 257}, "input"),
+    (RESPONSES, {"input": "a" * 1_100_000}, "openai_input"),  # MAX_INPUT_BYTES
+    ("/v1/tokenize", {"messages": QUESTION * 257}, "messages"),
 ])
 def test_bad_responses_and_tokenize_requests_name_the_field(openai_job, model, route, body, param):
     (output,) = openai_job(route, body)
