@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 900
 WORKER_LINES = ("stop tokens", "lacks the chat template", "chat template:", "KV cache:", "OpenAI routes ready",
                 "settings:", "engine started in")
@@ -34,7 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="model directory")
     parser.add_argument("--preset", help="MODEL_PRESET, e.g. cjvt/GaMS-9B-Instruct for GaMS-shaped weights")
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--log", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "openai-session.log")
+    parser.add_argument("--log", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "openai-session.log",
+                        help="the worker's output goes to this path's .stdout and .stderr")
     parser.add_argument("--env", nargs="*", default=[], help="more worker settings, VAR=value")
     args = parser.parse_args(argv)
 
@@ -42,19 +41,17 @@ def main(argv=None) -> int:
 
     from tests.harness.openai_proxy import OpenAIProxy
     from tests.harness.runpod_emulator import RunPodEmulator
+    from tests.harness.worker_process import WorkerProcess, subprocess_env
 
     emulator = RunPodEmulator(hold_s=1.0)
     emulator.start()
     proxy = OpenAIProxy(emulator, job_timeout_s=START_TIMEOUT_S)
     base_url = proxy.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
-    env.update(emulator.worker_env(), MODEL_NAME=args.model, SERVED_MODEL_NAME="gams",
-               **({"MODEL_PRESET": args.preset} if args.preset else {}),
-               **dict(item.split("=", 1) for item in args.env))
+    env = subprocess_env(**emulator.worker_env(), MODEL_NAME=args.model, SERVED_MODEL_NAME="gams",
+                         **({"MODEL_PRESET": args.preset} if args.preset else {}),
+                         **dict(item.split("=", 1) for item in args.env))
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.log, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, process_group=0)
+    worker = WorkerProcess(env, args.log.parent, args.log.stem)  # its output in .stdout and .stderr files
     started = time.monotonic()
     try:
         client = openai.OpenAI(base_url=base_url, api_key="emulated", max_retries=0, timeout=START_TIMEOUT_S)
@@ -74,15 +71,11 @@ def main(argv=None) -> int:
         print("== /v1/chat/completions:", json.dumps(chat.model_dump(mode="json"), ensure_ascii=False))
         return 0
     finally:
-        worker.terminate()
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.terminate(timeout=60)
         proxy.close()
         emulator.close()
-        print("== worker log lines:")
-        for line in args.log.read_text(errors="replace").splitlines():
+        print(f"== worker log lines ({worker.stderr_path}):")
+        for line in (worker.stdout() + worker.stderr()).splitlines():
             if any(key in line for key in WORKER_LINES):
                 print("  ", line[:400])
 
