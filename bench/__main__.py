@@ -5,6 +5,7 @@
     python -m bench gpu bandwidth|run [options] # GPU suite of one graph mode (bench/gpu_suite.py)
     python -m bench gpu-profile [options]       # batch-1 decode step vs the roofline (bench/gpu_profile.py)
     .venv/bin/python -m bench plot [options]    # PNGs of tokens/s vs concurrency from bench/results/*.json
+    python -m bench openai --model DIR [...]    # one Responses and one chat job through the worker (bench/openai_session.py)
 
 ``python -m bench SUITE --help`` shows each suite's options.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-SUITES = ("cpu", "platform", "gpu", "gpu-profile", "plot")
+SUITES = ("cpu", "platform", "gpu", "gpu-profile", "plot", "openai")
 
 
 def main(argv=None) -> int:
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
 
         sys.argv = ["python -m bench gpu-profile", *rest]
         gpu_profile.main()
+    elif suite == "openai":
+        from bench import openai_session
+
+        return openai_session.main(rest)
     else:
         from bench import plot
 

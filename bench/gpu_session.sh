@@ -12,6 +12,8 @@
 #                                            # e.g. warmstart eager ENFORCE_EAGER=true
 #   bash bench/gpu_session.sh platform [option ...]   # handler.py under the SDK loop + emulator vs the raw
 #                                            # engine: bursts 1/8/32/64, Poisson at 90 % (bench/platform_suite.py)
+#   bash bench/gpu_session.sh openai         # one /v1/responses job (and its stream) and one chat job through
+#                                            # the worker under the SDK loop, openai client, GaMS-9B preset (8192)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD:/tmp/spy PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true
@@ -124,5 +126,9 @@ EOF_FAULT
       --out "$OUT/platform-suite.json" "$@" >"$log" 2>&1
     echo "== platform: exit $?, log $log"; sed -n '/^platform suite/,/^wrote/p' "$log"
     ;;
-  *) sed -n 2,14p "$0"; exit 2 ;;
+  openai)
+    python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
+      | tee "$OUT/openai-session.txt"
+    ;;
+  *) sed -n 2,16p "$0"; exit 2 ;;
 esac

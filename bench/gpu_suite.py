@@ -76,7 +76,7 @@ async def sweep(service, args):
     from gams_worker.jobs.openai import OpenAIRoutes
     from gams_worker.jobs.route import JobRouter
 
-    handler.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config))
+    handler.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template))
     prompt_ids = service.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)

@@ -14,6 +14,7 @@ import openai.types
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response
 
 
 CHAT = "/v1/chat/completions"
@@ -240,3 +241,94 @@ def test_unknown_job_field_is_rejected(run_job):
     (output,) = run_job({"openai_route": CHAT, "openai_input": {"messages": QUESTION}, "extra": 1})
     error = json.loads(output["error"])
     assert error["param"] == "extra" and error["code"] == 400
+
+
+# ---- Responses, tokenize, detokenize
+
+RESPONSES = "/v1/responses"
+
+
+def responses_events(outputs):
+    """Parse Responses stream outputs: whole SSE events ``event: <type>\\ndata: {json}``, no [DONE]."""
+    assert outputs and all(isinstance(o, str) and o.endswith("\n\n") for o in outputs), outputs
+    events = []
+    for event in "".join(outputs)[:-2].split("\n\n"):
+        name, data = event.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), event
+        events.append(json.loads(data[len("data: "):]))
+        assert events[-1]["type"] == name[len("event: "):]
+    return events
+
+
+@pytest.mark.engine
+def test_responses_stream_deltas_concatenate_to_the_non_stream_output(openai_job, model):
+    body = {"model": model, "input": QUESTION[0]["content"], "temperature": 0, "max_output_tokens": 24}
+    (whole,) = openai_job(RESPONSES, body)
+    response = Response.model_validate(whole)
+    assert response.object == "response" and response.model == model
+    assert response.output_text and response.usage.output_tokens <= 24
+
+    outputs = openai_job(RESPONSES, {**body, "stream": True})
+    events = responses_events(outputs)
+    assert [events[0]["type"], events[-1]["type"]] == ["response.created", "response.completed"]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == response.output_text
+    assert Response.model_validate(events[-1]["response"]).output_text == response.output_text
+    assert 2 <= len(outputs) < len(events)  # batched like chat streams
+
+
+@pytest.mark.engine
+def test_responses_instructions_are_folded_like_a_system_message(openai_job, model):
+    system = "Odgovarjaj kratko."
+    response = Response.model_validate(openai_job(RESPONSES, {
+        "model": model, "instructions": system, "input": QUESTION[0]["content"], "temperature": 0,
+        "max_output_tokens": 24})[0])
+    chat = ChatCompletion.model_validate(openai_job(CHAT, greedy(
+        model, messages=[{"role": "system", "content": system}, *QUESTION]))[0])
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+
+
+@pytest.mark.engine
+def test_tokenize_and_detokenize(openai_job, model, worker):
+    (tokenized,) = openai_job("/v1/tokenize", {"model": model, "prompt": "Ljubljana je lepa."})
+    assert tokenized["tokens"] == worker.service.tokenizer.encode("Ljubljana je lepa.")  # with <bos>
+    assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 512
+    (detokenized,) = openai_job("/v1/detokenize", {"model": model, "tokens": tokenized["tokens"]})
+    assert detokenized["prompt"].endswith("Ljubljana je lepa.")
+
+    messages = [{"role": "system", "content": "Odgovarjaj kratko."}, *QUESTION]
+    (chat_tokens,) = openai_job("/v1/tokenize", {"messages": messages, "add_generation_prompt": True})
+    chat = ChatCompletion.model_validate(openai_job(CHAT, greedy(model, messages=messages, max_tokens=1))[0])
+    assert chat_tokens["count"] == chat.usage.prompt_tokens  # the same folded, templated prompt
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("route, body, param", [
+    (RESPONSES, {"input": "a", "max_output_tokens": "many"}, "max_output_tokens"),
+    (RESPONSES, {"input": "a", "temprature": 0}, "temprature"),
+    (RESPONSES, {"input": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "input"),
+    ("/v1/detokenize", {"tokens": "abc"}, "tokens"),
+    ("/v1/tokenize", {"prompt": "a", "unknown": 1}, "unknown"),
+    # The input limits of plain jobs, on the fields /v1/responses has
+    (RESPONSES, {"input": "a", "stop": ["x"] * 20}, "stop"),
+    (RESPONSES, {"input": "a", "stop": ["s" * 257]}, "stop[0]"),
+    (RESPONSES, {"input": "č" * 200_001}, "input"),
+    (RESPONSES, {"instructions": "č" * 150_000, "input": [{"role": "user", "content": "č" * 60_000}]}, "input"),
+    (RESPONSES, {"input": [{"role": "user", "content": "a"}] * 257}, "input"),
+    (RESPONSES, {"input": "a" * 1_100_000}, "openai_input"),  # MAX_INPUT_BYTES
+    ("/v1/tokenize", {"messages": QUESTION * 257}, "messages"),
+])
+def test_bad_responses_and_tokenize_requests_name_the_field(openai_job, model, route, body, param):
+    (output,) = openai_job(route, body)
+    error = json.loads(output["error"])
+    assert error["code"] == 400 and error["type"] == "BadRequestError" and error["param"] == param, error
+
+
+@pytest.mark.engine
+def test_unknown_route_names_the_served_routes(openai_job):
+    (output,) = openai_job("/v1/embeddings", {"input": "a"})
+    error = json.loads(output["error"])
+    assert error["code"] == 404 and error["type"] == "NotFoundError"
+    for route in (CHAT, COMPLETIONS, "/v1/models", RESPONSES, "/v1/tokenize", "/v1/detokenize"):
+        assert route in error["message"]

@@ -12,6 +12,7 @@ import json
 import jsonschema
 import openai
 import pytest
+from openai.types.responses import Response
 
 from tests.harness.openai_proxy import OpenAIProxy
 from tests.harness.runpod_emulator import RunPodEmulator
@@ -129,3 +130,36 @@ def test_invalid_request_raises_the_matching_openai_error(client, model, params,
         assert info.value.body["param"] == param
     # and the worker keeps serving
     assert client.chat.completions.create(model=model, messages=QUESTION, max_tokens=2).choices
+
+
+def test_responses_stream_and_not_validate_as_openai_responses(client, model):
+    params = dict(model=model, input="Kaj je vredno videti v Ljubljani?", temperature=0, max_output_tokens=24)
+    raw = client.responses.with_raw_response.create(**params)
+    response = Response.model_validate(raw.http_response.json())
+    assert raw.parse().output_text == response.output_text and response.output_text
+    assert response.status in ("completed", "incomplete") and response.usage.output_tokens <= 24
+
+    events = list(client.responses.create(**params, stream=True))
+    assert [events[0].type, events[-1].type] == ["response.created", "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
+    final = Response.model_validate(events[-1].response.model_dump(mode="json"))
+    assert final.output_text == response.output_text and final.usage == response.usage
+
+
+def test_responses_instructions_on_a_template_without_a_system_role(client, model):
+    response = client.responses.create(model=model, instructions="Odgovarjaj kratko.", input="Živjo!",
+                                       temperature=0, max_output_tokens=8)
+    assert response.status in ("completed", "incomplete") and response.output_text
+
+
+def test_tokenize_and_detokenize(client, model):
+    tokenized = client.post("/tokenize", body={"model": model, "prompt": "Ljubljana"}, cast_to=object)
+    assert tokenized["count"] == len(tokenized["tokens"]) > 1
+    detokenized = client.post("/detokenize", body={"model": model, "tokens": tokenized["tokens"]}, cast_to=object)
+    assert detokenized["prompt"].endswith("Ljubljana")
+
+
+def test_unknown_route_is_a_not_found_naming_the_served_routes(client, model):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.embeddings.create(model=model, input="a")
+    assert "/v1/responses" in info.value.message and "/v1/chat/completions" in info.value.message

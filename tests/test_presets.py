@@ -9,11 +9,15 @@ from gams_worker.config import load_config
 from gams_worker.startup.doctor import diagnose
 from gams_worker.startup.host import GpuFacts, HostFacts
 from gams_worker.errors import ConfigError
-from gams_worker.startup.presets import apply_preset, choose_tensor_parallel, preset_for
+from gams_worker.startup.presets import (
+    GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, apply_preset, choose_tensor_parallel, full_length_sequences,
+    kv_summary, preset_for, preset_table,
+)
 
 
 def test_presets_are_found_by_repo_id_in_any_case():
-    assert preset_for("cjvt/GaMS-9B-Instruct").max_model_len == 4096
+    assert preset_for("cjvt/GaMS-9B-Instruct").max_model_len == 8192
+    assert preset_for("cjvt/GaMS2-27B-Instruct").architecture.layers == 46
     assert preset_for("CJVT/gams-27b-instruct/").weights_gib > 50
     assert preset_for("/models/my-own") is None
 
@@ -73,7 +77,7 @@ def test_kv_capacity_reads_the_engine_config():
 def test_model_preset_applies_a_gams_preset_to_a_local_directory():
     config = load_config({"MODEL_NAME": "/models/gams", "MODEL_PRESET": "cjvt/GaMS-9B-Instruct"})
     resolved, sources = apply_preset(config, gpu_count=1, gpu_memory_gib=79.1)
-    assert resolved.max_model_len == 4096 and sources["max_model_len"] == "preset"
+    assert resolved.max_model_len == 8192 and sources["max_model_len"] == "preset"
     with pytest.raises(ConfigError) as info:  # read with the other settings: a bad value stops the worker at once
         load_config({"MODEL_PRESET": "cjvt/GaMS-1B"})
     assert info.value.variable == "MODEL_PRESET" and "cjvt/gams-9b-instruct" in info.value.allowed
@@ -100,3 +104,37 @@ def test_doctor_stops_tensor_parallel_beyond_the_gpus_present():
                                "or lower TENSOR_PARALLEL_SIZE",)
     two = HostFacts(platform="cuda", gpus=(gpu("NVIDIA H100 80GB HBM3", "9.0"),) * 2)
     assert not diagnose(two, None, load_config({"TENSOR_PARALLEL_SIZE": "2"})).blocking
+
+
+def test_kv_cache_per_sequence_counts_the_sliding_window_once():
+    # Gemma 2 9B: 8 KV heads x 256 x 2 (K, V) x 2 bytes = 8 KiB per token and layer, 42 layers
+    assert GEMMA2_9B.kv_gib_per_sequence(4096) == 42 * 4096 * 8 / 2**20  # 1.3125 GiB: the window covers all
+    assert GEMMA2_9B.kv_gib_per_sequence(8192) == (21 * 8192 + 21 * 4096) * 8 / 2**20  # 1.97 GiB, not 2.63
+    assert GEMMA2_27B.kv_gib_per_sequence(8192) == (23 * 8192 + 23 * 4096) * 8 / 2**20
+    assert GEMMA3_12B.kv_gib_per_sequence(8192) == (8 * 8192 + 40 * 1024) * 8 / 2**20  # 0.81 GiB
+
+
+@pytest.mark.parametrize("model, memory, expected", [
+    ("cjvt/GaMS-9B-Instruct", 79.1, (1, 26)),    # (0.9 x 79.1 - 17.2 - 2) / 1.97
+    ("cjvt/GaMS-9B-Instruct", 44.4, (1, 10)),
+    ("cjvt/GaMS-27B-Instruct", 79.1, (1, 8)),
+    ("cjvt/GaMS-27B-Instruct", 44.4, (2, 11)),   # two 48 GB cards hold 27B and 11 sequences of 8192
+])
+def test_full_length_sequences_that_fit(model, memory, expected):
+    assert full_length_sequences(preset_for(model), memory, gpu_count=2) == expected
+
+
+def test_every_preset_states_its_architecture_and_the_table_lists_it():
+    table = preset_table()
+    for name, preset in PRESETS.items():
+        assert preset.architecture is not None and preset.architecture.source
+        assert f"`{name}`" in table
+    assert "unknown positions" in table  # GaMS2-27B's context is not known here and the table says so
+
+
+def test_kv_summary_line_for_presets_only():
+    line = kv_summary(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct", "MAX_MODEL_LEN": "4096"}), 1, 79.1)
+    # The H100 run measured "GPU KV cache size: 166,882 tokens" = 40.7 sequences of 4096.
+    assert line == ("KV cache: 1.31 GiB per 4096-token sequence (Gemma 2 9B); about 39 full-length sequences "
+                    "fit on 1 x 79.1 GiB")
+    assert kv_summary(load_config({"MODEL_NAME": "/models/tiny"}), 1, 79.1) is None

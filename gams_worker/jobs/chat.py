@@ -1,17 +1,19 @@
-"""Gemma 2's chat rules, for plain and OpenAI jobs alike, and a plain job's prompt as token ids.
+"""Gemma's chat rules, for plain and OpenAI jobs alike, and a plain job's prompt as token ids.
 
-Message content is a string or OpenAI-style text parts. Gemma 2's chat template refuses a
-``system`` role, so a leading system message is folded into the first user turn
-(separated by a blank line) instead of failing the job; a system message anywhere else
-is an error. Messages then go through the model's own chat template.
+Message content is a string or OpenAI-style text parts. Where the model's chat template
+refuses a ``system`` role (Gemma 2; gams_worker/jobs/chat_template.py learns it at start-up),
+a leading system message is folded into the first user turn (separated by a blank line)
+instead of failing the job, and a system message anywhere else is an error; where the
+template renders a system role (Gemma 3), messages go to it as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from gams_worker.errors import JobInputError
+from gams_worker.jobs.chat_template import ChatTemplateFacts
 
 if TYPE_CHECKING:  # gams_worker.jobs.input applies these rules as it validates
     from gams_worker.jobs.input import JobInput
@@ -64,11 +66,23 @@ def fold_system_message(messages: Sequence[Any]) -> List[Dict[str, Any]]:
     return rest
 
 
-def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int) -> PreparedPrompt:
-    """Tokenize the prompt (through the chat template for messages) and fit max_tokens."""
+def template_messages(messages: Sequence[Any], template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
+    """The messages as the chat template gets them, for both dialects: a leading system message
+    folded where the template refuses a system role (``template`` None: not known, so fold)."""
+    if template is not None and template.accepts_system:
+        return list(messages)
+    return fold_system_message(messages)
+
+
+def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
+                   template: Optional[ChatTemplateFacts] = None) -> PreparedPrompt:
+    """Tokenize the prompt (through the chat template for messages) and fit max_tokens.
+
+    ``template`` says whether the chat template takes a system role (see template_messages).
+    """
     if job.messages is not None:
         field = "messages"
-        chat = fold_system_message(job.messages)
+        chat = template_messages(job.messages, template)
         try:
             text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template's own raise_exception, or a Jinja error

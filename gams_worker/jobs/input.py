@@ -17,9 +17,9 @@ environment variable in brackets):
   body) as UTF-8 JSON. RunPod itself accepts up to 10 MB (/run) and 20 MB (/runsync); nothing
   that fits GaMS's context comes near 1 MiB, and it bounds the worker's memory and parsing time.
 - ``max_prompt_chars`` [MAX_PROMPT_CHARS] 200,000: the prompt, or all message contents
-  together. GaMS's 8192-token context holds roughly 40,000 characters of Slovene; the rest is
+  together (/v1/responses: ``input`` with ``instructions``). GaMS's 8192-token context holds roughly 40,000 characters of Slovene; the rest is
   headroom for unusual tokenizations. It bounds tokenizer time, which runs on the event loop.
-- ``max_messages`` [MAX_MESSAGES] 256 chat messages.
+- ``max_messages`` [MAX_MESSAGES] 256 chat messages (/v1/responses: ``input`` items).
 - ``max_stop_strings`` [MAX_STOP_STRINGS] 16 and ``max_stop_length`` [MAX_STOP_LENGTH] 256
   characters each: vLLM checks every stop string against new text at every step.
 - ``max_n`` [MAX_N] 16 choices per job: each choice is a sequence in the batch.
@@ -246,6 +246,20 @@ def check_openai_limits(body: Mapping[str, Any], limits: InputLimits) -> None:
         check_count(len(messages), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
         check_prompt_chars(sum(_text_chars(m.get("content")) for m in messages if isinstance(m, Mapping)),
                            "messages", limits)
+    _check_responses_input(body, limits)
+
+
+def _check_responses_input(body: Mapping[str, Any], limits: InputLimits) -> None:
+    """/v1/responses: ``input`` (a string or a list of items) and ``instructions`` become the
+    chat messages together, so their text counts together, named ``input``."""
+    items, instructions = body.get("input"), body.get("instructions")
+    chars = len(instructions) if isinstance(instructions, str) else 0
+    if isinstance(items, str):
+        chars += len(items)
+    elif isinstance(items, list):
+        check_count(len(items), limits.max_messages, "MAX_MESSAGES", "input items", "input")
+        chars += sum(_text_chars(item.get("content")) for item in items if isinstance(item, Mapping))
+    check_prompt_chars(chars, "input", limits)
 
 
 def _text_chars(content: Any) -> int:

@@ -10,24 +10,33 @@ job yields. The outputs match runpod-workers/worker-vllm:
     error:       {"error": "<JSON of {"message", "type", "param", "code"}>"}, where ``code``
                  is the HTTP status (400, 404, 500...) the platform should answer with
 
-Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels
-on the worker's one engine, so templating, sampling, logprobs, n, structured output and
-usage are vLLM's, exactly as ``vllm serve`` does them. The worker adds four things:
-Gemma 2's chat rules (gams_worker/jobs/chat.py), the input limits of plain jobs
-(gams_worker/jobs/input.py), rejection of fields vLLM would silently ignore, and batching
-of stream events (gams_worker/jobs/streaming.py).
+Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels /
+OpenAIServingResponses / ServingTokenization on the worker's one engine, so templating,
+sampling, logprobs, n, structured output and usage are vLLM's, exactly as ``vllm serve`` does
+them. The worker adds five things: Gemma's chat rules (gams_worker/jobs/chat.py; a leading
+system message folded where the template refuses a system role, Responses ``instructions``
+too), chat and Responses requests stopped at the template's end of turn
+(gams_worker/jobs/chat_template.py), the input limits of plain jobs (gams_worker/jobs/input.py),
+rejection of fields vLLM would silently ignore, and batching of stream events
+(gams_worker/jobs/streaming.py).
+
+/v1/responses streams SSE events as ``vllm serve`` writes them (``event: <type>\ndata: {json}``,
+no ``[DONE]``); /v1/tokenize takes ``prompt`` or ``messages`` and /v1/detokenize ``tokens``,
+answering one dict each, as vLLM's /tokenize and /detokenize do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Dict, Mapping, Optional
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
-from gams_worker.jobs.chat import fold_system_message
+from gams_worker.jobs.chat import template_messages
+from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
 from gams_worker.jobs.input import check_openai_limits
 from gams_worker.jobs.streaming import StreamBatcher
 
@@ -36,7 +45,10 @@ log = logging.getLogger(__name__)
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 MODELS_ROUTE = "/v1/models"
-ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE)
+RESPONSES_ROUTE = "/v1/responses"
+TOKENIZE_ROUTE = "/v1/tokenize"
+DETOKENIZE_ROUTE = "/v1/detokenize"
+ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE, DETOKENIZE_ROUTE)
 JOB_FIELDS = ("openai_route", "openai_input")
 
 
@@ -71,9 +83,10 @@ def _import_vllm_openai() -> Dict[str, Any]:
 class OpenAIRoutes:
     """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
-    def __init__(self, engine: Any, config: WorkerConfig):
+    def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts):
         self.engine = engine
         self.config = config
+        self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
         self._vllm: Optional[Dict[str, Any]] = None
         self._init_lock = asyncio.Lock()
 
@@ -93,23 +106,34 @@ class OpenAIRoutes:
                                                     model_path=self.config.model_name)],
         )
         await models.init_static_loras()
-        renderer = vllm["OnlineRenderer"](
+        renderer = _chat_rules_renderer(vllm["OnlineRenderer"], self.chat_template)(
             model_config=self.engine.model_config,
             renderer=self.engine.renderer,
             request_logger=None,
             chat_template=None,  # the model's own template
             chat_template_content_format="auto",
         )
+        # Chat and Responses requests stop at the template's end of turn.
+        chat_engine = EndOfTurnEngine(self.engine, self.chat_template, self.engine.get_tokenizer().eos_token_id)
         chat = vllm["OpenAIServingChat"](
-            self.engine, models, "assistant",
+            chat_engine, models, "assistant",
             online_renderer=renderer, request_logger=None,
             chat_template=None, chat_template_content_format="auto",
         )
         completion = vllm["OpenAIServingCompletion"](
             self.engine, models, online_renderer=renderer, request_logger=None,
         )
-        log.info("OpenAI routes ready for model %s", self.config.model_label)
-        return {**vllm, "models": models, "chat": chat, "completion": completion}
+        extra = _import_vllm_responses_and_tokenize()
+        responses = extra["OpenAIServingResponses"](
+            chat_engine, models, renderer,
+            request_logger=None, chat_template=None, chat_template_content_format="auto",
+        )
+        tokenization = extra["ServingTokenization"](
+            models, renderer, chat_template=None, chat_template_content_format="auto",
+        )
+        log.info("OpenAI routes ready for model %s: %s", self.config.model_label, ", ".join(ROUTES))
+        return {**vllm, **extra, "models": models, "chat": chat, "completion": completion,
+                "responses": responses, "tokenization": tokenization}
 
     async def run(self, job_input: Mapping[str, Any]) -> AsyncIterator[Any]:
         """Yield the outputs of one passthrough job (see the module docstring)."""
@@ -127,8 +151,18 @@ class OpenAIRoutes:
         try:
             if route == CHAT_ROUTE:
                 result = await vllm["chat"].create_chat_completion(request, None)
+            elif route == RESPONSES_ROUTE:
+                result = await vllm["responses"].create_responses(request, None)
+            elif route == TOKENIZE_ROUTE:
+                result = await vllm["tokenization"].create_tokenize(request, None)
+            elif route == DETOKENIZE_ROUTE:
+                result = await vllm["tokenization"].create_detokenize(request, None)
             else:
                 result = await vllm["completion"].create_completion(request, None)
+        except JobInputError as exc:  # Gemma's chat rules, applied while vLLM renders the messages
+            # On /v1/responses the messages are vLLM's, made of instructions + input.
+            yield OpenAIRequestError(exc.message, "input" if route == RESPONSES_ROUTE else exc.field).to_output()
+            return
         except Exception as exc:  # vLLM raises some request errors (e.g. bad sampling values)
             yield self._error_from_exception(exc, vllm)
             return
@@ -136,16 +170,22 @@ class OpenAIRoutes:
         if isinstance(result, vllm["ErrorResponse"]):
             yield job_error_output(result.model_dump()["error"])
             return
-        if isinstance(result, (vllm["ChatCompletionResponse"], vllm["CompletionResponse"])):
+        if isinstance(result, vllm["ResponsesResponse"]):
+            yield result.model_dump(mode="json", by_alias=True)  # as vLLM's /v1/responses writes it
+            return
+        if isinstance(result, (vllm["ChatCompletionResponse"], vllm["CompletionResponse"],
+                               vllm["TokenizeResponse"], vllm["DetokenizeResponse"])):
             yield result.model_dump()
             return
-        # vLLM writes one event per generated token and choice; a chat stream opens with one
-        # event per choice that carries only the role.
-        role_events = (request.n or 1) if route == CHAT_ROUTE else 0
+        if route == RESPONSES_ROUTE:
+            events = _responses_sse_events(result)
+        else:
+            # A chat stream opens with one event per choice that carries only the role.
+            events = _marked_events(result, role_events=(request.n or 1) if route == CHAT_ROUTE else 0)
         batcher: StreamBatcher = StreamBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
-        async for event in result:
-            batch = batcher.add(event, 1, has_text=role_events <= 0)
-            role_events -= 1
+        # vLLM writes one event per generated token and choice.
+        async for event, has_text in events:
+            batch = batcher.add(event, 1, has_text)
             if batch:
                 yield "".join(batch)
         rest = batcher.drain()
@@ -168,7 +208,7 @@ class OpenAIRoutes:
         return route, dict(body)
 
     def _parse_request(self, route: str, body: Dict[str, Any], vllm: Dict[str, Any]) -> Any:
-        request_class = vllm["ChatCompletionRequest"] if route == CHAT_ROUTE else vllm["CompletionRequest"]
+        request_class = _request_class(route, body, vllm)
         # vLLM logs and ignores unknown fields; a misspelt parameter must not pass silently.
         known = set(request_class.model_fields) | {
             field.alias for field in request_class.model_fields.values() if field.alias
@@ -178,8 +218,6 @@ class OpenAIRoutes:
                 raise OpenAIRequestError(f"unknown parameter {key!r}", key)
         try:
             check_openai_limits(body, self.config.input_limits)
-            if route == CHAT_ROUTE and isinstance(body.get("messages"), list):
-                body["messages"] = fold_system_message(body["messages"])
         except JobInputError as exc:
             raise OpenAIRequestError(exc.message, exc.field) from None
         body.setdefault("model", self.config.model_label)
@@ -206,3 +244,70 @@ def _describe_validation_error(exc: Exception) -> tuple:
     for part in first.get("loc", ()):
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return first.get("msg", str(exc)), path or None
+
+
+def _request_class(route: str, body: Mapping[str, Any], vllm: Dict[str, Any]) -> Any:
+    """vLLM's request model for a route; /v1/tokenize takes a prompt or chat messages."""
+    if route == TOKENIZE_ROUTE:
+        return vllm["TokenizeChatRequest"] if "messages" in body else vllm["TokenizeCompletionRequest"]
+    return {
+        CHAT_ROUTE: vllm["ChatCompletionRequest"],
+        COMPLETIONS_ROUTE: vllm["CompletionRequest"],
+        RESPONSES_ROUTE: vllm["ResponsesRequest"],
+        DETOKENIZE_ROUTE: vllm["DetokenizeRequest"],
+    }[route]
+
+
+def _import_vllm_responses_and_tokenize() -> Dict[str, Any]:
+    """vLLM's Responses and tokenization serving classes (same module paths in vLLM 0.25 to 0.33)."""
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
+    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+    )
+    from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+
+    class ChatTemplatedResponsesRequest(ResponsesRequest):
+        """Tokenizes the rendered chat template without adding special tokens, as vLLM's chat
+        route does; its Responses route adds them, so Gemma's prompt got a second <bos>."""
+
+        def build_tok_params(self, model_config: Any) -> Any:
+            return dataclasses.replace(super().build_tok_params(model_config), add_special_tokens=False)
+
+    return dict(
+        ResponsesRequest=ChatTemplatedResponsesRequest, ResponsesResponse=ResponsesResponse,
+        OpenAIServingResponses=OpenAIServingResponses, ServingTokenization=ServingTokenization,
+        TokenizeChatRequest=TokenizeChatRequest, TokenizeCompletionRequest=TokenizeCompletionRequest,
+        TokenizeResponse=TokenizeResponse, DetokenizeRequest=DetokenizeRequest,
+        DetokenizeResponse=DetokenizeResponse,
+    )
+
+
+async def _marked_events(events: AsyncIterator[str], role_events: int) -> AsyncIterator[Tuple[str, bool]]:
+    """Chat and completion SSE events, each with whether it carries text (all but the first ``role_events``)."""
+    async for event in events:
+        yield event, role_events <= 0
+        role_events -= 1
+
+
+async def _responses_sse_events(events: AsyncIterator[Any]) -> AsyncIterator[Tuple[str, bool]]:
+    """Responses stream events as SSE text, as vLLM's /v1/responses route writes them, each with
+    whether it carries text (a delta; the events before the first announce the response)."""
+    async for event in events:
+        sse = f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+        yield sse, event.type.endswith(".delta")
+
+
+def _chat_rules_renderer(online_renderer_class: Any, chat_template: ChatTemplateFacts) -> Any:
+    """vLLM's OnlineRenderer, applying Gemma's chat rules (chat.template_messages) before the
+    chat template sees the messages.
+
+    Every chat-templated route (chat, Responses, tokenize) renders through ``preprocess_chat``,
+    so this is the one place where OpenAI jobs meet those rules.
+    """
+
+    class ChatRulesRenderer(online_renderer_class):
+        async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:
+            return await super().preprocess_chat(request, template_messages(messages, chat_template), *args, **kwargs)
+
+    return ChatRulesRenderer

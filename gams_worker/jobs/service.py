@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
 from gams_worker.jobs.chat import prepare_prompt
+from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template, stop_at_end_of_turn
 from gams_worker.jobs.input import parse_job_input
 from gams_worker.jobs.streaming import StreamBatcher, text_by_choice
 
@@ -37,6 +38,9 @@ class GenerationService:
         # (job id, time.monotonic()) of the latest requests aborted before they finished: a
         # stopped job's abort time, measured where it happens (the status endpoint reports it).
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
+        # What the chat template does (end-of-turn token, system role), for both dialects.
+        self.chat_template = probe_chat_template(tokenizer)
+        log_chat_template(engine, tokenizer, self.chat_template)
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Yield the outputs of one job (see the module docstring for their shapes)."""
@@ -46,8 +50,10 @@ class GenerationService:
 
         try:
             job_input = parse_job_input(job.get("input"), self.config.default_max_tokens, self.config.input_limits)
-            prompt = prepare_prompt(job_input, self.tokenizer, self.config.max_model_len)
+            prompt = prepare_prompt(job_input, self.tokenizer, self.config.max_model_len, self.chat_template)
             params = SamplingParams(**prompt.sampling, output_kind=RequestOutputKind.DELTA)
+            if job_input.messages is not None:
+                stop_at_end_of_turn(params, self.chat_template, self.tokenizer.eos_token_id)
         except JobInputError as exc:
             yield exc.to_output()
             return

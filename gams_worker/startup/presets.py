@@ -4,12 +4,19 @@ A preset fills only settings the environment left unset; the log says where ever
 value came from (env, preset or default). Tensor parallelism is chosen from the
 GPUs present and the weight size: the fewest GPUs whose memory holds the weights
 plus room for the KV cache.
+
+Each preset carries its model's config.json facts (layers, KV heads, head dim, sliding
+window), so the KV cache one sequence needs, and the full-length sequences a card holds,
+are computed rather than guessed: ``python -m gams_worker.startup.presets`` prints the
+table the README shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+from gams_worker.startup.host import GIB
 
 if TYPE_CHECKING:  # config.py imports PRESETS, to check MODEL_PRESET as it reads it
     from gams_worker.config import WorkerConfig
@@ -19,20 +26,74 @@ if TYPE_CHECKING:  # config.py imports PRESETS, to check MODEL_PRESET as it read
 HEADROOM_GIB = 6.0
 
 
+# What a GPU spends besides weights and KV cache at the preset's utilization (activations,
+# CUDA graphs): measured 0.5 GiB (GaMS-9B, one H100) and 1.7 GiB per GPU (GaMS-27B, TP 2).
+NON_KV_GIB = 2.0
+KV_BYTES_PER_ELEMENT = 2  # bf16
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The config.json facts that size the KV cache."""
+
+    name: str  # "Gemma 2 9B"
+    layers: int
+    sliding_layers: int  # layers that attend only to the last ``sliding_window`` tokens
+    kv_heads: int
+    head_dim: int
+    sliding_window: int
+    max_positions: Optional[int]  # max_position_embeddings; None where not known here
+    source: str  # where these facts come from
+
+    def kv_gib_per_sequence(self, tokens: int) -> float:
+        """KV cache of one ``tokens``-long sequence, keys and values, bf16, all GPUs together.
+
+        vLLM's v1 engine keeps only the window for sliding layers (its hybrid KV cache manager).
+        """
+        per_token_layer = 2 * self.kv_heads * self.head_dim * KV_BYTES_PER_ELEMENT
+        token_layers = (self.layers - self.sliding_layers) * tokens + self.sliding_layers * min(tokens,
+                                                                                               self.sliding_window)
+        return token_layers * per_token_layer / GIB
+
+
+GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)")
+GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct")
+GEMMA2_27B = Architecture("Gemma 2 27B", 46, 23, 16, 128, 4096, 8192, "config.json of GaMS-27B-Instruct")
+# GaMS2-27B-Instruct's config.json (2.09 kB, "longer context") could not be read here: Gemma 2
+# 27B layers are assumed, as its 54.5 GB of weights match GaMS-27B's; its context is unknown.
+GAMS2_27B = dataclasses.replace(GEMMA2_27B, max_positions=None,
+                                source="assumed: GaMS-27B's architecture (config.json not readable here)")
+# GaMS3 config.json: Gemma3ForCausalLM, hidden 3840, head_dim 256, 5 sliding : 1 global layers.
+# Layer count, KV heads, window and positions are Gemma 3 12B's (assumed, not read here).
+GEMMA3_12B = Architecture("Gemma 3 12B (text)", 48, 40, 8, 256, 1024, 131072,
+                          "config.json of GaMS3-12B-Instruct / -Lex, partly assumed from Gemma 3 12B")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     weights_gib: float  # bf16 weights, as vLLM reports "Model loading took"
     max_model_len: int
     gpu_memory_utilization: float = 0.90
     dtype: str = "bfloat16"
+    architecture: Optional[Architecture] = None
 
 
+# Chat and instruct models only (the base models have no chat template). 8192 for Gemma 2: the
+# positions its config allows, with room for several full-length sequences on a 48 GB or 80 GB
+# card (see the README table). GaMS3 could take longer contexts; 8192 keeps its KV small.
 PRESETS: Dict[str, Preset] = {
-    "cjvt/gams-2b-instruct": Preset(weights_gib=4.9, max_model_len=8192),
-    "cjvt/gams-9b-instruct": Preset(weights_gib=17.2, max_model_len=4096),
-    "cjvt/gams-9b-instruct-nemotron": Preset(weights_gib=17.2, max_model_len=4096),
-    "cjvt/gams-27b-instruct": Preset(weights_gib=50.7, max_model_len=4096),
-    "cjvt/gams3-12b-instruct": Preset(weights_gib=22.7, max_model_len=8192),
+    "cjvt/gams-2b-instruct": Preset(4.9, 8192, architecture=GEMMA2_2B),
+    "cjvt/gams-9b-instruct": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-9b-instruct-nemotron": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-9b-instruct-lex": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-dpo-translator": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-27b-instruct": Preset(50.7, 8192, architecture=GEMMA2_27B),
+    "cjvt/gams-27b-instruct-nemotron": Preset(50.7, 8192, architecture=GEMMA2_27B),
+    "cjvt/gams2-27b-instruct": Preset(50.8, 8192, architecture=GAMS2_27B),
+    "cjvt/gams2-27b-grpo-translator": Preset(50.8, 8192, architecture=GAMS2_27B),
+    "cjvt/gams3-12b-instruct": Preset(22.7, 8192, architecture=GEMMA3_12B),
+    "cjvt/gams3-12b-instruct-lex": Preset(22.7, 8192, architecture=GEMMA3_12B),
+    "cjvt/gams3-12b-grpo-translator": Preset(22.7, 8192, architecture=GEMMA3_12B),
 }
 
 
@@ -49,6 +110,15 @@ def choose_tensor_parallel(weights_gib: float, gpu_count: int, gpu_memory_gib: f
             break
         size *= 2
     return size
+
+
+def full_length_sequences(preset: Preset, gpu_memory_gib: float, gpu_count: int,
+                          max_model_len: Optional[int] = None) -> Tuple[int, int]:
+    """(tensor parallel size, sequences of ``max_model_len`` tokens whose KV cache fits) on these GPUs."""
+    tokens = max_model_len or preset.max_model_len
+    tp = choose_tensor_parallel(preset.weights_gib, gpu_count, gpu_memory_gib, preset.gpu_memory_utilization)
+    kv_budget = tp * (gpu_memory_gib * preset.gpu_memory_utilization - preset.weights_gib / tp - NON_KV_GIB)
+    return tp, max(0, int(kv_budget // preset.architecture.kv_gib_per_sequence(tokens)))
 
 
 # The environment variable behind each setting a preset may fill.
@@ -75,3 +145,43 @@ def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[
             preset.weights_gib, gpu_count, gpu_memory_gib, utilization)
         sources["tensor_parallel_size"] = "preset"
     return dataclasses.replace(config, **changes), sources
+
+
+# Cards the README table sizes for: an L40S-class 48 GB card and an H100 80 GB (GiB as torch sees them).
+CARDS = (("48 GB", 44.4), ("80 GB", 79.1))
+
+
+def preset_table() -> str:
+    """The README's preset table (markdown): one row per architecture and preset settings."""
+    groups: Dict[Tuple[Architecture, float, int], list] = {}
+    for name, preset in PRESETS.items():
+        groups.setdefault((preset.architecture, preset.weights_gib, preset.max_model_len), []).append(name)
+    rows = ["| `MODEL_NAME` | Architecture (config.json) | bf16 weights | `MAX_MODEL_LEN` | KV cache per "
+            "full-length sequence | full-length sequences that fit: " + " / ".join(f"{c} cards" for c, _ in CARDS)
+            + " |", "|---|---|---|---|---|---|"]
+    for (arch, weights, max_model_len), names in groups.items():
+        preset = PRESETS[names[0]]
+        fits = []
+        for _, gib in CARDS:
+            tp, sequences = full_length_sequences(preset, gib, gpu_count=8)
+            fits.append(f"{sequences}" + ("" if tp == 1 else f" (TP {tp})"))
+        rows.append(f"| {', '.join(f'`{n}`' for n in names)} | {arch.name}: {arch.layers} layers "
+                    f"({arch.sliding_layers} with a {arch.sliding_window}-token window), {arch.kv_heads} KV heads "
+                    f"x {arch.head_dim}, {arch.max_positions or 'unknown'} positions | {weights} GiB | "
+                    f"{max_model_len} | {arch.kv_gib_per_sequence(max_model_len):.2f} GiB | {' / '.join(fits)} |")
+    return "\n".join(rows)
+
+
+def kv_summary(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]) -> Optional[str]:
+    """A start-up line: the KV cache of one MAX_MODEL_LEN sequence and how many fit, for GaMS presets."""
+    preset = preset_for(config.model_preset or config.model_name)
+    if preset is None or not gpu_memory_gib:
+        return None
+    tp, sequences = full_length_sequences(preset, gpu_memory_gib, gpu_count, config.max_model_len)
+    return (f"KV cache: {preset.architecture.kv_gib_per_sequence(config.max_model_len):.2f} GiB per "
+            f"{config.max_model_len}-token sequence ({preset.architecture.name}); about {sequences} full-length "
+            f"sequences fit on {tp} x {gpu_memory_gib:.1f} GiB")
+
+
+if __name__ == "__main__":
+    print(preset_table())

@@ -20,7 +20,7 @@ from gams_worker.startup.engine import EngineInfo, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
 from gams_worker.startup.model import find_local_model, resolve_model
-from gams_worker.startup.presets import apply_preset
+from gams_worker.startup.presets import apply_preset, kv_summary
 from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.service import GenerationService
@@ -93,7 +93,7 @@ class Worker:
 
     def __init__(self, service: GenerationService, concurrency: int):
         self.service = service  # plain jobs
-        self.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config))
+        self.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template))
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
         self.watchdog = EngineWatchdog(service.engine)
         port = service.config.status_port
@@ -121,8 +121,12 @@ def start_worker(config: WorkerConfig) -> Worker:
     timeline = StartupTimeline()
     timeline.mark("config loaded")
     facts = host_facts()
-    config, sources = apply_preset(config, len(facts.gpus), facts.gpus[0].total_gib if facts.gpus else None)
+    gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
+    config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
     log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
+    kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
+    if kv_line:
+        log.info(kv_line)
     local_model = find_local_model(config)  # None: not on this machine; resolve_model downloads it below
     report = run_doctor(config, facts, local_model.path if local_model else None)
     if report.blocking:

@@ -4,7 +4,7 @@ RunPod answers ``{base}/v2/{endpoint}/openai/v1/...`` by queueing a job
 ``{"openai_route": "/v1/...", "openai_input": <request body>}`` and relaying what the
 worker yields:
 
-    POST .../openai/v1/chat/completions, .../completions
+    POST .../openai/v1/chat/completions, .../completions, .../responses, .../tokenize, any other route
         stream true:   the worker's stream chunks (strings of SSE events) written as they
                        arrive to a ``text/event-stream`` response
         stream false:  the job's one output, as a JSON response
@@ -76,6 +76,7 @@ class OpenAIProxy:
         prefix = "/v2/{endpoint}/openai/v1"
         app.router.add_post(prefix + "/chat/completions", self._generate)
         app.router.add_post(prefix + "/completions", self._generate)
+        app.router.add_post(prefix + "/{route:.+}", self._generate)  # the worker serves or refuses the rest
         app.router.add_get(prefix + "/models", self._models)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

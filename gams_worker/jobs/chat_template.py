@@ -1,0 +1,157 @@
+"""What the model's chat template does, learned once at start-up by rendering it.
+
+Two facts decide how chat jobs (plain ``messages``, OpenAI chat, Responses) are served:
+
+- **end of turn**: the special token the template writes right after an assistant message
+  (Gemma: ``<end_of_turn>``, id 107 in Gemma 2, 106 in Gemma 3). Chat jobs stop there whatever
+  generation_config.json lists, because a repo, fine-tune or local copy whose generation config
+  lacks it would otherwise run past the turn into text nobody asked for. Plain ``prompt`` jobs
+  and /v1/completions keep the model's own EOS ids. ``ignore_eos`` turns this stop off too, as it
+  does for the generation config's EOS ids.
+- **system role**: whether the template renders a system message. Where it raises (Gemma 2) or
+  drops the text, a leading system message is folded into the first user turn; where it renders
+  it (Gemma 3), the system message goes to the template as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+# Text that no template writes by itself, so it can be found in the rendered probes.
+PROBE_TEXT = "GAMSWORKERPROBE"
+# Where a chat job's stop tokens are described for the log and the docs.
+CHAT_JOBS = "chat jobs (messages, OpenAI chat, Responses)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplateFacts:
+    end_of_turn_id: Optional[int]  # None: the template writes no special token after a turn
+    end_of_turn_token: Optional[str]
+    accepts_system: bool  # False: fold a leading system message into the first user turn
+
+
+def probe_chat_template(tokenizer: Any) -> ChatTemplateFacts:
+    """Render probe conversations with the tokenizer's chat template and read its behaviour."""
+    end_of_turn = find_end_of_turn(tokenizer)
+    return ChatTemplateFacts(
+        end_of_turn_id=end_of_turn[0] if end_of_turn else None,
+        end_of_turn_token=end_of_turn[1] if end_of_turn else None,
+        accepts_system=accepts_system_role(tokenizer),
+    )
+
+
+def find_end_of_turn(tokenizer: Any) -> Optional[Tuple[int, str]]:
+    """(id, text) of the special token the template writes right after an assistant message."""
+    conversation = [{"role": "user", "content": "A"}, {"role": "assistant", "content": PROBE_TEXT}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception as exc:  # no template, or one that refuses even this conversation
+        log.warning("the chat template could not render a probe conversation: %s", exc)
+        return None
+    _, found, after = text.partition(PROBE_TEXT)
+    following = tokenizer.encode(after, add_special_tokens=False) if found else []
+    if not following or following[0] not in _special_ids(tokenizer):
+        return None
+    return following[0], tokenizer.convert_ids_to_tokens(following[0])
+
+
+def accepts_system_role(tokenizer: Any) -> bool:
+    """Whether the template renders a leading system message (it neither raises nor drops it)."""
+    conversation = [{"role": "system", "content": PROBE_TEXT}, {"role": "user", "content": "A"}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except Exception:  # Gemma 2: raise_exception('System role not supported')
+        return False
+    return PROBE_TEXT in text
+
+
+def _special_ids(tokenizer: Any) -> set:
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(token_id for token_id, token in decoder.items() if getattr(token, "special", False))
+    return ids
+
+
+def stop_at_end_of_turn(params: Any, facts: ChatTemplateFacts, model_eos_id: Optional[int]) -> Any:
+    """Make vLLM SamplingParams of a chat request stop at the template's end-of-turn token.
+
+    Merged the way vLLM merges generation_config.json's EOS ids, so ``min_tokens`` holds it
+    back like any EOS and ``ignore_eos`` leaves it out. Changes ``params`` in place (every
+    request builds its own) and returns it.
+    """
+    if facts.end_of_turn_id is not None:
+        params.update_from_generation_config({"eos_token_id": [facts.end_of_turn_id]}, model_eos_id)
+    return params
+
+
+class EndOfTurnEngine:
+    """The shared engine as vLLM's chat serving layers see it: chat requests stop at the end of turn.
+
+    Everything but ``generate`` is the engine itself.
+    """
+
+    def __init__(self, engine: Any, facts: ChatTemplateFacts, model_eos_id: Optional[int]):
+        self._engine = engine
+        self._facts = facts
+        self._model_eos_id = model_eos_id
+
+    def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        stop_at_end_of_turn(sampling_params, self._facts, self._model_eos_id)
+        return self._engine.generate(prompt, sampling_params, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class StopTokenReport:
+    line: str  # which stop ids are in force and where each came from
+    warning: Optional[str]  # set when the generation config lacks the end-of-turn token
+
+
+def report_stop_tokens(facts: ChatTemplateFacts, tokenizer: Any, generation_config: Dict[str, Any],
+                       generation_config_file: str) -> StopTokenReport:
+    """Describe the stop ids of every job kind and where each came from."""
+    all_jobs: Dict[int, List[str]] = {}
+    if tokenizer.eos_token_id is not None:
+        all_jobs.setdefault(tokenizer.eos_token_id, []).append("tokenizer eos_token")
+    configured = generation_config.get("eos_token_id")
+    configured = [configured] if isinstance(configured, int) else list(configured or ())
+    for token_id in configured:
+        all_jobs.setdefault(token_id, []).append(f"{generation_config_file} eos_token_id")
+
+    def name(token_id: int) -> str:
+        return f"{tokenizer.convert_ids_to_tokens(token_id)}={token_id}"
+
+    parts = ["all jobs: " + ", ".join(f"{name(i)} ({'; '.join(s)})" for i, s in all_jobs.items())]
+    warning = None
+    if facts.end_of_turn_id is None:
+        parts.append(f"{CHAT_JOBS}: nothing more (the chat template writes no special token after a turn)")
+    elif facts.end_of_turn_id in all_jobs:
+        parts.append(f"{CHAT_JOBS}: nothing more (the chat template's end of turn is among them)")
+    else:
+        parts.append(f"{CHAT_JOBS} also: {name(facts.end_of_turn_id)} (the chat template's end of turn)")
+        if facts.end_of_turn_id not in configured:
+            warning = (f"{generation_config_file} lacks the chat template's end-of-turn token "
+                       f"{name(facts.end_of_turn_id)}: the worker stops {CHAT_JOBS} there anyway; "
+                       f"plain prompt jobs and /v1/completions stop only at the ids listed for all jobs")
+    return StopTokenReport("stop tokens: " + "; ".join(parts), warning)
+
+
+def log_chat_template(engine: Any, tokenizer: Any, facts: ChatTemplateFacts) -> None:
+    """Log the stop tokens in force and the system-role rule, once at start-up."""
+    model_config = engine.model_config
+    model_dir = Path(model_config.model)
+    file = "generation_config.json" if (model_dir / "generation_config.json").is_file() else \
+        "config.json (there is no generation_config.json)"
+    report = report_stop_tokens(facts, tokenizer, model_config.try_get_generation_config(), file)
+    log.info(report.line)
+    if report.warning:
+        log.warning(report.warning)
+    log.info("chat template: system role %s", "rendered as is" if facts.accepts_system else
+             "refused, so a leading system message is folded into the first user turn")
