@@ -4,7 +4,7 @@
 #   HF_TOKEN=... docker buildx bake worker-baked    # GaMS-9B-Instruct baked into the image
 #
 # CUDA: the base image's CUDA must be the one the pinned vLLM wheel was built for.
-# vLLM 0.25.0 on PyPI requires torch==2.11.0, whose Linux x86_64 wheel requires
+# vLLM 0.25.1 on PyPI requires torch==2.11.0, whose Linux x86_64 wheel requires
 # cuda-toolkit==13.0.2 (libcudart.so.13): CUDA 13.0, so hosts need NVIDIA driver >= 580.
 # tests/test_image.py checks VLLM_CUDA below against requirements.txt's vLLM pin.
 # VLLM_CUDA=13.0
