@@ -92,3 +92,10 @@ def test_bad_env_stops_worker_at_start_with_one_line():
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["gams-worker: configuration error: MAX_MODEL_LEN='abc' is invalid: expected an integer >= 16"]
+
+
+def test_runpod_min_cuda_version_is_a_major_minor_version():
+    assert load_config({"RUNPOD_MIN_CUDA_VERSION": "13.0"}).min_cuda_version == "13.0"
+    assert load_config({}).min_cuda_version is None
+    with pytest.raises(ConfigError, match="RUNPOD_MIN_CUDA_VERSION"):
+        load_config({"RUNPOD_MIN_CUDA_VERSION": "thirteen"})

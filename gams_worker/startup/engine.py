@@ -80,7 +80,11 @@ def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
     return engine
 
 
+NO_PLATFORM = "none"
+
+
 def platform_name() -> str:
     from vllm.platforms import current_platform
 
-    return "cuda" if current_platform.is_cuda() else current_platform.device_type or "cpu"
+    # vLLM's UnspecifiedPlatform (no GPU and not the CPU build) has an empty device type.
+    return "cuda" if current_platform.is_cuda() else current_platform.device_type or NO_PLATFORM

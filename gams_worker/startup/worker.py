@@ -17,7 +17,7 @@ from gams_worker.startup.doctor import DoctorReport, host_facts, run_doctor
 from gams_worker.startup.engine import EngineInfo, platform_name, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
-from gams_worker.startup.model import resolve_model
+from gams_worker.startup.model import BAKED, resolve_model
 from gams_worker.startup.presets import apply_preset
 from gams_worker.jobs.service import GenerationService
 from gams_worker.platform.status import StatusServer
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Jobs taken at once when neither MAX_CONCURRENCY nor the engine's KV cache size says.
 DEFAULT_CONCURRENCY = 32
+BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Seconds a dead engine's in-flight jobs get to post their errors before the process exits.
 DEAD_ENGINE_GRACE_S = 1.0
 
@@ -108,7 +109,13 @@ def start_worker(config: WorkerConfig) -> Worker:
         raise EngineStartError("; ".join(report.blocking))
     mode, reason = first_rung(config, report)
     timeline.mark("doctor done")
-    model_path = resolve_model(config).path  # baked copy, then caches, then the hub
+    model = resolve_model(config)  # baked copy, then caches, then the hub
+    if model.source == BAKED:
+        # A baked copy is whole: nothing may reach for the hub (RunPod's worker-vllm sets the same).
+        # vLLM's engine process, which loads the model, inherits them.
+        export_to_engine(BAKED_MODEL_OFFLINE)
+        log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
+    model_path = model.path
     timeline.mark("model resolved")
     compile_cache = choose_compile_cache(config, facts)
     export_to_engine(compile_cache.engine_environment())
