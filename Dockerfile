@@ -85,6 +85,13 @@ RUN --mount=type=cache,id=gams-pip,target=/root/.cache/pip \
 # pip check, less the conflicts accepted on purpose (runpod's fastapi declaration), each explained there.
 COPY builder/check_install.py /tmp/
 RUN python /tmp/check_install.py
+# OS packages a variant needs at run time (the CPU image: libnuma1 for vLLM's CPU kernels); after
+# the package layer, so setting them rebuilds nothing above.
+ARG SYSTEM_PACKAGES=""
+# hadolint ignore=DL3008
+RUN if [ -n "${SYSTEM_PACKAGES}" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends ${SYSTEM_PACKAGES} && rm -rf /var/lib/apt/lists/*; \
+    fi
 ARG MODEL_NAME=""
 ARG MODEL_REVISION=""
 # An empty MODEL_NAME means the config's default, cjvt/GaMS-9B-Instruct.

