@@ -34,7 +34,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends "${PYTHON}" "${PYTHON}-venv" "${PYTHON}-dev" gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && "${PYTHON}" -m venv /opt/venv
-# pip's downloads live in a build cache mount (RUN --mount=type=cache), never in a layer.
+# pip's HTTP cache lives in a build cache mount (RUN --mount=type=cache), never in a layer.
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
@@ -69,8 +69,8 @@ FROM base AS worker
 WORKDIR /app
 # The weights first (18.5 GB for GaMS-9B): a pin change below rebuilds the packages, not them.
 COPY --from=bake /models /models
-# The packages (10 GB): one layer, rebuilt only when the lock changes; pip's cache mount makes
-# that rebuild download nothing already fetched once.
+# The packages (10 GB): one layer, rebuilt only when the lock changes; pip's HTTP cache in the
+# cache mount spares that rebuild the downloads, where the index sends cache headers (PyPI does).
 ARG LOCK=requirements.lock
 ARG VLLM_WHEEL=""
 ARG TORCH_INDEX=""
