@@ -6,7 +6,7 @@ variable "REGISTRY" { default = "ghcr.io/cjvt" }
 variable "IMAGE" { default = "gams-worker" }
 variable "VERSION" { default = "dev" }
 # Must equal requirements.txt's vllm pin and the Dockerfile's CUDA (tests/test_image.py checks).
-variable "VLLM_VERSION" { default = "0.25.0" }
+variable "VLLM_VERSION" { default = "0.25.1" }
 variable "CUDA_VERSION" { default = "13.0.2" }
 variable "CUDA_TAG" { default = "13.0" } # CUDA_VERSION's major.minor, for tags
 variable "BAKED_MODEL" { default = "cjvt/GaMS-9B-Instruct" }
@@ -66,4 +66,19 @@ target "worker-cu129" {
   }
   labels = { "ai.gams.cuda.version" = "12.9.1" }
   tags   = tags("", "12.9")
+}
+
+# vLLM's CPU build on Debian (what the container tests run, there with a local base image and the
+# torch CPU wheel from the machine): for trying the worker without a GPU. Not for RunPod.
+target "worker-cpu" {
+  inherits = ["_common"]
+  args = {
+    BASE_IMAGE  = "debian:bookworm"
+    PYTHON      = "python3.11"
+    LOCK        = "requirements-cpu.lock"
+    TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+    SYSTEM_PACKAGES = "libnuma1"
+  }
+  labels = { "ai.gams.cuda.version" = "none" }
+  tags   = ["${REGISTRY}/${IMAGE}:${VERSION}-cpu"]
 }

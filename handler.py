@@ -5,13 +5,27 @@ Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
 child process that re-imports this file.
 """
 
-import importlib
+import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
-from gams_worker.platform.cancellation import close_when_cancelled
-from gams_worker.config import load_config
-from gams_worker.errors import ConfigError, WorkerError
+
+def _stop_during_startup(signum, frame):
+    # Until the SDK's job loop installs its own handler (which lets jobs in flight finish), a
+    # SIGTERM ends the start-up at once: as PID 1 in a container, Python would ignore it.
+    # SystemExit unwinds the engine start, whose clean-up ends vLLM's engine process.
+    print("gams-worker: SIGTERM during start-up: stopping", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # not in vLLM's engine process, which imports this file as __mp_main__
+    signal.signal(signal.SIGTERM, _stop_during_startup)  # first, before the slow imports below
+
+import importlib  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from gams_worker.platform.cancellation import close_when_cancelled  # noqa: E402
+from gams_worker.config import load_config  # noqa: E402
+from gams_worker.errors import ConfigError, WorkerError  # noqa: E402
 
 jobs = None  # the process's JobRouter (gams_worker/jobs/route.py), set in main()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
@@ -65,6 +66,9 @@ class WorkerConfig:
     # network volume if mounted, else the container; VLLM_CACHE_ROOT, if set, wins unkeyed.
     compile_cache_dir: Optional[str] = None
     vllm_cache_root: Optional[str] = None
+    # The oldest CUDA the host's driver may support, as "13.0" (RUNPOD_MIN_CUDA_VERSION, which the
+    # runpod SDK checks too, once the job loop starts): the doctor refuses older hosts before the engine.
+    min_cuda_version: Optional[str] = None
     # Test-only: make the first engine start fail inside the engine process with this text.
     inject_start_failure: Optional[str] = None
     log_level: str = "INFO"
@@ -122,6 +126,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         hf_endpoint=env.optional_text("HF_ENDPOINT"),
         compile_cache_dir=env.optional_text("COMPILE_CACHE_DIR"),
         vllm_cache_root=env.optional_text("VLLM_CACHE_ROOT"),
+        min_cuda_version=env.version("RUNPOD_MIN_CUDA_VERSION"),
         inject_start_failure=env.optional_text("GAMS_TEST_INJECT_START_FAILURE"),
         log_level=env.choice("LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         on_runpod=env.optional_text("RUNPOD_WEBHOOK_GET_JOB") is not None
@@ -173,6 +178,15 @@ class _Env:
 
     def optional_text(self, name: str) -> Optional[str]:
         return self._raw(name)
+
+    def version(self, name: str) -> Optional[str]:
+        """A major.minor version such as "13.0", or None."""
+        def parse(raw: str) -> str:
+            if not re.fullmatch(r"\d+\.\d+", raw.strip()):
+                raise ValueError
+            return raw.strip()
+
+        return self._parse(name, None, parse, "a version such as 13.0")
 
     def integer(self, name: str, default: int, minimum: int, maximum: Optional[int] = None) -> int:
         def parse(raw: str) -> int:

@@ -98,3 +98,10 @@ def test_bad_env_stops_worker_at_start_with_one_line(variable, value, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr  # no traceback, no noise
     assert lines[0].startswith(f"gams-worker: configuration error: {variable}={value!r} is invalid: expected {expected}")
+
+
+def test_runpod_min_cuda_version_is_a_major_minor_version():
+    assert load_config({"RUNPOD_MIN_CUDA_VERSION": "13.0"}).min_cuda_version == "13.0"
+    assert load_config({}).min_cuda_version is None
+    with pytest.raises(ConfigError, match="RUNPOD_MIN_CUDA_VERSION"):
+        load_config({"RUNPOD_MIN_CUDA_VERSION": "thirteen"})

@@ -150,3 +150,23 @@ def test_vllm_cuda_version_from_its_version_tag_or_linked_cudart(tmp_path):
     assert host._linked_cudart_major(str(extension)) == "13"
     extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0")
     assert host._linked_cudart_major(str(extension)) is None
+
+
+def test_no_gpu_and_no_cpu_build_is_a_blocking_plain_verdict():
+    """The GPU image on a host without a GPU: vLLM's platform is unspecified ("none")."""
+    facts = HostFacts(platform="none", torch_version="2.11.0+cu130", torch_cuda="13.0", vllm_version="0.25.1")
+    report = diagnose(facts, None, WorkerConfig())
+    assert report.blocking and report.blocking[0].startswith("no NVIDIA GPU is visible")
+    assert report.verdicts == report.blocking
+
+
+def test_a_driver_older_than_runpod_min_cuda_version_blocks_the_start():
+    config = WorkerConfig(min_cuda_version="13.0")
+    report = diagnose(h100(driver_cuda="12.8"), gams_memory(config), config)
+    assert report.blocking == ("driver supports CUDA 12.8, RUNPOD_MIN_CUDA_VERSION is 13.0: deploy on hosts with "
+                               "CUDA >= 13.0 (RunPod: allowedCudaVersions)",)
+    for driver_cuda in ("13.0", "13.2"):
+        assert diagnose(h100(driver_cuda=driver_cuda), gams_memory(config), config).blocking == ()
+    # Without the setting, an old driver only moves the start to piecewise (the fallback ladder).
+    unset = diagnose(h100(driver_cuda="12.8"), gams_memory(WorkerConfig()), WorkerConfig())
+    assert unset.blocking == () and unset.start_mode == "piecewise"

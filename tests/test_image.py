@@ -27,8 +27,8 @@ from gams_worker.config import WorkerConfig
 from tests.conftest import ROOT
 
 # vLLM release on PyPI -> CUDA major.minor of its Linux x86_64 build, from the wheels' metadata:
-# vllm 0.25.0 requires torch==2.11.0; torch 2.11.0 requires cuda-toolkit[...]==13.0.2.
-VLLM_BUILD_CUDA = {"0.25.0": "13.0"}
+# vllm 0.25.0 and 0.25.1 require torch==2.11.0; torch 2.11.0 requires cuda-toolkit[...]==13.0.2.
+VLLM_BUILD_CUDA = {"0.25.0": "13.0", "0.25.1": "13.0"}
 # GaMS-9B-Instruct (Gemma 2 9B): parameters, layers, KV heads, head size.
 PARAMS, LAYERS, KV_HEADS, HEAD_DIM = 9.24e9, 42, 8, 256
 VENV_BIN = Path(sys.executable).parent
@@ -47,7 +47,7 @@ def dockerfile() -> str:
 def image_cuda() -> str:
     """The full CUDA version of the Dockerfile's base image, e.g. 13.0.2."""
     text = dockerfile()
-    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-base-ubuntu24\.04 AS base$", text, re.MULTILINE)
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\$\{CUDA_VERSION\}-base-ubuntu24\.04$", text, re.MULTILINE)
     return re.search(r"^ARG CUDA_VERSION=(\d+\.\d+\.\d+)$", text, re.MULTILINE).group(1)
 
 
@@ -61,7 +61,7 @@ def bake_variable(name: str) -> str:
 
 
 def image_python() -> str:
-    return re.search(r"python(3\.\d+) -m venv /opt/venv", dockerfile()).group(1)
+    return re.search(r"^ARG PYTHON=python(3\.\d+)$", dockerfile(), re.MULTILINE).group(1)
 
 
 def test_base_image_cuda_is_the_one_the_pinned_vllm_was_built_for():
@@ -90,12 +90,35 @@ def test_token_is_a_build_secret_not_an_arg_or_env():
     assert 'secret = ["id=hf_token,env=HF_TOKEN"]' in (ROOT / "docker-bake.hcl").read_text()
 
 
-def test_code_is_copied_after_the_vllm_install():
+def test_layers_weights_then_packages_then_code():
+    """Weights first (a pin change must not rebuild or re-push 18.5 GB), then the lock, then the code."""
     text = dockerfile()
     worker = text[text.index("AS worker"):]
-    assert worker.index("pip install -r requirements.txt") < worker.index("COPY gams_worker/")
-    assert worker.index("pip install -r requirements.txt") < worker.index("COPY handler.py")
+    weights = worker.index("COPY --from=bake /models /models")
+    packages = worker.index("pip install --no-deps --find-links /wheels -r /tmp/requirements.lock")
+    assert weights < packages < worker.index("COPY gams_worker/") and packages < worker.index("COPY handler.py")
+    assert re.search(r"^ARG LOCK=requirements.lock$", worker, re.MULTILINE)
     assert re.search(r'^CMD \["python", "handler.py"\]$', text, re.MULTILINE)
+
+
+def test_pip_downloads_are_cached_and_the_ca_bundle_is_only_a_secret():
+    text = dockerfile()
+    steps = [line for line in text.replace("\\\n", " ").splitlines() if line.startswith("RUN ")]
+    pip_steps = [step for step in steps if "pip install" in step]
+    assert len(pip_steps) == 2, steps  # the bake stage's hub client, the worker's lock
+    for step in pip_steps:
+        assert "--mount=type=cache,id=gams-pip,target=/root/.cache/pip" in step, step
+        assert "--mount=type=secret,id=cacert,required=false" in step, step
+    assert "PIP_NO_CACHE_DIR" not in text
+    assert not re.search(r"^(COPY|ADD|ENV|ARG)[^\n]*(cacert|ca-certificates\.crt|PIP_CERT)", text, re.MULTILINE)
+    assert "hf_transfer" not in text.lower() and "HF_HUB_ENABLE_HF_TRANSFER" not in text
+
+
+def test_base_image_and_python_are_build_args():
+    text = dockerfile()
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\$\{CUDA_VERSION\}-base-ubuntu24\.04$", text, re.MULTILINE)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", text, re.MULTILINE)
+    assert re.search(r"^ARG PYTHON=python3\.12$", text, re.MULTILINE)
 
 
 def runpod_files():
@@ -105,12 +128,14 @@ def runpod_files():
 def test_runpod_hub_files_match_the_image_and_the_config():
     hub, tests = runpod_files()
     cuda = tuple(int(p) for p in major_minor(image_cuda()).split("."))
-    for allowed in (hub["config"]["allowedCudaVersions"], tests["config"]["allowedCudaVersions"]):
-        assert allowed
-        for version in allowed:
-            host = tuple(int(p) for p in version.split("."))
-            # A host's driver runs images of its CUDA major up to its own minor.
-            assert host[0] == cuda[0] and host >= cuda, version
+    # RunPod matches hosts by the CUDA version their driver reports: list the image's CUDA and
+    # every newer minor, or hosts with newer drivers are left out.
+    allowed = hub["config"]["allowedCudaVersions"]
+    assert tests["config"]["allowedCudaVersions"] == allowed
+    assert allowed == [f"{cuda[0]}.{minor}" for minor in range(cuda[1], cuda[1] + len(allowed))]
+    assert len(allowed) >= 2
+    # The SDK's own start check refuses the same hosts (Dockerfile ENV).
+    assert re.search(rf"RUNPOD_MIN_CUDA_VERSION={cuda[0]}\.{cuda[1]} ", dockerfile())
 
     config_source = (ROOT / "gams_worker" / "config.py").read_text()
     defaults = WorkerConfig()

@@ -19,7 +19,7 @@ import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
-from gams_worker.startup.host import GIB, UNKNOWN, GpuFacts, HostFacts
+from gams_worker.startup.host import GIB, NO_PLATFORM, UNKNOWN, GpuFacts, HostFacts
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,12 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
     if facts.platform == "cpu":
         lines.append("CPU backend: vLLM captures no CUDA graphs here; GPU checks skipped")
         return DoctorReport(facts, tuple(lines), ())
+    if facts.platform == NO_PLATFORM:
+        # vLLM would fail later with "Device string must not be empty", which names no cause.
+        problem = ("no NVIDIA GPU is visible: vLLM found no GPU and no NVIDIA driver (NVML did not answer), "
+                   "and this image runs only on NVIDIA GPUs: give the endpoint a GPU, or run the container with "
+                   "the NVIDIA runtime (docker --gpus all, podman --device nvidia.com/gpu=all)")
+        return DoctorReport(facts, tuple(lines), (problem,), blocking=(problem,))
 
     verdicts: List[str] = []
     start_mode, start_reason = None, ""
@@ -120,6 +126,10 @@ def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[st
     if not facts.gpus:
         return []
     problems = []
+    minimum, driver = _version_tuple(config.min_cuda_version or ""), _version_tuple(facts.driver_cuda)
+    if minimum and driver and driver < minimum:
+        problems.append(f"driver supports CUDA {facts.driver_cuda}, RUNPOD_MIN_CUDA_VERSION is {config.min_cuda_version}: "
+                        f"deploy on hosts with CUDA >= {config.min_cuda_version} (RunPod: allowedCudaVersions)")
     if config.tensor_parallel_size > len(facts.gpus):
         problems.append(f"TENSOR_PARALLEL_SIZE={config.tensor_parallel_size} but {len(facts.gpus)} GPU(s) visible: "
                         f"deploy with {config.tensor_parallel_size} GPUs per worker or lower TENSOR_PARALLEL_SIZE")

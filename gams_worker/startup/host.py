@@ -83,11 +83,15 @@ def _guard(probe: Any, default: Any) -> Any:
     return default if result is None else result
 
 
+NO_PLATFORM = "none"
+
+
 def platform_name() -> str:
     """vLLM's platform: "cuda", "cpu", ..."""
     from vllm.platforms import current_platform
 
-    return "cuda" if current_platform.is_cuda() else current_platform.device_type or "cpu"
+    # vLLM's UnspecifiedPlatform (no GPU and not the CPU build) has an empty device type.
+    return "cuda" if current_platform.is_cuda() else current_platform.device_type or NO_PLATFORM
 
 
 def _torch_cuda() -> str:

@@ -19,7 +19,7 @@ from gams_worker.startup.host import host_facts, platform_name
 from gams_worker.startup.engine import EngineInfo, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
-from gams_worker.startup.model import find_local_model, resolve_model
+from gams_worker.startup.model import BAKED, find_local_model, resolve_model
 from gams_worker.startup.presets import apply_preset, kv_summary
 from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.route import JobRouter
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # Jobs taken at once when neither MAX_CONCURRENCY nor the engine's KV cache size says.
 DEFAULT_CONCURRENCY = 32
+BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Seconds a dead engine's in-flight jobs get to post their errors before the process exits.
 DEAD_ENGINE_GRACE_S = 1.0
 
@@ -134,7 +135,13 @@ def start_worker(config: WorkerConfig) -> Worker:
         raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
     mode, reason = first_rung(config, report)
     timeline.mark("doctor done")
-    model_path = resolve_model(config).path  # baked copy, then caches, then the hub
+    model = resolve_model(config)  # baked copy, then caches, then the hub
+    if model.source == BAKED:
+        # A baked copy is whole: nothing may reach for the hub (RunPod's worker-vllm sets the same).
+        # vLLM's engine process, which loads the model, inherits them.
+        export_to_engine(BAKED_MODEL_OFFLINE)
+        log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
+    model_path = model.path
     timeline.mark("model resolved")
     compile_cache = choose_compile_cache(config, facts)
     export_to_engine(compile_cache.engine_environment())

@@ -44,7 +44,7 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 class FakeHub:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.repos: Dict[str, Repo] = {}
         self.requests: List[Request] = []
         hub = self
@@ -61,7 +61,7 @@ class FakeHub:
             def do_GET(self) -> None:
                 hub._handle(self, body=True)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -1,0 +1,210 @@
+"""The worker as a container: the CPU image from the same Dockerfile, run with podman, no network.
+
+The image is the GPU image's Dockerfile with a Debian base, the CPU test environment's lock
+(requirements-cpu.lock: vLLM's CPU build) and the tiny model baked by the bake stage from the
+local fake hub. Each container runs in a network namespace with only a loopback device, where
+the RunPod emulator (tests/harness/runpod_emulator.py) listens: the worker reaches it and
+nothing else. One container serves these tests in order (engine starts cost ~30 s here):
+jobs stream; a stop frees the job; SIGKILL, then the same container started again takes the
+next job; SIGTERM while serving lets the job in flight finish; SIGTERM during the engine start
+of another start exits within 5 s. Figures print under ``pytest -s``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Dict
+
+import pytest
+import requests
+
+from tests.harness.containers import CPU_IMAGE, TINY_REPO, Container, build_cpu_image, in_netns, loopback_netns, \
+    require_podman
+from tests.harness.runpod_emulator import RunPodEmulator
+
+pytestmark = [pytest.mark.container, pytest.mark.engine]
+
+START_TIMEOUT_S = 300  # import + eager engine start in the container, beside other work on 2 cores
+STATUS_PORT = 8765  # inside the container's own network namespace
+SLOVENE = "Kaj je vredno videti v Ljubljani? Čebele, šolske žlice in žganci"
+
+
+def greedy(max_tokens: int) -> Dict[str, Any]:
+    return {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+def wait_until(condition, timeout: float, what: str, container: Container, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{container.tail()}")
+        time.sleep(step)
+
+
+class Stage:
+    """The emulator and one worker container, both in one loopback-only network namespace."""
+
+    def __init__(self, netns, emulator: RunPodEmulator, container: Container):
+        self.netns = netns
+        self.emulator = emulator
+        self.container = container
+
+    def status(self) -> Dict[str, Any]:
+        url = f"http://127.0.0.1:{STATUS_PORT}/status"
+        return in_netns(self.netns, lambda: requests.get(url, timeout=5).json())
+
+    def wait_for_take(self, since: int) -> Dict[str, str]:
+        """The query of the worker's first job-take after ``since`` earlier ones."""
+        emulator = self.emulator
+
+        def taken():
+            if not self.container.running():
+                raise AssertionError(f"the container exited ({self.container.exit_code()})\n{self.container.tail()}")
+            return len(emulator.takes) > since
+
+        wait_until(taken, START_TIMEOUT_S, "the worker's first job-take", self.container)
+        return emulator.takes[since][1]
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    require_podman()
+    log_path = tmp_path_factory.mktemp("cpu-image") / "build.log"
+    seconds = build_cpu_image(log_path)
+    print(f"\n[container] CPU image built in {seconds:.0f} s; log {log_path}", file=sys.stderr)
+    with loopback_netns() as netns:
+        emulator = RunPodEmulator(hold_s=1.0, stop_hold_s=2.0)
+        in_netns(netns, emulator.start)  # its server thread, and so its socket, live in netns
+        env = {
+            **emulator.worker_env(),
+            "MAX_MODEL_LEN": "4096",
+            "GPU_MEMORY_UTILIZATION": "0.05",  # on CPU: a share of the RAM for the KV cache
+            "MAX_CONCURRENCY": "4",
+            # Eager: torch.compile would add 10-30 s to each of the three engine starts here,
+            # and compiled graphs are not what these tests are about.
+            "ENFORCE_EAGER": "true",
+            "WORKER_STATUS_PORT": str(STATUS_PORT),
+        }
+        container = Container(CPU_IMAGE, env, netns)
+        try:
+            started = time.monotonic()
+            stage = Stage(netns, emulator, container)
+            stage.wait_for_take(0)
+            print(f"\n[container] first job-take {time.monotonic() - started:.0f} s after podman run",
+                  file=sys.stderr)
+            yield stage
+        finally:
+            container.remove()
+            emulator.close()
+
+
+def test_the_baked_model_is_served_with_the_hub_offline(stage):
+    log = stage.container.logs()
+    assert f"model {TINY_REPO}: using the baked copy at /models/" in log, stage.container.tail()
+    # The worker sets them for vLLM's engine process, spawned after the model was resolved (the
+    # image itself sets neither): read that process's environment.
+    engine_environments = stage.container.exec("python", "-c", ENGINE_ENVIRONMENTS).stdout.strip().splitlines()
+    assert engine_environments, stage.container.tail()
+    for line in engine_environments:
+        variables = line.split("\0")
+        assert "HF_HUB_OFFLINE=1" in variables and "TRANSFORMERS_OFFLINE=1" in variables, variables
+
+
+# The environment of each process in the container whose command line names vLLM's EngineCore.
+ENGINE_ENVIRONMENTS = """
+import glob, os
+for proc in glob.glob("/proc/[0-9]*"):
+    if proc == f"/proc/{os.getpid()}":  # this script's command line names them too
+        continue
+    try:
+        cmdline, environ = open(proc + "/cmdline", "rb").read(), open(proc + "/environ", "rb").read()
+    except OSError:
+        continue
+    if b"EngineCore" in cmdline or b"spawn_main" in cmdline:
+        print(environ.decode(errors="replace").replace("\\n", " "))
+"""
+
+
+def test_jobs_stream(stage):
+    emulator = stage.emulator
+    job_ids = [emulator.submit({"prompt": f"{SLOVENE} {i}", "sampling_params": greedy(48), "stream": True})
+               for i in range(3)]
+    for job_id in job_ids:
+        record = emulator.wait_result(job_id, 120)
+        outputs = record.result["output"]
+        assert len(record.chunks) >= 3, record.chunks
+        assert record.chunk_outputs == outputs  # every chunk posted once, in order
+        assert outputs[-1]["usage"]["completion_tokens"] == 48
+        assert "".join(c["text"] for o in outputs for c in o["choices"])
+
+
+def test_a_stop_frees_the_job(stage):
+    emulator = stage.emulator
+    long_id = "container-job-to-stop"
+    # Its posts wait for the stop, so the stop finds the job still generating (see test_platform.py).
+    emulator.hold_stream_posts_until_stopped(long_id)
+    emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(3500), "stream": True}, job_id=long_id)
+    wait_until(lambda: stage.status()["engine_requests"] == 1, 60, "the job generating", stage.container)
+    emulator.stop_job(long_id)
+    wait_until(lambda: emulator.jobs[long_id].stop_delivered_at is not None, 15, "stop delivered", stage.container)
+    wait_until(lambda: stage.status()["engine_requests"] == 0, 5, "the engine request aborted", stage.container)
+    assert emulator.jobs[long_id].results == []  # the SDK posts nothing for a stopped job
+    record = emulator.wait_result(emulator.submit({"prompt": "Živjo", "sampling_params": greedy(8)}), 60)
+    assert record.result["output"][-1]["usage"]["completion_tokens"] == 8
+
+
+def test_a_restarted_container_takes_the_next_job(stage):
+    emulator, container = stage.emulator, stage.container
+    in_flight = emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(3500), "stream": True})
+    emulator.wait_chunks(in_flight, 1, 60)
+    container.signal("KILL")  # as RunPod kills a worker: no clean-up of any kind
+    assert container.wait(30) == 137
+    takes_before = len(emulator.takes)
+    started = time.monotonic()
+    container.restart()  # the same writable layer: whatever the SDK left in /app is still there
+    first_take = stage.wait_for_take(takes_before)
+    print(f"\n[container] restarted container's first job-take after {time.monotonic() - started:.0f} s",
+          file=sys.stderr)
+    # runpod 1.10.0 reloaded the killed job from .runpod_jobs.pkl and never took another one.
+    assert first_take["job_in_progress"] == "0"
+    record = emulator.wait_result(emulator.submit({"prompt": "Živjo", "sampling_params": greedy(8)}), 120)
+    assert record.result["output"][-1]["usage"]["completion_tokens"] == 8
+    assert emulator.jobs[in_flight].results == []
+
+
+def test_sigterm_while_serving_lets_the_job_in_flight_finish(stage):
+    emulator, container = stage.emulator, stage.container
+    job_id = emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(1500), "stream": True})
+    emulator.wait_chunks(job_id, 1, 60)
+    sent_at = time.monotonic()
+    container.signal("TERM")
+    exit_code = container.wait(180)
+    record = emulator.jobs[job_id]
+    print(f"\n[container] SIGTERM while serving: exit {exit_code} after {time.monotonic() - sent_at:.1f} s; "
+          f"the job in flight {'finished' if record.results else 'was LOST'}", file=sys.stderr)
+    assert exit_code == 0, container.tail()
+    assert record.results and record.results[0][0] > sent_at  # in flight at SIGTERM, and finished
+    assert record.result["output"][-1]["usage"]["completion_tokens"] == 1500
+    assert record.chunk_outputs == record.result["output"]
+
+
+def test_sigterm_during_engine_start_exits_within_5s(stage):
+    container = stage.container
+    lines_before = len(container.logs().splitlines())
+    container.restart()
+    # In the engine start: the worker has said so, and vLLM's engine process is running.
+    wait_until(lambda: any("starting vLLM engine in" in line for line in container.logs().splitlines()[lines_before:])
+               and container.exec("python", "-c", ENGINE_ENVIRONMENTS).stdout.strip(),
+               120, "the engine start", container, step=0.2)
+    sent_at = time.monotonic()
+    container.signal("TERM")
+    exit_code = container.wait(30)
+    exit_s = time.monotonic() - sent_at
+    print(f"\n[container] SIGTERM during the engine start: exit {exit_code} after {exit_s:.1f} s", file=sys.stderr)
+    assert "gams-worker: SIGTERM during start-up: stopping" in container.logs(), container.tail()
+    assert exit_code == 143, container.tail()
+    assert exit_s < 5, container.tail()
