@@ -90,7 +90,7 @@ def run_job(worker, loop_thread):
 
 # Set in this process by the in-process worker for its engine (gams_worker/startup/compile_cache.py);
 # a worker subprocess must choose its own.
-ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR")
+ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "VLLM_USE_MEGA_AOT_ARTIFACT")
 
 
 def free_port() -> int:
