@@ -5,9 +5,7 @@ Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
 child process that re-imports this file.
 """
 
-import importlib
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from gams_worker.platform.cancellation import close_when_cancelled
 from gams_worker.config import load_config
@@ -35,15 +33,14 @@ def main() -> int:
     from gams_worker.startup.worker import setup_logging, start_worker
 
     setup_logging(config)
-    # The job loop's SDK takes seconds to import: do it while the engine starts.
-    runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
     try:
-        worker = start_worker(config)
+        # The job loop's SDK takes seconds to import: done while this process waits for vLLM's engine.
+        worker = start_worker(config, import_while_engine_starts=("runpod",))
     except WorkerError as exc:  # engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
     service = worker.service
-    runpod = runpod_import.result()
+    import runpod
     try:
         if wants_local_run(sys.argv, config.on_runpod):
             return run_local(handler, sys.argv)

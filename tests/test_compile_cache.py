@@ -163,6 +163,14 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model
     assert second_cache["hit"] is True, second_cache
     assert first_cache["mega_aot_artifact"] is second_cache["mega_aot_artifact"] is True  # torch 2.13 here
     assert first_cache["path"].endswith("mega-aot-on")
+    for run in (first, second):  # every second of the start belongs to a named step
+        marks, steps = run["since_process_start_s"], run["step_s"]
+        for step in ("torch imported", "vLLM engine classes imported", "vLLM: engine process started",
+                     "vLLM: weights loaded", "vLLM: engine initialised", "engine started", "runpod imported"):
+            assert step in marks, (step, marks)
+        assert abs(sum(steps.values()) - marks["first job served"]) < 0.01 * len(steps)
+        assert run["weight_prefetch"]["outcome"] in ("read all 1 weight files",
+                                                     "stopped: vLLM started loading the weights"), run
     # Reported, not asserted: timings on a shared CI machine are not a test.
     times = {name: {"engine_started_s": run["since_process_start_s"]["engine started"],
                     "first_job_s": run["since_process_start_s"]["first job served"],
@@ -172,3 +180,5 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model
     print(f"\ncompile cache, process start to first job: cold {times['cold']['first_job_s']:.1f} s, "
           f"warm {times['warm']['first_job_s']:.1f} s; engine started at {times['cold']['engine_started_s']:.1f} s "
           f"and {times['warm']['engine_started_s']:.1f} s")
+    for name, run in (("cold", first), ("warm", second)):
+        print(f"{name} start, seconds per step: {json.dumps(run['step_s'])}")

@@ -236,9 +236,11 @@ class OutputCapture:
     as they live, keeping the buffer's last ``limit_bytes`` bytes.
     """
 
-    def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2)):
+    def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2),
+                 on_line: Optional[Callable[[str, float], None]] = None):
         self._limit = limit_bytes
         self._fds = tuple(fds)
+        self._on_line = on_line  # called with each whole line and its arrival time (epoch seconds)
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._last_data = time.monotonic()
@@ -279,6 +281,7 @@ class OutputCapture:
 
     def _pump(self, read_end: int, original: int) -> None:
         forward = True
+        partial = b""  # the start of a line whose end has not come yet
         try:
             while True:
                 data = os.read(read_end, 65536)
@@ -294,9 +297,22 @@ class OutputCapture:
                     if len(self._buffer) > self._limit:
                         del self._buffer[: len(self._buffer) - self._limit]
                     self._last_data = time.monotonic()
+                if self._on_line is not None:
+                    partial = self._hand_out_lines(partial + data)
         finally:
             os.close(read_end)
             os.close(original)
+
+    def _hand_out_lines(self, data: bytes) -> bytes:
+        """Give each whole line to ``on_line``; return the unfinished rest."""
+        *lines, rest = data.split(b"\n")
+        arrived = time.time()
+        for line in lines:
+            try:
+                self._on_line(line.decode("utf-8", errors="replace"), arrived)
+            except Exception:  # a watcher's bug must not stop the tee
+                log.exception("output watcher failed")
+        return rest[-self._limit:]
 
 
 def _flush_python_streams() -> None:
@@ -368,10 +384,13 @@ def start_with_fallback(
     first_mode: str,
     first_reason: str,
     start: Callable[[str], Any],
+    on_output_line: Optional[Callable[[str, float], None]] = None,
 ) -> StartedEngine:
     """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow.
 
-    Raises EngineStartError with one plain-words line when start-up cannot succeed.
+    ``on_output_line`` sees each line the engine prints, with its arrival time (the start-up
+    timeline marks vLLM's phases from them). Raises EngineStartError with one plain-words
+    line when start-up cannot succeed.
     """
     mode, reason = first_mode, first_reason
     failed_modes: List[str] = []
@@ -380,7 +399,7 @@ def start_with_fallback(
         log.info("engine start: rung %d/%d, %s mode (%s)", rung, len(GRAPH_MODES), mode, reason)
         children_before = _child_pids()
         started = time.monotonic()
-        capture = OutputCapture().start()
+        capture = OutputCapture(on_line=on_output_line).start()
         try:
             engine = start(mode)
         except Exception as exc:  # vLLM raises many types; the classifier reads them all

@@ -18,7 +18,6 @@ PREFETCH_WEIGHTS=false turns it off.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
