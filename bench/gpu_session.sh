@@ -43,7 +43,7 @@ if line:
     "$OUT/$name.log" | grep -v "^{" | cut -c1-220 | head -60
 }
 
-VOLUME=/tmp/runpod-volume  # stands in for RunPod's network volume
+VOLUME=${VOLUME:-/tmp/runpod-volume}  # stands in for RunPod's network volume
 SPY=/tmp/spy/bin/py-spy     # pip install --no-deps --target /tmp/spy py_spy-*.whl (also fastsafetensors, to try it)
 
 # Stack dumps of the worker's processes every 2 s, into $1, until killed.
@@ -63,12 +63,13 @@ spied_worker_run() {  # name, then env assignments
   kill $spy 2>/dev/null; wait $spy 2>/dev/null
 }
 
-FAST=/tmp/faststarts  # fast-start results, kept on the machine between steps (each $OUT is new)
+FAST=${FAST:-/tmp/faststarts}  # fast-start results, kept on the machine between steps (each $OUT is new)
 
 # Empty the page cache: all of it where permitted, else (a container) the files a start reads.
+# PAGE_CACHE_DROP=evict skips drop_caches (a shared machine).
 drop_page_cache() {
   sync
-  if (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; then
+  if [ "${PAGE_CACHE_DROP:-}" != evict ] && (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; then
     echo "page cache dropped: echo 3 > /proc/sys/vm/drop_caches"
   else
     echo "drop_caches not permitted: evicting with posix_fadvise(DONTNEED) the model, the kit, the volume, the stdlib"

@@ -241,6 +241,7 @@ class OutputCapture:
         self._limit = limit_bytes
         self._fds = tuple(fds)
         self._on_line = on_line  # called with each whole line and its arrival time (epoch seconds)
+        self.watcher_error: Optional[Exception] = None  # the first exception on_line raised
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._last_data = time.monotonic()
@@ -310,8 +311,8 @@ class OutputCapture:
         for line in lines:
             try:
                 self._on_line(line.decode("utf-8", errors="replace"), arrived)
-            except Exception:  # a watcher's bug must not stop the tee
-                log.exception("output watcher failed")
+            except Exception as exc:  # a watcher's bug must not stop the tee (nor be logged from
+                self.watcher_error = self.watcher_error or exc  # here, into the pipe being drained)
         return rest[-self._limit:]
 
 
@@ -408,6 +409,8 @@ def start_with_fallback(
             failure = exc
         else:
             capture.stop()
+            if capture.watcher_error is not None:
+                log.warning("engine output watcher failed: %r", capture.watcher_error)
             return StartedEngine(engine, mode, reason, capture.text(settle_s=0.1, max_wait_s=1.0))
 
         wait_for_children_gone(children_before)

@@ -76,7 +76,7 @@ class StartupTimeline:
         self._phase_rank: Dict[str, int] = {}  # phase -> index in ENGINE_PHASES of the pattern that gave it
         self._watching = True
 
-    def mark(self, step: str, at: Optional[float] = None) -> float:
+    def mark(self, step: str, at: Optional[float] = None, log_it: bool = True) -> float:
         """Record that ``step`` is done (now, or at epoch time ``at``); returns seconds since process start.
 
         A step marked again (an engine started twice by the fallback ladder) gets " #2", " #3"."""
@@ -88,7 +88,8 @@ class StartupTimeline:
                 count += 1
                 name = f"{step} #{count}"
             self.marks.append((name, seconds))
-        log.info("start-up: %s at %.2f s", name, seconds)
+        if log_it:
+            log.info("start-up: %s at %.2f s", name, seconds)
         return seconds
 
     def watch_engine_line(self, line: str, at: Optional[float] = None) -> Optional[str]:
@@ -104,7 +105,10 @@ class StartupTimeline:
                 if step in self._engine_marks_seen:
                     return None
                 self._engine_marks_seen.add(step)
-                self.mark(step, at)
+                # Not logged: this runs in the thread that drains the engine's output pipe, and a
+                # log line written into that same pipe could block it for good once it is full.
+                # vLLM's own line is in the log, and "worker ready" logs the whole timeline.
+                self.mark(step, at, log_it=False)
                 return step
         return None
 
