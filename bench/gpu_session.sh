@@ -91,6 +91,9 @@ case ${1:-} in
     mkdir -p $FAST
     case ${2:-} in
       cold)
+        # The image ships bytecode (pip compiles on install); the kit is installed --no-compile.
+        # In the GPU image on the CPU machine, the import floor took 8.2 s of CPU with it, 22.4 s without.
+        python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1; echo "kit byte-compiled (as in the image)"
         rm -rf $VOLUME ~/.cache/vllm ~/.triton ~/.cache/gams-worker $FAST; mkdir -p $VOLUME $FAST
         fast worker cold-mega-off "${common[@]}" MEGA_AOT_ARTIFACT=false
         fast worker cold-mega-on "${common[@]}" MEGA_AOT_ARTIFACT=true
@@ -116,6 +119,7 @@ case ${1:-} in
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
     ;;
   importfloor)
+    python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode as the image has it (see cold)
     { python3 bench/import_floor.py --repeat 3; python3 bench/import_floor.py --repeat 2 --no-bytecode; } \
       2>&1 | tee "$OUT/import-floor.txt"
     ;;
