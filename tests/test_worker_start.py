@@ -1,4 +1,4 @@
-"""Start-up order: work that holds the GIL (the SDK's import, the heap freeze) waits for vLLM's engine process."""
+"""Start-up order: work that holds the GIL (the SDK's import, the garbage collection) waits for vLLM's engine process."""
 
 import functools
 import importlib

@@ -133,6 +133,7 @@ def _start(config: WorkerConfig, model_path: str, timeline: StartupTimeline, pre
     if report.blocking:
         raise EngineStartError("; ".join(report.blocking))
     mode, reason = first_rung(config, report)
+    started_mode = mode
     timeline.mark("doctor done")
     compile_cache = choose_compile_cache(config, facts)
     export_to_engine(compile_cache.engine_environment())
@@ -144,7 +145,7 @@ def _start(config: WorkerConfig, model_path: str, timeline: StartupTimeline, pre
 
     background = WhileEngineStarts(
         [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in import_while_engine_starts]
-        + [("start-up heap frozen", freeze_startup_heap)], timeline)
+        + [("start-up garbage collected", gc.collect)], timeline)
     try:
         started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, model_path),
                                              on_output_line=watch_engine_line)
@@ -157,6 +158,7 @@ def _start(config: WorkerConfig, model_path: str, timeline: StartupTimeline, pre
     timeline.stop_watching()
     background.finish()  # done by now unless the engine started in under a second or two
     engine, mode, reason = started_engine.engine, started_engine.mode, started_engine.reason
+    freeze_startup_heap(fell_back=mode != started_mode)  # not on failure: nothing outlives a failed start
     timeline.read_engine_output(started_engine.output)
     timeline.compile_cache = compile_cache.report(started_engine.output)
     timeline.mark("compile cache counted")
@@ -221,11 +223,14 @@ class WhileEngineStarts:
             self.timeline.mark(done_mark)
 
 
-def freeze_startup_heap() -> None:
+def freeze_startup_heap(fell_back: bool) -> None:
     """Keep full garbage collections from walking what start-up made (it lives as long as the
     process): they paused every stream for up to 0.36 s on CPU. vLLM's own server does the same.
-    The collection before the freeze takes 0.4 s of CPU, so it runs while the engine starts."""
-    gc.collect()
+
+    The collection before the freeze (0.4 s of CPU) ran while the engine started
+    (WhileEngineStarts); a failed first attempt left garbage since, so it is collected again."""
+    if fell_back:
+        gc.collect()
     gc.freeze()
 
 
