@@ -20,9 +20,6 @@ def _stop_during_startup(signum, frame):
 if __name__ == "__main__":  # not in vLLM's engine process, which imports this file as __mp_main__
     signal.signal(signal.SIGTERM, _stop_during_startup)  # first, before the slow imports below
 
-import importlib  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-
 from gams_worker.platform.cancellation import close_when_cancelled  # noqa: E402
 from gams_worker.config import load_config  # noqa: E402
 from gams_worker.errors import ConfigError, WorkerError  # noqa: E402
@@ -61,14 +58,13 @@ def serve(config) -> int:
     try:
         if not local_run:
             check_sdk_version()  # refuse an SDK the job loop was not written for before the engine starts
-        # The job loop's SDK takes seconds to import: do it while the engine starts.
-        runpod_import = ThreadPoolExecutor(max_workers=1).submit(importlib.import_module, "runpod")
-        worker = start_worker(config)
+        # The job loop's SDK takes seconds to import: done while this process waits for vLLM's engine.
+        worker = start_worker(config, import_while_engine_starts=("runpod",))
     except WorkerError as exc:  # that SDK, an engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
     jobs = worker.jobs
-    runpod = runpod_import.result()
+    import runpod
     try:
         if local_run:
             return run_local(handler, sys.argv)

@@ -14,10 +14,17 @@
 #                                            # engine: bursts 1/8/32/64, Poisson at 90 % (bench/platform_suite.py)
 #   bash bench/gpu_session.sh openai         # one /v1/responses job (and its stream) and one chat job through
 #                                            # the worker under the SDK loop, openai client, GaMS-9B preset (8192)
+#   bash bench/gpu_session.sh faststarts cold|warm|pagecache|table   # issue 17, each step < 10 min:
+#       cold       empty compile cache, one worker start per artifact form (fills both cache folders)
+#       warm       (a) warm worker starts through the platform, mega AOT artifact off/on, twice each;
+#                  (b)+(c) bare processes (import torch + AsyncLLM, create it), greedy outputs, b1/c64
+#       pagecache  (d) warm compile cache, page cache dropped, weight prefetch on/off
+#       table      the table of every run so far (each step also prints it)
+#   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD:/tmp/spy PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true
-MODEL=/tmp/gams-9b-shaped
+MODEL=${MODEL:-/tmp/gams-9b-shaped}
 OUT=${OUT:-/tmp/out}
 JOB='{"input": {"prompt": "Kaj je vredno videti v Ljubljani?", "stream": true, "sampling_params": {"max_tokens": 256, "ignore_eos": true, "temperature": 0}}}'
 
@@ -40,7 +47,7 @@ if line:
     "$OUT/$name.log" | grep -v "^{" | cut -c1-220 | head -60
 }
 
-VOLUME=/tmp/runpod-volume  # stands in for RunPod's network volume
+VOLUME=${VOLUME:-/tmp/runpod-volume}  # stands in for RunPod's network volume
 SPY=/tmp/spy/bin/py-spy     # pip install --no-deps --target /tmp/spy py_spy-*.whl (also fastsafetensors, to try it)
 
 # Stack dumps of the worker's processes every 2 s, into $1, until killed.
@@ -60,7 +67,66 @@ spied_worker_run() {  # name, then env assignments
   kill $spy 2>/dev/null; wait $spy 2>/dev/null
 }
 
+FAST=${FAST:-/tmp/faststarts}  # fast-start results, kept on the machine between steps (each $OUT is new)
+
+# Empty the page cache: all of it where permitted, else (a container) the files a start reads.
+# PAGE_CACHE_DROP=evict skips drop_caches (a shared machine).
+drop_page_cache() {
+  sync
+  if [ "${PAGE_CACHE_DROP:-}" != evict ] && (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; then
+    echo "page cache dropped: echo 3 > /proc/sys/vm/drop_caches"
+  else
+    echo "drop_caches not permitted: evicting with posix_fadvise(DONTNEED) the model, the kit, the volume, the stdlib"
+    python3 -m tests.harness.page_cache evict $MODEL /tmp/site $VOLUME \
+      "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"
+  fi
+}
+
+# One fast-start run (worker or bare), its output in $FAST/NAME.out; prints its summary line.
+fast() {
+  local kind=$1 name=$2; shift 2
+  python3 -m bench.fast_starts "$kind" "$name" "$@" --results $FAST >"$FAST/$name.out" 2>&1
+  echo "== $kind $name: exit $?"; grep '^{"kind"' "$FAST/$name.out" | cut -c1-900
+}
+
 case ${1:-} in
+  faststarts)
+    common=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$VOLUME)
+    mkdir -p $FAST
+    case ${2:-} in
+      cold)
+        # The image ships bytecode (pip compiles on install); the kit is installed --no-compile.
+        # In the GPU image on the CPU machine, the import floor took 8.2 s of CPU with it, 22.4 s without.
+        python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1; echo "kit byte-compiled (as in the image)"
+        rm -rf $VOLUME ~/.cache/vllm ~/.triton ~/.cache/gams-worker $FAST; mkdir -p $VOLUME $FAST
+        fast worker cold-mega-off "${common[@]}" MEGA_AOT_ARTIFACT=false
+        fast worker cold-mega-on "${common[@]}" MEGA_AOT_ARTIFACT=true
+        ;;
+      warm)
+        for round in 1 2; do  # alternated, so both forms meet the same host state
+          fast worker warm-mega-off-$round "${common[@]}" MEGA_AOT_ARTIFACT=false
+          fast worker warm-mega-on-$round "${common[@]}" MEGA_AOT_ARTIFACT=true
+        done
+        fast bare bare-mega-off "${common[@]}" MEGA_AOT_ARTIFACT=false
+        fast bare bare-mega-on "${common[@]}" MEGA_AOT_ARTIFACT=true
+        ;;
+      pagecache)
+        drop_page_cache
+        fast worker dropped-prefetch-on "${common[@]}" MEGA_AOT_ARTIFACT=true PREFETCH_WEIGHTS=true
+        drop_page_cache
+        fast worker dropped-prefetch-off "${common[@]}" MEGA_AOT_ARTIFACT=true PREFETCH_WEIGHTS=false
+        ;;
+      table) ;;
+      *) sed -n 2,20p "$0"; exit 2 ;;
+    esac
+    python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
+    cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
+    ;;
+  importfloor)
+    python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode as the image has it (see cold)
+    { python3 bench/import_floor.py --repeat 3; python3 bench/import_floor.py --repeat 2 --no-bytecode; } \
+      2>&1 | tee "$OUT/import-floor.txt"
+    ;;
   imports)
     python3 - <<'EOF_PY' | tee "$OUT/imports.txt"
 import time
@@ -130,5 +196,5 @@ EOF_FAULT
     python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
       | tee "$OUT/openai-session.txt"
     ;;
-  *) sed -n 2,16p "$0"; exit 2 ;;
+  *) sed -n 2,27p "$0"; exit 2 ;;
 esac

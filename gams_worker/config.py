@@ -69,6 +69,11 @@ class WorkerConfig:
     # The oldest CUDA the host's driver may support, as "13.0" (RUNPOD_MIN_CUDA_VERSION, which the
     # runpod SDK checks too, once the job loop starts): the doctor refuses older hosts before the engine.
     min_cuda_version: Optional[str] = None
+    # vLLM's mega AOT artifact: compiled graphs saved and loaded as one piece (README, "Fast
+    # starts"). None: on where the torch in use supports it (gams_worker/startup/compile_cache.py).
+    mega_aot_artifact: Optional[bool] = None
+    # Read the weight files into the page cache while Python imports (gams_worker/startup/weight_prefetch.py).
+    prefetch_weights: bool = True
     # Test-only: make the first engine start fail inside the engine process with this text.
     inject_start_failure: Optional[str] = None
     log_level: str = "INFO"
@@ -127,6 +132,10 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         compile_cache_dir=env.optional_text("COMPILE_CACHE_DIR"),
         vllm_cache_root=env.optional_text("VLLM_CACHE_ROOT"),
         min_cuda_version=env.version("RUNPOD_MIN_CUDA_VERSION"),
+        # vLLM's own variable counts when ours is unset: a user who set it gets what they set.
+        mega_aot_artifact=_first_given(env.optional_boolean("MEGA_AOT_ARTIFACT"),
+                                       env.vllm_flag("VLLM_USE_MEGA_AOT_ARTIFACT")),
+        prefetch_weights=env.boolean("PREFETCH_WEIGHTS", default.prefetch_weights),
         inject_start_failure=env.optional_text("GAMS_TEST_INJECT_START_FAILURE"),
         log_level=env.choice("LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         on_runpod=env.optional_text("RUNPOD_WEBHOOK_GET_JOB") is not None
@@ -140,6 +149,10 @@ def export_to_engine(variables: Mapping[str, str]) -> None:
     os.environ.update(variables)
 
 
+def _first_given(*values: Optional[T]) -> Optional[T]:
+    return next((value for value in values if value is not None), None)
+
+
 def _hf_hub_cache(env: "_Env") -> str:
     """The Hugging Face cache folder, found as huggingface_hub finds it."""
     explicit = env.optional_text("HF_HUB_CACHE") or env.optional_text("HUGGINGFACE_HUB_CACHE")
@@ -148,6 +161,14 @@ def _hf_hub_cache(env: "_Env") -> str:
     xdg_cache = env.optional_text("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     hf_home = env.optional_text("HF_HOME") or os.path.join(xdg_cache, "huggingface")
     return os.path.join(os.path.expanduser(hf_home), "hub")
+
+
+def _parse_boolean(raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError
 
 
 class _Env:
@@ -211,14 +232,21 @@ class _Env:
         return self._parse(name, default, parse, "a number in (0, 1]")
 
     def boolean(self, name: str, default: bool) -> bool:
-        def parse(raw: str) -> bool:
-            if raw.lower() in _TRUE:
-                return True
-            if raw.lower() in _FALSE:
-                return False
-            raise ValueError
+        return self._parse(name, default, _parse_boolean, "true or false (also 1/0, yes/no, on/off)")
 
-        return self._parse(name, default, parse, "true or false (also 1/0, yes/no, on/off)")
+    def optional_boolean(self, name: str) -> Optional[bool]:
+        """None when unset or "auto" (the worker decides)."""
+        def parse(raw: str) -> Optional[bool]:
+            if raw.lower() == "auto":
+                return None
+            return _parse_boolean(raw)
+
+        return self._parse(name, None, parse, "true, false or auto (also 1/0, yes/no, on/off)")
+
+    def vllm_flag(self, name: str) -> Optional[bool]:
+        """A vLLM on/off variable, read as vLLM reads it: "1" is on, anything else off."""
+        raw = self._raw(name)
+        return None if raw is None else raw == "1"
 
     def optional_choice(self, name: str, choices: tuple) -> Optional[str]:
         return self.choice(name, None, choices)  # type: ignore[arg-type]

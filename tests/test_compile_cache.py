@@ -9,7 +9,8 @@ import time
 import pytest
 
 from gams_worker.startup import compile_cache
-from gams_worker.startup.compile_cache import CompileCache, cache_key, choose_compile_cache
+from gams_worker.startup.compile_cache import (ArtifactCount, CompileCache, MegaAot, VllmAotSupport, cache_key,
+                                               choose_compile_cache, decide_mega_aot)
 from gams_worker.config import load_config
 from gams_worker.startup.host import GpuFacts, HostFacts
 from tests.conftest import ROOT, engine_env, subprocess_env
@@ -17,19 +18,52 @@ from tests.conftest import ROOT, engine_env, subprocess_env
 H100 = GpuFacts(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", total_bytes=None, free_bytes=None)
 GPU_HOST = HostFacts(platform="cuda", gpus=(H100,), torch_version="2.11.0+cu130", vllm_version="0.25.0")
 CPU_HOST = HostFacts(platform="cpu", torch_version="2.13.0+cpu", vllm_version="0.32.0+cpu")
+VLLM_025 = VllmAotSupport(knows_mega_aot=True, aot_compile=True, standalone_compile=True)  # its defaults, torch 2.11
+ON = MegaAot(True, "test")
+
+
+def test_mega_aot_artifact_is_on_where_torch_and_vllm_support_it():
+    assert decide_mega_aot(None, "2.11.0+cu130", VLLM_025).on is True  # vLLM's own default: off before 2.12
+    assert decide_mega_aot(None, "2.13.0+cpu", VLLM_025).on is True
+    assert decide_mega_aot(False, "2.11.0+cu130", VLLM_025) == MegaAot(False, "turned off by MEGA_AOT_ARTIFACT")
+    too_old = decide_mega_aot(True, "2.9.1+cu128", VLLM_025)
+    assert too_old == MegaAot(False, "torch 2.9.1+cu128 is older than 2.10")
+    assert decide_mega_aot(None, "unknown", VLLM_025).on is False
+    without = {
+        "this vLLM has no mega AOT artifact": VllmAotSupport(False, True, True),
+        "vLLM's AOT compile is off (VLLM_USE_AOT_COMPILE or VLLM_DISABLE_COMPILE_CACHE)": VllmAotSupport(True, False, True),
+        "VLLM_USE_STANDALONE_COMPILE is off": VllmAotSupport(True, True, False),  # vLLM would assert
+    }
+    for reason, support in without.items():
+        assert decide_mega_aot(True, "2.11.0+cu130", support) == MegaAot(False, reason)
+
+
+def test_the_engine_gets_the_setting_and_each_setting_has_its_own_folder(tmp_path):
+    on = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(tmp_path)}), GPU_HOST, VLLM_025)
+    off = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(tmp_path), "MEGA_AOT_ARTIFACT": "false"}),
+                               GPU_HOST, VLLM_025)
+    assert on.engine_environment()["VLLM_USE_MEGA_AOT_ARTIFACT"] == "1"
+    assert off.engine_environment()["VLLM_USE_MEGA_AOT_ARTIFACT"] == "0"
+    assert (os.path.basename(on.path), os.path.basename(off.path)) == ("mega-aot-on", "mega-aot-off")
+    assert os.path.dirname(on.path) == os.path.dirname(off.path)
+    # A user who set vLLM's own variable gets what they set, in its own folder.
+    users = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(tmp_path), "VLLM_USE_MEGA_AOT_ARTIFACT": "0"}),
+                                 GPU_HOST, VLLM_025)
+    assert users.path == off.path and users.mega_aot.reason == "turned off by MEGA_AOT_ARTIFACT"
 
 
 def test_the_key_names_model_versions_and_gpu_readably():
-    key = cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), GPU_HOST)
+    key = cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), GPU_HOST, ON)
     assert key == os.path.join("cjvt--GaMS-9B-Instruct", "vllm-0.25.0_torch-2.11.0+cu130",
-                               "1xNVIDIA-H100-80GB-HBM3_sm9.0")
+                               "1xNVIDIA-H100-80GB-HBM3_sm9.0", "mega-aot-on")
     keys = {
         key,
-        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct", "MODEL_REVISION": "v2"}), GPU_HOST),
-        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-27B-Instruct"}), GPU_HOST),
-        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), CPU_HOST),
+        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct", "MODEL_REVISION": "v2"}), GPU_HOST, ON),
+        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-27B-Instruct"}), GPU_HOST, ON),
+        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), CPU_HOST, ON),
+        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), GPU_HOST, MegaAot(False, "test")),
     }
-    assert len(keys) == 4
+    assert len(keys) == 5
 
 
 def test_network_volume_when_mounted_else_container(tmp_path, monkeypatch):
@@ -37,17 +71,18 @@ def test_network_volume_when_mounted_else_container(tmp_path, monkeypatch):
     volume = tmp_path / "runpod-volume"
     config = load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct", "NETWORK_VOLUME_PATH": str(volume)})
 
-    cache = choose_compile_cache(config, GPU_HOST)
+    cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
     assert cache.location == "container"
-    assert cache.path == str(tmp_path / "container" / cache_key(config, GPU_HOST))
+    assert cache.path == str(tmp_path / "container" / cache_key(config, GPU_HOST, ON))
 
     volume.mkdir()
-    cache = choose_compile_cache(config, GPU_HOST)
+    cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
     assert cache.location == "network volume"
-    assert cache.path == str(volume / "gams-worker" / "compile-cache" / cache_key(config, GPU_HOST))
-    assert os.path.isdir(cache.path) and cache.artifacts_before == 0
+    assert cache.path == str(volume / "gams-worker" / "compile-cache" / cache_key(config, GPU_HOST, ON))
+    assert os.path.isdir(cache.path) and cache.before == ArtifactCount(0, 0)
     assert cache.engine_environment() == {"VLLM_CACHE_ROOT": cache.path,
-                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton")}
+                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton"),
+                                          "VLLM_USE_MEGA_AOT_ARTIFACT": "1"}
 
 
 def test_an_unusable_volume_falls_back_to_the_container(tmp_path, monkeypatch):
@@ -56,31 +91,48 @@ def test_an_unusable_volume_falls_back_to_the_container(tmp_path, monkeypatch):
     volume.mkdir()
     (volume / "gams-worker").write_text("a file where the cache folder should be")
     config = load_config({"NETWORK_VOLUME_PATH": str(volume)})
-    assert choose_compile_cache(config, GPU_HOST).location == "container"
+    assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
 
 
 def test_explicit_folders_win(tmp_path):
     config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cc"), "NETWORK_VOLUME_PATH": str(tmp_path)})
-    cache = choose_compile_cache(config, CPU_HOST)
-    assert (cache.location, cache.path) == ("COMPILE_CACHE_DIR", str(tmp_path / "cc" / cache_key(config, CPU_HOST)))
+    cache = choose_compile_cache(config, CPU_HOST, VLLM_025)
+    assert (cache.location, cache.path) == ("COMPILE_CACHE_DIR", str(tmp_path / "cc" / cache_key(config, CPU_HOST, ON)))
     config = load_config({"VLLM_CACHE_ROOT": str(tmp_path / "mine"), "COMPILE_CACHE_DIR": str(tmp_path / "cc")})
-    assert choose_compile_cache(config, CPU_HOST).path == str(tmp_path / "mine")  # the user's, unkeyed
+    assert choose_compile_cache(config, CPU_HOST, VLLM_025).path == str(tmp_path / "mine")  # the user's, unkeyed
 
 
 def test_hit_means_compiled_code_was_there_and_nothing_new_was_compiled(tmp_path):
     kernels = tmp_path / "torch_compile_cache" / "abc" / "inductor_cache" / "xy"
-    empty = CompileCache(path=str(tmp_path), location="container", artifacts_before=0)
+    empty = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(0, 0), mega_aot=ON)
     kernels.mkdir(parents=True)
     (kernels / "kernel.so").write_bytes(b"\x7fELF")
     miss = empty.report("torch.compile took 20.1 s in total")
-    assert (miss["hit"], miss["new_artifacts"]) == (False, 1)
+    assert (miss["hit"], miss["new_artifacts"], miss["mega_aot_artifact"]) == (False, 1, True)
 
-    warm = CompileCache(path=str(tmp_path), location="container", artifacts_before=1)
+    warm = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(1, 0), mega_aot=ON)
     assert warm.report("")["hit"] is True
     (kernels / "another.so").write_bytes(b"\x7fELF")
     assert warm.report("")["hit"] is False  # it had to compile something
     loaded = warm.report("INFO [backends.py:292] Directly load the compiled graph(s) for compile range (1, 2048)")
     assert loaded["hit"] is True and loaded["vllm_loaded_graphs"] is True
+
+
+def test_triton_kernels_are_counted_apart(tmp_path):
+    triton = tmp_path / "triton" / "ABCDEF"
+    triton.mkdir(parents=True)
+    for name in ("kernel.cubin", "kernel.ptx", "kernel.json", "__grp__kernel.json"):
+        (triton / name).write_text("x")
+    graphs = tmp_path / "torch_compile_cache" / "abc"
+    graphs.mkdir(parents=True)
+    (graphs / "model").write_bytes(b"x")
+    cache = choose_compile_cache(load_config({"VLLM_CACHE_ROOT": str(tmp_path)}), GPU_HOST, VLLM_025)
+    assert cache.before == ArtifactCount(compiled=5, triton=4)
+    (triton.parent / "GHIJ").mkdir()
+    (triton.parent / "GHIJ" / "kernel.cubin").write_text("x")
+    report = cache.report("")
+    assert (report["triton_kernel_files_before"], report["new_triton_kernel_files"]) == (4, 1)
+    assert report["new_artifacts"] == 1 and report["hit"] is False
 
 
 def start_once(model_dir: str, cache_dir: str) -> dict:
@@ -109,6 +161,16 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model
     assert (first_cache["hit"], first_cache["artifacts_before"]) == (False, 0)
     assert first_cache["new_artifacts"] > 0
     assert second_cache["hit"] is True, second_cache
+    assert first_cache["mega_aot_artifact"] is second_cache["mega_aot_artifact"] is True  # torch 2.13 here
+    assert first_cache["path"].endswith("mega-aot-on")
+    for run in (first, second):  # every second of the start belongs to a named step
+        marks, steps = run["since_process_start_s"], run["step_s"]
+        for step in ("torch imported", "vLLM engine classes imported", "vLLM: engine process started",
+                     "vLLM: weights loaded", "vLLM: engine initialised", "engine started", "runpod imported"):
+            assert step in marks, (step, marks)
+        assert abs(sum(steps.values()) - marks["first job served"]) < 0.01 * len(steps)
+        assert run["weight_prefetch"]["outcome"] in ("read all 1 weight files",
+                                                     "stopped: vLLM started loading the weights"), run
     # Reported, not asserted: timings on a shared CI machine are not a test.
     times = {name: {"engine_started_s": run["since_process_start_s"]["engine started"],
                     "first_job_s": run["since_process_start_s"]["first job served"],
@@ -118,3 +180,5 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model
     print(f"\ncompile cache, process start to first job: cold {times['cold']['first_job_s']:.1f} s, "
           f"warm {times['warm']['first_job_s']:.1f} s; engine started at {times['cold']['engine_started_s']:.1f} s "
           f"and {times['warm']['engine_started_s']:.1f} s")
+    for name, run in (("cold", first), ("warm", second)):
+        print(f"{name} start, seconds per step: {json.dumps(run['step_s'])}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -189,6 +190,17 @@ def test_capture_keeps_only_the_last_bytes():
     text = capture.text()
     assert len(text) == 1000
     assert text.endswith("THE END")
+
+
+def test_capture_hands_out_whole_lines_with_their_arrival_time():
+    lines = []
+    before = time.time()
+    with OutputCapture(fds=(2,), on_line=lambda line, at: lines.append((line, at))) as capture:
+        subprocess.run([sys.executable, "-c", "import os, time; os.write(2, b'INFO weights load'); time.sleep(0.3);"
+                        "os.write(2, b'ed\\nINFO graphs captured\\nno newline yet')"], check=True)
+        capture.text()
+    assert [line for line, _ in lines] == ["INFO weights loaded", "INFO graphs captured"]
+    assert all(before + 0.3 <= at <= time.time() for _, at in lines)  # stamped when the line was whole
 
 
 # --- the ladder --------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from gams_worker.config import WorkerConfig
 
@@ -67,11 +67,18 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
     return kwargs
 
 
-def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
-    """Create vLLM's async engine; raises whatever vLLM raises when start-up fails."""
-    from vllm import AsyncEngineArgs
+def import_engine_classes() -> Tuple[Any, Any]:
+    """vLLM's AsyncEngineArgs and AsyncLLM: importing them (torch, Inductor, transformers) is the
+    longest step before the engine can start, so start-up does it as a step of its own."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    return AsyncEngineArgs, AsyncLLM
+
+
+def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
+    """Create vLLM's async engine; raises whatever vLLM raises when start-up fails."""
+    AsyncEngineArgs, AsyncLLM = import_engine_classes()
     kwargs = engine_kwargs(config, mode, model_path)
     log.info("starting vLLM engine in %s mode: %s", mode, kwargs)
     started = time.monotonic()

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 # What the buffer keeps: the root cause is near the end.
 CAPTURE_LIMIT_BYTES = 256 * 1024  # a GPU start logs ~50 KiB; the timeline reads all of it
@@ -26,9 +26,12 @@ class OutputCapture:
     as they live, keeping the buffer's last ``limit_bytes`` bytes.
     """
 
-    def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2)):
+    def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2),
+                 on_line: Optional[Callable[[str, float], None]] = None):
         self._limit = limit_bytes
         self._fds = tuple(fds)
+        self._on_line = on_line  # called with each whole line and its arrival time (epoch seconds)
+        self.watcher_error: Optional[Exception] = None  # the first exception on_line raised
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._last_data = time.monotonic()
@@ -69,6 +72,7 @@ class OutputCapture:
 
     def _pump(self, read_end: int, original: int) -> None:
         forward = True
+        partial = b""  # the start of a line whose end has not come yet
         try:
             while True:
                 data = os.read(read_end, 65536)
@@ -84,9 +88,22 @@ class OutputCapture:
                     if len(self._buffer) > self._limit:
                         del self._buffer[: len(self._buffer) - self._limit]
                     self._last_data = time.monotonic()
+                if self._on_line is not None:
+                    partial = self._hand_out_lines(partial + data)
         finally:
             os.close(read_end)
             os.close(original)
+
+    def _hand_out_lines(self, data: bytes) -> bytes:
+        """Give each whole line to ``on_line``; return the unfinished rest."""
+        *lines, rest = data.split(b"\n")
+        arrived = time.time()
+        for line in lines:
+            try:
+                self._on_line(line.decode("utf-8", errors="replace"), arrived)
+            except Exception as exc:  # a watcher's bug must not stop the tee (nor be logged from
+                self.watcher_error = self.watcher_error or exc  # here, into the pipe being drained)
+        return rest[-self._limit:]
 
 
 def _flush_python_streams() -> None:

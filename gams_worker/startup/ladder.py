@@ -276,10 +276,13 @@ def start_with_fallback(
     first_mode: str,
     first_reason: str,
     start: Callable[[str], Any],
+    on_output_line: Optional[Callable[[str, float], None]] = None,
 ) -> StartedEngine:
     """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow.
 
-    Raises EngineStartError with one plain-words line when start-up cannot succeed.
+    ``on_output_line`` sees each line the engine prints, with its arrival time (the start-up
+    timeline marks vLLM's phases from them). Raises EngineStartError with one plain-words
+    line when start-up cannot succeed.
     """
     mode, reason = first_mode, first_reason
     failed_modes: List[str] = []
@@ -288,7 +291,7 @@ def start_with_fallback(
         log.info("engine start: rung %d/%d, %s mode (%s)", rung, len(GRAPH_MODES), mode, reason)
         children_before = _child_pids()
         started = time.monotonic()
-        capture = OutputCapture().start()
+        capture = OutputCapture(on_line=on_output_line).start()
         try:
             engine = start(mode)
         except Exception as exc:  # vLLM raises many types; the classifier reads them all
@@ -297,6 +300,8 @@ def start_with_fallback(
             failure = exc
         else:
             capture.stop()
+            if capture.watcher_error is not None:
+                log.warning("engine output watcher failed: %r", capture.watcher_error)
             return StartedEngine(engine, mode, reason, capture.text(settle_s=0.1, max_wait_s=1.0))
 
         wait_for_children_gone(children_before)

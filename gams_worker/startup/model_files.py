@@ -109,6 +109,14 @@ def safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
+def weight_shards(model_dir: Path) -> List[str]:
+    """The names of the weight files vLLM loads: those the safetensors index names, else all *.safetensors."""
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return sorted(p.name for p in model_dir.glob("*.safetensors"))
+
+
 def find_problems(model_dir: Path, expected_sizes: Optional[Dict[str, int]] = None) -> List[str]:
     """Everything missing or damaged in ``model_dir``; an empty list means the copy is whole.
 
@@ -118,11 +126,7 @@ def find_problems(model_dir: Path, expected_sizes: Optional[Dict[str, int]] = No
     problems: List[str] = []
     if not (model_dir / "config.json").is_file():
         problems.append("config.json is missing")
-    index = model_dir / SAFETENSORS_INDEX
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    shards = weight_shards(model_dir)
     if not shards:
         problems.append("no .safetensors weights")
     for shard in shards:

@@ -1,15 +1,20 @@
 """The start-up timeline: where a cold start's seconds go, from process start to the first job.
 
-Our own steps are marked as they happen. The engine's inner phases (weights loaded,
-torch.compile, CUDA-graph capture, KV cache allocation) happen inside vLLM's engine
-process, so their durations are read from the lines vLLM logs, which the start-up
-captures anyway (gams_worker/startup/engine_log.py).
+Our own steps are marked as they happen. vLLM's phases (its engine process started, weights
+loading and loaded, torch.compile, KV cache, CUDA-graph capture) happen mostly inside its
+engine process, so they are marked when their log lines reach this process: the engine
+start tees the engine's output (gams_worker/startup/engine_log.py) and hands each line to
+``watch_engine_line``, which stamps it on arrival. The durations vLLM itself logs are kept
+apart, in ``engine_phases_s``. Together with ``step_s`` (the seconds each mark took after
+the one before), every second of a start belongs to a named step.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,14 +30,37 @@ ENGINE_PHASES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
      re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s")),
 )
 
+ENGINE_PROCESS_STARTED = "vLLM: engine process started"
+WEIGHTS_LOADING = "vLLM: weights loading"
+# (mark, pattern): the lines that end each of vLLM's start-up phases, as vLLM 0.25-0.33 log them,
+# in the order they come. Each is marked once per engine process.
+ENGINE_MARKS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
+    ("vLLM: model config read", re.compile(r"Resolved architecture")),
+    (ENGINE_PROCESS_STARTED, re.compile(r"Initializing a V1 LLM engine")),
+    (WEIGHTS_LOADING, re.compile(r"Starting to load model")),
+    ("vLLM: weights loaded", re.compile(r"Model loading took|Loading weights took")),
+    ("vLLM: compiled model loading", re.compile(r"Directly load AOT compilation")),  # warm AOT cache
+    ("vLLM: compiled model saved", re.compile(r"saved AOT compiled function")),  # cold: compiled
+    ("vLLM: torch.compile done", re.compile(r"torch\.compile (?:takes|took) [\d.]+ s in total")),
+    ("vLLM: KV cache sized", re.compile(r"(?:GPU|CPU) KV cache size")),
+    ("vLLM: CUDA graphs captured", re.compile(r"Graph capturing finished")),
+    ("vLLM: engine initialised", re.compile(r"init engine \(profile, create kv cache, warmup model\) took")),
+)
+
 
 def process_start_time() -> float:
-    """When this process started (epoch seconds): a container's start, for `python handler.py`."""
-    try:
-        import psutil
+    """When this process started (epoch seconds): a container's start, for `python handler.py`.
 
-        return psutil.Process().create_time()
-    except Exception:  # psutil missing or /proc unreadable: count from now
+    From the kernel's start time in clock ticks since boot, set against the boot-time clock
+    now: exact to a tick (10 ms). (psutil's create_time adds the boot time, which /proc gives
+    in whole seconds, so it can be off by up to a second.)"""
+    try:
+        with open("/proc/self/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        started_ticks = int(fields[19])  # field 22, starttime; fields[0] is field 3
+        age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age_s
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux: count from now
         return time.time()
 
 
@@ -42,24 +70,77 @@ class StartupTimeline:
         self.marks: List[Tuple[str, float]] = []
         self.engine_phases: Dict[str, float] = {}
         self.compile_cache: Optional[Dict[str, Any]] = None  # CompileCache.report() of this start
+        self.details: Dict[str, Any] = {}  # reports of other start-up work (weight prefetch, imports)
+        self._lock = threading.Lock()  # engine lines are marked from the output-tee threads
+        self._engine_marks_seen: set = set()
+        self._phase_rank: Dict[str, int] = {}  # phase -> index in ENGINE_PHASES of the pattern that gave it
+        self._watching = True
 
-    def mark(self, step: str) -> float:
-        """Record that ``step`` is done; returns seconds since process start."""
-        seconds = round(time.time() - self.started_at, 2)
-        self.marks.append((step, seconds))
-        log.info("start-up: %s at %.2f s", step, seconds)
+    def mark(self, step: str, at: Optional[float] = None, log_it: bool = True) -> float:
+        """Record that ``step`` is done (now, or at epoch time ``at``); returns seconds since process start.
+
+        A step marked again (an engine started twice by the fallback ladder) gets " #2", " #3"."""
+        seconds = round((time.time() if at is None else at) - self.started_at, 2)
+        with self._lock:
+            names = {name for name, _ in self.marks}
+            name, count = step, 1
+            while name in names:
+                count += 1
+                name = f"{step} #{count}"
+            self.marks.append((name, seconds))
+        if log_it:
+            log.info("start-up: %s at %.2f s", name, seconds)
         return seconds
+
+    def watch_engine_line(self, line: str, at: Optional[float] = None) -> Optional[str]:
+        """Mark the vLLM phase that ``line`` ends, stamped with its arrival time; return that
+        phase's mark (ENGINE_MARKS), or None."""
+        if not self._watching:
+            return None
+        self._read_phases(line)
+        for step, pattern in ENGINE_MARKS:
+            if pattern.search(line):
+                if step == ENGINE_PROCESS_STARTED:  # a new engine process: its phases start over
+                    self._engine_marks_seen = set()
+                if step in self._engine_marks_seen:
+                    return None
+                self._engine_marks_seen.add(step)
+                # Not logged: this runs in the thread that drains the engine's output pipe, and a
+                # log line written into that same pipe could block it for good once it is full.
+                # vLLM's own line is in the log, and "worker ready" logs the whole timeline.
+                self.mark(step, at, log_it=False)
+                return step
+        return None
+
+    def stop_watching(self) -> None:
+        """The engine is up: its later lines mark nothing."""
+        self._watching = False
 
     def read_engine_output(self, text: str) -> None:
         """Pick the engine's inner phase durations out of its captured log lines."""
-        for phase, pattern in ENGINE_PHASES:
+        self._read_phases(text)
+
+    def _read_phases(self, text: str) -> None:
+        # Where two patterns give one phase, the earlier pattern wins, whichever line came first.
+        for rank, (phase, pattern) in enumerate(ENGINE_PHASES):
+            if self._phase_rank.get(phase, len(ENGINE_PHASES)) <= rank:
+                continue
             match = pattern.search(text)
-            if match and phase not in self.engine_phases:
+            if match:
                 self.engine_phases[phase] = float(match.group(1))
+                self._phase_rank[phase] = rank
 
     def to_output(self) -> Dict[str, Any]:
+        with self._lock:
+            marks = sorted(self.marks, key=lambda mark: mark[1])
+        steps, previous = {}, 0.0
+        for name, seconds in marks:
+            steps[name] = round(seconds - previous, 2)
+            previous = seconds
         return {
-            "since_process_start_s": dict(self.marks),
+            "since_process_start_s": dict(marks),
+            "step_s": steps,  # seconds from the mark before (or process start) to this one
             "engine_phases_s": dict(self.engine_phases),
             "compile_cache": self.compile_cache,
+            **self.details,
         }

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
+import importlib
 import logging
+import multiprocessing
 import os
 import sys
 import threading
 import time
-from typing import Any, NoReturn, Tuple
+from typing import Any, Callable, NoReturn, Optional, Sequence, Set, Tuple
 
 from gams_worker.startup.compile_cache import choose_compile_cache
 from gams_worker.startup.concurrency import derive_concurrency, kv_capacity
 from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.startup.doctor import DoctorReport, run_doctor
 from gams_worker.startup.host import host_facts, platform_name
-from gams_worker.startup.engine import EngineInfo, start_engine
+from gams_worker.startup.engine import EngineInfo, import_engine_classes, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
-from gams_worker.startup.model import BAKED, find_local_model, resolve_model
+from gams_worker.startup.model import BAKED, ResolvedModel, find_local_model, resolve_model
 from gams_worker.startup.presets import apply_preset, kv_summary
 from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.service import GenerationService
 from gams_worker.platform.status import StatusServer
-from gams_worker.startup.timeline import StartupTimeline
+from gams_worker.startup.timeline import WEIGHTS_LOADING, StartupTimeline
+from gams_worker.startup.weight_prefetch import WeightPrefetch, start_weight_prefetch
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +120,33 @@ def first_rung(config: WorkerConfig, report: DoctorReport) -> Tuple[str, str]:
     return "full", "default"
 
 
-def start_worker(config: WorkerConfig) -> Worker:
-    """Start the one engine of this process and the service that runs jobs on it."""
+def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str] = ()) -> Worker:
+    """Start the one engine of this process and the service that runs jobs on it.
+
+    ``import_while_engine_starts``: modules the caller needs after the start (the job loop's
+    SDK), imported while this process only waits for vLLM's engine process (WhileEngineStarts).
+    """
     started = time.monotonic()
     timeline = StartupTimeline()
     timeline.mark("config loaded")
+    # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
+    local_model = find_local_model(config)
+    prefetch = start_weight_prefetch(config, local_model.path) if local_model else None
+    try:
+        return _start(config, local_model, timeline, prefetch, import_while_engine_starts, started)
+    finally:
+        _end_prefetch(prefetch, timeline)  # done already unless the start failed
+
+
+def _start(config: WorkerConfig, local_model: Optional[ResolvedModel], timeline: StartupTimeline,
+           prefetch: Optional[WeightPrefetch], import_while_engine_starts: Sequence[str], started: float) -> Worker:
+    # torch and vLLM's engine classes take most of the time before the engine can start:
+    # each is a step of its own, and the doctor after them finds them imported.
+    import torch  # noqa: F401
+
+    timeline.mark("torch imported")
+    import_engine_classes()
+    timeline.mark("vLLM engine classes imported")
     facts = host_facts()
     gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
     config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
@@ -128,12 +154,12 @@ def start_worker(config: WorkerConfig) -> Worker:
     kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
     if kv_line:
         log.info(kv_line)
-    local_model = find_local_model(config)  # None: not on this machine; resolve_model downloads it below
     report = run_doctor(config, facts, local_model.path if local_model else None)
     if report.blocking:
         problems = "; ".join(report.blocking)
         raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
     mode, reason = first_rung(config, report)
+    started_mode = mode
     timeline.mark("doctor done")
     model = resolve_model(config)  # baked copy, then caches, then the hub
     if model.source == BAKED:
@@ -145,21 +171,106 @@ def start_worker(config: WorkerConfig) -> Worker:
     timeline.mark("model resolved")
     compile_cache = choose_compile_cache(config, facts)
     export_to_engine(compile_cache.engine_environment())
-    started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, model_path))
+    timeline.mark("compile cache checked")
+
+    def watch_engine_line(line: str, arrived_at: float) -> None:
+        if timeline.watch_engine_line(line, arrived_at) == WEIGHTS_LOADING and prefetch is not None:
+            prefetch.stop("vLLM started loading the weights")  # from here on vLLM reads them itself
+
+    background = WhileEngineStarts(
+        [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in import_while_engine_starts]
+        + [("start-up garbage collected", gc.collect)], timeline)
+    try:
+        started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, model_path),
+                                             on_output_line=watch_engine_line)
+    except BaseException:
+        background.finish(run_the_rest=False)
+        raise
+    finally:
+        _end_prefetch(prefetch, timeline)
+    timeline.mark("engine started")
+    timeline.stop_watching()
+    background.finish()  # done by now unless the engine started in under a second or two
     engine, mode, reason = started_engine.engine, started_engine.mode, started_engine.reason
+    freeze_startup_heap(fell_back=mode != started_mode)  # not on failure: nothing outlives a failed start
     timeline.read_engine_output(started_engine.output)
     timeline.compile_cache = compile_cache.report(started_engine.output)
-    timeline.mark("engine started")
+    timeline.mark("compile cache counted")
     tokenizer = engine.get_tokenizer()  # the engine's own: loading it again would cost seconds
     info = EngineInfo(mode=mode, reason=reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2))
+    worker = Worker(GenerationService(engine, tokenizer, config, info, timeline), job_concurrency(config, engine))
+    timeline.mark("ready for jobs")
     log.info("worker ready: model %s, engine %s, start-up %s", config.model_label, info, timeline.to_output())
-    # What start-up made lives as long as the process: keep full garbage collections from
-    # walking it during jobs (they paused every stream for up to 0.36 s on CPU). vLLM's own
-    # server does the same.
-    gc.collect()
+    return worker
+
+
+def _end_prefetch(prefetch: Optional[WeightPrefetch], timeline: StartupTimeline) -> None:
+    if prefetch is None or "weight_prefetch" in timeline.details:
+        return
+    prefetch.stop("the engine start ended")
+    prefetch.wait(timeout=5.0)  # at most one chunk is still being read
+    timeline.details["weight_prefetch"] = prefetch.report()
+
+
+class WhileEngineStarts:
+    """Runs start-up work in a thread once vLLM's engine process runs.
+
+    Work that holds the GIL (an import, a garbage collection) delays the engine's start by its
+    whole length when it runs beside vLLM's own imports and set-up in this process. Once the
+    engine process runs, this process only waits for it, so the same work costs nothing.
+    vLLM starts its engine process with multiprocessing; the thread looks for a new one every
+    50 ms (subprocesses vLLM runs before, such as its model inspection, are not among them).
+    """
+
+    POLL_S = 0.05
+
+    def __init__(self, tasks: Sequence[Tuple[str, Callable[[], Any]]], timeline: StartupTimeline):
+        self.tasks = list(tasks)  # (the timeline mark when done, the work)
+        self.timeline = timeline
+        self._children_before = _engine_processes()
+        self._released = threading.Event()  # set by finish(): run now, whatever runs
+        self._skip_rest = False
+        self._thread = threading.Thread(target=self._run, name="while-engine-starts", daemon=True)
+        if self.tasks:
+            self._thread.start()
+
+    def finish(self, run_the_rest: bool = True) -> None:
+        """The engine start ended: run what has not run (or skip it, after a failed start) and wait."""
+        self._skip_rest = not run_the_rest
+        self._released.set()
+        if self.tasks:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._released.wait(self.POLL_S):
+            if _engine_processes() - self._children_before:
+                break
+        for done_mark, work in self.tasks:
+            if self._skip_rest:
+                return
+            try:
+                work()
+            except Exception as exc:  # an import the caller repeats raises there, where it matters
+                log.warning("%s: failed while the engine started: %r", done_mark, exc)
+                continue
+            self.timeline.mark(done_mark)
+
+
+def freeze_startup_heap(fell_back: bool) -> None:
+    """Keep full garbage collections from walking what start-up made (it lives as long as the
+    process): they paused every stream for up to 0.36 s on CPU. vLLM's own server does the same.
+
+    The collection before the freeze (0.4 s of CPU) ran while the engine started
+    (WhileEngineStarts); a failed first attempt left garbage since, so it is collected again."""
+    if fell_back:
+        gc.collect()
     gc.freeze()
-    return Worker(GenerationService(engine, tokenizer, config, info, timeline), job_concurrency(config, engine))
+
+
+def _engine_processes() -> Set[int]:
+    """Process ids of the live children that multiprocessing started (vLLM's engine core)."""
+    return {child.pid for child in multiprocessing.active_children()}
 
 
 def job_concurrency(config: WorkerConfig, engine: Any) -> int:

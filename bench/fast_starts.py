@@ -1,0 +1,305 @@
+"""Fast starts (issue 17): the worker through the platform against a bare vLLM process, on one host.
+
+    python -m bench.fast_starts worker NAME --results DIR [VAR=value ...]
+        `python handler.py` under the real runpod SDK loop against the RunPod emulator; one
+        streamed job is queued at process start. Records process start → first job taken,
+        first chunk at the emulator and job done, and the worker's start-up timeline.
+    python -m bench.fast_starts bare NAME --results DIR [VAR=value ...]
+        A bare process: import torch, import AsyncLLM, create it with the worker's engine
+        arguments and compile cache folder (same environment, so the same cache), then greedy
+        outputs of fixed prompts and throughput at batch 1 and 64 concurrent requests.
+    python -m bench.fast_starts table --results DIR
+        One table of every run in DIR, and whether the bare runs' greedy outputs are equal.
+
+Each command writes DIR/NAME.json. ``VAR=value`` arguments set the run's environment
+(MEGA_AOT_ARTIFACT=false, PREFETCH_WEIGHTS=false, ...) on top of this process's.
+Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Kaj je vredno videti v Ljubljani?",
+    "Napiši kratko pesem o Triglavu.",
+    "Razloži, kako deluje fotosinteza.",
+    "Kdo je bil France Prešeren?",
+]
+START_TIMEOUT_S = 600
+
+
+def parse_assignments(items: List[str]) -> Dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected VAR=value, got {item!r}")
+        env[name] = value
+    return env
+
+
+# --- the worker, through the platform ------------------------------------------------------
+
+
+def worker_run(name: str, results: Path, env_overrides: Dict[str, str], tokens: int) -> Dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from tests.harness.runpod_emulator import RunPodEmulator
+
+    emulator = RunPodEmulator(hold_s=1.0, stop_hold_s=2.0)
+    emulator.start()
+    env = {**os.environ, **env_overrides, **emulator.worker_env()}
+    log_path = results / f"{name}.log"
+    with open(log_path, "wb") as log:
+        spawned = time.monotonic()
+        # Own process group (for the clean-up), same session (a new session is a new scheduler group).
+        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, process_group=0)
+    job_id = emulator.submit({"prompt": PROMPTS[0], "stream": True,
+                              "sampling_params": {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}})
+    record = emulator.jobs[job_id]
+    try:
+        while not record.done.wait(0.2):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name}: the worker exited with {proc.returncode}; log: {log_path}")
+            if time.monotonic() - spawned > START_TIMEOUT_S:
+                raise SystemExit(f"{name}: no result in {START_TIMEOUT_S} s; log: {log_path}")
+    finally:
+        stop_process_group(proc)
+        emulator.close()
+    if not record.chunks or "output" not in (record.result or {}):
+        raise SystemExit(f"{name}: the job failed: {record.result}; log: {log_path}")
+    outputs = record.result["output"]
+    startup = next((out["startup"] for out in outputs if isinstance(out, dict) and "startup" in out), None)
+    return {
+        "kind": "worker",
+        "name": name,
+        "env": env_overrides,
+        "first_take_s": round(record.taken_at[0] - spawned, 2),
+        "first_chunk_s": round(record.chunks[0][0] - spawned, 2),
+        "job_done_s": round(record.results[0][0] - spawned, 2),
+        "startup": startup,
+    }
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+# --- the bare process ----------------------------------------------------------------------
+
+
+def bare_run(name: str, results: Path, tokens: int) -> Dict[str, Any]:
+    """Runs in this process: the environment was set before Python started (see main())."""
+    started = time.time()
+    import torch  # noqa: F401
+
+    torch_at = time.time()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    classes_at = time.time()
+    sys.path.insert(0, str(ROOT))
+    from gams_worker.startup.engine_log import OutputCapture
+    from gams_worker.startup.timeline import StartupTimeline, process_start_time
+
+    process_start = process_start_time()
+
+    kwargs = worker_engine_kwargs()  # outside the timed steps: the doctor and cache choice of the worker
+    timeline = StartupTimeline(started_at=process_start)
+    created = time.time()
+    with OutputCapture(on_line=timeline.watch_engine_line) as capture:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    created_at = time.time()
+    timeline.read_engine_output(capture.text(settle_s=0.1, max_wait_s=1.0))
+    try:
+        import asyncio
+
+        generated = asyncio.run(generate(engine, tokens))
+    finally:
+        engine.shutdown()
+    return {
+        "kind": "bare",
+        "name": name,
+        "env": {k: os.environ[k] for k in ("MEGA_AOT_ARTIFACT", "VLLM_USE_MEGA_AOT_ARTIFACT", "VLLM_CACHE_ROOT")
+                if k in os.environ},
+        "python_start_s": round(started - process_start, 2),
+        "import_torch_s": round(torch_at - started, 2),
+        "import_asyncllm_s": round(classes_at - torch_at, 2),
+        "imports_s": round(classes_at - process_start, 2),
+        "engine_creation_s": round(created_at - created, 2),
+        "served_engine_at_s": round(created_at - process_start, 2),
+        "engine_phases_s": timeline.engine_phases,
+        "vllm_marks_s": timeline.to_output()["since_process_start_s"],
+        **generated,
+    }
+
+
+def worker_engine_kwargs() -> Dict[str, Any]:
+    """The engine arguments and compile cache folder the worker would use in this environment."""
+    from gams_worker.config import export_to_engine, load_config
+    from gams_worker.startup.compile_cache import choose_compile_cache
+    from gams_worker.startup.doctor import run_doctor
+    from gams_worker.startup.host import host_facts
+    from gams_worker.startup.engine import engine_kwargs
+    from gams_worker.startup.model import resolve_model
+    from gams_worker.startup.presets import apply_preset
+    from gams_worker.startup.worker import first_rung
+
+    config = load_config()
+    facts = host_facts()
+    config, _sources = apply_preset(config, len(facts.gpus), facts.gpus[0].total_gib if facts.gpus else None)
+    model_path = resolve_model(config).path
+    mode, _reason = first_rung(config, run_doctor(config, facts, model_path))
+    cache = choose_compile_cache(config, facts)
+    export_to_engine(cache.engine_environment())
+    return engine_kwargs(config, mode, model_path)
+
+
+async def generate(engine: Any, tokens: int) -> Dict[str, Any]:
+    """Greedy token ids of PROMPTS, then tokens/s at batch 1 and at 64 concurrent requests."""
+    import asyncio
+    import uuid
+
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    tokenizer = engine.get_tokenizer()
+
+    async def one(prompt: str, params: SamplingParams) -> List[int]:
+        ids: List[int] = []
+        async for output in engine.generate({"prompt_token_ids": tokenizer.encode(prompt)}, params, uuid.uuid4().hex):
+            ids.extend(output.outputs[0].token_ids)
+        return ids
+
+    greedy = SamplingParams(max_tokens=128, temperature=0.0, output_kind=RequestOutputKind.DELTA)
+    greedy_ids = [await one(prompt, greedy) for prompt in PROMPTS]
+    fixed = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    await asyncio.gather(*(one(PROMPTS[0], fixed) for _ in range(4)))  # warm-up
+    rates = {}
+    for concurrency, repeats in ((1, 3), (64, 2)):
+        best = 0.0
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runs = await asyncio.gather(*(one(PROMPTS[i % len(PROMPTS)], fixed) for i in range(concurrency)))
+            best = max(best, sum(len(ids) for ids in runs) / (time.perf_counter() - started))
+        rates[f"c{concurrency}_tok_s"] = round(best, 1)
+    return {"greedy_token_ids": greedy_ids, "throughput": rates, "throughput_tokens_per_request": tokens}
+
+
+# --- the table -----------------------------------------------------------------------------
+
+
+def table(results: Path) -> str:
+    runs = [json.loads(path.read_text()) for path in sorted(results.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    lines = []
+    workers = [run for run in runs if run["kind"] == "worker"]
+    if workers:
+        lines += ["Worker, process start → first chunk at the emulator, split into parts that add up to it (s)", "",
+                  "| run | first chunk | Python + handler | imports: torch + vLLM classes | our steps | engine start "
+                  "| engine started → first chunk | vLLM: weights / compile / graphs / KV+warm-up | weight prefetch |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for run in workers:
+            startup = run.get("startup") or {}
+            marks = startup.get("since_process_start_s", {})
+            phases = startup.get("engine_phases_s", {})
+            prefetch = startup.get("weight_prefetch")
+            at = {name: marks.get(name, 0.0) for name in (
+                "config loaded", "model resolved", "vLLM engine classes imported", "compile cache checked",
+                "engine started")}
+            parts = [at["config loaded"],
+                     at["vLLM engine classes imported"] - at["model resolved"],
+                     at["model resolved"] - at["config loaded"] + at["compile cache checked"]
+                     - at["vLLM engine classes imported"],
+                     at["engine started"] - at["compile cache checked"],
+                     run["first_chunk_s"] - at["engine started"]]
+            cells = [run["name"], _s(run["first_chunk_s"])] + [_s(part) for part in parts]
+            cells.append(" / ".join(_s(phases.get(p)) for p in ("weights_loaded_s", "compiled_s", "graphs_captured_s",
+                                                                "kv_allocated_and_warmed_s")))
+            cells.append(f"{prefetch['read_bytes'] / 1e9:.1f} of {prefetch['bytes'] / 1e9:.1f} GB, {prefetch['outcome']}"
+                         if prefetch else "off")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Each worker's steps (seconds since the mark before):"]
+        for run in workers:
+            steps = (run.get("startup") or {}).get("step_s", {})
+            lines.append(f"- {run['name']}: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in steps.items()))
+    bares = [run for run in runs if run["kind"] == "bare"]
+    if bares:
+        lines += ["", "Bare process (import torch + AsyncLLM, create it) beside the worker, same host (s)",
+                  "", "| run | import torch + AsyncLLM | engine creation, warm cache | torch.compile part "
+                  "| served engine at | throughput b1 / c64 (tok/s) |", "|---|---|---|---|---|---|"]
+        for run in bares:
+            lines.append(f"| {run['name']} | {_s(run['imports_s'])} | {_s(run['engine_creation_s'])} | "
+                         f"{_s(run['engine_phases_s'].get('compiled_s'))} | {_s(run['served_engine_at_s'])} | "
+                         f"{run['throughput']['c1_tok_s']} / {run['throughput']['c64_tok_s']} |")
+        reference = bares[0]
+        for run in bares[1:]:
+            lines.append(f"greedy outputs {run['name']} vs {reference['name']}: "
+                         + compare_greedy(reference["greedy_token_ids"], run["greedy_token_ids"]))
+    return "\n".join(lines)
+
+
+def compare_greedy(first: List[List[int]], second: List[List[int]]) -> str:
+    for index, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return f"DIFFER: prompt {index} from token {at} ({len(a)} and {len(b)} tokens)"
+    if len(first) != len(second):
+        return "DIFFER: not the same number of prompts"
+    return f"token-for-token equal ({sum(len(ids) for ids in first)} tokens, {len(first)} prompts)"
+
+
+def _s(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+# --- entry ---------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("worker", "bare", "table"))
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("env", nargs="*", help="VAR=value for the run")
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per request (worker job, throughput)")
+    args = parser.parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    if args.command == "table":
+        print(table(args.results))
+        return 0
+    if not args.name:
+        parser.error("a run needs a NAME")
+    overrides = parse_assignments(args.env)
+    if args.command == "bare" and any(os.environ.get(k) != v for k, v in overrides.items()):
+        # vLLM and the worker's config read the environment: start again with it set.
+        env = {**os.environ, **overrides}
+        return subprocess.call([sys.executable, "-m", "bench.fast_starts", *(argv or sys.argv[1:])], cwd=ROOT, env=env)
+    result = (worker_run(args.name, args.results, overrides, args.tokens) if args.command == "worker"
+              else bare_run(args.name, args.results, args.tokens))
+    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    summary = {k: v for k, v in result.items() if k not in ("greedy_token_ids", "startup")}
+    if result.get("startup"):
+        summary["step_s"] = result["startup"]["step_s"]
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
