@@ -18,7 +18,7 @@
 #       cold       empty compile cache, one worker start per artifact form (fills both cache folders)
 #       warm       (a) warm worker starts through the platform, mega AOT artifact off/on, twice each;
 #                  (b)+(c) bare processes (import torch + AsyncLLM, create it), greedy outputs, b1/c64
-#       pagecache  (d) warm compile cache, page cache dropped, weight prefetch on/off
+#       pagecache  (d) warm compile cache, page cache dropped, weight prefetch with/after imports, off
 #       table      the table of every run so far (each step also prints it)
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
 set -uo pipefail
@@ -111,13 +111,13 @@ case ${1:-} in
         fast bare bare-mega-on "${common[@]}" MEGA_AOT_ARTIFACT=true
         ;;
       pagecache)
-        drop_page_cache
-        fast worker dropped-prefetch-on "${common[@]}" MEGA_AOT_ARTIFACT=true PREFETCH_WEIGHTS=true
-        drop_page_cache
-        fast worker dropped-prefetch-off "${common[@]}" MEGA_AOT_ARTIFACT=true PREFETCH_WEIGHTS=false
+        for when in with-imports after-imports off; do
+          drop_page_cache
+          fast worker dropped-prefetch-$when "${common[@]}" MEGA_AOT_ARTIFACT=true PREFETCH_WEIGHTS=$when
+        done
         ;;
       table) ;;
-      *) sed -n 2,20p "$0"; exit 2 ;;
+      *) sed -n 2,27p "$0"; exit 2 ;;
     esac
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null

@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("fp8",)
+PREFETCH_POINTS = ("off", "with-imports", "after-imports")  # PREFETCH_WEIGHTS
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -72,8 +73,9 @@ class WorkerConfig:
     # vLLM's mega AOT artifact: compiled graphs saved and loaded as one piece (README, "Fast
     # starts"). None: on where the torch in use supports it (gams_worker/startup/compile_cache.py).
     mega_aot_artifact: Optional[bool] = None
-    # Read the weight files into the page cache while Python imports (gams_worker/startup/weight_prefetch.py).
-    prefetch_weights: bool = True
+    # When to read the weight files into the page cache in the background: "off", "with-imports" (while
+    # Python imports torch and vLLM) or "after-imports" (gams_worker/startup/weight_prefetch.py).
+    prefetch_weights: str = "off"
     # Test-only: make the first engine start fail inside the engine process with this text.
     inject_start_failure: Optional[str] = None
     log_level: str = "INFO"
@@ -135,7 +137,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         # vLLM's own variable counts when ours is unset: a user who set it gets what they set.
         mega_aot_artifact=_first_given(env.optional_boolean("MEGA_AOT_ARTIFACT"),
                                        env.vllm_flag("VLLM_USE_MEGA_AOT_ARTIFACT")),
-        prefetch_weights=env.boolean("PREFETCH_WEIGHTS", default.prefetch_weights),
+        prefetch_weights=env.choice("PREFETCH_WEIGHTS", default.prefetch_weights, PREFETCH_POINTS),
         inject_start_failure=env.optional_text("GAMS_TEST_INJECT_START_FAILURE"),
         log_level=env.choice("LOG_LEVEL", default.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         on_runpod=env.optional_text("RUNPOD_WEBHOOK_GET_JOB") is not None

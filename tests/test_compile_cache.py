@@ -135,13 +135,13 @@ def test_triton_kernels_are_counted_apart(tmp_path):
     assert report["new_artifacts"] == 1 and report["hit"] is False
 
 
-def start_once(model_dir: str, cache_dir: str) -> dict:
+def start_once(model_dir: str, cache_dir: str, prefetch_weights: str) -> dict:
     """`python handler.py` from process start to its first job; the job's start-up metadata."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps({"input": {"prompt": "Ljubljana", "sampling_params": {"max_tokens": 4}}})],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir)),
+        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir, PREFETCH_WEIGHTS=prefetch_weights)),
     )
     wall_s = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
@@ -153,8 +153,8 @@ def start_once(model_dir: str, cache_dir: str) -> dict:
 
 @pytest.mark.engine
 def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model_dir, tmp_path, record_property):
-    first = start_once(tiny_model_dir, str(tmp_path))
-    second = start_once(tiny_model_dir, str(tmp_path))
+    first = start_once(tiny_model_dir, str(tmp_path), prefetch_weights="with-imports")
+    second = start_once(tiny_model_dir, str(tmp_path), prefetch_weights="after-imports")
     first_cache, second_cache = first["compile_cache"], second["compile_cache"]
     assert first_cache["path"] == second_cache["path"]
     assert first_cache["path"].startswith(str(tmp_path))

@@ -8,7 +8,7 @@ import pytest
 
 from gams_worker.config import load_config
 from gams_worker.startup import weight_prefetch
-from gams_worker.startup.weight_prefetch import WeightPrefetch, page_cache_room, start_weight_prefetch
+from gams_worker.startup.weight_prefetch import WeightPrefetch, page_cache_room, plan_weight_prefetch
 from tests.harness.page_cache import evict, resident_fraction
 
 MIB = 2**20
@@ -41,7 +41,7 @@ def test_the_weight_files_end_up_in_the_page_cache(tmp_path):
     folder = model_dir(tmp_path)
     if not page_cache_eviction_works(folder):
         pytest.skip("this filesystem keeps evicted files cached (tmpfs?)")
-    prefetch = start_weight_prefetch(load_config({}), str(folder))
+    prefetch = plan_weight_prefetch(load_config({"PREFETCH_WEIGHTS": "with-imports"}), str(folder)).start()
     assert prefetch is not None and prefetch.wait(timeout=30)
     report = prefetch.report()
     assert report["outcome"] == "read all 3 weight files"
@@ -55,7 +55,7 @@ def test_reads_in_the_order_vllm_loads_and_stops_when_asked(tmp_path):
     folder.mkdir(parents=True)
     for name in ("model-10.safetensors", "model-2.safetensors", "model-1.safetensors"):
         (folder / name).write_bytes(b"\0" * MIB)
-    prefetch = start_weight_prefetch(load_config({}), str(folder))
+    prefetch = plan_weight_prefetch(load_config({"PREFETCH_WEIGHTS": "with-imports"}), str(folder)).start()
     assert [path.name for path in prefetch.files] == ["model-1.safetensors", "model-2.safetensors",
                                                       "model-10.safetensors"]
     prefetch.wait(timeout=30)
@@ -94,8 +94,9 @@ def test_page_cache_room_is_memavailable_capped_by_the_container_limit(tmp_path)
 
 def test_no_room_or_turned_off_reads_nothing(tmp_path, monkeypatch):
     folder = model_dir(tmp_path)
-    assert start_weight_prefetch(load_config({"PREFETCH_WEIGHTS": "false"}), str(folder)) is None
+    assert plan_weight_prefetch(load_config({}), str(folder)) is None  # off by default
+    assert plan_weight_prefetch(load_config({"PREFETCH_WEIGHTS": "off"}), str(folder)) is None
     monkeypatch.setattr(weight_prefetch, "page_cache_room", lambda: weight_prefetch.RESERVE_BYTES)
-    skipped = start_weight_prefetch(load_config({}), str(folder))
+    skipped = plan_weight_prefetch(load_config({"PREFETCH_WEIGHTS": "after-imports"}), str(folder)).start()
     assert skipped.report()["outcome"] == "skipped: no page cache room"
     assert skipped.wait(timeout=1) and skipped.report()["read_bytes"] == 0

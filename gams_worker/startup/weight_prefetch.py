@@ -1,9 +1,15 @@
-"""Reads the model's weight files into the OS page cache while this process imports torch and vLLM.
+"""Reads the model's weight files into the OS page cache in the background during start-up.
 
 On a host whose page cache does not hold the weights, vLLM read GaMS-9B's 18.5 GB in 16.3 s
-instead of 4.4 s (H100). Those reads can happen earlier: for the 15-25 s that Python spends
-importing torch and vLLM the disk is idle. A background thread reads the files then, chunk
-by chunk; a read does not hold the GIL, so it does not slow the imports down.
+instead of 4.4 s (H100). Those reads can happen earlier, while this process does other work:
+PREFETCH_WEIGHTS says when a background thread starts reading them, chunk by chunk (a read
+does not hold the GIL):
+- "with-imports": as soon as the model is found, while Python imports torch and vLLM. On the
+  H100 this made the imports (which read their own files from the same disk) as much slower
+  as it made the weights load faster (README, "Fast starts").
+- "after-imports": once torch and vLLM are imported, while vLLM reads the model's config and
+  starts its engine process.
+- "off" (the default): vLLM reads the weights itself.
 
 It stays bounded:
 - it reads only the weight files vLLM loads, in the order vLLM loads them;
@@ -11,8 +17,6 @@ It stays bounded:
   memory limit), less a reserve: reading more would evict what it had just read;
 - it stops when vLLM starts loading the weights, and when the engine start ends, however it
   ended: it never competes with a running engine for the disk.
-
-PREFETCH_WEIGHTS=false turns it off.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ class WeightPrefetch:
         self._thread = threading.Thread(target=self._run, name="weight-prefetch", daemon=True)
 
     def start(self) -> "WeightPrefetch":
+        if self.budget_bytes <= 0:
+            self.outcome = "skipped: no page cache room"
+            return self
+        log.info("weight prefetch: reading %d files, %.2f GB, in the background (page cache room %.2f GB)",
+                 len(self.files), self.total_bytes / 1e9, self.budget_bytes / 1e9)
         self._started_at = time.monotonic()
         self.outcome = "reading"
         self._thread.start()
@@ -113,10 +122,11 @@ class WeightPrefetch:
         return f"read all {len(self.files)} weight files"
 
 
-def start_weight_prefetch(config: WorkerConfig, model_path: str) -> Optional[WeightPrefetch]:
-    """Start reading the weights of the model at ``model_path`` in the background, where it helps."""
-    if not config.prefetch_weights:
-        log.info("weight prefetch: off (PREFETCH_WEIGHTS=false)")
+def plan_weight_prefetch(config: WorkerConfig, model_path: str) -> Optional[WeightPrefetch]:
+    """The background read of the weights of the model at ``model_path``, not started yet; None when
+    PREFETCH_WEIGHTS is off or the folder has no weight files."""
+    if config.prefetch_weights == "off":
+        log.info("weight prefetch: off (PREFETCH_WEIGHTS=off)")
         return None
     model_dir = Path(model_path)
     files = [model_dir / name for name in weight_shards(model_dir) if (model_dir / name).is_file()]
@@ -125,15 +135,10 @@ def start_weight_prefetch(config: WorkerConfig, model_path: str) -> Optional[Wei
         return None
     room = page_cache_room()
     budget = (room if room is not None else 0) - RESERVE_BYTES
-    prefetch = WeightPrefetch(sorted(files, key=_natural_order), max(budget, 0))
     if budget <= 0:
         log.info("weight prefetch: skipped, the page cache has no room (%s)",
                  "unknown" if room is None else f"{room / 1e9:.2f} GB available")
-        prefetch.outcome = "skipped: no page cache room"
-        return prefetch
-    log.info("weight prefetch: reading %d files, %.2f GB, in the background (page cache room %.2f GB)",
-             len(files), prefetch.total_bytes / 1e9, budget / 1e9)
-    return prefetch.start()
+    return WeightPrefetch(sorted(files, key=_natural_order), max(budget, 0))
 
 
 def page_cache_room(meminfo: str = MEMINFO,

@@ -29,7 +29,7 @@ from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.service import GenerationService
 from gams_worker.platform.status import StatusServer
 from gams_worker.startup.timeline import WEIGHTS_LOADING, StartupTimeline
-from gams_worker.startup.weight_prefetch import WeightPrefetch, start_weight_prefetch
+from gams_worker.startup.weight_prefetch import WeightPrefetch, plan_weight_prefetch
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str]
     timeline.mark("config loaded")
     # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
     local_model = find_local_model(config)
-    prefetch = start_weight_prefetch(config, local_model.path) if local_model else None
+    prefetch = plan_weight_prefetch(config, local_model.path) if local_model else None
+    if prefetch is not None and config.prefetch_weights == "with-imports":
+        prefetch.start()
     try:
         return _start(config, local_model, timeline, prefetch, import_while_engine_starts, started)
     finally:
@@ -147,6 +149,8 @@ def _start(config: WorkerConfig, local_model: Optional[ResolvedModel], timeline:
     timeline.mark("torch imported")
     import_engine_classes()
     timeline.mark("vLLM engine classes imported")
+    if prefetch is not None and config.prefetch_weights == "after-imports":
+        prefetch.start()
     facts = host_facts()
     gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
     config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
