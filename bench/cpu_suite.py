@@ -333,7 +333,6 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
     from builder import tiny_model
     from gams_worker.config import load_config
     from gams_worker.startup.worker import setup_logging, start_worker
-    from tests.conftest import free_port  # imported here: the platform suite runs where pytest is not
     from vllm.v1.engine.async_llm import AsyncLLM
 
     model = str(tiny_model.build())
@@ -622,7 +621,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     }
     result["targets"] = check_targets(result["summary"])
     print("\n" + format_report(result), flush=True)
-    out = Path(args.out)
+    write_result(result, Path(args.out))
+
+
+def write_result(result: Dict[str, Any], out: Path) -> None:
+    """The suite's JSON result, for BENCHMARKS.md and bench/plot.py."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(f"\nwrote {out} (suite took {result['suite_seconds']:.0f} s)", flush=True)

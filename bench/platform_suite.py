@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from bench.cpu_suite import (PROMPTS, ROOT, CpuMeter, PlatformWorker, cpu_model, in_process_groups, job_input,
-                             usage_tokens_sdk, versions)
+                             usage_tokens_sdk, versions, write_result)
 from bench.gpu_suite import percentile
 from tests.harness.runpod_emulator import JobRecord
 
@@ -422,10 +422,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "suite_seconds": round(time.monotonic() - started, 1),
     }
     print("\n" + format_report(result), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    print(f"\nwrote {out} (suite took {result['suite_seconds']:.0f} s)", flush=True)
+    write_result(result, Path(args.out))
 
 
 if __name__ == "__main__":

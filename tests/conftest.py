@@ -18,8 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from builder import tiny_model  # noqa: E402
-# The worker-process harness, also imported from here by the tests that predate tests/harness/.
-from tests.harness.worker_process import ROOT, engine_env, free_port, subprocess_env  # noqa: E402,F401
+from tests.harness.worker_process import engine_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import pytest
 
 from gams_worker.startup.model_files import read_manifest
-from tests.conftest import ROOT, engine_env, subprocess_env
+from tests.harness.worker_process import ROOT, engine_env, subprocess_env
 from tests.harness.fake_hub import FakeHub, model_files, sharded
 
 TOKEN = "hf_bakeTestTokenThatMustNeverBeLogged0123"

@@ -13,7 +13,7 @@ from gams_worker.startup.compile_cache import (ArtifactCount, CompileCache, Mega
                                                choose_compile_cache, decide_mega_aot)
 from gams_worker.config import load_config
 from gams_worker.startup.host import GpuFacts, HostFacts
-from tests.conftest import ROOT, engine_env, subprocess_env
+from tests.harness.worker_process import ROOT, engine_env, subprocess_env
 
 H100 = GpuFacts(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", total_bytes=None, free_bytes=None)
 GPU_HOST = HostFacts(platform="cuda", gpus=(H100,), torch_version="2.11.0+cu130", vllm_version="0.25.0")

@@ -7,7 +7,7 @@ import pytest
 
 from gams_worker.config import WorkerConfig, load_config
 from gams_worker.errors import ConfigError
-from tests.conftest import ROOT, subprocess_env
+from tests.harness.worker_process import ROOT, subprocess_env
 
 
 def test_defaults_serve_gams_9b():

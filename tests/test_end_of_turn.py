@@ -23,7 +23,8 @@ from gams_worker.jobs.chat_template import (
     stop_at_end_of_turn,
 )
 from gams_worker.jobs.input import parse_job_input
-from tests.conftest import collect, engine_env
+from tests.conftest import collect
+from tests.harness.worker_process import engine_env
 
 # Gemma 3's way with a system message: its text opens the first user turn.
 GEMMA3_LIKE_TEMPLATE = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, engine_env, subprocess_env
+from tests.harness.worker_process import ROOT, engine_env, subprocess_env
 
 pytestmark = pytest.mark.engine
 

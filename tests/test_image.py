@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from gams_worker.config import WorkerConfig
-from tests.conftest import ROOT
+from tests.harness.worker_process import ROOT
 
 # vLLM release on PyPI -> CUDA major.minor of its Linux x86_64 build, from the wheels' metadata:
 # vllm 0.25.0 and 0.25.1 require torch==2.11.0; torch 2.11.0 requires cuda-toolkit[...]==13.0.2.

@@ -25,7 +25,7 @@ from runpod.serverless.modules.worker_state import JobsProgress
 from gams_worker.platform import job_loop, sdk_version
 from gams_worker.platform.job_loop import JobLoop, install_job_loop
 from gams_worker.platform.sdk_version import SDK_VERSION, SdkVersionError, check_sdk_version
-from tests.conftest import ROOT, subprocess_env
+from tests.harness.worker_process import ROOT, subprocess_env
 
 # The SDK sleeps 1 s where JobLoop waits on an event; anything taking half of that is the sleep.
 PROMPT_S = 0.5
@@ -118,6 +118,13 @@ async def start_loop(platform: FakePlatform, concurrency: int) -> asyncio.Task:
     return asyncio.create_task(platform.loop.run())
 
 
+async def end_jobs(platform: FakePlatform, job_ids: List[str], total_ended: int) -> None:
+    """End ``job_ids`` and wait until ``total_ended`` jobs have ended in all."""
+    for job_id in job_ids:
+        platform.end(job_id)
+    await wait_until(lambda: len(platform.ended) == total_ended, 5, "all jobs ended")
+
+
 async def shut_down(platform: FakePlatform, task: asyncio.Task) -> None:
     platform.loop.handle_shutdown(signal.SIGTERM, None)
     await platform.stops.put("no-such-job")  # ends the stop channel's wait
@@ -134,9 +141,7 @@ def test_a_burst_is_taken_up_to_the_concurrency_without_a_1s_wait():
         waited = await wait_until(lambda: platform.running == 64, PROMPT_S, "all 64 jobs running")
         # Each job counted once: with 32 taken, 32 more were asked for, at once.
         assert platform.takes[1]["asked"] == 32 and platform.takes[1]["in_flight"] == 32, platform.takes[:3]
-        for job_id in first + second:
-            platform.end(job_id)
-        await wait_until(lambda: len(platform.ended) == 64, 5, "all jobs ended")
+        await end_jobs(platform, first + second, 64)
         await shut_down(platform, task)
         return waited
 
@@ -156,9 +161,7 @@ def test_a_freed_slot_is_refilled_at_once():
         platform.end(ids[0])
         waited = await wait_until(lambda: ids[4] in platform.started, PROMPT_S, "the fifth job started")
         assert platform.takes[-1]["asked"] == 1, platform.takes[-3:]
-        for job_id in ids[1:]:
-            platform.end(job_id)
-        await wait_until(lambda: len(platform.ended) == 5, 5, "all jobs ended")
+        await end_jobs(platform, ids[1:], 5)
         await shut_down(platform, task)
         return waited
 
@@ -207,9 +210,7 @@ def test_a_job_handed_over_beyond_the_concurrency_runs_once_a_slot_frees():
         assert platform.running == 2 and ids[2] not in platform.started, "ran more jobs than its concurrency"
         platform.end(ids[0])
         await wait_until(lambda: ids[2] in platform.started, PROMPT_S, "the third job started in the freed slot")
-        platform.end(ids[1])
-        platform.end(ids[2])
-        await wait_until(lambda: len(platform.ended) == 3, 5, "all jobs ended")
+        await end_jobs(platform, ids[1:3], 3)
         assert platform.max_running == 2
         await shut_down(platform, task)
 
@@ -244,9 +245,7 @@ def test_a_stop_signal_stops_one_job_and_frees_its_slot():
         await wait_until(lambda: platform.ended.get(ids[0]) == "stopped", 5, "the stopped job cancelled")
         await wait_until(lambda: ids[2] in platform.started, PROMPT_S, "the third job took the freed slot")
         assert ids[1] not in platform.ended, "stopping one job ended another"
-        platform.end(ids[1])
-        platform.end(ids[2])
-        await wait_until(lambda: len(platform.ended) == 3, 5, "all jobs ended")
+        await end_jobs(platform, ids[1:3], 3)
         await shut_down(platform, task)
 
     asyncio.run(scenario())

@@ -17,7 +17,7 @@ from typing import List
 
 import pytest
 
-from tests.conftest import ROOT, engine_env, subprocess_env
+from tests.harness.worker_process import ROOT, engine_env, subprocess_env
 from tests.harness.runpod_emulator import JobRecord, RunPodEmulator
 
 START_TIMEOUT_S = 300  # engine start on this 2-core machine beside other engines

@@ -16,19 +16,10 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
 
+from tests.harness.openai_samples import CITY_SCHEMA, QUESTION
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-QUESTION = [{"role": "user", "content": "Kaj je vredno videti v Ljubljani?"}]
-CITY_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "mesto": {"type": "string", "enum": ["Ljubljana", "Maribor", "Celje"]},
-        "prebivalci": {"type": "integer"},
-    },
-    "required": ["mesto", "prebivalci"],
-    "additionalProperties": False,
-}
 
 
 def sse_events(outputs):

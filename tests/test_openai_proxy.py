@@ -15,9 +15,9 @@ import pytest
 from openai.types.responses import Response
 
 from tests.harness.openai_proxy import OpenAIProxy
+from tests.harness.openai_samples import CITY_SCHEMA, QUESTION
 from tests.harness.runpod_emulator import RunPodEmulator
 from tests.harness.worker_process import start_platform_worker, wait_for_first_take
-from tests.test_openai_direct import CITY_SCHEMA, QUESTION
 
 pytestmark = pytest.mark.engine
 

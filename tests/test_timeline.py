@@ -5,7 +5,7 @@ import sys
 import time
 
 from gams_worker.startup.timeline import WEIGHTS_LOADING, StartupTimeline
-from tests.conftest import ROOT
+from tests.harness.worker_process import ROOT
 
 # Lines as vLLM 0.25 logs them on an H100 (GaMS-9B-shaped), and as 0.32 does on CPU.
 GPU_LOG = """
