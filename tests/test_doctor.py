@@ -8,10 +8,12 @@ from gams_worker.config import WorkerConfig
 from gams_worker.startup import host
 from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES, diagnose, memory_from_config, run_doctor
 from gams_worker.startup.host import GIB, GpuFacts, HostFacts
+from gams_worker.startup.presets import GEMMA2_9B
 
 # GaMS-9B-Instruct's config.json (a Gemma 2 9B), the fields the estimate reads.
 GAMS_9B_CONFIG = {
     "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
     "hidden_size": 3584,
     "intermediate_size": 14336,
     "num_hidden_layers": 42,
@@ -21,6 +23,7 @@ GAMS_9B_CONFIG = {
     "vocab_size": 256000,
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
+    "sliding_window": 4096,
 }
 GEMMA2_9B_PARAMETERS = 9_241_705_984  # as published for google/gemma-2-9b
 
@@ -41,8 +44,12 @@ def gams_memory(config: WorkerConfig):
 def test_weight_estimate_matches_the_published_parameter_count():
     memory = gams_memory(WorkerConfig())
     assert abs(memory.weight_bytes / 2 - GEMMA2_9B_PARAMETERS) / GEMMA2_9B_PARAMETERS < 0.01
-    # K and V, 42 layers, 8 KV heads of 256, bf16
-    assert memory.kv_bytes_per_token == 2 * 42 * 8 * 256 * 2
+    # K and V, 8 KV heads of 256, bf16; 21 of the 42 layers keep only a 4096-token window
+    assert memory.kv_bytes_per_layer_token == 2 * 8 * 256 * 2
+    assert (memory.full_layers, memory.sliding_layers, memory.sliding_window) == (21, 21, 4096)
+    assert memory.kv_bytes(4096) == 42 * 4096 * memory.kv_bytes_per_layer_token
+    assert memory.kv_bytes(8192) == (21 * 8192 + 21 * 4096) * memory.kv_bytes_per_layer_token
+    assert memory.kv_bytes(8192) == round(GEMMA2_9B.kv_gib_per_sequence(8192) * GIB)  # the presets agree
     halves = memory_from_config(GAMS_9B_CONFIG, WorkerConfig(tensor_parallel_size=2))
     assert halves.weight_bytes == memory.weight_bytes // 2
 
@@ -85,8 +92,24 @@ def test_too_long_context_for_the_gpu_suggests_a_max_model_len_that_fits():
     suggested = int(verdict.split("lower MAX_MODEL_LEN to ")[1].split(" ")[0])
     budget = 24 * GIB * 0.9
     fixed = memory.weight_bytes + ENGINE_OVERHEAD_BYTES
-    assert fixed + suggested * memory.kv_bytes_per_token <= budget
-    assert fixed + (suggested + 256) * memory.kv_bytes_per_token > budget
+    assert suggested > GEMMA2_9B.sliding_window  # past the window only the full layers grow
+    assert fixed + memory.kv_bytes(suggested) <= budget
+    assert fixed + memory.kv_bytes(suggested + 256) > budget
+
+
+def test_kv_estimate_counts_sliding_layers_only_where_config_json_says_which_slide():
+    plain = {key: value for key, value in GAMS_9B_CONFIG.items() if key not in ("model_type", "architectures")}
+    config = WorkerConfig()
+    unknown = memory_from_config(plain, config)  # a window, but no word of which layers use it
+    assert (unknown.full_layers, unknown.sliding_layers) == (42, 0)
+    unused = memory_from_config({**plain, "use_sliding_window": False, "sliding_window_pattern": 2}, config)
+    assert unused.sliding_layers == 0  # Qwen2 names a window it does not use
+    typed = memory_from_config({**plain, "layer_types": ["sliding_attention"] * 35 + ["full_attention"] * 7}, config)
+    assert (typed.full_layers, typed.sliding_layers) == (7, 35)
+    gemma3 = memory_from_config({**plain, "sliding_window_pattern": 6}, config)
+    assert (gemma3.full_layers, gemma3.sliding_layers) == (7, 35)
+    assert typed.longest_sequence(typed.kv_bytes(100_000)) == 100_000
+    assert typed.longest_sequence(typed.kv_bytes(1000)) == 1000
 
 
 def test_weights_that_cannot_fit_ask_for_quantization_or_tensor_parallelism():

@@ -32,8 +32,28 @@ class ModelMemory:
     """What the model needs in GPU memory, per GPU."""
 
     weight_bytes: int
-    kv_bytes_per_token: int
+    kv_bytes_per_layer_token: int  # keys and values of one token in one layer
+    full_layers: int
+    # Layers that attend only to the last ``sliding_window`` tokens: vLLM keeps only that window
+    # of their KV cache (its hybrid KV cache manager). Gemma 2: every other layer, 4096 tokens.
+    sliding_layers: int
+    sliding_window: int
     source: str  # where the weight figure came from
+
+    def kv_bytes(self, tokens: int) -> int:
+        """KV cache of one ``tokens``-long sequence."""
+        token_layers = self.full_layers * tokens + self.sliding_layers * min(tokens, self.sliding_window)
+        return self.kv_bytes_per_layer_token * token_layers
+
+    def longest_sequence(self, kv_budget_bytes: int) -> int:
+        """The most tokens one sequence may have for its KV cache to fit ``kv_budget_bytes``."""
+        per_token_all_layers = self.kv_bytes_per_layer_token * (self.full_layers + self.sliding_layers)
+        within_window = kv_budget_bytes // per_token_all_layers
+        if within_window <= self.sliding_window or self.full_layers == 0:
+            return within_window
+        # Past the window only the full layers grow.
+        window_bytes = self.kv_bytes_per_layer_token * self.sliding_layers * self.sliding_window
+        return (kv_budget_bytes - window_bytes) // (self.kv_bytes_per_layer_token * self.full_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +98,7 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
                  f"vLLM {facts.vllm_version} built for CUDA {facts.vllm_cuda}")
     if memory is not None:
         lines.append(f"model needs ~{_gib(memory.weight_bytes)} GiB of weights per GPU ({memory.source}) "
-                     f"+ ~{_gib(memory.kv_bytes_per_token * config.max_model_len)} GiB KV cache for "
+                     f"+ ~{_gib(memory.kv_bytes(config.max_model_len))} GiB KV cache for "
                      f"MAX_MODEL_LEN={config.max_model_len}")
     else:
         lines.append("model memory: unknown (the model's config.json is not on this machine)")
@@ -158,7 +178,7 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
         return None
     gpu = min(facts.gpus[: config.tensor_parallel_size], key=lambda g: g.total_bytes or 0)
     budget = int(gpu.total_bytes * config.gpu_memory_utilization)
-    kv_bytes = memory.kv_bytes_per_token * config.max_model_len
+    kv_bytes = memory.kv_bytes(config.max_model_len)
     needed = memory.weight_bytes + kv_bytes + ENGINE_OVERHEAD_BYTES
     if needed <= budget:
         if gpu.free_bytes is not None and gpu.free_bytes < budget:
@@ -170,9 +190,9 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
     prefix = (f"model needs ~{_gib(needed)} GiB at MAX_MODEL_LEN={config.max_model_len}, GPU has "
               f"{_gib(budget)} GiB at GPU_MEMORY_UTILIZATION={config.gpu_memory_utilization}")
     next_tp = config.tensor_parallel_size * 2
-    if fixed >= budget or memory.kv_bytes_per_token == 0:
+    if fixed >= budget or memory.kv_bytes_per_layer_token == 0:
         return f"{prefix}: the weights alone do not fit: quantize or TENSOR_PARALLEL_SIZE={next_tp}"
-    fitting_len = (budget - fixed) // memory.kv_bytes_per_token // 256 * 256
+    fitting_len = memory.longest_sequence(budget - fixed) // 256 * 256
     return (f"{prefix}: lower MAX_MODEL_LEN to {fitting_len} / quantize / "
             f"TENSOR_PARALLEL_SIZE={next_tp}")
 
@@ -224,8 +244,27 @@ def memory_from_config(model_config: Dict[str, Any], config: WorkerConfig,
         mlp = 3 * hidden * intermediate
         embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings", True) else 2)
         weights, source = (layers * (attention + mlp) + embeddings) * element_bytes, "estimated from config.json"
-    kv_per_token = 2 * layers * kv_heads * head_dim * element_bytes
-    return ModelMemory(weights // tp, kv_per_token // tp, source)
+    sliding_layers, sliding_window = _sliding_layers(text, layers)
+    per_layer_token = 2 * kv_heads * head_dim * element_bytes
+    return ModelMemory(weights // tp, per_layer_token // tp, layers - sliding_layers, sliding_layers, sliding_window,
+                       source)
+
+
+def _sliding_layers(text: Dict[str, Any], layers: int) -> Tuple[int, int]:
+    """(layers with a sliding window, its tokens), where config.json says which layers slide; else (0, 0),
+    which overestimates the KV cache rather than underestimates it."""
+    window = text.get("sliding_window")
+    if not window or text.get("use_sliding_window") is False:  # Qwen2 names a window it does not use
+        return 0, 0
+    layer_types = text.get("layer_types")
+    if isinstance(layer_types, list):
+        return sum(kind == "sliding_attention" for kind in layer_types), int(window)
+    if text.get("model_type") == "gemma2" or "Gemma2ForCausalLM" in (text.get("architectures") or ()):
+        return (layers + 1) // 2, int(window)  # layers 0, 2, 4, ... slide
+    pattern = text.get("sliding_window_pattern")
+    if pattern:  # Gemma 3: every pattern-th layer attends to everything
+        return layers - layers // int(pattern), int(window)
+    return 0, 0
 
 
 def _dtype_bytes(requested: str, stored: Optional[str]) -> int:
