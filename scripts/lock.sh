@@ -3,19 +3,21 @@
 # by pip for the image's platform (Linux x86_64, glibc 2.39 = Ubuntu 24.04, CPython 3.12) from
 # requirements.txt, plus requirements-runpod.txt (installed --no-deps in the image).
 #   scripts/lock.sh            (needs PyPI and a Python 3.12: LOCK_PYTHON=/path/to/python3.12)
-#   scripts/lock.sh cpu        requirements-cpu.lock: the CPU test environment (.venv, made by
-#                              scripts/setup.sh from requirements-cpu.txt) as it is, for the CPU test image
+#   scripts/lock.sh cpu        requirements-cpu.lock: the CPU test environment resolved afresh from
+#                              requirements-cpu.txt; scripts/setup.sh installs it into .venv, the CPU test image too
 # Markers (e.g. torch's `setuptools; python_version >= "3.12"`) are evaluated by the interpreter
 # that runs pip, whatever --python-version says, so pip must run on Python 3.12 itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = cpu ]; then
-  bash scripts/setup.sh
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+  bash scripts/setup.sh --resolve "$scratch/venv"
   {
-    echo "# The CPU test environment's packages (.venv from requirements-cpu.txt, scripts/setup.sh), frozen by"
-    echo "# scripts/lock.sh cpu for the CPU test image, so the container tests run what the other tests run."
-    echo "# torch 2.13.0+cpu comes from the machine's wheel folder (/opt/wheels), not PyPI."
-    .venv/bin/python -m pip list --disable-pip-version-check --format=freeze --exclude pip | sort -f
+    echo "# The CPU test environment's packages, resolved from requirements-cpu.txt (+ requirements-runpod.txt,"
+    echo "# --no-deps) by scripts/lock.sh cpu; scripts/setup.sh installs exactly these into .venv, and the CPU"
+    echo "# test image is built from them. torch 2.13.0+cpu comes from the machine's wheel folder (/opt/wheels)."
+    "$scratch/venv/bin/python" -m pip list --disable-pip-version-check --format=freeze --exclude pip | sort -f
   } > requirements-cpu.lock
   echo "requirements-cpu.lock: $(grep -c '==' requirements-cpu.lock) packages"
   exit 0
