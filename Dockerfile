@@ -92,6 +92,11 @@ ARG SYSTEM_PACKAGES=""
 RUN if [ -n "${SYSTEM_PACKAGES}" ]; then \
         apt-get update && apt-get install -y --no-install-recommends ${SYSTEM_PACKAGES} && rm -rf /var/lib/apt/lists/*; \
     fi
+# vLLM's model info for the GaMS classes: without it, a start on a new compile cache folder has
+# vLLM inspect the class in a subprocess that imports torch and vLLM again (20 s on the H100).
+# The worker copies it into the folder it chooses (gams_worker/startup/compile_cache.py).
+COPY builder/seed_model_info.py /tmp/
+RUN python /tmp/seed_model_info.py --out /opt/gams-worker/model-info
 ARG MODEL_NAME=""
 ARG MODEL_REVISION=""
 # An empty MODEL_NAME means the config's default, cjvt/GaMS-9B-Instruct.

@@ -19,6 +19,7 @@
 #       warm       (a) warm worker starts through the platform, mega AOT artifact off/on, twice each;
 #                  (b)+(c) bare processes (import torch + AsyncLLM, create it), greedy outputs, b1/c64
 #       pagecache  (d) warm compile cache, page cache dropped, weight prefetch with/after imports, off
+#       seed       cold starts without and with the image's model info (builder/seed_model_info.py)
 #       table      the table of every run so far (each step also prints it)
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
 set -uo pipefail
@@ -115,6 +116,15 @@ case ${1:-} in
           drop_page_cache
           fast worker dropped-prefetch-$when "${common[@]}" MEGA_AOT_ARTIFACT=true PREFETCH_WEIGHTS=$when
         done
+        ;;
+      seed)
+        # Cold starts (empty compile cache) without and with the model info the image computes at build time.
+        python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1
+        rm -rf $VOLUME ~/.cache/vllm ~/.triton ~/.cache/gams-worker; mkdir -p $VOLUME
+        fast worker cold-seed-none "${common[@]}" MODEL_INFO_SEED_DIR=/nonexistent
+        ( time python3 builder/seed_model_info.py --out /tmp/model-info ) 2>&1 | grep -v "^INFO\|^WARNING" | tail -5
+        rm -rf $VOLUME ~/.cache/vllm ~/.triton ~/.cache/gams-worker; mkdir -p $VOLUME
+        fast worker cold-seed-image "${common[@]}" MODEL_INFO_SEED_DIR=/tmp/model-info
         ;;
       table) ;;
       *) sed -n 2,27p "$0"; exit 2 ;;

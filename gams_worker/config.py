@@ -67,6 +67,8 @@ class WorkerConfig:
     # network volume if mounted, else the container; VLLM_CACHE_ROOT, if set, wins unkeyed.
     compile_cache_dir: Optional[str] = None
     vllm_cache_root: Optional[str] = None
+    # vLLM's model info for the GaMS classes, computed when the image was built (builder/seed_model_info.py).
+    model_info_seed_dir: str = "/opt/gams-worker/model-info"
     # The oldest CUDA the host's driver may support, as "13.0" (RUNPOD_MIN_CUDA_VERSION, which the
     # runpod SDK checks too, once the job loop starts): the doctor refuses older hosts before the engine.
     min_cuda_version: Optional[str] = None
@@ -133,6 +135,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         hf_endpoint=env.optional_text("HF_ENDPOINT"),
         compile_cache_dir=env.optional_text("COMPILE_CACHE_DIR"),
         vllm_cache_root=env.optional_text("VLLM_CACHE_ROOT"),
+        model_info_seed_dir=env.text("MODEL_INFO_SEED_DIR", default.model_info_seed_dir),
         min_cuda_version=env.version("RUNPOD_MIN_CUDA_VERSION"),
         # vLLM's own variable counts when ours is unset: a user who set it gets what they set.
         mega_aot_artifact=_first_given(env.optional_boolean("MEGA_AOT_ARTIFACT"),

@@ -135,13 +135,36 @@ def test_triton_kernels_are_counted_apart(tmp_path):
     assert report["new_artifacts"] == 1 and report["hit"] is False
 
 
-def start_once(model_dir: str, cache_dir: str, prefetch_weights: str) -> dict:
+def test_a_new_folder_gets_the_model_info_it_lacks_from_the_seed(tmp_path):
+    seed = tmp_path / "seed" / "modelinfos"
+    seed.mkdir(parents=True)
+    for name in ("gemma2.json", "gemma3.json"):
+        (seed / name).write_text(f'{{"hash": "{name}"}}')
+    config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cache"), "MODEL_INFO_SEED_DIR": str(tmp_path / "seed")})
+    first = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    assert first.model_info_seeded == ("gemma2.json", "gemma3.json")
+    assert (tmp_path / "cache").joinpath(first.path, "modelinfos", "gemma2.json").read_text() == '{"hash": "gemma2.json"}'
+    assert first.before == ArtifactCount(0, 0)  # model facts, not compiled code: the folder is still cold
+    own = os.path.join(first.path, "modelinfos", "gemma3.json")
+    with open(own, "w") as handle:
+        handle.write('{"hash": "written by vLLM"}')
+    os.remove(os.path.join(first.path, "modelinfos", "gemma2.json"))
+    again = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    assert again.model_info_seeded == ("gemma2.json",)  # what vLLM wrote itself stays
+    assert open(own).read() == '{"hash": "written by vLLM"}'
+    assert again.report("")["model_info_seeded"] == ["gemma2.json"]
+    no_seed = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "other"), "MODEL_INFO_SEED_DIR": str(tmp_path / "none")})
+    assert choose_compile_cache(no_seed, GPU_HOST, VLLM_025).model_info_seeded == ()
+
+
+def start_once(model_dir: str, cache_dir: str, prefetch_weights: str, model_info_seed: str) -> dict:
     """`python handler.py` from process start to its first job; the job's start-up metadata."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps({"input": {"prompt": "Ljubljana", "sampling_params": {"max_tokens": 4}}})],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir, PREFETCH_WEIGHTS=prefetch_weights)),
+        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir, PREFETCH_WEIGHTS=prefetch_weights,
+                                         MODEL_INFO_SEED_DIR=model_info_seed)),
     )
     wall_s = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
@@ -153,9 +176,20 @@ def start_once(model_dir: str, cache_dir: str, prefetch_weights: str) -> dict:
 
 @pytest.mark.engine
 def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model_dir, tmp_path, record_property):
-    first = start_once(tiny_model_dir, str(tmp_path), prefetch_weights="with-imports")
-    second = start_once(tiny_model_dir, str(tmp_path), prefetch_weights="after-imports")
+    # The image's build step, run here: vLLM's model info for the GaMS classes, dated in the past.
+    seed = tmp_path / "model-info"
+    subprocess.run([sys.executable, "-m", "builder.seed_model_info", "--out", str(seed)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300, env=subprocess_env())
+    seed_file = seed / "modelinfos" / "vllm-model_executor-models-gemma2-Gemma2ForCausalLM.json"
+    os.utime(seed_file, (1e9, 1e9))
+    cache_dir = str(tmp_path / "cache")
+    first = start_once(tiny_model_dir, cache_dir, prefetch_weights="with-imports", model_info_seed=str(seed))
+    second = start_once(tiny_model_dir, cache_dir, prefetch_weights="after-imports", model_info_seed=str(seed))
     first_cache, second_cache = first["compile_cache"], second["compile_cache"]
+    # The new folder got the seed, and vLLM used it: on a miss it inspects the class in a
+    # subprocess and writes the file anew (now-dated).
+    assert seed_file.name in first_cache["model_info_seeded"] and second_cache["model_info_seeded"] == []
+    assert os.stat(os.path.join(first_cache["path"], "modelinfos", seed_file.name)).st_mtime == 1e9
     assert first_cache["path"] == second_cache["path"]
     assert first_cache["path"].startswith(str(tmp_path))
     assert (first_cache["hit"], first_cache["artifacts_before"]) == (False, 0)

@@ -114,6 +114,26 @@ def test_the_baked_model_is_served_with_the_hub_offline(stage):
         assert "HF_HUB_OFFLINE=1" in variables and "TRANSFORMERS_OFFLINE=1" in variables, variables
 
 
+def test_the_images_model_info_spares_vllm_its_inspection_subprocess(stage):
+    # The image's build step (builder/seed_model_info.py) wrote it; the worker copied it into its
+    # new compile cache folder; vLLM, finding it valid, did not write it again.
+    log = stage.container.logs()
+    assert "vLLM's model info (vllm-model_executor-models-gemma2-Gemma2ForCausalLM.json" in log, stage.container.tail()
+    seeded = stage.container.exec("python", "-c", SEEDED_FILE_UNCHANGED).stdout.strip()
+    assert seeded == "unchanged", seeded
+
+
+# The Gemma 2 model-info file in the worker's compile cache has the seed's bytes and date.
+SEEDED_FILE_UNCHANGED = """
+import glob, os
+name = "vllm-model_executor-models-gemma2-Gemma2ForCausalLM.json"
+seed = "/opt/gams-worker/model-info/modelinfos/" + name
+copies = glob.glob(os.path.expanduser("~/.cache/gams-worker/compile-cache/**/modelinfos/" + name), recursive=True)
+same = [c for c in copies if open(c).read() == open(seed).read() and os.stat(c).st_mtime == os.stat(seed).st_mtime]
+print("unchanged" if copies and same == copies else f"seed {seed}, copies {copies}, unchanged {same}")
+"""
+
+
 # The environment of each process in the container whose command line names vLLM's EngineCore.
 ENGINE_ENVIRONMENTS = """
 import glob, os

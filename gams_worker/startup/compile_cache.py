@@ -15,6 +15,10 @@ the two forms never share a folder, so a start never loads one written in the ot
 
 vLLM's engine process reads the folder and the form from its environment (``VLLM_CACHE_ROOT``,
 ``TRITON_CACHE_DIR``, ``VLLM_USE_MEGA_AOT_ARTIFACT``), which it inherits from this process.
+
+A folder new to vLLM also lacks its model info (``modelinfos/``): without it vLLM inspects the
+model class in a subprocess that imports torch and vLLM again (20 s on the H100). The image
+computes it when it is built (builder/seed_model_info.py); the folder gets what it lacks of it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 VOLUME_SUBDIR = os.path.join("gams-worker", "compile-cache")
 CONTAINER_DIR = os.path.join(os.path.expanduser("~"), ".cache", "gams-worker", "compile-cache")
 TRITON_SUBDIR = "triton"
+MODEL_INFO_SUBDIR = "modelinfos"  # vLLM's model-info cache, not compiled code
 # Oldest torch whose Inductor can save one artifact for the whole model (standalone_compile's aot).
 MEGA_AOT_MIN_TORCH = (2, 10)
 # Files that hold compiled code: Inductor's kernels and vLLM's graphs (.so, .py, .cubin, ...).
@@ -117,6 +124,7 @@ class CompileCache:
     location: str  # "network volume", "container", "COMPILE_CACHE_DIR" or "VLLM_CACHE_ROOT"
     before: ArtifactCount
     mega_aot: MegaAot
+    model_info_seeded: Tuple[str, ...] = ()  # files copied from the image's seed (seed_model_info)
 
     def engine_environment(self) -> Dict[str, str]:
         """Variables vLLM's engine process must see to read and write this cache."""
@@ -141,6 +149,7 @@ class CompileCache:
             "triton_kernel_files_before": self.before.triton,
             "new_triton_kernel_files": after.triton - self.before.triton,
             "vllm_loaded_graphs": bool(_LOADED_FROM_CACHE.search(engine_output)),
+            "model_info_seeded": list(self.model_info_seeded),
         }
         report["hit"] = self.before.compiled > 0 and (report["new_artifacts"] == 0 or report["vllm_loaded_graphs"])
         log.info("compile cache %s: %s (%s), %d compiled files before the start, %d new; Triton kernel "
@@ -173,25 +182,47 @@ def choose_compile_cache(config: WorkerConfig, facts: HostFacts,
     mega_aot = decide_mega_aot(config.mega_aot_artifact, facts.torch_version,
                                vllm_aot_support() if support is None else support)
     log.info("compile cache: mega AOT artifact %s (%s)", "on" if mega_aot.on else "off", mega_aot.reason)
+    seed = config.model_info_seed_dir
     if config.vllm_cache_root:  # the user chose vLLM's own cache folder: use it as it is
-        return _prepared(config.vllm_cache_root, "VLLM_CACHE_ROOT", mega_aot)
+        return _prepared(config.vllm_cache_root, "VLLM_CACHE_ROOT", mega_aot, seed)
     key = cache_key(config, facts, mega_aot)
     if config.compile_cache_dir:
-        return _prepared(os.path.join(config.compile_cache_dir, key), "COMPILE_CACHE_DIR", mega_aot)
+        return _prepared(os.path.join(config.compile_cache_dir, key), "COMPILE_CACHE_DIR", mega_aot, seed)
     if os.path.isdir(config.network_volume_path):
         path = os.path.join(config.network_volume_path, VOLUME_SUBDIR, key)
         try:
-            return _prepared(path, "network volume", mega_aot)
+            return _prepared(path, "network volume", mega_aot, seed)
         except OSError as exc:  # a read-only or full volume must not stop the worker
             log.warning("compile cache: cannot use %s (%s); keeping it in the container", path, exc)
-    return _prepared(os.path.join(CONTAINER_DIR, key), "container", mega_aot)
+    return _prepared(os.path.join(CONTAINER_DIR, key), "container", mega_aot, seed)
+
+
+def seed_model_info(cache_root: str, seed_dir: str) -> Tuple[str, ...]:
+    """Copy the seed's model-info files that ``cache_root`` lacks; the names copied.
+
+    vLLM stores its model module's hash in each file and checks it: a seed from another vLLM
+    is a miss (vLLM inspects the class itself, as without a seed), never a wrong answer.
+    """
+    source = Path(seed_dir) / MODEL_INFO_SUBDIR
+    if not source.is_dir():
+        return ()
+    target = Path(cache_root) / MODEL_INFO_SUBDIR
+    copied = []
+    for path in sorted(source.glob("*.json")):
+        if not (target / path.name).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / path.name)
+            copied.append(path.name)
+    return tuple(copied)
 
 
 def count_artifacts(path: str) -> ArtifactCount:
     """Compiled files under ``path``, in one walk (on a network volume each folder is a round trip)."""
     triton_dir = os.path.join(path, TRITON_SUBDIR)
     compiled = triton = 0
-    for folder, _dirs, files in os.walk(path):
+    for folder, dirs, files in os.walk(path):
+        if folder == path and MODEL_INFO_SUBDIR in dirs:
+            dirs.remove(MODEL_INFO_SUBDIR)  # model facts, not compiled code
         count = sum(1 for name in files if _ARTIFACT.search(name))
         compiled += count
         if folder == triton_dir or folder.startswith(triton_dir + os.sep):
@@ -199,9 +230,18 @@ def count_artifacts(path: str) -> ArtifactCount:
     return ArtifactCount(compiled, triton)
 
 
-def _prepared(path: str, location: str, mega_aot: MegaAot) -> CompileCache:
+def _prepared(path: str, location: str, mega_aot: MegaAot, model_info_seed: str) -> CompileCache:
     os.makedirs(path, exist_ok=True)
-    return CompileCache(path=path, location=location, before=count_artifacts(path), mega_aot=mega_aot)
+    try:
+        seeded = seed_model_info(path, model_info_seed)
+    except OSError as exc:  # vLLM then inspects the model class itself, 20 s later
+        log.warning("compile cache: could not copy vLLM's model info from %s into %s: %s", model_info_seed, path, exc)
+        seeded = ()
+    if seeded:
+        log.info("compile cache: vLLM's model info (%s) copied from the image's %s: vLLM need not inspect "
+                 "the model class in a subprocess", ", ".join(seeded), model_info_seed)
+    return CompileCache(path=path, location=location, before=count_artifacts(path), mega_aot=mega_aot,
+                        model_info_seeded=seeded)
 
 
 def _major_minor(version: str) -> Optional[Tuple[int, int]]:
