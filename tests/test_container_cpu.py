@@ -202,8 +202,11 @@ def test_a_restarted_container_takes_the_next_job(stage):
 
 def test_sigterm_while_serving_lets_the_job_in_flight_finish(stage):
     emulator, container = stage.emulator, stage.container
-    job_id = emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(1500), "stream": True})
+    job_id = emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(3500), "stream": True})
     emulator.wait_chunks(job_id, 1, 60)
+    # In flight when the signal goes: a streamed chunk can reach the emulator late, after the job
+    # ended (in CI 1500 tokens had finished 50 ms before the signal); the engine says for sure.
+    wait_until(lambda: stage.status()["engine_requests"] == 1, 5, "the job generating", container)
     sent_at = time.monotonic()
     container.signal("TERM")
     exit_code = container.wait(180)
