@@ -198,6 +198,10 @@ def test_capture_hands_out_whole_lines_with_their_arrival_time():
     with OutputCapture(fds=(2,), on_line=lambda line, at: lines.append((line, at))) as capture:
         subprocess.run([sys.executable, "-c", "import os, time; os.write(2, b'INFO weights load'); time.sleep(0.3);"
                         "os.write(2, b'ed\\nINFO graphs captured\\nno newline yet')"], check=True)
+        # The tee thread hands lines out as it reads them: on a busy machine after the child ended.
+        deadline = time.monotonic() + 10
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         capture.text()
     assert [line for line, _ in lines] == ["INFO weights loaded", "INFO graphs captured"]
     assert all(before + 0.3 <= at <= time.time() for _, at in lines)  # stamped when the line was whole
