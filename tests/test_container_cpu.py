@@ -215,7 +215,7 @@ def test_sigterm_while_serving_lets_the_job_in_flight_finish(stage):
           f"the job in flight {'finished' if record.results else 'was LOST'}", file=sys.stderr)
     assert exit_code == 0, container.tail()
     assert record.results and record.results[0][0] > sent_at  # in flight at SIGTERM, and finished
-    assert record.result["output"][-1]["usage"]["completion_tokens"] == 1500
+    assert record.result["output"][-1]["usage"]["completion_tokens"] == 3500
     assert record.chunk_outputs == record.result["output"]
 
 
