@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.startup.host import GIB, NO_PLATFORM, UNKNOWN, GpuFacts, HostFacts
+from gams_worker.startup.presets import sequence_kv_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class ModelMemory:
 
     def kv_bytes(self, tokens: int) -> int:
         """KV cache of one ``tokens``-long sequence."""
-        token_layers = self.full_layers * tokens + self.sliding_layers * min(tokens, self.sliding_window)
-        return self.kv_bytes_per_layer_token * token_layers
+        return sequence_kv_bytes(self.kv_bytes_per_layer_token, self.full_layers, self.sliding_layers,
+                                 self.sliding_window, tokens)
 
     def longest_sequence(self, kv_budget_bytes: int) -> int:
         """The most tokens one sequence may have for its KV cache to fit ``kv_budget_bytes``."""

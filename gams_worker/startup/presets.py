@@ -32,6 +32,13 @@ NON_KV_GIB = 2.0
 KV_BYTES_PER_ELEMENT = 2  # bf16
 
 
+def sequence_kv_bytes(bytes_per_layer_token: int, full_layers: int, sliding_layers: int, sliding_window: int,
+                      tokens: int) -> int:
+    """KV cache of one ``tokens``-long sequence: vLLM's v1 engine keeps only the last
+    ``sliding_window`` tokens of a sliding layer (its hybrid KV cache manager)."""
+    return bytes_per_layer_token * (full_layers * tokens + sliding_layers * min(tokens, sliding_window))
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """The config.json facts that size the KV cache."""
@@ -46,14 +53,10 @@ class Architecture:
     source: str  # where these facts come from
 
     def kv_gib_per_sequence(self, tokens: int) -> float:
-        """KV cache of one ``tokens``-long sequence, keys and values, bf16, all GPUs together.
-
-        vLLM's v1 engine keeps only the window for sliding layers (its hybrid KV cache manager).
-        """
-        per_token_layer = 2 * self.kv_heads * self.head_dim * KV_BYTES_PER_ELEMENT
-        token_layers = (self.layers - self.sliding_layers) * tokens + self.sliding_layers * min(tokens,
-                                                                                               self.sliding_window)
-        return token_layers * per_token_layer / GIB
+        """KV cache of one ``tokens``-long sequence, keys and values, bf16, all GPUs together."""
+        per_layer_token = 2 * self.kv_heads * self.head_dim * KV_BYTES_PER_ELEMENT
+        return sequence_kv_bytes(per_layer_token, self.layers - self.sliding_layers, self.sliding_layers,
+                                 self.sliding_window, tokens) / GIB
 
 
 GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)")
