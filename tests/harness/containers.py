@@ -53,9 +53,13 @@ class ContainerError(AssertionError):
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise ContainerError(f"podman {' '.join(args)} exited {result.returncode}:\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise podman_error(args, result)
     return result
+
+
+def podman_error(args, result: subprocess.CompletedProcess) -> ContainerError:
+    return ContainerError(f"podman {' '.join(args)} exited {result.returncode}:\n"
+                          f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 def require_podman() -> None:
@@ -197,7 +201,14 @@ class Container:
         return int(podman("inspect", "--format", "{{.State.ExitCode}}", self.name).stdout.strip())
 
     def signal(self, name: str) -> None:
-        podman("kill", "--signal", name, self.name)
+        args = ("kill", "--signal", name, self.name)
+        result = podman(*args, check=False)
+        # After SIGKILL podman 4.3 waits only a few seconds for conmon's exit file and exits 125 when
+        # the container takes longer to die (in CI: freeing GBs of engine memory on 2 busy cores).
+        # The signal was delivered all the same; wait() reads the exit code once it has died.
+        slow_to_die = name == "KILL" and "timed out waiting for file" in result.stderr
+        if result.returncode != 0 and not slow_to_die:
+            raise podman_error(args, result)
 
     def wait(self, timeout: float) -> int:
         """The exit code, once the container has stopped."""
