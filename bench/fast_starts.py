@@ -152,24 +152,15 @@ def bare_run(name: str, results: Path, tokens: int) -> Dict[str, Any]:
 
 
 def worker_engine_kwargs() -> Dict[str, Any]:
-    """The engine arguments and compile cache folder the worker would use in this environment."""
-    from gams_worker.config import export_to_engine, load_config
-    from gams_worker.startup.compile_cache import choose_compile_cache
-    from gams_worker.startup.doctor import run_doctor
-    from gams_worker.startup.host import host_facts
+    """The engine arguments the worker would start with in this environment (and its environment for vLLM)."""
+    from gams_worker.config import load_config
     from gams_worker.startup.engine import engine_kwargs
-    from gams_worker.startup.model import resolve_model
-    from gams_worker.startup.presets import apply_preset
-    from gams_worker.startup.worker import first_rung
+    from gams_worker.startup.model import find_local_model
+    from gams_worker.startup.worker import plan_engine
 
     config = load_config()
-    facts = host_facts()
-    config, _sources = apply_preset(config, len(facts.gpus), facts.gpus[0].total_gib if facts.gpus else None)
-    model_path = resolve_model(config).path
-    mode, _reason = first_rung(config, run_doctor(config, facts, model_path))
-    cache = choose_compile_cache(config, facts)
-    export_to_engine(cache.engine_environment())
-    return engine_kwargs(config, mode, model_path)
+    plan = plan_engine(config, find_local_model(config))
+    return engine_kwargs(plan.config, plan.mode, plan.model_path)
 
 
 async def generate(engine: Any, tokens: int) -> Dict[str, Any]:

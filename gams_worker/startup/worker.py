@@ -12,9 +12,10 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Optional, Sequence, Set, Tuple
 
-from gams_worker.startup.compile_cache import choose_compile_cache
+from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
 from gams_worker.startup.concurrency import derive_concurrency, kv_capacity
 from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.startup.doctor import DoctorReport, run_doctor
@@ -120,6 +121,47 @@ def first_rung(config: WorkerConfig, report: DoctorReport) -> Tuple[str, str]:
     return "full", "default"
 
 
+@dataclass(frozen=True)
+class EnginePlan:
+    """What the engine starts with, decided before it starts."""
+
+    config: WorkerConfig  # with the preset applied
+    mode: str  # the first graph mode of the fallback ladder
+    reason: str
+    model_path: str
+    compile_cache: CompileCache
+
+
+def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
+                mark: Callable[[str], None] = lambda step: None) -> EnginePlan:
+    """Preset, doctor, model and compile cache, in that order; sets the environment vLLM's
+    engine process inherits. ``mark`` stamps each step on the start-up timeline."""
+    facts = host_facts()
+    gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
+    config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
+    log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
+    kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
+    if kv_line:
+        log.info(kv_line)
+    report = run_doctor(config, facts, local_model.path if local_model else None)
+    if report.blocking:
+        problems = "; ".join(report.blocking)
+        raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
+    mode, reason = first_rung(config, report)
+    mark("doctor done")
+    model = resolve_model(config)  # baked copy, then caches, then the hub
+    if model.source == BAKED:
+        # A baked copy is whole: nothing may reach for the hub (RunPod's worker-vllm sets the same).
+        # vLLM's engine process, which loads the model, inherits them.
+        export_to_engine(BAKED_MODEL_OFFLINE)
+        log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
+    mark("model resolved")
+    compile_cache = choose_compile_cache(config, facts)
+    export_to_engine(compile_cache.engine_environment())
+    mark("compile cache checked")
+    return EnginePlan(config, mode, reason, model.path, compile_cache)
+
+
 def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str] = ()) -> Worker:
     """Start the one engine of this process and the service that runs jobs on it.
 
@@ -151,31 +193,9 @@ def _start(config: WorkerConfig, local_model: Optional[ResolvedModel], timeline:
     timeline.mark("vLLM engine classes imported")
     if prefetch is not None and config.prefetch_weights == "after-imports":
         prefetch.start()
-    facts = host_facts()
-    gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
-    config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
-    log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
-    kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
-    if kv_line:
-        log.info(kv_line)
-    report = run_doctor(config, facts, local_model.path if local_model else None)
-    if report.blocking:
-        problems = "; ".join(report.blocking)
-        raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
-    mode, reason = first_rung(config, report)
+    plan = plan_engine(config, local_model, timeline.mark)
+    config, mode, reason, compile_cache = plan.config, plan.mode, plan.reason, plan.compile_cache
     started_mode = mode
-    timeline.mark("doctor done")
-    model = resolve_model(config)  # baked copy, then caches, then the hub
-    if model.source == BAKED:
-        # A baked copy is whole: nothing may reach for the hub (RunPod's worker-vllm sets the same).
-        # vLLM's engine process, which loads the model, inherits them.
-        export_to_engine(BAKED_MODEL_OFFLINE)
-        log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
-    model_path = model.path
-    timeline.mark("model resolved")
-    compile_cache = choose_compile_cache(config, facts)
-    export_to_engine(compile_cache.engine_environment())
-    timeline.mark("compile cache checked")
 
     def watch_engine_line(line: str, arrived_at: float) -> None:
         if timeline.watch_engine_line(line, arrived_at) == WEIGHTS_LOADING and prefetch is not None:
@@ -185,7 +205,7 @@ def _start(config: WorkerConfig, local_model: Optional[ResolvedModel], timeline:
         [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in import_while_engine_starts]
         + [("start-up garbage collected", gc.collect)], timeline)
     try:
-        started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, model_path),
+        started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, plan.model_path),
                                              on_output_line=watch_engine_line)
     except BaseException:
         background.finish(run_the_rest=False)
