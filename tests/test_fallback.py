@@ -16,6 +16,7 @@ from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.engine_log import OutputCapture
 from gams_worker.startup.ladder import FATAL, RETRY_LOWER_RUNG, classify_start_failure, start_with_fallback
+from tests.harness.worker_process import wait_until
 
 PARENT_TAIL = """\
 Traceback (most recent call last):
@@ -199,9 +200,7 @@ def test_capture_hands_out_whole_lines_with_their_arrival_time():
         subprocess.run([sys.executable, "-c", "import os, time; os.write(2, b'INFO weights load'); time.sleep(0.3);"
                         "os.write(2, b'ed\\nINFO graphs captured\\nno newline yet')"], check=True)
         # The tee thread hands lines out as it reads them: on a busy machine after the child ended.
-        deadline = time.monotonic() + 10
-        while len(lines) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(lines) >= 2, 10, "the tee thread's two whole lines")
         capture.text()
     assert [line for line, _ in lines] == ["INFO weights loaded", "INFO graphs captured"]
     assert all(before + 0.3 <= at <= time.time() for _, at in lines)  # stamped when the line was whole
