@@ -4,8 +4,8 @@
 #   HF_TOKEN=... docker buildx bake worker-baked    # GaMS-9B-Instruct baked into the image
 #
 # CUDA: the base image's CUDA must be the one the pinned vLLM wheel was built for.
-# vLLM 0.25.1 on PyPI requires torch==2.11.0, whose Linux x86_64 wheel requires
-# cuda-toolkit==13.0.2 (libcudart.so.13): CUDA 13.0, so hosts need NVIDIA driver >= 580.
+# vLLM 0.32.0 on PyPI requires torch==2.13.0, whose Linux x86_64 wheel requires
+# cuda-toolkit==13.0.3 (libcudart.so.13): CUDA 13.0, so hosts need NVIDIA driver >= 580.
 # tests/test_image.py checks VLLM_CUDA below against requirements.txt's vLLM pin.
 # VLLM_CUDA=13.0
 #
@@ -85,6 +85,11 @@ RUN --mount=type=cache,id=gams-pip,target=/root/.cache/pip \
 # pip check, less the conflicts accepted on purpose (runpod's fastapi declaration), each explained there.
 COPY builder/check_install.py /tmp/
 RUN python /tmp/check_install.py
+# The drift guard: this vLLM is the release the worker is tested on, and holds every name and engine
+# argument the worker uses (gams_worker/startup/vllm_release.py); a vLLM bump fails here, naming them.
+COPY gams_worker/__init__.py gams_worker/errors.py /tmp/guard/gams_worker/
+COPY gams_worker/startup/__init__.py gams_worker/startup/vllm_release.py /tmp/guard/gams_worker/startup/
+RUN PYTHONPATH=/tmp/guard python -m gams_worker.startup.vllm_release && rm -rf /tmp/guard
 # OS packages a variant needs at run time (the CPU image: libnuma1 for vLLM's CPU kernels); after
 # the package layer, so setting them rebuilds nothing above.
 ARG SYSTEM_PACKAGES=""

@@ -6,7 +6,7 @@ variable "REGISTRY" { default = "ghcr.io/cjvt" }
 variable "IMAGE" { default = "gams-worker" }
 variable "VERSION" { default = "dev" }
 # Must equal requirements.txt's vllm pin and the Dockerfile's CUDA (tests/test_image.py checks).
-variable "VLLM_VERSION" { default = "0.25.1" }
+variable "VLLM_VERSION" { default = "0.32.0" }
 variable "CUDA_VERSION" { default = "13.0.2" }
 variable "CUDA_TAG" { default = "13.0" } # CUDA_VERSION's major.minor, for tags
 variable "BAKED_MODEL" { default = "cjvt/GaMS-9B-Instruct" }

@@ -52,15 +52,17 @@ def serve(config) -> int:
     global jobs
     from gams_worker.platform.local_run import run_local, wants_local_run
     from gams_worker.platform.sdk_version import check_sdk_version
+    from gams_worker.startup.vllm_release import check_vllm_release
     from gams_worker.startup.worker import start_worker
 
     local_run = wants_local_run(sys.argv, config.on_runpod)
     try:
+        check_vllm_release()  # the one vLLM release the worker is tested on, before anything imports it
         if not local_run:
             check_sdk_version()  # refuse an SDK the job loop was not written for before the engine starts
         # The job loop's SDK takes seconds to import: done while this process waits for vLLM's engine.
         worker = start_worker(config, import_while_engine_starts=("runpod",))
-    except WorkerError as exc:  # that SDK, an engine start failed for a classified cause, or no model
+    except WorkerError as exc:  # that vLLM or SDK, an engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
     jobs = worker.jobs

@@ -22,6 +22,10 @@
 #       seed       cold starts without and with the image's model info (builder/seed_model_info.py)
 #       table      the table of every run so far (each step also prints it)
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
+#   bash bench/gpu_session.sh starts [VAR=value ...]  # the worker's cold start (empty compile cache on the
+#                                            # stand-in volume), then a warm one, default settings, each
+#                                            # process start -> first chunk through the SDK loop
+#   SUITE_ARGS="--max-num-seqs 512 --concurrency 1 8 64" bash bench/gpu_session.sh suite MODE...  # options
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD:/tmp/spy PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true
@@ -132,6 +136,15 @@ case ${1:-} in
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
     ;;
+  starts)
+    shift
+    python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode, as the image has it
+    rm -rf $VOLUME ~/.cache/vllm ~/.triton ~/.cache/gams-worker $FAST; mkdir -p $VOLUME $FAST
+    fast worker cold MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$VOLUME "$@"
+    fast worker warm MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$VOLUME "$@"
+    python3 -m bench.fast_starts table --results $FAST | tee "$OUT/starts-table.md"
+    cp $FAST/*.json $FAST/*.out "$OUT/" 2>/dev/null
+    ;;
   importfloor)
     python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode as the image has it (see cold)
     { python3 bench/import_floor.py --repeat 3; python3 bench/import_floor.py --repeat 2 --no-bytecode; } \
@@ -177,7 +190,7 @@ EOF_PY
     for mode in "$@"; do
       extra=()
       [ "$mode" = fp8 ] && extra=(--quantization fp8) && engine_mode=full || engine_mode=$mode
-      python3 -m bench.gpu_suite run --model $MODEL --mode "$engine_mode" "${extra[@]}" \
+      python3 -m bench.gpu_suite run --model $MODEL --mode "$engine_mode" "${extra[@]}" ${SUITE_ARGS:-} \
         ${BANDWIDTH_GBS:+--bandwidth-gbs $BANDWIDTH_GBS} --out "$OUT/suite-$mode.json" >"$OUT/suite-$mode.log" 2>&1
       echo "== suite $mode: exit $?"; grep -E '^\{"path"|^SUMMARY' "$OUT/suite-$mode.log"
     done

@@ -118,6 +118,8 @@ def run(args) -> None:
            "TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size)}
     if args.quantization:
         env["QUANTIZATION"] = args.quantization
+    if args.max_num_seqs:
+        env["MAX_NUM_SEQS"] = str(args.max_num_seqs)
     config = load_config(env)
     setup_logging(config)
     started = time.perf_counter()
@@ -132,6 +134,7 @@ def run(args) -> None:
         engine.shutdown()
     weights = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
     summary = {"mode": args.mode, "quantization": args.quantization, "tensor_parallel_size": args.tensor_parallel_size,
+               "max_num_seqs": args.max_num_seqs,
                "engine_start_s": round(start_seconds, 1),
                "weight_bytes": weights, "results": results}
     batch1 = next(r for r in results if r["path"] == "raw" and r["concurrency"] == 1)
@@ -158,6 +161,7 @@ def main() -> None:
     r.add_argument("--max-model-len", type=int, default=4096)
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--tensor-parallel-size", type=int, default=1)
+    r.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
     r.add_argument("--tokens", type=int, default=256)
     r.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     r.add_argument("--bandwidth-gbs", type=float, default=None)

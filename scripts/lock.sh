@@ -4,7 +4,9 @@
 # requirements.txt, plus requirements-runpod.txt (installed --no-deps in the image).
 #   scripts/lock.sh            (needs PyPI and a Python 3.12: LOCK_PYTHON=/path/to/python3.12)
 #   scripts/lock.sh cpu        requirements-cpu.lock: the CPU test environment resolved afresh from
-#                              requirements-cpu.txt; scripts/setup.sh installs it into .venv, the CPU test image too
+#                              requirements-cpu.txt, at requirements.lock's version of every package the two
+#                              share (CI tests what the image ships); scripts/setup.sh installs it into .venv,
+#                              the CPU test image too. Run it after scripts/lock.sh.
 # Markers (e.g. torch's `setuptools; python_version >= "3.12"`) are evaluated by the interpreter
 # that runs pip, whatever --python-version says, so pip must run on Python 3.12 itself.
 set -euo pipefail
@@ -12,7 +14,13 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = cpu ]; then
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
-  bash scripts/setup.sh --resolve "$scratch/venv"
+  # The image's pins, less what the CPU build has its own of: torch+cpu, vLLM's CPU package (which pins
+  # setuptools==78.1.1 where the CUDA one takes any), no CUDA libraries; and networkx, whose image
+  # version needs Python 3.12 (the CPU tests run 3.11).
+  grep -E '^[A-Za-z0-9].*==' requirements.lock \
+    | grep -vE '^(torch|vllm|setuptools|networkx|flashinfer-|nvidia-|cuda-|torchvision|torchaudio|torchcodec)[=-]' \
+    > "$scratch/image-pins.txt"
+  bash scripts/setup.sh --resolve "$scratch/venv" "$scratch/image-pins.txt"
   {
     echo "# The CPU test environment's packages, resolved from requirements-cpu.txt (+ requirements-runpod.txt,"
     echo "# --no-deps) by scripts/lock.sh cpu; scripts/setup.sh installs exactly these into .venv, and the CPU"

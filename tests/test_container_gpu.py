@@ -3,8 +3,9 @@
 The stand-in (scripts/container-setup.sh) is Debian trixie with its Python 3.13 where the real
 base is Ubuntu 24.04 with 3.12: Debian has no 3.12, and no registry serves the CUDA image here.
 Every other step is the GPU image's own: the lock installed --no-deps, pip check with the one
-accepted conflict, vLLM 0.25.1 (CUDA 13.0 build) importing, the worker refusing to start
-without a GPU with the doctor's words. The first build downloads ~4.5 GB of wheels; podman's
+accepted conflict, the drift guard (gams_worker/startup/vllm_release.py) on vLLM 0.32.0 (CUDA 13.0
+build), FlashInfer off as in every GPU run, the worker refusing to start without a GPU with the
+doctor's words. The first build downloads ~4.5 GB of wheels; podman's
 layer cache and pip's cache mount make a rebuild with unchanged pins take seconds.
 """
 
@@ -61,7 +62,24 @@ def test_vllm_and_runpod_import_and_the_job_loop_does_not_load_fastapi(gpu_image
             "'fastapi' in sys.modules)")
     result = python_in(gpu_image, code)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["0.25.1", "1.12.0", "2.11.0+cu130", "13.0", "False"]
+    assert result.stdout.split() == ["0.32.0", "1.12.0", "2.13.0+cu130", "13.0", "False"]
+
+
+def test_the_drift_guard_passes_on_the_images_vllm(gpu_image):
+    """The image build ran it too (a Dockerfile step); here against the worker's code as shipped."""
+    result = run_once(gpu_image, "python", "-m", "gams_worker.startup.vllm_release")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vLLM 0.32.0: the " in result.stdout and "are all there" in result.stdout
+
+
+def test_flashinfer_is_off_as_in_every_gpu_run(gpu_image):
+    """vLLM installs FlashInfer without its kernels; with no nvcc on the path vLLM does not use it
+    (the GPU kit leaves it out, so the H200 runs measured the same). README: "FlashInfer in the image"."""
+    result = python_in(gpu_image, "from vllm.utils.flashinfer import has_flashinfer, has_flashinfer_cubin; "
+                                  "import importlib.util as u; print(u.find_spec('flashinfer') is not None, "
+                                  "has_flashinfer_cubin(), has_flashinfer())")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["True", "False", "False"]
 
 
 def test_image_settings_for_the_gpu(gpu_image):

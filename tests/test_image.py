@@ -27,8 +27,8 @@ from gams_worker.config import WorkerConfig
 from tests.harness.worker_process import ROOT
 
 # vLLM release on PyPI -> CUDA major.minor of its Linux x86_64 build, from the wheels' metadata:
-# vllm 0.25.0 and 0.25.1 require torch==2.11.0; torch 2.11.0 requires cuda-toolkit[...]==13.0.2.
-VLLM_BUILD_CUDA = {"0.25.0": "13.0", "0.25.1": "13.0"}
+# vllm 0.32.0 requires torch==2.13.0; torch 2.13.0 requires cuda-toolkit[...]==13.0.3.
+VLLM_BUILD_CUDA = {"0.32.0": "13.0"}
 # GaMS-9B-Instruct (Gemma 2 9B): parameters, layers, KV heads, head size.
 PARAMS, LAYERS, KV_HEADS, HEAD_DIM = 9.24e9, 42, 8, 256
 VENV_BIN = Path(sys.executable).parent

