@@ -53,6 +53,9 @@ class WorkerConfig:
     default_max_tokens: int = 512
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
+    # Stream POSTs a second over all streams, a budget the worker's event loop sustains beside the
+    # engine's outputs (gams_worker/jobs/streaming.py; measured in BENCHMARKS.md, issue 23).
+    stream_posts_per_second: int = 500
     # Input limits: each breach is a job error naming the field (see gams_worker/jobs/input.py)
     input_limits: InputLimits = InputLimits()
     # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/platform/status.py)
@@ -119,6 +122,7 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", default.default_max_tokens, minimum=1),
         stream_batch_tokens=env.integer("STREAM_BATCH_TOKENS", default.stream_batch_tokens, minimum=1),
         stream_batch_ms=env.integer("STREAM_BATCH_MS", default.stream_batch_ms, minimum=0),
+        stream_posts_per_second=env.integer("STREAM_POSTS_PER_SECOND", default.stream_posts_per_second, minimum=1),
         input_limits=InputLimits(
             max_input_bytes=env.integer("MAX_INPUT_BYTES", limits.max_input_bytes, minimum=1024),
             max_prompt_chars=env.integer("MAX_PROMPT_CHARS", limits.max_prompt_chars, minimum=1),
