@@ -20,7 +20,7 @@ from gams_worker.startup.concurrency import concurrency_bound, derive_concurrenc
 from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES, DoctorReport, ModelMemory, model_memory, run_doctor
 from gams_worker.startup.host import HostFacts, host_facts, platform_name
-from gams_worker.startup.engine import EngineInfo, import_engine_classes, start_engine
+from gams_worker.startup.engine import EngineInfo, EngineStatsLog, import_engine_classes, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
 from gams_worker.startup.model import BAKED, ResolvedModel, find_local_model, resolve_model
@@ -100,7 +100,8 @@ class Worker:
     def __init__(self, service: GenerationService, concurrency: int):
         self.service = service  # plain jobs
         openai = OpenAIRoutes(service.engine, service.config, service.chat_template, service.flush_policy)
-        self.jobs = JobRouter(service, openai)
+        stats_log = EngineStatsLog(service.engine) if service.config.log_engine_stats else None
+        self.jobs = JobRouter(service, openai, stats_log)
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
         self.watchdog = EngineWatchdog(service.engine)
         port = service.config.status_port
