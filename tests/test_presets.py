@@ -159,9 +159,9 @@ def gams_9b_memory(config):
 
 @pytest.mark.parametrize("name, expected_tokens, low, high", [
     ("H200", 512, 512, 512),   # the KV cache holds 650 such jobs: vLLM's largest CUDA graph caps it
-    ("H200", 1024, 320, 335),  # 0.33 GiB of KV per job: 107 GiB hold ~328
-    ("H100", 1024, 155, 165),  # the H100 measured 166,882 KV tokens: 162 such jobs
-    ("L40S", 1024, 60, 70),    # fewer than vLLM's default of 128
+    ("H200", 1024, 320, 320),  # 0.33 GiB of KV per job: 107 GiB hold 328, a multiple of 16: 320
+    ("H100", 1024, 160, 160),  # 161; the H100 measured 166,882 KV tokens: 162 such jobs
+    ("L40S", 1024, 64, 64),    # 66: fewer than vLLM's default of 128
 ])
 def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name, expected_tokens, low, high, caplog):
     from gams_worker.startup.worker import with_max_num_seqs
@@ -175,11 +175,14 @@ def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name
     assert line.startswith(f"max_num_seqs: {sized.max_num_seqs} = KV budget ")
     assert f"per {expected_tokens}-token job (EXPECTED_TOKENS_PER_JOB)" in line
     assert ("at most 512" in line) == (high == 512)
+    assert ("rounded down to a multiple of 16" in line) == (high != 512)
     # The formula: (memory x utilization - weights - engine overhead) / KV per job.
     from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES
 
     budget = CARDS_MIB[name] * 2**20 * 0.9 - memory.weight_bytes - ENGINE_OVERHEAD_BYTES
-    assert sized.max_num_seqs == min(512, int(budget // memory.kv_bytes(expected_tokens)))
+    fits = int(budget // memory.kv_bytes(expected_tokens))
+    assert f"= {fits} jobs" in line
+    assert sized.max_num_seqs == min(512, fits // 16 * 16)
 
 
 def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(caplog):

@@ -7,6 +7,7 @@ beside the weights and the engine's own overhead:
 
     max_num_seqs = clamp((gpu_bytes * utilization - weights - overhead) // kv_bytes(expected_tokens), 1, 512)
 
+rounded down to a multiple of 16 (max_num_seqs is part of vLLM's compile-cache hash).
 vLLM's own default for an in-process engine is 128 on every GPU, which held an H200 (141 GB)
 to 0.76 x what it serves at 256 streams (issue 23), while an L40S holds fewer sequences than that.
 512 is the largest batch vLLM captures as a CUDA graph by default. MAX_NUM_SEQS wins; without GPU
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 
 # The most sequences sized for: vLLM's largest CUDA graph by default (max_cudagraph_capture_size 512).
 MAX_NUM_SEQS_CAP = 512
+# max_num_seqs is part of vLLM's compile-cache hash (SchedulerConfig.compute_hash): sized values are
+# rounded down to a multiple of this, so that cards of one kind whose memory differs by a little share
+# one compiled entry.
+MAX_NUM_SEQS_STEP = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +80,14 @@ def size_max_num_seqs(memory: "ModelMemory", gpu_total_bytes: int, utilization: 
     kv_budget = int(gpu_total_bytes * utilization) - memory.weight_bytes - overhead_bytes
     per_job = memory.kv_bytes(expected_tokens_per_job)
     fits = max(kv_budget, 0) // per_job if per_job else MAX_NUM_SEQS_CAP
-    value = max(1, min(fits, MAX_NUM_SEQS_CAP))
     why = (f"KV budget {kv_budget / GIB:.1f} GiB ({gpu_total_bytes / GIB:.1f} GiB x {utilization:g} - "
            f"{memory.weight_bytes / GIB:.1f} GiB weights - {overhead_bytes / GIB:.1f} GiB engine) / "
            f"{per_job / GIB:.3f} GiB KV per {expected_tokens_per_job}-token job (EXPECTED_TOKENS_PER_JOB)"
            f" = {fits} jobs")
-    if fits > MAX_NUM_SEQS_CAP:
-        why += f", at most {MAX_NUM_SEQS_CAP} (vLLM's largest CUDA graph)"
-    elif fits < 1:
-        why += ", at least 1"
-    return value, why
+    if fits >= MAX_NUM_SEQS_CAP:
+        return MAX_NUM_SEQS_CAP, why + f", at most {MAX_NUM_SEQS_CAP} (vLLM's largest CUDA graph)"
+    if fits < MAX_NUM_SEQS_STEP:
+        return max(1, fits), why + (", at least 1" if fits < 1 else "")
+    value = fits // MAX_NUM_SEQS_STEP * MAX_NUM_SEQS_STEP
+    return value, why + (f", rounded down to a multiple of {MAX_NUM_SEQS_STEP} (one compile-cache entry per "
+                         f"kind of card)" if value != fits else "")
