@@ -206,7 +206,8 @@ EOF_FAULT
     # Issue 23: each engine alone on the GPU (--engines one-at-a-time), as deployed: 512 streams of 256 tokens
     # need ~47 GB of KV cache. MAX_MODEL_LEN=4096; a warm compile cache (the raw engine's start warms the
     # worker's: same settings, same folder; max_num_seqs is part of vLLM's compile hash, so the first start at
-    # 512 may compile). Options after the step's name win.
+    # 512 may compile). Options after the step's name win (--max-num-seqs 0: the worker sizes it; the log's
+    # max_num_seqs: line says what the sizing gives on this card either way).
     step=$1; shift
     common=(--model $MODEL --engines one-at-a-time --max-model-len 4096 --gpu-memory-utilization 0.90
             --max-num-seqs 512 --max-concurrency 512 --tokens 256 --poisson-jobs 0 --log-dir "$OUT/$step-logs")

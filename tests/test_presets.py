@@ -195,9 +195,9 @@ def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(c
         assert with_max_num_seqs(default, HostFacts(platform="cpu"), gams_9b_memory(default)).max_num_seqs is None
         assert with_max_num_seqs(default, card("H200"), None).max_num_seqs is None
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("max_num_seqs:")]
-    assert lines == ["max_num_seqs: 48 (MAX_NUM_SEQS)",
-                     "max_num_seqs: vLLM's default (no GPU memory to size it from)",
-                     "max_num_seqs: vLLM's default (the model's memory is unknown: its config.json was not read)"]
+    assert lines[0].startswith("max_num_seqs: 48 (MAX_NUM_SEQS; sized, it would be 320 = KV budget ")
+    assert lines[1:] == ["max_num_seqs: vLLM's default (no GPU memory to size it from)",
+                         "max_num_seqs: vLLM's default (the model's memory is unknown: its config.json was not read)"]
 
 
 def test_max_num_seqs_per_gpu_with_tensor_parallelism():

@@ -302,22 +302,25 @@ def _engine_processes() -> Set[int]:
 
 
 def with_max_num_seqs(config: WorkerConfig, facts: HostFacts, memory: Optional[ModelMemory]) -> WorkerConfig:
-    """``config`` with max_num_seqs sized for this GPU (gams_worker/startup/concurrency.py), logged with why."""
-    if config.max_num_seqs is not None:
-        log.info("max_num_seqs: %d (MAX_NUM_SEQS)", config.max_num_seqs)
-        return config
+    """``config`` with max_num_seqs sized for this GPU (gams_worker/startup/concurrency.py), logged with why;
+    MAX_NUM_SEQS wins (the line then says what the sizing would have given)."""
     gpus = facts.gpus[: config.tensor_parallel_size]
     if not gpus or any(gpu.total_bytes is None for gpu in gpus):
-        log.info("max_num_seqs: vLLM's default (no GPU memory to size it from)")
+        sized, why = None, "no GPU memory to size it from"
+    elif memory is None:
+        sized, why = None, "the model's memory is unknown: its config.json was not read"
+    else:
+        sized, why = size_max_num_seqs(memory, min(gpu.total_bytes for gpu in gpus), config.gpu_memory_utilization,
+                                       ENGINE_OVERHEAD_BYTES, config.expected_tokens_per_job)
+    if config.max_num_seqs is not None:
+        log.info("max_num_seqs: %d (MAX_NUM_SEQS; %s)", config.max_num_seqs,
+                 f"sized, it would be {sized} = {why}" if sized else f"unsized: {why}")
         return config
-    if memory is None:
-        log.info("max_num_seqs: vLLM's default (the model's memory is unknown: its config.json was not read)")
+    if sized is None:
+        log.info("max_num_seqs: vLLM's default (%s)", why)
         return config
-    smallest = min(gpu.total_bytes for gpu in gpus)
-    value, why = size_max_num_seqs(memory, smallest, config.gpu_memory_utilization, ENGINE_OVERHEAD_BYTES,
-                                   config.expected_tokens_per_job)
-    log.info("max_num_seqs: %d = %s", value, why)
-    return replace(config, max_num_seqs=value)
+    log.info("max_num_seqs: %d = %s", sized, why)
+    return replace(config, max_num_seqs=sized)
 
 
 def job_concurrency(config: WorkerConfig, engine: Any) -> int:
