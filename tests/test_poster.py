@@ -177,6 +177,23 @@ def test_an_output_that_cannot_be_sent_as_utf8_json_still_ends_in_a_posted_error
     assert closed == [True]  # the handler was closed (a real job aborts its engine request there)
 
 
+def test_the_sdk_itself_loses_a_job_whose_output_cannot_be_encoded(emulator, monkeypatch):
+    """Why the worker does not leave these posts to the SDK: its job ends in an exception, no result posted."""
+    urls = url_templates(emulator)
+    monkeypatch.setattr(rp_http, "JOB_STREAM_URL", urls["stream"])
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", urls["done"])
+    job_id = emulator.submit({})
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await rp_job.handle_job(session, {"handler": chunks_of([{"text": "\udc80"}]), "return_aggregate_stream": True},
+                                    {"id": job_id, "input": {}})
+
+    with pytest.raises(UnicodeEncodeError):
+        asyncio.run(scenario())
+    assert emulator.jobs[job_id].results == []
+
+
 def test_an_error_whose_text_holds_a_lone_surrogate_is_still_posted(emulator):
     job_id = emulator.submit({})
     error = json.dumps({"type": "invalid_input", "message": "unknown field", "field": "\udc80"}, ensure_ascii=False)
