@@ -258,7 +258,8 @@ class PySpy:
             own[frames[-1]] = own.get(frames[-1], 0) + samples
 
         def ranked(counts: Dict[str, int]) -> List[List[Any]]:
-            return [[round(n / max(total, 1), 3), frame] for frame, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+            most = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+            return [[round(n / max(total, 1), 3), frame] for frame, n in most]
 
         return {"samples": total, "file": str(self.out), "inclusive": ranked(inclusive), "self": ranked(own)}
 
@@ -379,7 +380,8 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
         await meter.settle()
         spy = None
         if args.py_spy and name == "platform" and concurrency == args.spy_at and r == 0:
-            spy = PySpy(args.py_spy, paths[name].proc.pid, args.spy_seconds, log_dir / f"py-spy-{name}-c{concurrency}.txt")
+            spy = PySpy(args.py_spy, paths[name].proc.pid, args.spy_seconds,
+                        log_dir / f"py-spy-{name}-c{concurrency}.txt")
         result = await timed_run(paths[name], [0.0] * concurrency, args.tokens, phase.uniform(0, 0.1))
         if spy is not None:
             spies[f"{name} c{concurrency}"] = spy.summary()

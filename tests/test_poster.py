@@ -186,8 +186,8 @@ def test_the_sdk_itself_loses_a_job_whose_output_cannot_be_encoded(emulator, mon
 
     async def scenario():
         async with aiohttp.ClientSession() as session:
-            await rp_job.handle_job(session, {"handler": chunks_of([{"text": "\udc80"}]), "return_aggregate_stream": True},
-                                    {"id": job_id, "input": {}})
+            config = {"handler": chunks_of([{"text": "\udc80"}]), "return_aggregate_stream": True}
+            await rp_job.handle_job(session, config, {"id": job_id, "input": {}})
 
     with pytest.raises(UnicodeEncodeError):
         asyncio.run(scenario())
