@@ -235,7 +235,9 @@ class PySpy:
         self.seconds = seconds
 
     def summary(self, top: int = 25) -> Dict[str, Any]:
-        """Wait for the recording; the frames in most samples (inclusive) and at the top of most (self)."""
+        """Wait for the recording; the frames in most samples (inclusive, counted below the event loop's
+        callback, so that the loop's own frames, in every sample, do not fill the list) and at the top of
+        most (self)."""
         try:
             _, err = self.proc.communicate(timeout=self.seconds + 60)
         except subprocess.TimeoutExpired:
@@ -253,7 +255,8 @@ class PySpy:
             samples = int(count)
             total += samples
             frames = stack.split(";")
-            for frame in set(frames):
+            callbacks = [i for i, frame in enumerate(frames) if frame.startswith("Handle._run (asyncio/events.py")]
+            for frame in set(frames[callbacks[-1] + 1:] if callbacks else frames):
                 inclusive[frame] = inclusive.get(frame, 0) + samples
             own[frames[-1]] = own.get(frames[-1], 0) + samples
 
@@ -554,7 +557,7 @@ def format_report(result: Dict[str, Any]) -> str:
         if "error" in spy:
             lines.append(f"  {spy['error']}")
             continue
-        lines.append("  most samples in (inclusive):")
+        lines.append("  most samples in (inclusive, below the event loop's callback):")
         lines += [f"    {share:6.1%}  {frame[:150]}" for share, frame in spy["inclusive"][:18]]
         lines.append("  on top of the stack (self):")
         lines += [f"    {share:6.1%}  {frame[:150]}" for share, frame in spy["self"][:12]]
