@@ -297,9 +297,9 @@ def test_a_stop_after_an_empty_held_poll_is_picked_up_at_once():
         platform = FakePlatform()
         empty_answers: List[float] = []
 
-        async def held_stop_poll(session):  # RunPod's long-poll: held, then empty
+        async def held_stop_poll(session):  # RunPod's long-poll: held (longer than the 1 s floor), then empty
             try:
-                return [await asyncio.wait_for(platform.stops.get(), 0.5)]
+                return [await asyncio.wait_for(platform.stops.get(), 1.2)]
             except asyncio.TimeoutError:
                 empty_answers.append(time.monotonic())
                 return []
