@@ -8,7 +8,7 @@ deltas from its incremental detokenizer, which holds back incomplete UTF-8 seque
 a flush never splits a character.
 
 Under load the POSTs, not the GPU, become the limit: each costs the worker's one event loop
-~0.15-0.3 ms of CPU, and at 512 streams that cadence asked for ~4000 POSTs a second, which
+~0.13-0.3 ms of CPU, and at 512 streams that cadence asked for ~4000 POSTs a second, which
 held an H200 to 0.2-0.3 x what vLLM served alone (issue 23). So the worker has a budget of
 ``posts_per_s`` stream POSTs a second over all its streams: with ``n`` streams flushing,
 a stream flushes at most once every ``n / posts_per_s`` seconds. Below
