@@ -5,6 +5,7 @@ Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
 child process that re-imports this file.
 """
 
+import os
 import signal
 import sys
 
@@ -17,8 +18,17 @@ def _stop_during_startup(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _sigterm_as_default_in_child():
+    # Processes forked from this one do not inherit the start-up handler: the SDK forks its
+    # heartbeat process before its job loop installs its own handler, and at the worker's exit
+    # multiprocessing ends that process with SIGTERM, which printed the line above after every
+    # served run as if the start-up had been interrupted.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 if __name__ == "__main__":  # not in vLLM's engine process, which imports this file as __mp_main__
     signal.signal(signal.SIGTERM, _stop_during_startup)  # first, before the slow imports below
+    os.register_at_fork(after_in_child=_sigterm_as_default_in_child)
 
 from gams_worker.platform.cancellation import close_when_cancelled  # noqa: E402
 from gams_worker.config import load_config  # noqa: E402

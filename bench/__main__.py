@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench cpu [options]     # CPU suite: raw engine, handler, SDK + emulator, proxy design
     python -m bench platform [options]          # the worker under the SDK loop vs the raw engine: bursts, Poisson
+    python -m bench posts [options]             # CPU per stream POST: the SDK's path vs the worker's (bench/post_cost.py)
     python -m bench gpu bandwidth|run [options] # GPU suite of one graph mode (bench/gpu_suite.py)
     python -m bench gpu-profile [options]       # batch-1 decode step vs the roofline (bench/gpu_profile.py)
     .venv/bin/python -m bench plot [options]    # PNGs of tokens/s vs concurrency from bench/results/*.json
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-SUITES = ("cpu", "platform", "gpu", "gpu-profile", "plot", "openai")
+SUITES = ("cpu", "platform", "posts", "gpu", "gpu-profile", "plot", "openai")
 
 
 def main(argv=None) -> int:
@@ -31,6 +32,10 @@ def main(argv=None) -> int:
         from bench import platform_suite
 
         platform_suite.main(rest)
+    elif suite == "posts":
+        from bench import post_cost
+
+        post_cost.main(rest)
     elif suite == "gpu":
         from bench import gpu_suite
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Steps of the H100 session, run on the lent GPU machine from the repo root, after the offline
+# Steps of the GPU session (H100, H200), run on the lent GPU machine from the repo root, after the offline
 # vLLM kit is installed into /tmp/site (../shared/gpu/README.md). Logs and results go to $OUT.
 #   bash bench/gpu_session.sh model          # GaMS-9B-shaped random weights + copy bandwidth
 #   bash bench/gpu_session.sh suite MODE...  # bench/gpu_suite.py per graph mode (full, eager, piecewise, fp8)
@@ -10,8 +10,18 @@
 #                                            # network volume; spy: py-spy dumps of the engine every 2 s
 #   bash bench/gpu_session.sh warmstart NAME [VAR=value ...]   # one more start on that warm cache,
 #                                            # e.g. warmstart eager ENFORCE_EAGER=true
-#   bash bench/gpu_session.sh platform [option ...]   # handler.py under the SDK loop + emulator vs the raw
-#                                            # engine: bursts 1/8/32/64, Poisson at 90 % (bench/platform_suite.py)
+#   bash bench/gpu_session.sh platform [option ...]   # issue 23, ~5 min: raw engine vs handler.py under the SDK
+#                                            # loop + emulator, 1/8/32/64/128/256/512 streams of 256 tokens,
+#                                            # MAX_NUM_SEQS=512, each engine alone at 0.90 of the GPU; ratios, POSTs/s,
+#                                            # CPU shares (worker main process, engine, emulator). SPY=1: py-spy of the
+#                                            # worker's main process at 512 streams (needs /tmp/spy/bin/py-spy)
+#   bash bench/gpu_session.sh platform-stats  # ~6 min: the same at 64/256/512, plus the worker with LOG_ENGINE_STATS=true
+#   bash bench/gpu_session.sh platform-budget # ~6 min: 256/512 streams, STREAM_POSTS_PER_SECOND 250 / 500 / 1000 / 2000
+#   bash bench/gpu_session.sh platform-before [DIR]  # ~6 min: raw, this worker and main's before issue 23 in
+#                                            # DIR (default before/: `mkdir before; git archive 97da0c9 | tar -x -C
+#                                            # before` in the checkout, untracked, so it travels) at 64/128/256/512
+#   bash bench/gpu_session.sh platform-h100 [option ...]  # the issue-14 layout: both engines at once, 0.42 each,
+#                                            # bursts 1/8/32/64, Poisson at 90 %
 #   bash bench/gpu_session.sh openai         # one /v1/responses job (and its stream) and one chat job through
 #                                            # the worker under the SDK loop, openai client, GaMS-9B preset (8192)
 #   bash bench/gpu_session.sh faststarts cold|warm|pagecache|table   # issue 17, each step < 10 min:
@@ -53,14 +63,14 @@ if line:
 }
 
 VOLUME=${VOLUME:-/tmp/runpod-volume}  # stands in for RunPod's network volume
-SPY=/tmp/spy/bin/py-spy     # pip install --no-deps --target /tmp/spy py_spy-*.whl (also fastsafetensors, to try it)
+SPY_BIN=/tmp/spy/bin/py-spy  # pip install --no-deps --target /tmp/spy py_spy-*.whl (also fastsafetensors, to try it)
 
 # Stack dumps of the worker's processes every 2 s, into $1, until killed.
 spy_loop() {
   while true; do
     for pid in $(pgrep -f "spawn_main|EngineCore|handler.py"); do
       { echo "=== $(date +%T.%N) pid $pid $(tr '\0' ' ' </proc/$pid/cmdline | cut -c1-80)"
-        timeout 5 $SPY dump --pid "$pid" 2>&1; } >>"$1"
+        timeout 5 $SPY_BIN dump --pid "$pid" 2>&1; } >>"$1"
     done
     sleep 2
   done
@@ -131,7 +141,7 @@ case ${1:-} in
         fast worker cold-seed-image "${common[@]}" MODEL_INFO_SEED_DIR=/tmp/model-info
         ;;
       table) ;;
-      *) sed -n 2,27p "$0"; exit 2 ;;
+      *) sed -n 2,34p "$0"; exit 2 ;;
     esac
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
@@ -205,9 +215,36 @@ INFO Capturing CUDA graphs (decode, FULL):   0%|          | 0/35
 EOF_FAULT
     worker_run ladder-ptx GAMS_TEST_INJECT_START_FAILURE=/tmp/ptx-fault.txt
     ;;
-  platform)
-    # Two engines on the one GPU (raw in-process, the worker's in handler.py), 0.42 of its memory each.
-    # Options after the step's name win (e.g. --worker-script /tmp/before/handler.py --out $OUT/before.json).
+  platform|platform-stats|platform-budget|platform-before)
+    # Issue 23: each engine alone on the GPU (--engines one-at-a-time), as deployed: 512 streams of 256 tokens
+    # need ~47 GB of KV cache. MAX_MODEL_LEN=4096; a warm compile cache (the raw engine's start warms the
+    # worker's: same settings, same folder; max_num_seqs is part of vLLM's compile hash, so the first start at
+    # 512 may compile). Options after the step's name win (--max-num-seqs 0: the worker sizes it; the log's
+    # max_num_seqs: line says what the sizing gives on this card either way).
+    step=$1; shift
+    common=(--model $MODEL --engines one-at-a-time --max-model-len 4096 --gpu-memory-utilization 0.90
+            --max-num-seqs 512 --max-concurrency 512 --tokens 256 --poisson-jobs 0 --log-dir "$OUT/$step-logs")
+    case $step in
+      platform)
+        extra=(--concurrency 1 8 32 64 128 256 512 --rounds 3)
+        [ -n "${SPY:-}" ] && extra+=(--py-spy $SPY_BIN --spy-at 512 --spy-seconds 15) ;;
+      platform-stats)
+        extra=(--concurrency 64 256 512 --rounds 3 --variant stats-on:LOG_ENGINE_STATS=true) ;;
+      platform-budget)
+        extra=(--concurrency 256 512 --rounds 2 --variant budget-250:STREAM_POSTS_PER_SECOND=250
+               --variant budget-1000:STREAM_POSTS_PER_SECOND=1000 --variant budget-2000:STREAM_POSTS_PER_SECOND=2000) ;;
+      platform-before)
+        before=${1:-before}; [ $# -gt 0 ] && shift
+        [ -f "$before/handler.py" ] || { echo "no $before/handler.py: mkdir $before; git archive 97da0c9 | tar -x -C $before"; exit 2; }
+        extra=(--concurrency 64 128 256 512 --rounds 2 --baseline-worker "$before/handler.py") ;;
+    esac
+    log="$OUT/$step-$(date +%H%M%S).log"
+    timeout 570 python3 -m bench platform "${common[@]}" "${extra[@]}" --out "$OUT/$step.json" "$@" >"$log" 2>&1
+    echo "== $step: exit $?, log $log"; sed -n '/^platform suite/,/^wrote/p' "$log"
+    grep -h -E "max_num_seqs:|concurrency:|stream chunks:" "$OUT/$step-logs"/*.log 2>/dev/null | cut -c1-300 | sort -u
+    ;;
+  platform-h100)
+    # The issue-14 layout: two engines on the one GPU (raw in-process, the worker's in handler.py), 0.42 each.
     shift
     log="$OUT/platform-suite-$(date +%H%M%S).log"
     python3 -m bench platform --model $MODEL --max-model-len 4096 --gpu-memory-utilization 0.42 \
@@ -219,5 +256,5 @@ EOF_FAULT
     python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
       | tee "$OUT/openai-session.txt"
     ;;
-  *) sed -n 2,27p "$0"; exit 2 ;;
+  *) sed -n 2,34p "$0"; exit 2 ;;
 esac

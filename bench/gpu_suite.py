@@ -76,7 +76,8 @@ async def sweep(service, args):
     from gams_worker.jobs.openai import OpenAIRoutes
     from gams_worker.jobs.route import JobRouter
 
-    handler.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template))
+    openai = OpenAIRoutes(service.engine, service.config, service.chat_template, service.flush_policy)
+    handler.jobs = JobRouter(service, openai)
     prompt_ids = service.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)

@@ -47,12 +47,20 @@ class WorkerConfig:
     quantization: Optional[str] = None  # "fp8": vLLM's online FP8 weights (compute capability >= 8.9)
     # Largest batch captured as a CUDA graph (README, "Fast starts"); None: vLLM's default (512).
     max_cudagraph_capture_size: Optional[int] = None
+    # vLLM's per-iteration stats, and its stats line every 10 s as `vllm serve` logs it. Off: nothing
+    # the worker reports reads them, and at 512 streams on an H200 they took ~4 % of its main process.
+    log_engine_stats: bool = False
     # Jobs
     max_concurrency: Optional[int] = None  # None: sized from the KV cache (gams_worker/startup/concurrency.py)
-    expected_tokens_per_job: int = 1024  # prompt + output tokens of a typical job, for that sizing
+    # Prompt + output tokens of a typical job, for that sizing: a chat turn or a translated paragraph
+    # (vLLM pages the KV cache, so longer jobs still run; they queue only when most are long).
+    expected_tokens_per_job: int = 512
     default_max_tokens: int = 512
     stream_batch_tokens: int = 16
     stream_batch_ms: int = 100
+    # Stream POSTs a second over all streams, a budget the worker's event loop sustains beside the
+    # engine's outputs (gams_worker/jobs/streaming.py; measured in BENCHMARKS.md, issue 23).
+    stream_posts_per_second: int = 500
     # Input limits: each breach is a job error naming the field (see gams_worker/jobs/input.py)
     input_limits: InputLimits = InputLimits()
     # Opt-in status endpoint on 127.0.0.1 for tests and benchmarks (gams_worker/platform/status.py)
@@ -114,11 +122,13 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         enable_prefix_caching=env.boolean("ENABLE_PREFIX_CACHING", default.enable_prefix_caching),
         quantization=env.optional_choice("QUANTIZATION", QUANTIZATIONS),
         max_cudagraph_capture_size=env.optional_integer("MAX_CUDAGRAPH_CAPTURE_SIZE", minimum=1),
+        log_engine_stats=env.boolean("LOG_ENGINE_STATS", default.log_engine_stats),
         max_concurrency=env.optional_integer("MAX_CONCURRENCY", minimum=1),
         expected_tokens_per_job=env.integer("EXPECTED_TOKENS_PER_JOB", default.expected_tokens_per_job, minimum=1),
         default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", default.default_max_tokens, minimum=1),
         stream_batch_tokens=env.integer("STREAM_BATCH_TOKENS", default.stream_batch_tokens, minimum=1),
         stream_batch_ms=env.integer("STREAM_BATCH_MS", default.stream_batch_ms, minimum=0),
+        stream_posts_per_second=env.integer("STREAM_POSTS_PER_SECOND", default.stream_posts_per_second, minimum=1),
         input_limits=InputLimits(
             max_input_bytes=env.integer("MAX_INPUT_BYTES", limits.max_input_bytes, minimum=1024),
             max_prompt_chars=env.integer("MAX_PROMPT_CHARS", limits.max_prompt_chars, minimum=1),

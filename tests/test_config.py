@@ -26,13 +26,14 @@ def test_values_are_parsed_and_typed():
         "MODEL_NAME": "/models/gams", "TOKENIZER_NAME": "/tok", "MAX_MODEL_LEN": "8192",
         "GPU_MEMORY_UTILIZATION": "0.85", "ENFORCE_EAGER": "YES", "MAX_NUM_SEQS": "128",
         "TENSOR_PARALLEL_SIZE": "2", "ENABLE_PREFIX_CACHING": "off", "MAX_CONCURRENCY": "16",
-        "STREAM_BATCH_TOKENS": "8", "STREAM_BATCH_MS": "0", "DTYPE": "Float16",
+        "STREAM_BATCH_TOKENS": "8", "STREAM_BATCH_MS": "0", "STREAM_POSTS_PER_SECOND": "250", "DTYPE": "Float16",
         "SERVED_MODEL_NAME": "gams", "RUNPOD_WEBHOOK_GET_JOB": "http://x/job-take",
     })
     assert (config.max_model_len, config.gpu_memory_utilization, config.max_num_seqs) == (8192, 0.85, 128)
     assert (config.enforce_eager, config.enable_prefix_caching) == (True, False)
     assert (config.tensor_parallel_size, config.max_concurrency) == (2, 16)
     assert (config.stream_batch_tokens, config.stream_batch_ms, config.dtype) == (8, 0, "float16")
+    assert config.stream_posts_per_second == 250
     assert config.tokenizer_name == "/tok" and config.model_label == "gams" and config.on_runpod
 
 
@@ -44,6 +45,37 @@ def test_capture_size_limit_reaches_the_engine_except_in_eager_mode():
     assert engine_kwargs(config, "piecewise", "/m")["max_cudagraph_capture_size"] == 64
     assert "max_cudagraph_capture_size" not in engine_kwargs(config, "eager", "/m")
     assert "max_cudagraph_capture_size" not in engine_kwargs(load_config({}), "full", "/m")
+
+
+def test_engine_stats_are_off_unless_asked_for_and_logged_every_interval_when_on():
+    import asyncio
+
+    from gams_worker.jobs.route import JobRouter
+    from gams_worker.startup.engine import EngineStatsLog, engine_kwargs
+
+    assert engine_kwargs(load_config({}), "full", "/m")["disable_log_stats"] is True
+    assert engine_kwargs(load_config({"LOG_ENGINE_STATS": "true"}), "full", "/m")["disable_log_stats"] is False
+
+    class Engine:
+        logged = 0
+
+        async def do_log_stats(self):
+            self.logged += 1
+
+    class Plain:
+        async def run(self, job):
+            yield {"choices": []}
+
+    engine = Engine()
+    jobs = JobRouter(Plain(), openai=None, stats_log=EngineStatsLog(engine, interval_s=0.05))
+
+    async def scenario():
+        for _ in range(3):  # the first job starts it, once
+            assert [output async for output in jobs.run({"id": "j", "input": {}})] == [{"choices": []}]
+        await asyncio.sleep(0.28)
+
+    asyncio.run(scenario())
+    assert 4 <= engine.logged <= 6
 
 
 def test_compile_cache_settings():

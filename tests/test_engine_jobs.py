@@ -128,3 +128,14 @@ def test_bad_input_gets_structured_error_and_next_job_succeeds(run_job, bad_inpu
     assert error["message"]
     good = run_job({"prompt": "Živjo", "sampling_params": greedy(4)})
     assert good[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_with_vllm_stats_off_the_kv_cache_figures_are_still_read(worker):
+    """LOG_ENGINE_STATS is off by default: the KV cache size the concurrency is sized from comes from
+    the engine's start-up handshake, not from its stats."""
+    from gams_worker.startup.concurrency import kv_capacity
+
+    engine = worker.service.engine
+    assert engine.log_stats is False and engine.logger_manager is None
+    capacity = kv_capacity(engine)
+    assert capacity is not None and capacity.kv_cache_tokens > 0

@@ -75,6 +75,11 @@ class Platform:
         return self.emulator.wait_result(job_id, timeout)
 
 
+# Worker A's stream POST budget: low enough that a burst of 64 on this CPU is held by it, high enough
+# that a few streams (the other tests) keep the cadence of one (3 streams: a flush at most every 0.3 s).
+POSTS_PER_SECOND = 10
+
+
 @pytest.fixture(scope="module")
 def platform(tiny_model_dir, tmp_path_factory):
     """Worker A: concurrency 64, status endpoint on, a canary HF_TOKEN in its environment."""
@@ -83,7 +88,8 @@ def platform(tiny_model_dir, tmp_path_factory):
     status_port = free_port()
     cwd = tmp_path_factory.mktemp("worker-a")
     worker = start_platform_worker(emulator, tiny_model_dir, cwd, "worker-a", MAX_CONCURRENCY="64", MAX_MODEL_LEN="8192",
-                                   WORKER_STATUS_PORT=str(status_port), HF_TOKEN=HF_TOKEN_CANARY)
+                                   WORKER_STATUS_PORT=str(status_port), HF_TOKEN=HF_TOKEN_CANARY,
+                                   STREAM_POSTS_PER_SECOND=str(POSTS_PER_SECOND))
     wait_for_first_take(emulator, worker)
     yield Platform(emulator, worker, status_port)
     worker.terminate(timeout=60)
@@ -117,6 +123,37 @@ def test_streamed_chunks_arrive_in_order_and_concatenate_to_the_aggregate(platfo
     assert len(whole.result["output"]) == 1
     assert whole.result["output"][0]["choices"][0]["text"] == texts(chunks)
     assert len(streamed.results) == len(whole.results) == 1
+
+
+@pytest.mark.engine
+def test_a_burst_of_64_streams_posts_within_the_budget_and_every_text_arrives_whole(platform):
+    """The flush policy under load (gams_worker/jobs/streaming.py), through the SDK loop and the emulator:
+    the stream POSTs of 64 jobs streaming at once stay within STREAM_POSTS_PER_SECOND over the burst,
+    beside each job's first and last chunk, and each job's chunks still make up its whole text."""
+    from bench.cpu_suite import PROMPTS
+
+    references = {prompt: texts(platform.run({"prompt": prompt, "sampling_params": greedy(128)}).result["output"])
+                  for prompt in PROMPTS}
+    records = platform.emulator.submit_many(
+        [{"prompt": PROMPTS[i % len(PROMPTS)], "sampling_params": greedy(128), "stream": True} for i in range(64)])
+    for record in records:
+        platform.emulator.wait_result(record.id, 300)
+    for i, record in enumerate(records):
+        assert record.chunk_outputs == record.result["output"], record.id  # each chunk once, in order
+        assert texts(record.chunk_outputs) == references[PROMPTS[i % len(PROMPTS)]], record.id
+        assert record.result["output"][-1]["usage"]["completion_tokens"] == 128
+    posts = sorted(t for record in records for t, _ in record.chunks)
+    streaming_s = posts[-1] - posts[0]
+    # First and last chunks are never held (one each per job); the rest share the budget. One post per
+    # stream of slack: a stream's floor is computed with the streams flowing when it flushes.
+    budget = POSTS_PER_SECOND * streaming_s + 64
+    held = len(posts) - 2 * 64
+    fixed_cadence = sum(-(-128 // 16) for _ in records)  # what 16-token chunks alone would have posted, at least
+    print(f"\n[budget] 64 streams x 128 tokens: {len(posts)} stream POSTs in {streaming_s:.1f} s, "
+          f"{held} beside first and last chunks, budget {POSTS_PER_SECOND}/s allows {budget:.0f}; "
+          f"16-token chunks alone would have been >= {fixed_cadence}")
+    assert held <= budget
+    assert len(posts) < fixed_cadence  # the budget, not the cadence of a few streams, set the chunk size
 
 
 def bad_job_inputs(count: int, seed: int) -> List[tuple]:
@@ -418,6 +455,9 @@ def test_sigterm_lets_in_flight_jobs_finish_and_the_worker_exits_0(restarted):
           f"the in-flight job {'finished' if record.results else 'was LOST'}")
     assert returncode == 0, y.tail()
     assert exit_noise(y.stdout(), y.stderr()) == []  # no traceback or leak report on the way out
+    # Served, then a plain SIGTERM: nothing claims the start-up was interrupted (the SDK's heartbeat
+    # process, forked from the worker and ended at its exit, said so before).
+    assert "SIGTERM during start-up" not in y.stdout() + y.stderr(), y.tail()
     assert record.results[0][0] > sent_at  # the job was still in flight at SIGTERM, and finished
     assert record.result["output"][-1]["usage"]["completion_tokens"] == 2000
     assert record.chunk_outputs == record.result["output"]

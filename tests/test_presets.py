@@ -71,7 +71,8 @@ def test_kv_capacity_reads_the_engine_config():
     assert kv_capacity(engine) == KvCapacity(1600, 256)
     cache.kv_cache_size_tokens = 2048
     assert kv_capacity(engine) == KvCapacity(2048, 256)
-    assert kv_capacity(SimpleNamespace()) is None
+    cache.kv_cache_size_tokens = cache.num_gpu_blocks = None  # an engine that reported no KV cache
+    assert kv_capacity(engine) is None
 
 
 def test_model_preset_applies_a_gams_preset_to_a_local_directory():
@@ -138,3 +139,82 @@ def test_kv_summary_line_for_presets_only():
     assert line == ("KV cache: 1.31 GiB per 4096-token sequence (Gemma 2 9B); about 39 full-length sequences "
                     "fit on 1 x 79.1 GiB")
     assert kv_summary(load_config({"MODEL_NAME": "/models/tiny"}), 1, 79.1) is None
+
+
+# --------------------------------------------------------------- max_num_seqs sized for the card
+# Total memory as NVML reports it (MiB): H200 141 GB, H100 80GB HBM3, L40S 48 GB.
+CARDS_MIB = {"H200": 143_771, "H100": 81_559, "L40S": 46_068}
+
+
+def card(name: str, count: int = 1) -> HostFacts:
+    gpu = GpuFacts(f"NVIDIA {name}", "9.0", CARDS_MIB[name] * 2**20, CARDS_MIB[name] * 2**20)
+    return HostFacts(platform="cuda", gpus=(gpu,) * count)
+
+
+def gams_9b_memory(config):
+    from gams_worker.startup.doctor import memory_from_config
+    from tests.test_doctor import GAMS_9B_CONFIG
+
+    return memory_from_config(GAMS_9B_CONFIG, config)
+
+
+@pytest.mark.parametrize("name, expected_tokens, low, high", [
+    ("H200", 512, 512, 512),   # the default: the KV cache holds 650 such jobs: vLLM's largest CUDA graph caps it
+    ("H100", 512, 320, 320),
+    ("L40S", 512, 128, 128),   # 133
+    ("H200", 1024, 320, 320),  # 0.33 GiB of KV per job: 107 GiB hold 328, a multiple of 16: 320
+    ("H100", 1024, 160, 160),  # 161; the H100 measured 166,882 KV tokens: 162 such jobs
+    ("L40S", 1024, 64, 64),    # 66: fewer than vLLM's default of 128
+])
+def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name, expected_tokens, low, high, caplog):
+    from gams_worker.startup.worker import with_max_num_seqs
+
+    config = load_config({"EXPECTED_TOKENS_PER_JOB": str(expected_tokens)})
+    memory = gams_9b_memory(config)
+    with caplog.at_level("INFO"):
+        sized = with_max_num_seqs(config, card(name), memory)
+    assert low <= sized.max_num_seqs <= high
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("max_num_seqs:")]
+    assert line.startswith(f"max_num_seqs: {sized.max_num_seqs} = KV budget ")
+    assert f"per {expected_tokens}-token job (EXPECTED_TOKENS_PER_JOB)" in line
+    assert ("at most 512" in line) == (high == 512)
+    assert ("rounded down to a multiple of 16" in line) == (high != 512)
+    # The formula: (memory x utilization - weights - engine overhead) / KV per job.
+    from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES
+
+    budget = CARDS_MIB[name] * 2**20 * 0.9 - memory.weight_bytes - ENGINE_OVERHEAD_BYTES
+    fits = int(budget // memory.kv_bytes(expected_tokens))
+    assert f"= {fits} jobs" in line
+    assert sized.max_num_seqs == min(512, fits // 16 * 16)
+
+
+def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(caplog):
+    from gams_worker.startup.worker import with_max_num_seqs
+
+    config = load_config({"MAX_NUM_SEQS": "48"})
+    with caplog.at_level("INFO"):
+        assert with_max_num_seqs(config, card("H200"), gams_9b_memory(config)).max_num_seqs == 48
+        default = load_config({})
+        assert with_max_num_seqs(default, HostFacts(platform="cpu"), gams_9b_memory(default)).max_num_seqs is None
+        assert with_max_num_seqs(default, card("H200"), None).max_num_seqs is None
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("max_num_seqs:")]
+    assert lines[0].startswith("max_num_seqs: 48 (MAX_NUM_SEQS; sized, it would be 512 = KV budget ")
+    assert lines[1:] == ["max_num_seqs: vLLM's default (no GPU memory to size it from)",
+                         "max_num_seqs: vLLM's default (the model's memory is unknown: its config.json was not read)"]
+
+
+def test_max_num_seqs_per_gpu_with_tensor_parallelism():
+    from gams_worker.startup.worker import with_max_num_seqs
+
+    one = load_config({})
+    two = load_config({"TENSOR_PARALLEL_SIZE": "2"})
+    on_one = with_max_num_seqs(one, card("L40S"), gams_9b_memory(one)).max_num_seqs
+    on_two = with_max_num_seqs(two, card("L40S", 2), gams_9b_memory(two)).max_num_seqs
+    assert on_two > 2 * on_one  # weights split, KV split: each card keeps more room per sequence
+
+
+def test_the_concurrency_line_says_which_bound_set_it():
+    from gams_worker.startup.concurrency import concurrency_bound
+
+    assert concurrency_bound(KvCapacity(166_882, 128), 1024) == "max_num_seqs set it (the KV cache holds 162 such jobs)"
+    assert concurrency_bound(KvCapacity(166_882, 512), 1024) == "the KV cache set it"

@@ -38,7 +38,7 @@ from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_outp
 from gams_worker.jobs.chat import template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
 from gams_worker.jobs.input import check_openai_limits
-from gams_worker.jobs.streaming import StreamBatcher
+from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ def _import_vllm_openai() -> Dict[str, Any]:
 class OpenAIRoutes:
     """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
-    def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts):
+    def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
+                 flush_policy: FlushPolicy):
         self.engine = engine
         self.config = config
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
+        self.flush_policy = flush_policy  # shared with plain jobs (GenerationService.flush_policy)
         self._vllm: Optional[Dict[str, Any]] = None
         self._init_lock = asyncio.Lock()
 
@@ -175,12 +177,15 @@ class OpenAIRoutes:
         else:
             # A chat stream opens with one event per choice that carries only the role.
             events = _marked_events(result, role_events=(request.n or 1) if route == CHAT_ROUTE else 0)
-        batcher: StreamBatcher = StreamBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
-        # vLLM writes one event per generated token and choice.
-        async for event, has_text in events:
-            batch = batcher.add(event, 1, has_text)
-            if batch:
-                yield "".join(batch)
+        batcher: StreamBatcher = self.flush_policy.stream()
+        try:
+            # vLLM writes one event per generated token and choice.
+            async for event, has_text in events:
+                batch = batcher.add(event, 1, has_text)
+                if batch:
+                    yield "".join(batch)
+        finally:
+            batcher.close()
         rest = batcher.drain()
         if rest:
             yield "".join(rest)

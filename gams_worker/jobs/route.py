@@ -19,29 +19,40 @@ from gams_worker.jobs.service import GenerationService
 log = logging.getLogger(__name__)
 
 
+def is_openai_job(job_input: Any) -> bool:
+    return isinstance(job_input, Mapping) and "openai_route" in job_input
+
+
+def worker_error_output(job_input: Any, message: str) -> Dict[str, str]:
+    """The error output of a job the worker itself failed on (a bug), in the job's dialect."""
+    if is_openai_job(job_input):
+        return OpenAIRequestError(message, None, HTTPStatus.INTERNAL_SERVER_ERROR).to_output()
+    return error_output(WORKER_ERROR, message)
+
+
 class JobRouter:
     """Runs each job in its dialect; counts the jobs in flight."""
 
-    def __init__(self, plain: GenerationService, openai: OpenAIRoutes):
+    def __init__(self, plain: GenerationService, openai: OpenAIRoutes, stats_log: Any = None):
         self.plain = plain
         self.openai = openai
+        self.stats_log = stats_log  # startup.engine.EngineStatsLog (LOG_ENGINE_STATS), started by the first job
         self.running_jobs = 0  # the status endpoint and tests read it
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Any]:
         """Yield the job's outputs; closing this generator closes the dialect's at once (a
         stopped job's engine request is aborted in its ``finally``)."""
+        if self.stats_log is not None:
+            self.stats_log.start()
         job_input = job.get("input")
-        is_openai = isinstance(job_input, Mapping) and "openai_route" in job_input
-        outputs = self.openai.run(job_input) if is_openai else self.plain.run(job)
+        outputs = self.openai.run(job_input) if is_openai_job(job_input) else self.plain.run(job)
         self.running_jobs += 1
         try:
             async for output in outputs:
                 yield output
         except Exception as exc:
             log.exception("job %s failed in the worker", job.get("id"))
-            message = f"the worker failed on this job: {type(exc).__name__}: {exc}"
-            yield (OpenAIRequestError(message, None, HTTPStatus.INTERNAL_SERVER_ERROR).to_output() if is_openai
-                   else error_output(WORKER_ERROR, message))
+            yield worker_error_output(job_input, f"the worker failed on this job: {type(exc).__name__}: {exc}")
         finally:
             self.running_jobs -= 1
             await outputs.aclose()

@@ -21,7 +21,7 @@ from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInpu
 from gams_worker.jobs.chat import prepare_prompt
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template, stop_at_end_of_turn
 from gams_worker.jobs.input import parse_job_input
-from gams_worker.jobs.streaming import StreamBatcher, text_by_choice
+from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher, text_by_choice
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ class GenerationService:
         # What the chat template does (end-of-turn token, system role), for both dialects.
         self.chat_template = probe_chat_template(tokenizer)
         log_chat_template(engine, tokenizer, self.chat_template)
+        # The one flush policy of all streams, plain and OpenAI: its POST budget is the worker's.
+        self.flush_policy = FlushPolicy(config.stream_batch_tokens, config.stream_batch_ms,
+                                        config.stream_posts_per_second)
+        log.info(self.flush_policy.summary())
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Yield the outputs of one job (see the module docstring for their shapes)."""
@@ -62,7 +66,7 @@ class GenerationService:
             return
 
         request_id = f"{job.get('id', 'job')}-{uuid.uuid4().hex[:8]}"
-        batcher: StreamBatcher = StreamBatcher(self.config.stream_batch_tokens, self.config.stream_batch_ms)
+        batcher: StreamBatcher = self.flush_policy.stream()
         texts: Dict[int, List[str]] = {}
         finish: Dict[int, Optional[str]] = {}
         completion_tokens = 0
@@ -96,6 +100,7 @@ class GenerationService:
             yield error_output(ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
             return
         finally:
+            batcher.close()
             if not finished:  # cancelled or failed: free the KV cache and batch slot now
                 await self.engine.abort(request_id)
                 self.aborted.append((job.get("id"), time.monotonic()))

@@ -6,6 +6,15 @@ since the last flush, whichever comes first. The first piece with text is flushe
 so the user sees the first words as early as possible. The engine hands over ``str``
 deltas from its incremental detokenizer, which holds back incomplete UTF-8 sequences, so
 a flush never splits a character.
+
+Under load the POSTs, not the GPU, become the limit: each costs the worker's one event loop
+~0.13-0.3 ms of CPU, and at 512 streams that cadence asked for ~4000 POSTs a second, which
+held an H200 to 0.2-0.3 x what vLLM served alone (issue 23). So the worker has a budget of
+``posts_per_s`` stream POSTs a second over all its streams: with ``n`` streams flushing,
+a stream flushes at most once every ``n / posts_per_s`` seconds. Below
+``posts_per_s * batch_ms / 1000`` streams that floor is under ``batch_ms`` and changes
+nothing; above, chunks grow with the load and the total stays within the budget. First chunks
+are never held (one per job), nor the last (it carries the job's end).
 """
 
 from __future__ import annotations
@@ -16,15 +25,46 @@ from typing import Callable, Dict, Generic, Iterable, List, Optional, Tuple, Typ
 Piece = TypeVar("Piece")
 
 
+class FlushPolicy:
+    """The worker's one flush policy: the cadence of few streams, and the POST budget over all of them."""
+
+    def __init__(self, batch_tokens: int, batch_ms: int, posts_per_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.batch_tokens = batch_tokens
+        self.batch_s = batch_ms / 1000.0
+        self.posts_per_s = posts_per_s
+        self.clock = clock
+        self.streams = 0  # streams that have flushed their first chunk and not ended
+
+    def min_interval_s(self) -> float:
+        """The shortest time between two flushes of one stream, at the current load."""
+        return self.streams / self.posts_per_s
+
+    def summary(self) -> str:
+        """The policy in one start-up log line."""
+        few = int(self.posts_per_s * self.batch_s)
+        return (f"stream chunks: the first at once, then every {self.batch_tokens} tokens or "
+                f"{self.batch_s * 1000:g} ms; beyond {few} streams at once, each stream's chunks at most every "
+                f"(streams / {self.posts_per_s:g}) s, so that all streams together POST at most "
+                f"{self.posts_per_s:g} times a second (STREAM_BATCH_TOKENS, STREAM_BATCH_MS, STREAM_POSTS_PER_SECOND)")
+
+    def stream(self) -> "StreamBatcher":
+        """A batcher for one stream; ``close()`` it when the stream ends."""
+        return StreamBatcher(self.batch_tokens, int(self.batch_s * 1000), clock=self.clock, policy=self)
+
+
 class StreamBatcher(Generic[Piece]):
-    def __init__(self, batch_tokens: int, batch_ms: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, batch_tokens: int, batch_ms: int, clock: Callable[[], float] = time.monotonic,
+                 policy: Optional[FlushPolicy] = None):
         self._batch_tokens = batch_tokens
         self._batch_s = batch_ms / 1000.0
         self._clock = clock
+        self._policy = policy  # None: no POST budget (a stream on its own)
         self._pieces: List[Piece] = []
         self._tokens = 0
         self._has_text = False
         self._last_flush: Optional[float] = None  # None: nothing flushed yet
+        self._counted = False  # counted in the policy's streams
 
     def add(self, piece: Piece, tokens: int, has_text: bool) -> Optional[List[Piece]]:
         """Gather one piece; return the pieces to send when a flush is due, else None."""
@@ -34,8 +74,15 @@ class StreamBatcher(Generic[Piece]):
         if not self._has_text:
             return None
         now = self._clock()
-        if self._last_flush is not None and self._tokens < self._batch_tokens and now - self._last_flush < self._batch_s:
-            return None
+        if self._last_flush is not None:
+            since = now - self._last_flush
+            if self._tokens < self._batch_tokens and since < self._batch_s:
+                return None
+            if self._policy is not None and since < self._policy.min_interval_s():
+                return None  # the worker's POST budget, shared by all its streams
+        elif self._policy is not None:
+            self._policy.streams += 1
+            self._counted = True
         self._last_flush = now
         return self.drain()
 
@@ -43,6 +90,12 @@ class StreamBatcher(Generic[Piece]):
         """The pieces gathered and not yet sent."""
         pieces, self._pieces, self._tokens, self._has_text = self._pieces, [], 0, False
         return pieces
+
+    def close(self) -> None:
+        """The stream ended: it no longer counts against the POST budget."""
+        if self._counted:
+            self._policy.streams -= 1
+            self._counted = False
 
 
 def text_by_choice(deltas: Iterable[Tuple[int, str]]) -> Dict[int, str]:

@@ -1,4 +1,17 @@
-"""How many jobs this worker takes at once, sized from the KV cache the engine really got.
+"""How many sequences the engine batches and how many jobs this worker takes at once.
+
+Before the engine starts, ``max_num_seqs`` (vLLM's batch of sequences, an engine argument) is
+sized from the doctor's memory model (gams_worker/startup/doctor.py): the KV cache one job of
+``EXPECTED_TOKENS_PER_JOB`` tokens needs, and the GPU memory left at GPU_MEMORY_UTILIZATION
+beside the weights and the engine's own overhead:
+
+    max_num_seqs = clamp((gpu_bytes * utilization - weights - overhead) // kv_bytes(expected_tokens), 1, 512)
+
+rounded down to a multiple of 16 (max_num_seqs is part of vLLM's compile-cache hash).
+vLLM's own default for an in-process engine is 128 on every GPU, which held an H200 (141 GB)
+to 0.76 x what it serves at 256 streams (issue 23), while an L40S holds fewer sequences than that.
+512 is the largest batch vLLM captures as a CUDA graph by default. MAX_NUM_SEQS wins; without GPU
+facts or the model's config.json, vLLM's default stays.
 
 RunPod sends a worker up to its concurrency in jobs. More jobs than the KV cache
 holds only queue inside vLLM (their time to first token grows while other workers
@@ -6,13 +19,25 @@ idle); fewer leave the GPU underused. So after the engine starts:
 
     concurrency = clamp(kv_cache_tokens // expected_tokens_per_job, 1, max_num_seqs)
 
-unless MAX_CONCURRENCY is set.
+unless MAX_CONCURRENCY is set. Both log lines say which bound set the number.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
+
+from gams_worker.startup.host import GIB
+
+if TYPE_CHECKING:
+    from gams_worker.startup.doctor import ModelMemory
+
+# The most sequences sized for: vLLM's largest CUDA graph by default (max_cudagraph_capture_size 512).
+MAX_NUM_SEQS_CAP = 512
+# max_num_seqs is part of vLLM's compile-cache hash (SchedulerConfig.compute_hash): sized values are
+# rounded down to a multiple of this, so that cards of one kind whose memory differs by a little share
+# one compiled entry.
+MAX_NUM_SEQS_STEP = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +47,11 @@ class KvCapacity:
 
 
 def kv_capacity(engine: Any) -> Optional[KvCapacity]:
-    """Read the KV cache size from a started vLLM engine (None if this vLLM does not say)."""
-    vllm_config = getattr(engine, "vllm_config", None)
-    if vllm_config is None:
-        return None
+    """Read the KV cache size from a started vLLM engine (None if the engine did not say)."""
+    vllm_config = engine.vllm_config
     cache = vllm_config.cache_config
-    # vLLM >= 0.30 counts tokens per KV group for hybrid (sliding-window) models.
-    tokens = getattr(cache, "kv_cache_size_tokens", None)
+    # Counted per KV group for hybrid (sliding-window) models: blocks x block size can be wrong there.
+    tokens = cache.kv_cache_size_tokens
     if not tokens and cache.num_gpu_blocks:
         tokens = cache.num_gpu_blocks * cache.block_size
     if not tokens:
@@ -39,3 +62,30 @@ def kv_capacity(engine: Any) -> Optional[KvCapacity]:
 def derive_concurrency(capacity: KvCapacity, expected_tokens_per_job: int) -> int:
     by_cache = capacity.kv_cache_tokens // max(expected_tokens_per_job, 1)
     return max(1, min(by_cache, capacity.max_num_seqs))
+
+
+def concurrency_bound(capacity: KvCapacity, expected_tokens_per_job: int) -> str:
+    """Which bound set ``derive_concurrency``, in words."""
+    by_cache = capacity.kv_cache_tokens // max(expected_tokens_per_job, 1)
+    if by_cache > capacity.max_num_seqs:
+        return f"max_num_seqs set it (the KV cache holds {by_cache} such jobs)"
+    return "the KV cache set it" if by_cache >= 1 else "at least 1 (the KV cache holds less than one such job)"
+
+
+def size_max_num_seqs(memory: "ModelMemory", gpu_total_bytes: int, utilization: float, overhead_bytes: int,
+                      expected_tokens_per_job: int) -> Tuple[int, str]:
+    """(max_num_seqs, why) for one GPU of ``gpu_total_bytes`` (``memory`` is per GPU)."""
+    kv_budget = int(gpu_total_bytes * utilization) - memory.weight_bytes - overhead_bytes
+    per_job = memory.kv_bytes(expected_tokens_per_job)
+    fits = max(kv_budget, 0) // per_job if per_job else MAX_NUM_SEQS_CAP
+    why = (f"KV budget {kv_budget / GIB:.1f} GiB ({gpu_total_bytes / GIB:.1f} GiB x {utilization:g} - "
+           f"{memory.weight_bytes / GIB:.1f} GiB weights - {overhead_bytes / GIB:.1f} GiB engine) / "
+           f"{per_job / GIB:.3f} GiB KV per {expected_tokens_per_job}-token job (EXPECTED_TOKENS_PER_JOB)"
+           f" = {fits} jobs")
+    if fits >= MAX_NUM_SEQS_CAP:
+        return MAX_NUM_SEQS_CAP, why + f", at most {MAX_NUM_SEQS_CAP} (vLLM's largest CUDA graph)"
+    if fits < MAX_NUM_SEQS_STEP:
+        return max(1, fits), why + (", at least 1" if fits < 1 else "")
+    value = fits // MAX_NUM_SEQS_STEP * MAX_NUM_SEQS_STEP
+    return value, why + (f", rounded down to a multiple of {MAX_NUM_SEQS_STEP} (one compile-cache entry per "
+                         f"kind of card)" if value != fits else "")

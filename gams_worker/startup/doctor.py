@@ -65,17 +65,14 @@ class DoctorReport:
     start_mode: Optional[str] = None  # a rung the verdicts choose to start from, if any
     start_reason: str = ""
     blocking: Tuple[str, ...] = ()  # problems no start can get past: the worker stops with these
+    memory: Optional[ModelMemory] = None  # what the model needs, if its files were here to read
 
 
 def run_doctor(config: WorkerConfig, facts: HostFacts, model_dir: Optional[str]) -> DoctorReport:
     """Judge the host for the model in ``model_dir`` (None: not on this machine yet); log the
     report and return it. Never raises."""
-    try:
-        memory = estimate_model_memory(model_dir, config) if model_dir else None
-    except Exception as exc:
-        memory = None
-        log.warning("doctor: could not estimate the model's memory: %r", exc)
-    report = diagnose(facts, memory, config)
+    memory = model_memory(model_dir, config) if model_dir else None
+    report = dataclasses.replace(diagnose(facts, memory, config), memory=memory)
     log.info("doctor report:\n  %s", "\n  ".join(report.lines))
     for verdict in report.verdicts:
         log.warning("doctor: %s", verdict)
@@ -212,6 +209,15 @@ def _gib(value: Optional[int]) -> str:
 # --- facts -------------------------------------------------------------------------
 
 # --- model memory ------------------------------------------------------------------
+
+
+def model_memory(model_dir: str, config: WorkerConfig) -> Optional[ModelMemory]:
+    """``estimate_model_memory``, None (and a warning) where it fails: never raises."""
+    try:
+        return estimate_model_memory(model_dir, config)
+    except Exception as exc:
+        log.warning("doctor: could not estimate the model's memory: %r", exc)
+        return None
 
 
 def estimate_model_memory(model_dir: str, config: WorkerConfig) -> Optional[ModelMemory]:

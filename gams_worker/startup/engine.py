@@ -7,10 +7,11 @@ only PIECEWISE graphs, ``eager`` captures none.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 
@@ -36,6 +37,28 @@ class EngineInfo:
         return dataclasses.asdict(self)
 
 
+class EngineStatsLog:
+    """vLLM's stats line (throughput, KV cache usage, prefix cache hits) every ``interval_s``, as
+    `vllm serve` logs it, where LOG_ENGINE_STATS turns vLLM's stats on; an in-process engine
+    collects them but logs them only when asked. vLLM records them in the loop that runs the jobs,
+    so this runs there too, from the first job on (``start``)."""
+
+    def __init__(self, engine: Any, interval_s: float = 10.0):
+        self._engine = engine
+        self._interval_s = interval_s
+        self._task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        """Start logging in the running loop, once."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._log_every_interval())
+
+    async def _log_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self._engine.do_log_stats()
+
+
 def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str, Any]:
     """AsyncEngineArgs keyword arguments for ``config`` in graph ``mode``."""
     if mode not in GRAPH_MODES:
@@ -53,7 +76,7 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
         enable_prefix_caching=config.enable_prefix_caching,
         quantization=config.quantization,
         enforce_eager=mode == "eager",
-        disable_log_stats=False,
+        disable_log_stats=not config.log_engine_stats,
     )
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs

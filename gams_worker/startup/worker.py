@@ -12,15 +12,15 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, NoReturn, Optional, Sequence, Set, Tuple
 
 from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
-from gams_worker.startup.concurrency import derive_concurrency, kv_capacity
+from gams_worker.startup.concurrency import concurrency_bound, derive_concurrency, kv_capacity, size_max_num_seqs
 from gams_worker.config import WorkerConfig, export_to_engine
-from gams_worker.startup.doctor import DoctorReport, run_doctor
-from gams_worker.startup.host import host_facts, platform_name
-from gams_worker.startup.engine import EngineInfo, import_engine_classes, start_engine
+from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES, DoctorReport, ModelMemory, model_memory, run_doctor
+from gams_worker.startup.host import HostFacts, host_facts, platform_name
+from gams_worker.startup.engine import EngineInfo, EngineStatsLog, import_engine_classes, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
 from gams_worker.startup.model import BAKED, ResolvedModel, find_local_model, resolve_model
@@ -99,7 +99,9 @@ class Worker:
 
     def __init__(self, service: GenerationService, concurrency: int):
         self.service = service  # plain jobs
-        self.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template))
+        openai = OpenAIRoutes(service.engine, service.config, service.chat_template, service.flush_policy)
+        stats_log = EngineStatsLog(service.engine) if service.config.log_engine_stats else None
+        self.jobs = JobRouter(service, openai, stats_log)
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
         self.watchdog = EngineWatchdog(service.engine)
         port = service.config.status_port
@@ -156,6 +158,8 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
         export_to_engine(BAKED_MODEL_OFFLINE)
         log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
     mark("model resolved")
+    # The doctor read the model's memory where it was here already; a download is read now.
+    config = with_max_num_seqs(config, facts, report.memory or model_memory(model.path, config))
     compile_cache = choose_compile_cache(config, facts)
     export_to_engine(compile_cache.engine_environment())
     mark("compile cache checked")
@@ -297,6 +301,28 @@ def _engine_processes() -> Set[int]:
     return {child.pid for child in multiprocessing.active_children()}
 
 
+def with_max_num_seqs(config: WorkerConfig, facts: HostFacts, memory: Optional[ModelMemory]) -> WorkerConfig:
+    """``config`` with max_num_seqs sized for this GPU (gams_worker/startup/concurrency.py), logged with why;
+    MAX_NUM_SEQS wins (the line then says what the sizing would have given)."""
+    gpus = facts.gpus[: config.tensor_parallel_size]
+    if not gpus or any(gpu.total_bytes is None for gpu in gpus):
+        sized, why = None, "no GPU memory to size it from"
+    elif memory is None:
+        sized, why = None, "the model's memory is unknown: its config.json was not read"
+    else:
+        sized, why = size_max_num_seqs(memory, min(gpu.total_bytes for gpu in gpus), config.gpu_memory_utilization,
+                                       ENGINE_OVERHEAD_BYTES, config.expected_tokens_per_job)
+    if config.max_num_seqs is not None:
+        log.info("max_num_seqs: %d (MAX_NUM_SEQS; %s)", config.max_num_seqs,
+                 f"sized, it would be {sized} = {why}" if sized else f"unsized: {why}")
+        return config
+    if sized is None:
+        log.info("max_num_seqs: vLLM's default (%s)", why)
+        return config
+    log.info("max_num_seqs: %d = %s", sized, why)
+    return replace(config, max_num_seqs=sized)
+
+
 def job_concurrency(config: WorkerConfig, engine: Any) -> int:
     """Jobs this worker takes at once: MAX_CONCURRENCY, else sized from the engine's KV cache."""
     if config.max_concurrency is not None:
@@ -304,10 +330,11 @@ def job_concurrency(config: WorkerConfig, engine: Any) -> int:
         return config.max_concurrency
     capacity = kv_capacity(engine)
     if capacity is None:
-        log.info("concurrency: %d jobs (default; this vLLM does not report its KV cache size)",
+        log.info("concurrency: %d jobs (default; the engine reported no KV cache size)",
                  DEFAULT_CONCURRENCY)
         return DEFAULT_CONCURRENCY
     concurrency = derive_concurrency(capacity, config.expected_tokens_per_job)
-    log.info("concurrency: %d jobs = KV cache %d tokens / EXPECTED_TOKENS_PER_JOB %d, at most max_num_seqs %d",
-             concurrency, capacity.kv_cache_tokens, config.expected_tokens_per_job, capacity.max_num_seqs)
+    log.info("concurrency: %d jobs = KV cache %d tokens / EXPECTED_TOKENS_PER_JOB %d, at most max_num_seqs %d: %s",
+             concurrency, capacity.kv_cache_tokens, config.expected_tokens_per_job, capacity.max_num_seqs,
+             concurrency_bound(capacity, config.expected_tokens_per_job))
     return concurrency
