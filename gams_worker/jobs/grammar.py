@@ -39,8 +39,9 @@ COMPILES_AT_ONCE = 2
 class GrammarGate:
     """Compiles constraints with the engine's own backend, off the event loop, with a deadline."""
 
-    def __init__(self, engine: Any, timeout_s: float):
+    def __init__(self, engine: Any, tokenizer: Any, timeout_s: float):
         self._engine = engine
+        self._tokenizer = tokenizer  # a copy of the engine's: vLLM's serving threads change the engine's
         self.timeout_s = timeout_s  # 0: no compile here (the engine alone compiles, without a limit)
         self._executor = ThreadPoolExecutor(max_workers=COMPILES_AT_ONCE, thread_name_prefix="grammar-compile")
         self._backends: Dict[str, Any] = {}  # backend name -> vLLM StructuredOutputBackend
@@ -75,7 +76,7 @@ class GrammarGate:
         params = SamplingParams(max_tokens=1, structured_outputs=constraint)
         # What the engine's input processor runs on every request (it picks the backend).
         params.verify(engine.model_config, engine.vllm_config.speculative_config,
-                      engine.vllm_config.structured_outputs_config, engine.get_tokenizer())
+                      engine.vllm_config.structured_outputs_config, self._tokenizer)
         backend = self._backend(params.structured_outputs._backend)
         if backend is not None:
             backend.compile_grammar(*get_structured_output_key(params.structured_outputs))
@@ -84,14 +85,11 @@ class GrammarGate:
         """vLLM's backend class of that name, built once (None: one this gate does not know)."""
         with self._backends_lock:
             if name not in self._backends:
-                self._backends[name] = _build_backend(name, self._engine)
+                self._backends[name] = _build_backend(name, self._engine, self._tokenizer)
             return self._backends[name]
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
-
-def _build_backend(name: str, engine: Any) -> Any:
+def _build_backend(name: str, engine: Any, tokenizer: Any) -> Any:
     from vllm.v1.structured_output.backend_guidance import GuidanceBackend
     from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
 
@@ -99,5 +97,5 @@ def _build_backend(name: str, engine: Any) -> Any:
     if name not in backends:  # outlines, lm-format-enforcer: only where an operator chose them
         log.warning("structured-output backend %r is compiled by the engine alone, without a deadline", name)
         return None
-    return backends[name](vllm_config=engine.vllm_config, tokenizer=engine.get_tokenizer(),
+    return backends[name](vllm_config=engine.vllm_config, tokenizer=tokenizer,
                           vocab_size=engine.model_config.get_vocab_size())

@@ -196,7 +196,7 @@ def _stop(field: str, value: Any) -> List[str]:
 SAMPLING_FIELDS: Dict[str, Callable[[str, Any], Any]] = {
     "max_tokens": _integer(1),
     "min_tokens": _integer(0),
-    "temperature": _number(0.0, 100.0),
+    "temperature": _number(0.0, 2.0),  # vLLM 0.32 refuses more
     "top_p": _number(0.0, 1.0, low_open=True),
     "top_k": _top_k,
     "min_p": _number(0.0, 1.0),

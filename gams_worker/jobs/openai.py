@@ -91,10 +91,12 @@ def _import_vllm_openai() -> Dict[str, Any]:
 class OpenAIRoutes:
     """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
-    def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts):
+    def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
+                 input_tokenizer: Any = None):
         self.engine = engine
         self.config = config
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
+        self.input_tokenizer = input_tokenizer  # the worker's own copy (GenerationService), for grammars
         self._vllm: Optional[Dict[str, Any]] = None
         self._init_lock = asyncio.Lock()
         self.grammar: Optional[GrammarGate] = None  # built with the serving objects, on first use
@@ -142,7 +144,8 @@ class OpenAIRoutes:
         tokenization = extra["ServingTokenization"](
             models, renderer, chat_template=None, chat_template_content_format="auto",
         )
-        self.grammar = GrammarGate(self.engine, self.config.input_limits.grammar_compile_timeout_s)
+        self.grammar = GrammarGate(self.engine, self.input_tokenizer or self.engine.get_tokenizer(),
+                                   self.config.input_limits.grammar_compile_timeout_s)
         log.info("OpenAI routes ready for model %s: %s", self.config.model_label, ", ".join(ROUTES))
         return {**vllm, **extra, "models": models, "chat": chat, "completion": completion,
                 "responses": responses, "tokenization": tokenization}

@@ -43,10 +43,11 @@ class GenerationService:
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         # What the chat template does (end-of-turn token, system role), for both dialects.
         self.chat_template = probe_chat_template(tokenizer)
-        # Plain jobs are prepared in one thread of their own, with a tokenizer of their own: vLLM's
-        # serving layer tokenizes OpenAI jobs in its threads with the engine's tokenizer, changing its
-        # truncation settings per call, which a concurrent encode of the same tokenizer must not meet.
-        self._prepare_tokenizer = copy.deepcopy(tokenizer)
+        # The worker's own input work (plain jobs' prompts, grammar compiles) uses a tokenizer of its
+        # own, in threads of its own: vLLM's serving layer tokenizes OpenAI jobs in its threads with the
+        # engine's tokenizer, changing its truncation settings per call, which a concurrent use of the
+        # same tokenizer must not meet ("Already borrowed"). Plain jobs are prepared one at a time.
+        self.input_tokenizer = copy.deepcopy(tokenizer)
         self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plain-job-input")
         log_chat_template(engine, tokenizer, self.chat_template)
 
@@ -138,7 +139,7 @@ class GenerationService:
         from vllm.sampling_params import RequestOutputKind
 
         job_input = parse_job_input(raw, self.config.default_max_tokens, self.config.input_limits)
-        prompt = prepare_prompt(job_input, self._prepare_tokenizer, self.config.max_model_len, self.chat_template)
+        prompt = prepare_prompt(job_input, self.input_tokenizer, self.config.max_model_len, self.chat_template)
         params = SamplingParams(**prompt.sampling, output_kind=RequestOutputKind.DELTA)
         if job_input.messages is not None:
             stop_at_end_of_turn(params, self.chat_template, self.tokenizer.eos_token_id)

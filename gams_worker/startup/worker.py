@@ -99,7 +99,8 @@ class Worker:
 
     def __init__(self, service: GenerationService, concurrency: int):
         self.service = service  # plain jobs
-        self.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template))
+        self.jobs = JobRouter(service, OpenAIRoutes(service.engine, service.config, service.chat_template,
+                                                    service.input_tokenizer))
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
         self.watchdog = EngineWatchdog(service.engine)
         port = service.config.status_port
