@@ -36,7 +36,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping as MappingType
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple
 
@@ -233,7 +232,7 @@ class OpenAIRoutes:
         return route, body, self._parse_request(route, body, vllm)
 
     def _parse_job(self, job_input: Any) -> Tuple[str, Any]:
-        if not isinstance(job_input, MappingType):
+        if not isinstance(job_input, Mapping):
             raise OpenAIRequestError("must be an object with openai_route and openai_input", "input")
         try:  # before anything of the input is echoed in an error (an unknown key, a value)
             encoded_json(job_input.get("openai_input"), "openai_input")
@@ -250,7 +249,7 @@ class OpenAIRoutes:
         body = job_input.get("openai_input")
         if route == MODELS_ROUTE:
             return route, body
-        if not isinstance(body, MappingType):
+        if not isinstance(body, Mapping):
             raise OpenAIRequestError("must be the request body, a JSON object", "openai_input")
         return route, dict(body)
 
@@ -280,9 +279,10 @@ class OpenAIRoutes:
 
 class PromptLogprobsLimit:
     """The shared engine as vLLM's serving layers see it: a request for prompt logprobs
-    (``prompt_logprobs``, or /v1/completions ``echo`` with ``logprobs``) over a prompt longer
-    than MAX_PROMPT_LOGPROBS_TOKENS is refused before the engine gets it. Only here is the
-    prompt's token count known: vLLM's serving layer has just rendered and tokenized it.
+    (``prompt_logprobs``, or ``echo``, which makes vLLM compute them: with ``logprobs`` on
+    /v1/completions, always on chat) over a prompt longer than MAX_PROMPT_LOGPROBS_TOKENS is
+    refused before the engine gets it. Only here is the prompt's token count known: vLLM's
+    serving layer has just rendered and tokenized it.
 
     Everything but ``generate`` is the engine itself.
     """
@@ -292,12 +292,12 @@ class PromptLogprobsLimit:
         self._limit = limits.max_prompt_logprobs_tokens
 
     def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
-        tokens = len(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, MappingType) else 0
+        tokens = len(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, Mapping) else 0
         if getattr(sampling_params, "prompt_logprobs", None) is not None and tokens > self._limit:
             from vllm.exceptions import VLLMValidationError  # vLLM's serving layer answers it as a 400
 
             raise VLLMValidationError(
-                f"asks for prompt logprobs (prompt_logprobs, or echo with logprobs) over a prompt of {tokens} "
+                f"asks for prompt logprobs (prompt_logprobs, or echo) over a prompt of {tokens} "
                 f"tokens; MAX_PROMPT_LOGPROBS_TOKENS allows at most {self._limit}", parameter="prompt_logprobs")
         return self._engine.generate(prompt, sampling_params, *args, **kwargs)
 
