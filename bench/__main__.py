@@ -7,6 +7,7 @@
     python -m bench gpu-profile [options]       # batch-1 decode step vs the roofline (bench/gpu_profile.py)
     .venv/bin/python -m bench plot [options]    # PNGs of tokens/s vs concurrency from bench/results/*.json
     python -m bench openai --model DIR [...]    # one Responses and one chat job through the worker (bench/openai_session.py)
+    .venv/bin/python -m bench input-blocking    # a long prompt beside 32 streams: their chunk gaps (bench/input_blocking.py)
 
 ``python -m bench SUITE --help`` shows each suite's options.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-SUITES = ("cpu", "platform", "posts", "gpu", "gpu-profile", "plot", "openai")
+SUITES = ("cpu", "platform", "posts", "gpu", "gpu-profile", "plot", "openai", "input-blocking")
 
 
 def main(argv=None) -> int:
@@ -50,6 +51,10 @@ def main(argv=None) -> int:
         from bench import openai_session
 
         return openai_session.main(rest)
+    elif suite == "input-blocking":
+        from bench import input_blocking
+
+        input_blocking.main(rest)
     else:
         from bench import plot
 

@@ -136,6 +136,17 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
             max_stop_strings=env.integer("MAX_STOP_STRINGS", limits.max_stop_strings, minimum=0),
             max_stop_length=env.integer("MAX_STOP_LENGTH", limits.max_stop_length, minimum=1),
             max_n=env.integer("MAX_N", limits.max_n, minimum=1),
+            max_sequences=env.integer("MAX_SEQUENCES", limits.max_sequences, minimum=1),
+            max_stop_token_ids=env.integer("MAX_STOP_TOKEN_IDS", limits.max_stop_token_ids, minimum=0),
+            max_bad_words=env.integer("MAX_BAD_WORDS", limits.max_bad_words, minimum=0),
+            max_logprobs=env.integer("MAX_LOGPROBS", limits.max_logprobs, minimum=0),
+            max_logit_bias=env.integer("MAX_LOGIT_BIAS", limits.max_logit_bias, minimum=0),
+            max_prompt_logprobs_tokens=env.integer("MAX_PROMPT_LOGPROBS_TOKENS", limits.max_prompt_logprobs_tokens,
+                                                   minimum=0),
+            max_grammar_bytes=env.integer("MAX_GRAMMAR_BYTES", limits.max_grammar_bytes, minimum=0),
+            # vLLM 0.32 refuses schemas nested deeper than 64 levels itself.
+            max_schema_depth=env.integer("MAX_SCHEMA_DEPTH", limits.max_schema_depth, minimum=1, maximum=64),
+            grammar_compile_timeout_s=env.seconds("GRAMMAR_COMPILE_TIMEOUT_S", limits.grammar_compile_timeout_s),
         ),
         status_port=env.optional_integer("WORKER_STATUS_PORT", minimum=1, maximum=65535),
         baked_model_manifest=env.text("BAKED_MODEL_MANIFEST", default.baked_model_manifest),
@@ -236,6 +247,16 @@ class _Env:
 
     def optional_integer(self, name: str, minimum: int, maximum: Optional[int] = None) -> Optional[int]:
         return self.integer(name, None, minimum, maximum)  # type: ignore[arg-type]
+
+    def seconds(self, name: str, default: float) -> float:
+        """A duration in seconds, >= 0."""
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not 0.0 <= value < float("inf"):
+                raise ValueError
+            return value
+
+        return self._parse(name, default, parse, "a number of seconds >= 0")
 
     def fraction(self, name: str, default: float) -> float:
         def parse(raw: str) -> float:

@@ -96,8 +96,18 @@ class IncompleteModelError(WorkerError):
 
 
 def job_error_output(error: Dict[str, Any]) -> Dict[str, str]:
-    """What a failed job yields: its error object as JSON text (see the module docstring)."""
-    return {"error": json.dumps(error, ensure_ascii=False)}
+    """What a failed job yields: its error object as JSON text (see the module docstring).
+
+    The text is always valid UTF-8: the SDK posts it encoded, and a lone surrogate echoed
+    from the input (a field name, a value) would make that post fail and the job's result
+    never arrive. Such text is written with JSON's ASCII escapes (``\\ud800``) instead.
+    """
+    text = json.dumps(error, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(error, ensure_ascii=True, default=str)
+    return {"error": text}
 
 
 def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[str, str]:

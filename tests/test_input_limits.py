@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, JobInputError
-from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, check_openai_limits, parse_job_input
+from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
 from gams_worker.jobs.input import InputLimits
 from gams_worker.jobs.chat import prepare_prompt
 
 # Small limits, so that generated inputs reach every one of them often.
 SMALL = InputLimits(max_input_bytes=4096, max_prompt_chars=600, max_messages=6, max_stop_strings=3,
-                    max_stop_length=12, max_n=4)
+                    max_stop_length=12, max_n=4, max_sequences=4)
 MAX_MODEL_LEN = 128
 DEFAULT_MAX_TOKENS = 64
 # a.b[0].c, or an odd key quoted as JSON: input[""], sampling_params["a.b"], messages[0]["x]"]
@@ -162,40 +162,68 @@ def test_each_limit_is_inclusive_and_its_breach_names_the_field():
 
 
 def test_openai_bodies_meet_the_same_limits_named_by_their_own_fields():
-    def field(body: Any) -> Any:
+    from gams_worker.jobs.openai_input import CHAT_ROUTE, COMPLETIONS_ROUTE, ROUTE_FIELDS, check_openai_body
+
+    def field(body: Any, route: str = COMPLETIONS_ROUTE) -> Any:
         try:
-            check_openai_limits(body, SMALL)
+            check_openai_body(route, body, set(ROUTE_FIELDS[route]), SMALL, None)
         except JobInputError as exc:
             return exc.field
         return None
 
     chat = [{"role": "user", "content": "Živjo"}]
-    assert field({"messages": chat, "n": SMALL.max_n, "stop": ["s" * SMALL.max_stop_length] * SMALL.max_stop_strings}) is None
+    assert field({"messages": chat, "n": SMALL.max_n, "stop": ["s" * SMALL.max_stop_length] * SMALL.max_stop_strings},
+                 CHAT_ROUTE) is None
     assert field({"prompt": "Bled", "n": SMALL.max_n + 1}) == "n"
     assert field({"prompt": "Bled", "stop": "s" * (SMALL.max_stop_length + 1)}) == "stop[0]"
     assert field({"prompt": "Bled", "stop": ["s"] * (SMALL.max_stop_strings + 1)}) == "stop"
     assert field({"prompt": ["a" * 300, "b" * 301]}) == "prompt"  # all prompts of a batch together
-    assert field({"messages": chat * (SMALL.max_messages + 1)}) == "messages"
+    assert field({"prompt": ["a"] * (SMALL.max_sequences + 1)}) == "prompt"  # prompts x n
+    assert field({"prompt": ["a", "b"], "n": 2}) is None
+    assert field({"messages": chat * (SMALL.max_messages + 1)}, CHAT_ROUTE) == "messages"
     parts = [{"type": "text", "text": "a" * 300}, {"type": "text", "text": "b" * 301}]
-    assert field({"messages": [{"role": "user", "content": parts}]}) == "messages"
+    assert field({"messages": [{"role": "user", "content": parts}]}, CHAT_ROUTE) == "messages"
     assert field({"prompt": "a" * SMALL.max_input_bytes}) == "openai_input"
-    # Values of another type are left to vLLM's own validation, which names them too.
-    assert field({"prompt": [[1, 2, 3]], "n": "two", "stop": 5, "messages": "hi"}) is None
+    # Types as plain jobs check them: vLLM's model would coerce these.
+    assert field({"prompt": "Bled", "n": "2"}) == "n"
+    assert field({"prompt": "Bled", "n": 2.0}) == "n"
+    assert field({"prompt": "Bled", "stop": 5}) == "stop"
+    assert field({"messages": "hi"}, CHAT_ROUTE) == "messages"
+    assert field({"prompt": [[1, 2, 3]], "n": 1}) is None  # token ids
+
+
+def test_every_accepted_openai_field_is_one_of_vllms_request_fields():
+    """The contract's lists name vLLM 0.32's own fields: a rename there must fail here, not pass silently."""
+    from gams_worker.jobs import openai as openai_jobs
+    from gams_worker.jobs.openai_input import ROUTE_FIELDS, TOKENIZE_ROUTE
+
+    vllm = {**openai_jobs._import_vllm_openai(), **openai_jobs._import_vllm_responses_and_tokenize()}
+    for route, fields in ROUTE_FIELDS.items():
+        bodies = [{"messages": []}, {"prompt": ""}] if route == TOKENIZE_ROUTE else [{}]
+        known = set().union(*(openai_jobs._request_class(route, body, vllm).model_fields for body in bodies))
+        assert set(fields) <= known, (route, set(fields) - known)
 
 
 def test_limits_come_from_the_environment_with_documented_defaults():
     assert load_config({}).input_limits == InputLimits(
         max_input_bytes=1_048_576, max_prompt_chars=200_000, max_messages=256,
-        max_stop_strings=16, max_stop_length=256, max_n=16)
+        max_stop_strings=16, max_stop_length=256, max_n=16, max_sequences=16, max_stop_token_ids=16,
+        max_bad_words=16, max_logprobs=20, max_logit_bias=300, max_prompt_logprobs_tokens=256,
+        max_grammar_bytes=32_768, max_schema_depth=32, grammar_compile_timeout_s=10.0)
     config = load_config({"MAX_INPUT_BYTES": "2048", "MAX_PROMPT_CHARS": "10", "MAX_MESSAGES": "2",
-                          "MAX_STOP_STRINGS": "0", "MAX_STOP_LENGTH": "3", "MAX_N": "2", "WORKER_STATUS_PORT": "9000"})
-    assert config.input_limits == InputLimits(2048, 10, 2, 0, 3, 2)
+                          "MAX_STOP_STRINGS": "0", "MAX_STOP_LENGTH": "3", "MAX_N": "2", "MAX_SEQUENCES": "3",
+                          "MAX_STOP_TOKEN_IDS": "4", "MAX_BAD_WORDS": "5", "MAX_LOGPROBS": "6", "MAX_LOGIT_BIAS": "7",
+                          "MAX_PROMPT_LOGPROBS_TOKENS": "8", "MAX_GRAMMAR_BYTES": "9", "MAX_SCHEMA_DEPTH": "10",
+                          "GRAMMAR_COMPILE_TIMEOUT_S": "2.5", "WORKER_STATUS_PORT": "9000"})
+    assert config.input_limits == InputLimits(2048, 10, 2, 0, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10, 2.5)
     assert config.status_port == 9000
     with pytest.raises(JobInputError) as info:
         parse_job_input({"prompt": "a", "sampling_params": {"stop": "x"}}, 16, config.input_limits)
     assert info.value.field == "sampling_params.stop"
     for variable, value in [("MAX_INPUT_BYTES", "10"), ("MAX_PROMPT_CHARS", "0"), ("MAX_N", "many"),
-                            ("MAX_STOP_STRINGS", "-1"), ("WORKER_STATUS_PORT", "70000"), ("WORKER_STATUS_PORT", "0")]:
+                            ("MAX_STOP_STRINGS", "-1"), ("WORKER_STATUS_PORT", "70000"), ("WORKER_STATUS_PORT", "0"),
+                            ("MAX_SCHEMA_DEPTH", "65"), ("GRAMMAR_COMPILE_TIMEOUT_S", "-1"),
+                            ("GRAMMAR_COMPILE_TIMEOUT_S", "nan")]:
         with pytest.raises(ConfigError) as info:
             load_config({variable: value})
         assert variable in str(info.value) and repr(value) in str(info.value)

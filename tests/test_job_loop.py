@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import random
 import signal
 import subprocess
@@ -392,6 +393,49 @@ def test_jobs_go_through_the_workers_result_path_where_it_serves_the_config():
     lean, sdk = asyncio.run(scenario())
     assert getattr(lean, "__self__", None).__class__ is ResultPoster
     assert sdk is rp_job.handle_job
+
+
+# --------------------------------------------------------------------------- takes the SDK could not parse
+def test_a_take_too_deep_for_json_fails_its_jobs_instead_of_dropping_them():
+    from gams_worker.jobs.route import UNREADABLE_JOB, JobRouter
+    from gams_worker.platform.job_loop import read_take
+
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(RecursionError):  # what the SDK's take meets, and drops the take for
+        json.loads(deep)
+    batch = f'[{{"input": {deep}, "id": "job-a"}}, {{"id": "job-b", "input": {{"prompt": "a\\"}}"}}}}]'
+    jobs = asyncio.run(read_take(batch))
+    assert [job["id"] for job in jobs] == ["job-a", "job-b"]
+    assert all("nests deeper" in job[UNREADABLE_JOB] for job in jobs)
+
+    async def outputs(job):
+        return [output async for output in JobRouter(None, None).run(job)]
+
+    (output,) = asyncio.run(outputs(jobs[0]))
+    error = json.loads(output["error"])
+    assert error["type"] == "invalid_input" and error["field"] == "input" and "nests deeper" in error["message"]
+    (job,) = asyncio.run(read_take('{"id": "job-c", "input": {"prompt": "a",}}'))  # not JSON: the SDK drops it
+    assert job["id"] == "job-c" and "not valid JSON" in job[UNREADABLE_JOB]
+
+
+def test_a_take_that_parses_is_the_sdks_jobs_and_jobs_without_an_id_are_left_out():
+    from gams_worker.platform.job_loop import job_ids_in, read_take
+
+    assert asyncio.run(read_take('{"id": "j1", "input": {"prompt": "a"}}')) == [{"id": "j1", "input": {"prompt": "a"}}]
+    assert asyncio.run(read_take('[{"id": "j1", "input": 1}, {"input": 2}, 3]')) == [{"id": "j1", "input": 1}]
+    assert asyncio.run(read_take("[]")) is None
+    # Only the jobs' own ids, wherever they stand and whatever their inputs hold.
+    text = '[{"input": {"id": "not-me", "x": ["id", {"id": "nor-me"}]}, "id": "j\\u00e9"}, {"id": "j2"}]'
+    assert job_ids_in(text) == ["j\u00e9", "j2"]
+    assert job_ids_in('{"id": 5, "input": {}}') == []
+
+
+def test_the_job_loop_takes_through_read_take_unless_the_sdk_config_replaces_the_take():
+    from gams_worker.platform.job_loop import take_jobs
+
+    assert JobLoop({"handler": None}).jobs_fetcher is take_jobs
+    platform = FakePlatform()
+    assert JobLoop(platform.config(1)).jobs_fetcher == platform.take
 
 
 # --------------------------------------------------------------------------- the SDK-version guard

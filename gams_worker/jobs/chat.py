@@ -1,16 +1,26 @@
 """Gemma's chat rules, for plain and OpenAI jobs alike, and a plain job's prompt as token ids.
 
-Message content is a string or OpenAI-style text parts. Where the model's chat template
-refuses a ``system`` role (Gemma 2; gams_worker/jobs/chat_template.py learns it at start-up),
-a leading system message is folded into the first user turn (separated by a blank line)
-instead of failing the job, and a system message anywhere else is an error; where the
-template renders a system role (Gemma 3), messages go to it as they are.
+Message content is a string or OpenAI-style text parts. Roles are ``system``, ``developer``
+(what OpenAI clients now send for instructions: it is a system message), ``user`` and
+``assistant``; any other role is an error naming it. Where the model's chat template refuses a
+``system`` role (Gemma 2; gams_worker/jobs/chat_template.py learns it at start-up), a leading
+system (or developer) message is folded into the first user turn (separated by a blank line)
+instead of failing the job, and one anywhere else is an error; where the template renders a
+system role (Gemma 3), messages go to it as they are, developer messages as system ones.
+
+The text of a chat job may not hold the tokenizer's control tokens (``<start_of_turn>``,
+``<end_of_turn>``, ``<bos>``, ...): the rendered template is tokenized as a whole, so such text
+would become the real token and let a user forge turns, a system turn among them. It is refused
+with an error naming the field (refuse_control_tokens). Plain ``prompt`` jobs and
+/v1/completions prompts are raw text the caller owns, special tokens included.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+import json
+import re
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from gams_worker.errors import JobInputError
 from gams_worker.jobs.chat_template import ChatTemplateFacts
@@ -25,6 +35,9 @@ class PreparedPrompt:
     sampling: Dict[str, Any]  # with max_tokens fitted to the model length
 
 
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat's, and Responses' input and output text
+
+
 def join_text_parts(content: Any, field: str) -> str:
     """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
     if isinstance(content, str):
@@ -32,11 +45,76 @@ def join_text_parts(content: Any, field: str) -> str:
     if isinstance(content, list) and content:
         texts = []
         for i, part in enumerate(content):
-            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            if not (isinstance(part, Mapping) and part.get("type") in TEXT_PART_TYPES
+                    and isinstance(part.get("text"), str)):
                 raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
             texts.append(part["text"])
         return "".join(texts)
     raise JobInputError("must be a string or a list of text parts", field)
+
+
+CHAT_ROLES = ("system", "user", "assistant")  # what the chat template gets; "developer" becomes "system"
+
+
+def key_path(prefix: str, key: Any) -> str:
+    """``prefix`` + key; a key that is empty or holds . [ ] or " is quoted: ``input[""]``."""
+    if isinstance(key, str) and key and not any(c in key for c in '.[]"'):
+        return f"{prefix}{key}"
+    return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
+
+
+def strings_in(value: Any, field: str) -> Iterator[Tuple[str, str]]:
+    """(path, text) of every string inside ``value`` (a message, its parts, a list of items), in
+    order, without recursion; object keys are not texts, their values are."""
+    stack: List[Tuple[str, Any]] = [(field, value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            yield path, node
+        elif isinstance(node, Mapping):
+            stack.extend(reversed([(key_path(path + ".", key), child) for key, child in node.items()]))
+        elif isinstance(node, list):
+            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
+
+
+def refuse_control_tokens(value: Any, field: str, template: Optional[ChatTemplateFacts]) -> None:
+    """JobInputError naming the first string inside ``value`` that holds a control token's text."""
+    if template is None or not template.control_tokens:
+        return
+    pattern = _control_token_pattern(template.control_tokens)
+    for path, text in strings_in(value, field):
+        found = pattern.search(text)
+        if found:
+            raise JobInputError(
+                f"contains the control token {found.group()!r}: chat messages may not hold the model's special "
+                "tokens (they would be read as real turn markers); send them in a plain prompt job if you mean them",
+                path)
+
+
+_patterns: Dict[Tuple[str, ...], "re.Pattern[str]"] = {}
+
+
+def _control_token_pattern(tokens: Tuple[str, ...]) -> "re.Pattern[str]":
+    if tokens not in _patterns:  # one per tokenizer, built once
+        _patterns[tokens] = re.compile("|".join(re.escape(token) for token in tokens))
+    return _patterns[tokens]
+
+
+def chat_roles(messages: Sequence[Any]) -> List[Dict[str, Any]]:
+    """The messages as dicts with the roles the template knows: a ``developer`` message is a
+    system message; a role the plain dialect does not serve (``tool``, ``function``...) is an error."""
+    chat = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise JobInputError("must be an object with 'role' and 'content'", f"messages[{i}]")
+        message = dict(message)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        if message.get("role") not in CHAT_ROLES:
+            raise JobInputError(f"role {message.get('role')!r} is not served: roles are system, developer, "
+                                "user and assistant (GaMS's chat template has no tool turns)", f"messages[{i}].role")
+        chat.append(message)
+    return chat
 
 
 def fold_system_message(messages: Sequence[Any]) -> List[Dict[str, Any]]:
@@ -44,13 +122,11 @@ def fold_system_message(messages: Sequence[Any]) -> List[Dict[str, Any]]:
 
     Other keys of a message (an OpenAI ``name``) and a user turn's content parts are kept.
     """
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise JobInputError("must be an object with 'role' and 'content'", f"messages[{i}]")
-        if i > 0 and message.get("role") == "system":
-            raise JobInputError("a system message may only come first (Gemma 2 has no system role)",
+    chat = chat_roles(messages)
+    for i, message in enumerate(chat):
+        if i > 0 and message["role"] == "system":
+            raise JobInputError("a system (or developer) message may only come first (Gemma 2 has no system role)",
                                 f"messages[{i}].role")
-    chat = [dict(message) for message in messages]
     if not chat or chat[0].get("role") != "system":
         return chat
     system, rest = join_text_parts(chat[0].get("content"), "messages[0].content"), chat[1:]
@@ -70,8 +146,16 @@ def template_messages(messages: Sequence[Any], template: Optional[ChatTemplateFa
     """The messages as the chat template gets them, for both dialects: a leading system message
     folded where the template refuses a system role (``template`` None: not known, so fold)."""
     if template is not None and template.accepts_system:
-        return list(messages)
+        return chat_roles(messages)
     return fold_system_message(messages)
+
+
+def plain_chat_messages(messages: Sequence[Dict[str, str]], template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
+    """A plain job's validated messages as the template gets them: control tokens refused, roles
+    and the system message ruled (template_messages)."""
+    for i, message in enumerate(messages):
+        refuse_control_tokens(message["content"], f"messages[{i}].content", template)
+    return template_messages(messages, template)
 
 
 def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
@@ -82,7 +166,7 @@ def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
     """
     if job.messages is not None:
         field = "messages"
-        chat = template_messages(job.messages, template)
+        chat = plain_chat_messages(job.messages, template)
         try:
             text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template's own raise_exception, or a Jinja error

@@ -11,6 +11,11 @@ Two facts decide how chat jobs (plain ``messages``, OpenAI chat, Responses) are 
 - **system role**: whether the template renders a system message. Where it raises (Gemma 2) or
   drops the text, a leading system message is folded into the first user turn; where it renders
   it (Gemma 3), the system message goes to the template as is.
+
+It also keeps the text of the tokenizer's control tokens (its special tokens: ``<bos>``,
+``<start_of_turn>``, ``<end_of_turn>``, ...): the rendered template is tokenized as a whole, so
+such text inside a message would become the real token and let a user write turns of their own.
+Chat jobs refuse it by field (gams_worker/jobs/chat.py).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class ChatTemplateFacts:
     end_of_turn_id: Optional[int]  # None: the template writes no special token after a turn
     end_of_turn_token: Optional[str]
     accepts_system: bool  # False: fold a leading system message into the first user turn
+    control_tokens: Tuple[str, ...] = ()  # special tokens' text, longest first: refused in chat messages
 
 
 def probe_chat_template(tokenizer: Any) -> ChatTemplateFacts:
@@ -42,7 +48,14 @@ def probe_chat_template(tokenizer: Any) -> ChatTemplateFacts:
         end_of_turn_id=end_of_turn[0] if end_of_turn else None,
         end_of_turn_token=end_of_turn[1] if end_of_turn else None,
         accepts_system=accepts_system_role(tokenizer),
+        control_tokens=control_tokens(tokenizer),
     )
+
+
+def control_tokens(tokenizer: Any) -> Tuple[str, ...]:
+    """The text of every special token, as the tokenizer would find it inside rendered text."""
+    texts = {tokenizer.convert_ids_to_tokens(token_id) for token_id in _special_ids(tokenizer)}
+    return tuple(sorted((t for t in texts if isinstance(t, str) and t), key=lambda t: (-len(t), t)))
 
 
 def find_end_of_turn(tokenizer: Any) -> Optional[Tuple[int, str]]:

@@ -1,5 +1,5 @@
-"""Validation of a job's input: a plain job into a typed ``JobInput``, and the input limits of
-both dialects (an OpenAI job's request body meets the same limits).
+"""Validation of a job's input: a plain job into a typed ``JobInput``, and the input limits that
+both dialects share (gams_worker/jobs/openai_input.py holds an OpenAI job's request contract).
 
 A plain job's accepted shape (every other field is rejected by name)::
 
@@ -9,20 +9,45 @@ A plain job's accepted shape (every other field is rejected by name)::
 
 Errors raise ``JobInputError`` with the dotted path of the field at fault.
 
-Size limits are checked before any tokenization or engine work; a job over one gets an error
-naming the field, and no limit ever truncates. The defaults (each overridable by the
-environment variable in brackets):
+Every count that costs the engine or the worker has a limit, checked before any tokenization
+or engine work, the same in both dialects wherever the dialect has the field; a job over one
+gets an error naming the field, and no limit ever truncates. The defaults (each overridable by
+the environment variable in brackets):
 
 - ``max_input_bytes`` [MAX_INPUT_BYTES] 1 MiB: the whole ``input`` (an OpenAI job's request
   body) as UTF-8 JSON. RunPod itself accepts up to 10 MB (/run) and 20 MB (/runsync); nothing
   that fits GaMS's context comes near 1 MiB, and it bounds the worker's memory and parsing time.
-- ``max_prompt_chars`` [MAX_PROMPT_CHARS] 200,000: the prompt, or all message contents
-  together (/v1/responses: ``input`` with ``instructions``). GaMS's 8192-token context holds roughly 40,000 characters of Slovene; the rest is
-  headroom for unusual tokenizations. It bounds tokenizer time, which runs on the event loop.
+  The input may nest objects and lists at most MAX_JSON_DEPTH (100) levels: deeper than
+  Python's own JSON handling goes.
+- ``max_prompt_chars`` [MAX_PROMPT_CHARS] 200,000: the prompt (all prompts of a /v1/completions
+  list), or every text of the messages together: contents, text and refusal parts, names
+  (/v1/responses: ``input`` with ``instructions``). GaMS's 8192-token context holds roughly
+  40,000 characters of Slovene; the rest is headroom for unusual tokenizations.
 - ``max_messages`` [MAX_MESSAGES] 256 chat messages (/v1/responses: ``input`` items).
 - ``max_stop_strings`` [MAX_STOP_STRINGS] 16 and ``max_stop_length`` [MAX_STOP_LENGTH] 256
   characters each: vLLM checks every stop string against new text at every step.
-- ``max_n`` [MAX_N] 16 choices per job: each choice is a sequence in the batch.
+- ``max_n`` [MAX_N] 16 choices per prompt, and ``max_sequences`` [MAX_SEQUENCES] 16 sequences
+  per job: prompts x ``n``, each a sequence in the batch with its own ``max_tokens``
+  (a /v1/completions prompt list multiplies both; vLLM's own cap is 1024 prompts).
+- ``max_stop_token_ids`` [MAX_STOP_TOKEN_IDS] 16: ``stop_token_ids``, checked at every step.
+- ``max_bad_words`` [MAX_BAD_WORDS] 16 ``bad_words``, each at most MAX_STOP_LENGTH characters:
+  vLLM matches each against the newest tokens at every step.
+- ``max_logprobs`` [MAX_LOGPROBS] 20: ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs``
+  per token (vLLM's own default ``max_logprobs``); -1 (the whole vocabulary) is refused.
+- ``max_logit_bias`` [MAX_LOGIT_BIAS] 300 ``logit_bias`` entries, applied at every step.
+- ``max_prompt_logprobs_tokens`` [MAX_PROMPT_LOGPROBS_TOKENS] 256: ``prompt_logprobs`` (or
+  /v1/completions ``echo`` with ``logprobs``) only on prompts of at most this many tokens. Each
+  prompt token makes a full-vocabulary row of logits (Gemma: 256,000 floats, 1 MiB in float32,
+  several copies while log-softmaxed), outside the memory vLLM profiled at start-up: a long
+  prompt there is a known out-of-memory path on the GPU. 256 rows stay in the order of what
+  vLLM's sampler profile covers.
+- ``max_grammar_bytes`` [MAX_GRAMMAR_BYTES] 32 KiB and ``max_schema_depth`` [MAX_SCHEMA_DEPTH]
+  32: a structured-output constraint (``response_format``, ``structured_outputs``, Responses
+  ``text``) as JSON, and how deep its objects and arrays nest (vLLM's own cap is 64). Grammar
+  compile time grows with both.
+- ``grammar_compile_timeout_s`` [GRAMMAR_COMPILE_TIMEOUT_S] 10 s: a constraint must compile
+  within this time, in the worker, before the engine gets the request
+  (gams_worker/jobs/grammar.py); 0 turns that check off.
 
 ``max_tokens`` is bounded by MAX_MODEL_LEN minus the prompt's tokens (gams_worker/jobs/chat.py).
 """
@@ -35,9 +60,10 @@ import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.chat import join_text_parts
+from gams_worker.jobs.chat import join_text_parts, key_path
 
-ROLES = ("system", "user", "assistant")
+# "developer" is what OpenAI clients now send for instructions: a system message (chat.template_messages).
+ROLES = ("system", "developer", "user", "assistant")
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
 
@@ -49,16 +75,53 @@ class InputLimits:
     max_stop_strings: int = 16
     max_stop_length: int = 256
     max_n: int = 16
+    max_sequences: int = 16
+    max_stop_token_ids: int = 16
+    max_bad_words: int = 16
+    max_logprobs: int = 20
+    max_logit_bias: int = 300
+    max_prompt_logprobs_tokens: int = 256
+    max_grammar_bytes: int = 32_768
+    max_schema_depth: int = 32
+    grammar_compile_timeout_s: float = 10.0
 
 
-def check_input_size(raw: Any, limits: InputLimits, field: str) -> None:
-    """The whole input, serialized as the platform sent it, must fit ``max_input_bytes``."""
+# How deep a job's input may nest objects and lists: Python's JSON encoder and decoder recurse
+# once per level and fail near 1000, which a job must never reach inside the worker.
+MAX_JSON_DEPTH = 100
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and lists nest more than ``limit`` levels deep in ``value`` (the outermost
+    one is level 1), measured level by level, without recursion (as vLLM measures schemas)."""
+    level = [value] if isinstance(value, (Mapping, list)) else []
+    for _ in range(limit):
+        level = [child for node in level for child in (node.values() if isinstance(node, Mapping) else node)
+                 if isinstance(child, (Mapping, list))]
+        if not level:
+            return False
+    return bool(level)
+
+
+def encoded_json(raw: Any, field: str) -> bytes:
+    """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode.
+
+    A lone surrogate must be refused here, before anything echoes the input back: the error
+    that names it would otherwise be text that cannot be sent (gams_worker/errors.py).
+    """
+    if nests_deeper_than(raw, MAX_JSON_DEPTH):
+        raise JobInputError(f"nests objects and lists more than {MAX_JSON_DEPTH} levels deep", field)
     try:
-        encoded = json.dumps(raw, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return json.dumps(raw, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
         raise JobInputError("contains a lone surrogate (text that is not valid Unicode)", field) from None
     except (TypeError, ValueError, RecursionError):
         raise JobInputError("must be plain JSON (objects, lists, strings, finite numbers)", field) from None
+
+
+def check_input_size(raw: Any, limits: InputLimits, field: str) -> None:
+    """The whole input, serialized as the platform sent it, must fit ``max_input_bytes``."""
+    encoded = encoded_json(raw, field)
     if len(encoded) > limits.max_input_bytes:
         raise JobInputError(
             f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most {limits.max_input_bytes}", field
@@ -133,7 +196,7 @@ def _stop(field: str, value: Any) -> List[str]:
 SAMPLING_FIELDS: Dict[str, Callable[[str, Any], Any]] = {
     "max_tokens": _integer(1),
     "min_tokens": _integer(0),
-    "temperature": _number(0.0, 100.0),
+    "temperature": _number(0.0, 2.0),  # vLLM 0.32 refuses more
     "top_p": _number(0.0, 1.0, low_open=True),
     "top_k": _top_k,
     "min_p": _number(0.0, 1.0),
@@ -177,14 +240,7 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
 def _reject_unknown(obj: Mapping, allowed: Tuple[str, ...], prefix: str) -> None:
     for key in obj:
         if key not in allowed:
-            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", _key_path(prefix, key))
-
-
-def _key_path(prefix: str, key: Any) -> str:
-    """``prefix`` + key; a key that is empty or holds . [ ] or " is quoted: ``input[""]``."""
-    if isinstance(key, str) and key and not any(c in key for c in '.[]"'):
-        return f"{prefix}{key}"
-    return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
+            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", key_path(prefix, key))
 
 
 def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:
@@ -219,53 +275,22 @@ def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple
     return sampling, max_tokens_given
 
 
-def _check_sampling_limits(sampling: Dict[str, Any], limits: InputLimits, prefix: str = "sampling_params.") -> None:
-    n = sampling.get("n")
-    if isinstance(n, int):
-        check_count(n, limits.max_n, "MAX_N", "choices", prefix + "n")
-    stop = sampling.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
-    check_count(len(stop), limits.max_stop_strings, "MAX_STOP_STRINGS", "stop strings", prefix + "stop")
+def _check_sampling_limits(sampling: Dict[str, Any], limits: InputLimits) -> None:
+    check_sequences(sampling.get("n", 1), 1, limits, "sampling_params.n")
+    check_stop_strings(sampling.get("stop", []), limits, "sampling_params.stop")
+
+
+def check_sequences(n: int, prompts: int, limits: InputLimits, n_field: str, prompts_field: str = "") -> None:
+    """``n`` choices for each of ``prompts`` prompts: at most MAX_N choices, MAX_SEQUENCES in all
+    (named by ``n_field``, or by ``prompts_field`` where a list of prompts multiplies them)."""
+    check_count(n, limits.max_n, "MAX_N", "choices", n_field)
+    if n * prompts > limits.max_sequences:
+        raise JobInputError(f"asks for {prompts} prompts x {n} choices = {n * prompts} sequences; "
+                            f"MAX_SEQUENCES allows at most {limits.max_sequences} per job",
+                            n_field if prompts == 1 else prompts_field)
+
+
+def check_stop_strings(stop: List[str], limits: InputLimits, field: str) -> None:
+    check_count(len(stop), limits.max_stop_strings, "MAX_STOP_STRINGS", "stop strings", field)
     for i, item in enumerate(stop):
-        if isinstance(item, str):
-            check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"{prefix}stop[{i}]")
-
-
-def check_openai_limits(body: Mapping[str, Any], limits: InputLimits) -> None:
-    """The input limits on an OpenAI request body, fields named as the body names them.
-
-    Only values of the right type are measured; vLLM's own validation names the rest.
-    """
-    check_input_size(body, limits, "openai_input")
-    _check_sampling_limits(body, limits, prefix="")
-    prompt, messages = body.get("prompt"), body.get("messages")
-    if prompt is not None:  # /v1/completions: a string, or a list of strings (or token ids)
-        prompts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
-        check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt", limits)
-    if isinstance(messages, list):
-        check_count(len(messages), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
-        check_prompt_chars(sum(_text_chars(m.get("content")) for m in messages if isinstance(m, Mapping)),
-                           "messages", limits)
-    _check_responses_input(body, limits)
-
-
-def _check_responses_input(body: Mapping[str, Any], limits: InputLimits) -> None:
-    """/v1/responses: ``input`` (a string or a list of items) and ``instructions`` become the
-    chat messages together, so their text counts together, named ``input``."""
-    items, instructions = body.get("input"), body.get("instructions")
-    chars = len(instructions) if isinstance(instructions, str) else 0
-    if isinstance(items, str):
-        chars += len(items)
-    elif isinstance(items, list):
-        check_count(len(items), limits.max_messages, "MAX_MESSAGES", "input items", "input")
-        chars += sum(_text_chars(item.get("content")) for item in items if isinstance(item, Mapping))
-    check_prompt_chars(chars, "input", limits)
-
-
-def _text_chars(content: Any) -> int:
-    """Characters of a message's text: a string, or the text of its content parts."""
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(len(p["text"]) for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
-    return 0
+        check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"{field}[{i}]")

@@ -13,12 +13,17 @@ job yields. The outputs match runpod-workers/worker-vllm:
 Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels /
 OpenAIServingResponses / ServingTokenization on the worker's one engine, so templating,
 sampling, logprobs, n, structured output and usage are vLLM's, exactly as ``vllm serve`` does
-them. The worker adds five things: Gemma's chat rules (gams_worker/jobs/chat.py; a leading
-system message folded where the template refuses a system role, Responses ``instructions``
-too), chat and Responses requests stopped at the template's end of turn
-(gams_worker/jobs/chat_template.py), the input limits of plain jobs (gams_worker/jobs/input.py),
-rejection of fields vLLM would silently ignore, and batching of stream events
-(gams_worker/jobs/streaming.py).
+them. The worker adds: Gemma's chat rules (gams_worker/jobs/chat.py; a leading system or
+developer message folded where the template refuses a system role, Responses ``instructions``
+too, control tokens in chat text refused), chat and Responses requests stopped at the
+template's end of turn (gams_worker/jobs/chat_template.py), the request contract and input
+limits of plain jobs (gams_worker/jobs/openai_input.py, checked in a worker thread, then the
+body's types checked strictly by vLLM's request model), prompt logprobs bounded by the prompt's
+tokens and grammars compiled with a deadline before the engine gets them
+(gams_worker/jobs/grammar.py), and batching of stream events (gams_worker/jobs/streaming.py).
+
+A stream that fails (vLLM ends it with an error event, or raises) ends the job with that error,
+after the text already streamed: RunPod reports the job FAILED, never COMPLETED.
 
 /v1/responses streams SSE events as ``vllm serve`` writes them (``event: <type>\ndata: {json}``,
 no ``[DONE]``); /v1/tokenize takes ``prompt`` or ``messages`` and /v1/detokenize ``tokens``,
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple
@@ -37,19 +43,20 @@ from gams_worker.config import WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
 from gams_worker.jobs.chat import template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
-from gams_worker.jobs.input import check_openai_limits
+from gams_worker.jobs.grammar import GrammarGate
+from gams_worker.jobs.input import InputLimits, encoded_json
+from gams_worker.jobs.openai_input import (
+    CHAT_ROUTE, COMPLETIONS_ROUTE, DETOKENIZE_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE,
+    check_openai_body, constraint_field,
+)
 from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher
 
 log = logging.getLogger(__name__)
 
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
-MODELS_ROUTE = "/v1/models"
-RESPONSES_ROUTE = "/v1/responses"
-TOKENIZE_ROUTE = "/v1/tokenize"
-DETOKENIZE_ROUTE = "/v1/detokenize"
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE, DETOKENIZE_ROUTE)
 JOB_FIELDS = ("openai_route", "openai_input")
+# How vLLM's chat and completion streams report a failure: one event with its error object.
+STREAM_ERROR = 'data: {"error"'
 
 
 def _import_vllm_openai() -> Dict[str, Any]:
@@ -77,13 +84,15 @@ class OpenAIRoutes:
     """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
     def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
-                 flush_policy: FlushPolicy):
+                 flush_policy: FlushPolicy, input_tokenizer: Any = None):
         self.engine = engine
         self.config = config
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
         self.flush_policy = flush_policy  # shared with plain jobs (GenerationService.flush_policy)
+        self.input_tokenizer = input_tokenizer  # the worker's own copy (GenerationService), for grammars
         self._vllm: Optional[Dict[str, Any]] = None
         self._init_lock = asyncio.Lock()
+        self.grammar: Optional[GrammarGate] = None  # built with the serving objects, on first use
 
     async def _serving(self) -> Dict[str, Any]:
         """Build the serving objects on first use, inside the job loop (they bind to it)."""
@@ -108,15 +117,17 @@ class OpenAIRoutes:
             chat_template=None,  # the model's own template
             chat_template_content_format="auto",
         )
-        # Chat and Responses requests stop at the template's end of turn.
-        chat_engine = EndOfTurnEngine(self.engine, self.chat_template, self.engine.get_tokenizer().eos_token_id)
+        # Prompt logprobs bounded by the prompt's tokens; chat and Responses requests stop at the
+        # template's end of turn.
+        engine = PromptLogprobsLimit(self.engine, self.config.input_limits)
+        chat_engine = EndOfTurnEngine(engine, self.chat_template, self.engine.get_tokenizer().eos_token_id)
         chat = vllm["OpenAIServingChat"](
             chat_engine, models, "assistant",
             online_renderer=renderer, request_logger=None,
             chat_template=None, chat_template_content_format="auto",
         )
         completion = vllm["OpenAIServingCompletion"](
-            self.engine, models, online_renderer=renderer, request_logger=None,
+            engine, models, online_renderer=renderer, request_logger=None,
         )
         extra = _import_vllm_responses_and_tokenize()
         responses = extra["OpenAIServingResponses"](
@@ -126,6 +137,8 @@ class OpenAIRoutes:
         tokenization = extra["ServingTokenization"](
             models, renderer, chat_template=None, chat_template_content_format="auto",
         )
+        self.grammar = GrammarGate(self.engine, self.input_tokenizer or self.engine.get_tokenizer(),
+                                   self.config.input_limits.grammar_compile_timeout_s)
         log.info("OpenAI routes ready for model %s: %s", self.config.model_label, ", ".join(ROUTES))
         return {**vllm, **extra, "models": models, "chat": chat, "completion": completion,
                 "responses": responses, "tokenization": tokenization}
@@ -133,14 +146,20 @@ class OpenAIRoutes:
     async def run(self, job_input: Mapping[str, Any]) -> AsyncIterator[Any]:
         """Yield the outputs of one passthrough job (see the module docstring)."""
         try:
-            route, body = self._parse_job(job_input)
             vllm = await self._serving()
+            # The contract's checks walk and encode up to MAX_INPUT_BYTES: not on the event loop.
+            route, body, request = await asyncio.to_thread(self._parse, job_input, vllm)
             if route == MODELS_ROUTE:
                 yield (await vllm["models"].show_available_models()).model_dump()
                 return
-            request = self._parse_request(route, body, vllm)
+            field = constraint_field(body)
+            if field is not None:
+                await self.grammar.check(request.extract_structured_outputs(), field)
         except OpenAIRequestError as exc:
             yield exc.to_output()
+            return
+        except JobInputError as exc:
+            yield OpenAIRequestError(exc.message, exc.field).to_output()
             return
 
         try:
@@ -178,19 +197,43 @@ class OpenAIRoutes:
             # A chat stream opens with one event per choice that carries only the role.
             events = _marked_events(result, role_events=(request.n or 1) if route == CHAT_ROUTE else 0)
         batcher: StreamBatcher = self.flush_policy.stream()
+        error: Optional[Dict[str, str]] = None
         try:
             # vLLM writes one event per generated token and choice.
             async for event, has_text in events:
+                if event.startswith(STREAM_ERROR):  # the request failed (e.g. the engine died) ...
+                    error = job_error_output(json.loads(event[len("data: "):])["error"])
+                    break  # ... and vLLM's [DONE] after it would make the job look completed
                 batch = batcher.add(event, 1, has_text)
                 if batch:
                     yield "".join(batch)
+        except Exception as exc:  # the Responses stream raises instead of writing an error event
+            error = self._error_from_exception(exc, vllm)
         finally:
             batcher.close()
+            await events.aclose()
+            await result.aclose()  # a job stopped mid-stream aborts its engine request now
         rest = batcher.drain()
         if rest:
             yield "".join(rest)
+        if error is not None:
+            yield error
 
-    def _parse_job(self, job_input: Mapping[str, Any]) -> tuple:
+    def _parse(self, job_input: Any, vllm: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Any]:
+        """(route, body, vLLM's request) of a job; OpenAIRequestError naming the field at fault."""
+        route, body = self._parse_job(job_input)
+        if route == MODELS_ROUTE:
+            return route, {}, None
+        return route, body, self._parse_request(route, body, vllm)
+
+    def _parse_job(self, job_input: Any) -> Tuple[str, Any]:
+        if not isinstance(job_input, Mapping):
+            raise OpenAIRequestError("must be an object with openai_route and openai_input", "input")
+        try:  # before anything of the input is echoed in an error (an unknown key, a value)
+            encoded_json(job_input.get("openai_input"), "openai_input")
+            encoded_json({key: value for key, value in job_input.items() if key != "openai_input"}, "input")
+        except JobInputError as exc:
+            raise OpenAIRequestError(exc.message, exc.field) from None
         for key in job_input:
             if key not in JOB_FIELDS:
                 raise OpenAIRequestError(f"unknown field; allowed: {', '.join(JOB_FIELDS)}", key)
@@ -207,20 +250,17 @@ class OpenAIRoutes:
 
     def _parse_request(self, route: str, body: Dict[str, Any], vllm: Dict[str, Any]) -> Any:
         request_class = _request_class(route, body, vllm)
-        # vLLM logs and ignores unknown fields; a misspelt parameter must not pass silently.
         known = set(request_class.model_fields) | {
             field.alias for field in request_class.model_fields.values() if field.alias
         }
-        for key in body:
-            if key not in known:
-                raise OpenAIRequestError(f"unknown parameter {key!r}", key)
         try:
-            check_openai_limits(body, self.config.input_limits)
+            check_openai_body(route, body, known, self.config.input_limits, self.chat_template)
         except JobInputError as exc:
             raise OpenAIRequestError(exc.message, exc.field) from None
         body.setdefault("model", self.config.model_label)
         try:
-            return request_class(**body)
+            # Strict, as plain jobs check types: "17" or 17.0 is not an integer, "true" not a boolean.
+            return request_class.model_validate_json(json.dumps(body, ensure_ascii=False), strict=True)
         except Exception as exc:  # pydantic's ValidationError names the field at fault
             raise OpenAIRequestError(*_describe_validation_error(exc)) from None
 
@@ -230,6 +270,34 @@ class OpenAIRoutes:
         if error["code"] >= 500:
             log.exception("OpenAI request failed in the engine", exc_info=exc)
         return job_error_output(error)
+
+
+class PromptLogprobsLimit:
+    """The shared engine as vLLM's serving layers see it: a request for prompt logprobs
+    (``prompt_logprobs``, or ``echo``, which makes vLLM compute them: with ``logprobs`` on
+    /v1/completions, always on chat) over a prompt longer than MAX_PROMPT_LOGPROBS_TOKENS is
+    refused before the engine gets it. Only here is the prompt's token count known: vLLM's
+    serving layer has just rendered and tokenized it.
+
+    Everything but ``generate`` is the engine itself.
+    """
+
+    def __init__(self, engine: Any, limits: InputLimits):
+        self._engine = engine
+        self._limit = limits.max_prompt_logprobs_tokens
+
+    def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        tokens = len(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, Mapping) else 0
+        if getattr(sampling_params, "prompt_logprobs", None) is not None and tokens > self._limit:
+            from vllm.exceptions import VLLMValidationError  # vLLM's serving layer answers it as a 400
+
+            raise VLLMValidationError(
+                f"asks for prompt logprobs (prompt_logprobs, or echo) over a prompt of {tokens} "
+                f"tokens; MAX_PROMPT_LOGPROBS_TOKENS allows at most {self._limit}", parameter="prompt_logprobs")
+        return self._engine.generate(prompt, sampling_params, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
 
 def _describe_validation_error(exc: Exception) -> tuple:

@@ -4,6 +4,10 @@ A job whose input holds ``openai_route`` came from RunPod's ``/openai/v1`` surfa
 to vLLM's OpenAI serving layer (gams_worker/jobs/openai.py); every other job is a plain job
 (gams_worker/jobs/service.py). An exception that escapes either (a bug) still ends the job
 with an error of its dialect, so that every job error a client sees is JSON (gams_worker/errors.py).
+
+A job whose take the worker could not read (gams_worker/platform/job_loop.py: nested too deep
+for Python's JSON parser, or not JSON) carries only its id and why; it fails with an
+``invalid_input`` error naming ``input``, in the plain shape, since its dialect is unknown.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import logging
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Dict, Mapping
 
-from gams_worker.errors import WORKER_ERROR, OpenAIRequestError, error_output
+from gams_worker.errors import INVALID_INPUT, WORKER_ERROR, OpenAIRequestError, error_output
 from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.service import GenerationService
 
 log = logging.getLogger(__name__)
+
+# The key of a job whose take could not be read: why, in plain words (set by the job loop's take).
+UNREADABLE_JOB = "gams_worker_unreadable"
 
 
 def is_openai_job(job_input: Any) -> bool:
@@ -42,6 +49,9 @@ class JobRouter:
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Any]:
         """Yield the job's outputs; closing this generator closes the dialect's at once (a
         stopped job's engine request is aborted in its ``finally``)."""
+        if UNREADABLE_JOB in job:
+            yield error_output(INVALID_INPUT, job[UNREADABLE_JOB], "input")
+            return
         if self.stats_log is not None:
             self.stats_log.start()
         job_input = job.get("input")

@@ -10,17 +10,20 @@ Output shapes (every job ends with exactly one item carrying ``usage``, or one e
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
-from gams_worker.jobs.chat import prepare_prompt
+from gams_worker.jobs.chat import PreparedPrompt, prepare_prompt
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template, stop_at_end_of_turn
-from gams_worker.jobs.input import parse_job_input
+from gams_worker.jobs.input import JobInput, parse_job_input
 from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher, text_by_choice
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,12 @@ class GenerationService:
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         # What the chat template does (end-of-turn token, system role), for both dialects.
         self.chat_template = probe_chat_template(tokenizer)
+        # The worker's own input work (plain jobs' prompts, grammar compiles) uses a tokenizer of its
+        # own, in threads of its own: vLLM's serving layer tokenizes OpenAI jobs in its threads with the
+        # engine's tokenizer, changing its truncation settings per call, which a concurrent use of the
+        # same tokenizer must not meet ("Already borrowed"). Plain jobs are prepared one at a time.
+        self.input_tokenizer = copy.deepcopy(tokenizer)
+        self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plain-job-input")
         log_chat_template(engine, tokenizer, self.chat_template)
         # The one flush policy of all streams, plain and OpenAI: its POST budget is the worker's.
         self.flush_policy = FlushPolicy(config.stream_batch_tokens, config.stream_batch_ms,
@@ -48,16 +57,13 @@ class GenerationService:
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
         """Yield the outputs of one job (see the module docstring for their shapes)."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            job_input = parse_job_input(job.get("input"), self.config.default_max_tokens, self.config.input_limits)
-            prompt = prepare_prompt(job_input, self.tokenizer, self.config.max_model_len, self.chat_template)
-            params = SamplingParams(**prompt.sampling, output_kind=RequestOutputKind.DELTA)
-            if job_input.messages is not None:
-                stop_at_end_of_turn(params, self.chat_template, self.tokenizer.eos_token_id)
+            # Validation, the chat template and tokenization take up to ~0.5 s for the longest
+            # prompts: in a thread, so that no other job's stream waits for them.
+            job_input, prompt, params = await asyncio.get_running_loop().run_in_executor(
+                self._prepare_thread, self._prepare, job.get("input"))
         except JobInputError as exc:
             yield exc.to_output()
             return
@@ -131,6 +137,18 @@ class GenerationService:
             "engine": self.engine_info.to_output(),
             **self._startup_metadata_once(),
         }
+
+    def _prepare(self, raw: Any) -> Tuple[JobInput, PreparedPrompt, Any]:
+        """The job's input validated, its prompt as token ids, and its vLLM SamplingParams."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        job_input = parse_job_input(raw, self.config.default_max_tokens, self.config.input_limits)
+        prompt = prepare_prompt(job_input, self.input_tokenizer, self.config.max_model_len, self.chat_template)
+        params = SamplingParams(**prompt.sampling, output_kind=RequestOutputKind.DELTA)
+        if job_input.messages is not None:
+            stop_at_end_of_turn(params, self.chat_template, self.tokenizer.eos_token_id)
+        return job_input, prompt, params
 
     def _startup_metadata_once(self) -> Dict[str, Any]:
         """The start-up timeline, in the first served job's output only."""

@@ -30,6 +30,13 @@ Two more changes:
   also keeps polling while taken jobs drain after SIGTERM (they can still be stopped), and ends
   its last poll once they have, instead of waiting out the server's hold before the process exits.
 
+The take itself is the SDK's ``get_job`` with the body parsed here (``take_jobs``): the SDK drops
+a take whose JSON it cannot parse (one nested deeper than ~950 levels raises ``RecursionError``
+in ``json.loads``; invalid JSON is logged at debug level), and with it every job of the take,
+which then never gets a result. Here each job of such a take is still handed to the handler,
+with its id read from the raw text and why it could not be read, and fails with an error
+(gams_worker/jobs/route.py, UNREADABLE_JOB).
+
 The SDK's ``runpod.serverless.start`` builds ``rp_scale.JobScaler(config)``; ``install_job_loop``
 points that name at ``JobLoop``, after ``check_sdk_version`` (gams_worker/platform/sdk_version.py)
 has made sure the installed SDK is the release this was written for.
@@ -38,12 +45,15 @@ has made sure the installed SDK is the release this was written for.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
-from typing import Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from runpod.http_client import TooManyRequests
 from runpod.serverless.modules import rp_http, rp_job, rp_scale
 
+from gams_worker.jobs.route import UNREADABLE_JOB
 from gams_worker.platform.poster import ResultPoster
 from gams_worker.platform.sdk_version import check_sdk_version
 
@@ -51,9 +61,73 @@ log = rp_scale.log  # the SDK's logger: same format and RUNPOD_LOG_LEVEL as the 
 EMPTY_POLL_FLOOR_S = 1.0  # the SDK's pause after an empty stop poll, here from the poll's start
 
 
+async def take_jobs(session, num_jobs: int = 1) -> Optional[List[Dict[str, Any]]]:
+    """The SDK's ``rp_job.get_job`` (runpod 1.12.0): the same request and answers to its
+    statuses, with the body parsed by ``read_take``."""
+    async with session.get(rp_job._job_get_url(num_jobs)) as response:
+        if response.status in (204, 400):  # no jobs; 400 is expected with FlashBoot (the SDK's words)
+            return None
+        if response.status == 429:
+            raise TooManyRequests(response.request_info, response.history, status=response.status,
+                                  message=response.reason)
+        response.raise_for_status()
+        if response.content_type != "application/json" or response.content_length == 0:
+            return None
+        body = await response.text()
+    return await read_take(body)
+
+
+async def read_take(body: str) -> Optional[List[Dict[str, Any]]]:
+    """The jobs of a take (one job, or a list of them); a job that cannot be answered is logged."""
+    try:
+        jobs = json.loads(body)
+    except (RecursionError, ValueError) as exc:
+        why = ("nests deeper than Python's JSON parser can follow" if isinstance(exc, RecursionError)
+               else f"is not valid JSON ({exc})")
+        job_ids = await asyncio.to_thread(job_ids_in, body)  # a scan of up to RunPod's 20 MB
+        log.error(f"JobLoop.take | a take of {len(body)} characters {why}: failing its jobs {job_ids}")
+        return [{"id": job_id, "input": None, UNREADABLE_JOB: f"the job could not be read: its JSON {why}"}
+                for job_id in job_ids] or None
+    jobs = [jobs] if isinstance(jobs, dict) else jobs if isinstance(jobs, list) else []
+    answerable = [job for job in jobs if isinstance(job, dict) and isinstance(job.get("id"), str)]
+    if len(answerable) < len(jobs):
+        log.error(f"JobLoop.take | {len(jobs) - len(answerable)} jobs of a take have no id: they cannot be answered")
+    return answerable or None
+
+
+# The tokens of JSON text that matter for finding the jobs' ids: strings and structure.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
+
+
+def job_ids_in(body: str) -> List[str]:
+    """The string ``id`` of each job in a take's text, read without parsing the jobs' inputs:
+    a scan that follows how deep it is, so no nesting can make it fail. The jobs are the
+    top-level object (one job) or the objects of the top-level list (a batch)."""
+    job_depth = 2 if body.lstrip().startswith("[") else 1
+    depth, key, ids = 0, None, []
+    for match in _JSON_TOKENS.finditer(body):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+            key = None if depth < job_depth else key
+        elif depth != job_depth or token == ":":
+            continue
+        elif token == ",":
+            key = None  # the next string is a key
+        elif key is None:
+            key = token
+        elif key == '"id"' and token.startswith('"'):
+            ids.append(json.loads(token))
+    return ids
+
+
 class JobLoop(rp_scale.JobScaler):
     def __init__(self, config):
         super().__init__(config)
+        if self.jobs_fetcher is rp_scale.get_job:  # not replaced through the SDK's local-test config
+            self.jobs_fetcher = take_jobs
         self.jobs_in_flight = 0  # taken and not yet ended, queued or running: each job once
         self._slot_freed = asyncio.Event()  # get_jobs waits on it when full
         self._jobs_to_start = asyncio.Event()  # run_jobs waits on it

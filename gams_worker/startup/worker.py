@@ -99,7 +99,8 @@ class Worker:
 
     def __init__(self, service: GenerationService, concurrency: int):
         self.service = service  # plain jobs
-        openai = OpenAIRoutes(service.engine, service.config, service.chat_template, service.flush_policy)
+        openai = OpenAIRoutes(service.engine, service.config, service.chat_template, service.flush_policy,
+                              service.input_tokenizer)
         stats_log = EngineStatsLog(service.engine) if service.config.log_engine_stats else None
         self.jobs = JobRouter(service, openai, stats_log)
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)

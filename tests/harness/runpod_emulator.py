@@ -66,6 +66,7 @@ class JobRecord:
     taken_at: List[float] = dataclasses.field(default_factory=list)  # one entry per hand-out
     chunks: List[Tuple[float, Any]] = dataclasses.field(default_factory=list)  # (time, {"output": chunk})
     results: List[Tuple[float, Any]] = dataclasses.field(default_factory=list)  # (time, final body)
+    raw_input: Optional[str] = None  # the input as JSON text, handed out as it is (see submit_raw)
     stop_requested_at: Optional[float] = None
     stop_delivered_at: Optional[float] = None  # when the stop poll handed the stop to the worker
     chunks_read: int = 0  # chunks a client has read through /stream
@@ -172,11 +173,16 @@ class RunPodEmulator:
         """Queue a job with this ``input``; return its id."""
         return self._enqueue([(job_input, job_id)])[0].id
 
+    def submit_raw(self, input_json: str, job_id: Optional[str] = None) -> str:
+        """Queue a job whose ``input`` is this JSON text, handed out exactly as written: text that
+        Python's own JSON encoder could not write (nested thousands of levels deep) or invalid JSON."""
+        return self._enqueue([(input_json, job_id)], raw=True)[0].id
+
     def submit_many(self, inputs: List[Any]) -> List[JobRecord]:
         """Queue all these jobs at one instant, waking the worker's take once."""
         return self._enqueue([(job_input, None) for job_input in inputs])
 
-    def _enqueue(self, jobs: List[Tuple[Any, Optional[str]]]) -> List[JobRecord]:
+    def _enqueue(self, jobs: List[Tuple[Any, Optional[str]]], raw: bool = False) -> List[JobRecord]:
         records = []
         with self._lock:
             now = time.monotonic()
@@ -184,7 +190,7 @@ class RunPodEmulator:
                 job_id = job_id or f"job-{next(self._ids):05d}"
                 if job_id in self.jobs:
                     raise ValueError(f"job id {job_id} already submitted")
-                record = JobRecord(job_id, job_input, now)
+                record = JobRecord(job_id, job_input, now, raw_input=job_input if raw else None)
                 self.jobs[job_id] = record
                 self._queue.append(job_id)
                 records.append(record)
@@ -274,21 +280,25 @@ class RunPodEmulator:
                 return ready()
         return True
 
-    def _hand_out(self, limit: int) -> List[Dict[str, Any]]:
+    def _hand_out(self, limit: int) -> List[str]:
+        """The next jobs, each as its JSON text ``{"id", "input"}``."""
         jobs = []
         with self._lock:
             now = time.monotonic()
             while self._queue and len(jobs) < limit:
                 record = self.jobs[self._queue.popleft()]
                 record.taken_at.append(now)
-                jobs.append({"id": record.id, "input": record.input})
+                if record.raw_input is None:
+                    jobs.append(json.dumps({"id": record.id, "input": record.input}))
+                else:
+                    jobs.append(f'{{"id": {json.dumps(record.id)}, "input": {record.raw_input}}}')
         return jobs
 
     async def _take_one(self, request: web.Request) -> web.Response:
         self.takes.append((time.monotonic(), dict(request.query)))
         await self._hold_until(lambda: bool(self._queue), self.hold_s)
         jobs = self._hand_out(1)
-        return web.json_response(jobs[0]) if jobs else web.Response(status=204)
+        return web.Response(text=jobs[0], content_type="application/json") if jobs else web.Response(status=204)
 
     async def _take_batch(self, request: web.Request) -> web.Response:
         self.takes.append((time.monotonic(), dict(request.query)))
@@ -298,7 +308,8 @@ class RunPodEmulator:
             return web.Response(status=400, text="batch_size missing")
         await self._hold_until(lambda: bool(self._queue), self.hold_s)
         jobs = self._hand_out(batch_size)
-        return web.json_response(jobs) if jobs else web.Response(status=204)
+        return web.Response(text=f"[{', '.join(jobs)}]", content_type="application/json") if jobs \
+            else web.Response(status=204)
 
     async def _stream(self, request: web.Request) -> web.Response:
         body = json.loads(await request.text())
