@@ -158,7 +158,7 @@ def test_a_new_folder_gets_the_model_info_it_lacks_from_the_seed(tmp_path):
 
 
 def start_once(model_dir: str, cache_dir: str, prefetch_weights: str, model_info_seed: str) -> dict:
-    """`python handler.py` from process start to its first job; the job's start-up metadata."""
+    """`python handler.py` from process start to its first job; the job's start-up metadata and the log."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps({"input": {"prompt": "Ljubljana", "sampling_params": {"max_tokens": 4}}})],
@@ -171,11 +171,13 @@ def start_once(model_dir: str, cache_dir: str, prefetch_weights: str, model_info
     final = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"choices"')][-1]
     startup = final["startup"]
     assert "compile cache" in result.stderr  # the log says hit or miss
-    return {"wall_s": wall_s, **startup}
+    return {"wall_s": wall_s, **startup, "engine": final["engine"], "log": result.stderr}
 
 
-@pytest.mark.engine
-def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model_dir, tmp_path, record_property):
+@pytest.fixture(scope="module")
+def two_starts(tiny_model_dir, tmp_path_factory):
+    """A cold start and a warm one on one compile cache folder, with the image's model-info seed."""
+    tmp_path = tmp_path_factory.mktemp("compile-cache")
     # The image's build step, run here: vLLM's model info for the GaMS classes, dated in the past.
     seed = tmp_path / "model-info"
     subprocess.run([sys.executable, "-m", "builder.seed_model_info", "--out", str(seed)], cwd=ROOT, check=True,
@@ -185,6 +187,14 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model
     cache_dir = str(tmp_path / "cache")
     first = start_once(tiny_model_dir, cache_dir, prefetch_weights="with-imports", model_info_seed=str(seed))
     second = start_once(tiny_model_dir, cache_dir, prefetch_weights="after-imports", model_info_seed=str(seed))
+    return {"tmp_path": tmp_path, "seed": seed, "seed_file": seed_file, "cache_dir": cache_dir,
+            "first": first, "second": second}
+
+
+@pytest.mark.engine
+def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(two_starts, record_property):
+    tmp_path, seed_file = two_starts["tmp_path"], two_starts["seed_file"]
+    first, second = two_starts["first"], two_starts["second"]
     first_cache, second_cache = first["compile_cache"], second["compile_cache"]
     # The new folder got the seed, and vLLM used it: on a miss it inspects the class in a
     # subprocess and writes the file anew (now-dated).
@@ -269,12 +279,12 @@ def test_a_damaged_folder_is_emptied_and_keeps_its_manifest_and_model_info(tmp_p
     assert choose_compile_cache(config, CPU_HOST, VLLM_025).set_aside == ()  # the new folder is its own
 
 
-def test_vllm_recompiling_a_damaged_graph_is_a_miss(tmp_path):
+def test_vllm_tracing_its_graphs_again_after_a_load_failure_is_reported(tmp_path):
     warm = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(3, 0), mega_aot=ON)
     output = ("WARNING [decorators.py:333] [backbone] Compiling model again due to a load failure from "
               "/c/rank_0_0/model, reason: pickle data was truncated")
-    report = warm.report(output)
-    assert report["hit"] is False and report["vllm_recompiled_after_load_failure"] is True
+    assert warm.report(output)["vllm_recompiled_after_load_failure"] is True
+    assert warm.report("")["vllm_recompiled_after_load_failure"] is False
 
 
 def test_compile_cache_on_volume_false_keeps_it_in_the_container(tmp_path, monkeypatch):
@@ -336,3 +346,31 @@ def test_with_no_writable_folder_vllm_is_told_to_save_nothing(tmp_path, monkeypa
     assert cache.disabled and cache.engine_environment()["VLLM_DISABLE_COMPILE_CACHE"] == "1"
     (warning,) = volume_warnings(caplog)
     assert warning.endswith("vLLM compiles every start and saves nothing")
+
+
+@pytest.mark.engine
+def test_a_truncated_kernel_in_the_cache_costs_one_compile_not_every_start(two_starts, tiny_model_dir):
+    # Reproduced before the fix: the model process memory-maps a truncated kernel, dies of
+    # SIGBUS, and with the folder unchanged every later start failed the same way. The model's
+    # kernels are the *.main.so files; the other .so is Inductor's CPU-ISA probe, which it loads
+    # in a child process and, found broken, compiles for a lesser ISA (a slow engine, not a
+    # failed start).
+    folder = two_starts["second"]["compile_cache"]["path"]
+    kernels = [os.path.join(where, name) for where, _, names in os.walk(folder) for name in names
+               if name.endswith(".main.so")]
+    assert kernels, folder
+    for kernel in kernels:
+        os.truncate(kernel, 1000)  # what a copy cut short leaves: the ELF header, no code
+    run = start_once(tiny_model_dir, two_starts["cache_dir"], prefetch_weights="off",
+                     model_info_seed=str(two_starts["seed"]))
+    log = run["log"]
+    assert [line.split("engine start: ")[1] for line in log.splitlines() if "engine start: rung" in line] == [
+        "rung 1/3, full mode (default)", "rung 1/3, full mode (default)"]  # the same mode, no rung dropped
+    assert "cause: the compile cache looks damaged; evidence: Worker proc VllmWorker-0 died unexpectedly" in log
+    assert "retrying in full mode with an empty folder" in log
+    assert (run["engine"]["mode"], run["engine"]["reason"]) == ("full", "default")
+    cache = run["compile_cache"]
+    (aside,) = cache["set_aside"]
+    assert cache["path"] == folder and aside.startswith(folder + ".damaged-")
+    assert (cache["artifacts_before"], cache["hit"]) == (0, False)
+    assert cache["new_artifacts"] > 0  # compiled anew into the folder, for the next start

@@ -69,7 +69,8 @@ MEGA_AOT_MIN_TORCH = (2, 10)
 _ARTIFACT = re.compile(r"\.(so|py|cubin|ptx|hsaco|json|pt|bin)$|^model$")
 # vLLM's log lines when it took its compiled graphs from the cache (0.25 on CUDA, 0.32 on CPU).
 _LOADED_FROM_CACHE = re.compile(r"Directly load (?:AOT compilation|the compiled graph)")
-# vLLM's line when its saved graphs would not load (a damaged file) and it compiled them anew.
+# vLLM's line when its saved graphs would not load and it traced them anew (a damaged file; and
+# on every warm start of its CPU build, which cannot load its own graph wrapper).
 _RECOMPILED_AFTER_LOAD_FAILURE = re.compile(r"Compiling model again due to a load failure")
 
 
@@ -175,8 +176,8 @@ class CompileCache:
         A hit means the folder held compiled code for this start and the start compiled
         nothing new. vLLM's CPU build reuses the kernels but not its own graph wrapper
         (it logs a load failure and re-traces), so counting new files is the common test;
-        a start on which vLLM found its saved graphs damaged and compiled them anew is a miss.
-        Triton's kernels are counted apart: a start that compiled none loaded them all.
+        vLLM's load-failure line is reported apart. Triton's kernels are counted apart:
+        a start that compiled none loaded them all.
         """
         after = count_artifacts(self.path)
         recompiled = bool(_RECOMPILED_AFTER_LOAD_FAILURE.search(engine_output))
@@ -193,14 +194,13 @@ class CompileCache:
             "model_info_seeded": list(self.model_info_seeded),
             "set_aside": list(self.set_aside),
         }
-        report["hit"] = (self.before.compiled > 0 and not recompiled
-                         and (report["new_artifacts"] == 0 or report["vllm_loaded_graphs"]))
+        report["hit"] = self.before.compiled > 0 and (report["new_artifacts"] == 0 or report["vllm_loaded_graphs"])
         log.info("compile cache %s: %s (%s), %d compiled files before the start, %d new; Triton kernel "
                  "files %d before, %d new; mega AOT artifact %s%s",
                  "hit" if report["hit"] else "miss", self.path, self.location, self.before.compiled,
                  report["new_artifacts"], self.before.triton, report["new_triton_kernel_files"],
                  "on" if self.mega_aot.on else "off",
-                 "; vLLM found its saved graphs damaged and compiled them again" if recompiled else "")
+                 "; vLLM could not load its saved graphs and traced them again" if recompiled else "")
         return report
 
 
@@ -263,6 +263,9 @@ def choose_compile_cache(config: WorkerConfig, facts: HostFacts,
                 if passed_over:
                     log.warning("compile cache: %s; keeping it in the %s folder %s instead",
                                 "; ".join(passed_over), location, path)
+                if location == "network volume":
+                    log.info("compile cache: on the network volume, whose writers can run code in this worker "
+                             "(README, \"Trust boundary\"); COMPILE_CACHE_ON_VOLUME=false keeps it in the container")
                 return cache
         passed_over.append(f"cannot use the {location} folder: {problem}")
     log.warning("compile cache: %s; vLLM compiles every start and saves nothing", "; ".join(passed_over))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 from gams_worker.config import WorkerConfig
 
@@ -76,12 +76,15 @@ def import_engine_classes() -> Tuple[Any, Any]:
     return AsyncEngineArgs, AsyncLLM
 
 
-def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
-    """Create vLLM's async engine; raises whatever vLLM raises when start-up fails."""
+def start_engine(config: WorkerConfig, mode: str, model_path: str, stat_loggers: Sequence[Any] = ()) -> Any:
+    """Create vLLM's async engine; raises whatever vLLM raises when start-up fails.
+
+    ``stat_loggers``: vLLM StatLoggerFactory callables, told of every engine step's output
+    (gams_worker/startup/liveness.py's StepClock)."""
     AsyncEngineArgs, AsyncLLM = import_engine_classes()
     kwargs = engine_kwargs(config, mode, model_path)
     log.info("starting vLLM engine in %s mode: %s", mode, kwargs)
     started = time.monotonic()
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=list(stat_loggers) or None)
     log.info("vLLM engine started in %s mode in %.1f s", mode, time.monotonic() - started)
     return engine
