@@ -75,6 +75,9 @@ class WorkerConfig:
     # network volume if mounted, else the container; VLLM_CACHE_ROOT, if set, wins unkeyed.
     compile_cache_dir: Optional[str] = None
     vllm_cache_root: Optional[str] = None
+    # False keeps the compile cache in the container even with a volume mounted: what the cache
+    # holds runs as code in the worker (README, "Trust boundary").
+    compile_cache_on_volume: bool = True
     # vLLM's model info for the GaMS classes, computed when the image was built (builder/seed_model_info.py).
     model_info_seed_dir: str = "/opt/gams-worker/model-info"
     # The oldest CUDA the host's driver may support, as "13.0" (RUNPOD_MIN_CUDA_VERSION, which the
@@ -86,6 +89,11 @@ class WorkerConfig:
     # When to read the weight files into the page cache in the background: "off", "with-imports" (while
     # Python imports torch and vLLM) or "after-imports" (gams_worker/startup/weight_prefetch.py).
     prefetch_weights: str = "off"
+    # Liveness (gams_worker/startup/liveness.py), seconds; 0 turns a deadline off. The whole engine
+    # start, every rung of the fallback ladder included, must end within ENGINE_START_TIMEOUT_S; with
+    # requests in flight, the engine must produce output at least every ENGINE_STALL_TIMEOUT_S.
+    engine_start_timeout_s: int = 1800
+    engine_stall_timeout_s: int = 180
     # Test-only: make the first engine start fail inside the engine process with this text.
     inject_start_failure: Optional[str] = None
     log_level: str = "INFO"
@@ -156,6 +164,9 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
         hf_endpoint=env.optional_text("HF_ENDPOINT"),
         compile_cache_dir=env.optional_text("COMPILE_CACHE_DIR"),
         vllm_cache_root=env.optional_text("VLLM_CACHE_ROOT"),
+        compile_cache_on_volume=env.boolean("COMPILE_CACHE_ON_VOLUME", default.compile_cache_on_volume),
+        engine_start_timeout_s=env.integer("ENGINE_START_TIMEOUT_S", default.engine_start_timeout_s, minimum=0),
+        engine_stall_timeout_s=env.integer("ENGINE_STALL_TIMEOUT_S", default.engine_stall_timeout_s, minimum=0),
         model_info_seed_dir=env.text("MODEL_INFO_SEED_DIR", default.model_info_seed_dir),
         min_cuda_version=env.version("RUNPOD_MIN_CUDA_VERSION"),
         # vLLM's own variable counts when ours is unset: a user who set it gets what they set.

@@ -158,7 +158,7 @@ def test_a_new_folder_gets_the_model_info_it_lacks_from_the_seed(tmp_path):
 
 
 def start_once(model_dir: str, cache_dir: str, prefetch_weights: str, model_info_seed: str) -> dict:
-    """`python handler.py` from process start to its first job; the job's start-up metadata."""
+    """`python handler.py` from process start to its first job; the job's start-up metadata and the log."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps({"input": {"prompt": "Ljubljana", "sampling_params": {"max_tokens": 4}}})],
@@ -171,11 +171,13 @@ def start_once(model_dir: str, cache_dir: str, prefetch_weights: str, model_info
     final = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"choices"')][-1]
     startup = final["startup"]
     assert "compile cache" in result.stderr  # the log says hit or miss
-    return {"wall_s": wall_s, **startup}
+    return {"wall_s": wall_s, **startup, "engine": final["engine"], "log": result.stderr}
 
 
-@pytest.mark.engine
-def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model_dir, tmp_path, record_property):
+@pytest.fixture(scope="module")
+def two_starts(tiny_model_dir, tmp_path_factory):
+    """A cold start and a warm one on one compile cache folder, with the image's model-info seed."""
+    tmp_path = tmp_path_factory.mktemp("compile-cache")
     # The image's build step, run here: vLLM's model info for the GaMS classes, dated in the past.
     seed = tmp_path / "model-info"
     subprocess.run([sys.executable, "-m", "builder.seed_model_info", "--out", str(seed)], cwd=ROOT, check=True,
@@ -185,6 +187,14 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model
     cache_dir = str(tmp_path / "cache")
     first = start_once(tiny_model_dir, cache_dir, prefetch_weights="with-imports", model_info_seed=str(seed))
     second = start_once(tiny_model_dir, cache_dir, prefetch_weights="after-imports", model_info_seed=str(seed))
+    return {"tmp_path": tmp_path, "seed": seed, "seed_file": seed_file, "cache_dir": cache_dir,
+            "first": first, "second": second}
+
+
+@pytest.mark.engine
+def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(two_starts, record_property):
+    tmp_path, seed_file = two_starts["tmp_path"], two_starts["seed_file"]
+    first, second = two_starts["first"], two_starts["second"]
     first_cache, second_cache = first["compile_cache"], second["compile_cache"]
     # The new folder got the seed, and vLLM used it: on a miss it inspects the class in a
     # subprocess and writes the file anew (now-dated).
@@ -216,3 +226,151 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(tiny_model
           f"and {times['warm']['engine_started_s']:.1f} s")
     for name, run in (("cold", first), ("warm", second)):
         print(f"{name} start, seconds per step: {json.dumps(run['step_s'])}")
+
+
+# --- what wrote a folder, and folders that cannot be written -----------------------------
+
+
+def test_a_new_folder_gets_a_manifest_and_a_folder_of_another_release_or_model_is_set_aside_unread(tmp_path, caplog):
+    config = load_config({"COMPILE_CACHE_DIR": str(tmp_path), "MODEL_NAME": "cjvt/GaMS-9B-Instruct"})
+    cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    manifest = json.loads(open(os.path.join(cache.path, compile_cache.MANIFEST_NAME)).read())
+    assert manifest == {"format": 1, "model": "cjvt/GaMS-9B-Instruct", "vllm": "0.25.0", "torch": "2.11.0+cu130",
+                        "device": "1xNVIDIA H100 80GB HBM3_sm9.0", "mega_aot_artifact": True}
+    kernel = os.path.join(cache.path, "torch_compile_cache", "k.so")
+    os.makedirs(os.path.dirname(kernel))
+    open(kernel, "wb").write(b"\x7fELF")
+    again = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    assert again.before.compiled == 1 and again.set_aside == ()  # its own folder: used as it is
+
+    # Another vLLM wrote it (a folder copied in, or two keys that slug alike): never loaded.
+    with open(os.path.join(cache.path, compile_cache.MANIFEST_NAME), "w") as handle:
+        json.dump({**manifest, "vllm": "0.25.1"}, handle)
+    foreign = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    assert foreign.before.compiled == 0 and not os.path.exists(kernel)
+    (aside,) = foreign.set_aside
+    assert os.path.exists(os.path.join(aside, "torch_compile_cache", "k.so"))
+    assert "was written for vllm '0.25.1' (this worker: '0.25.0'): moved it to" in caplog.text
+    assert json.loads(open(os.path.join(cache.path, compile_cache.MANIFEST_NAME)).read()) == manifest
+
+    # Files without a manifest (an older worker, or by hand): not proven, so not loaded either.
+    os.remove(os.path.join(cache.path, compile_cache.MANIFEST_NAME))
+    open(os.path.join(cache.path, "stray.py"), "w").write("import os\n")
+    unproven = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    assert unproven.before.compiled == 0 and "holds files but no manifest" in caplog.text
+    siblings = [name for name in os.listdir(os.path.dirname(cache.path)) if ".foreign-" in name]
+    assert len(siblings) == 1  # one set-aside folder of a kind is kept: on a volume they would pile up
+    assert os.listdir(unproven.set_aside[0]) == ["stray.py"]
+    assert unproven.report("")["set_aside"] == list(unproven.set_aside)
+
+
+def test_a_damaged_folder_is_emptied_and_keeps_its_manifest_and_model_info(tmp_path):
+    seed = tmp_path / "seed" / "modelinfos"
+    seed.mkdir(parents=True)
+    (seed / "gemma2.json").write_text("{}")
+    config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cc"), "MODEL_INFO_SEED_DIR": str(tmp_path / "seed")})
+    cache = choose_compile_cache(config, CPU_HOST, VLLM_025)
+    open(os.path.join(cache.path, "broken.so"), "wb").write(b"\x7f")
+    cache = choose_compile_cache(config, CPU_HOST, VLLM_025)
+    emptied = cache.emptied()
+    assert (emptied.path, emptied.before.compiled) == (cache.path, 0)
+    assert sorted(os.listdir(emptied.path)) == [compile_cache.MANIFEST_NAME, "modelinfos"]
+    assert os.listdir(emptied.set_aside[0]) and "broken.so" in os.listdir(emptied.set_aside[0])
+    assert choose_compile_cache(config, CPU_HOST, VLLM_025).set_aside == ()  # the new folder is its own
+
+
+def test_vllm_tracing_its_graphs_again_after_a_load_failure_is_reported(tmp_path):
+    warm = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(3, 0), mega_aot=ON)
+    output = ("WARNING [decorators.py:333] [backbone] Compiling model again due to a load failure from "
+              "/c/rank_0_0/model, reason: pickle data was truncated")
+    assert warm.report(output)["vllm_recompiled_after_load_failure"] is True
+    assert warm.report("")["vllm_recompiled_after_load_failure"] is False
+
+
+def test_compile_cache_on_volume_false_keeps_it_in_the_container(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "CONTAINER_DIR", str(tmp_path / "container"))
+    (tmp_path / "volume").mkdir()
+    config = load_config({"NETWORK_VOLUME_PATH": str(tmp_path / "volume"), "COMPILE_CACHE_ON_VOLUME": "false"})
+    assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
+    assert not (tmp_path / "volume" / "gams-worker").exists()
+
+
+def volume_warnings(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "compile cache" in r.getMessage()]
+
+
+def test_a_read_only_volume_where_the_folder_exists_is_warned_about_and_the_container_used(tmp_path, monkeypatch,
+                                                                                           caplog):
+    from tests.harness.volumes import remount_read_only, tmpfs
+
+    monkeypatch.setattr(compile_cache, "CONTAINER_DIR", str(tmp_path / "container"))
+    volume = tmp_path / "volume"
+    config = load_config({"NETWORK_VOLUME_PATH": str(volume)})
+    with tmpfs(volume, 4 << 30):
+        on_volume = choose_compile_cache(config, GPU_HOST, VLLM_025)  # the folder and its manifest exist
+        assert on_volume.location == "network volume"
+        remount_read_only(volume)  # os.makedirs(exist_ok=True) still passes on it
+        caplog.clear()
+        cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    assert cache.location == "container" and cache.path.startswith(str(tmp_path / "container"))
+    (warning,) = volume_warnings(caplog)
+    assert warning.startswith(f"compile cache: cannot use the network volume folder: {on_volume.path} is not "
+                              "writable (Read-only file system); keeping it in the container folder")
+
+
+def test_a_full_or_nearly_full_volume_is_warned_about_and_the_container_used(tmp_path, monkeypatch, caplog):
+    from tests.harness.volumes import fill, tmpfs
+
+    monkeypatch.setattr(compile_cache, "CONTAINER_DIR", str(tmp_path / "container"))
+    volume = tmp_path / "volume"
+    config = load_config({"NETWORK_VOLUME_PATH": str(volume)})
+    with tmpfs(volume, 16 << 20):  # writable, but under MIN_FREE_BYTES
+        assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
+        (warning,) = volume_warnings(caplog)
+        assert "MiB free, less than the 1024 MiB it needs" in warning
+        caplog.clear()
+        monkeypatch.setattr(compile_cache, "MIN_FREE_BYTES", 0)
+        fill(volume)  # full: the probe's write itself fails
+        assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
+        (warning,) = volume_warnings(caplog)
+        assert "is not writable (No space left on device)" in warning
+        assert [name for name in os.listdir(volume) if name.startswith(".gams-worker-write-probe")] == []
+
+
+def test_with_no_writable_folder_vllm_is_told_to_save_nothing(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(compile_cache, "CONTAINER_DIR", str(blocker / "container"))
+    monkeypatch.setattr(compile_cache, "TEMPORARY_DIR", str(blocker / "tmp"))
+    cache = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(blocker / "cc")}), GPU_HOST, VLLM_025)
+    assert cache.disabled and cache.engine_environment()["VLLM_DISABLE_COMPILE_CACHE"] == "1"
+    (warning,) = volume_warnings(caplog)
+    assert warning.endswith("vLLM compiles every start and saves nothing")
+
+
+@pytest.mark.engine
+def test_a_truncated_kernel_in_the_cache_costs_one_compile_not_every_start(two_starts, tiny_model_dir):
+    # Reproduced before the fix: the model process memory-maps a truncated kernel, dies of
+    # SIGBUS, and with the folder unchanged every later start failed the same way. The model's
+    # kernels are the *.main.so files; the other .so is Inductor's CPU-ISA probe, which it loads
+    # in a child process and, found broken, compiles for a lesser ISA (a slow engine, not a
+    # failed start).
+    folder = two_starts["second"]["compile_cache"]["path"]
+    kernels = [os.path.join(where, name) for where, _, names in os.walk(folder) for name in names
+               if name.endswith(".main.so")]
+    assert kernels, folder
+    for kernel in kernels:
+        os.truncate(kernel, 1000)  # what a copy cut short leaves: the ELF header, no code
+    run = start_once(tiny_model_dir, two_starts["cache_dir"], prefetch_weights="off",
+                     model_info_seed=str(two_starts["seed"]))
+    log = run["log"]
+    assert [line.split("engine start: ")[1] for line in log.splitlines() if "engine start: rung" in line] == [
+        "rung 1/3, full mode (default)", "rung 1/3, full mode (default)"]  # the same mode, no rung dropped
+    assert "cause: the compile cache looks damaged; evidence: Worker proc VllmWorker-0 died unexpectedly" in log
+    assert "retrying in full mode with an empty folder" in log
+    assert (run["engine"]["mode"], run["engine"]["reason"]) == ("full", "default")
+    cache = run["compile_cache"]
+    (aside,) = cache["set_aside"]
+    assert cache["path"] == folder and aside.startswith(folder + ".damaged-")
+    assert (cache["artifacts_before"], cache["hit"]) == (0, False)
+    assert cache["new_artifacts"] > 0  # compiled anew into the folder, for the next start

@@ -6,6 +6,7 @@ and traceback, then the parent's "Engine core initialization failed" traceback.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import pytest
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.engine_log import OutputCapture
-from gams_worker.startup.ladder import FATAL, RETRY_LOWER_RUNG, classify_start_failure, start_with_fallback
+from gams_worker.startup.ladder import (FATAL, RETRY_EMPTY_CACHE, RETRY_LOWER_RUNG, classify_start_failure,
+                                        start_with_fallback)
 from tests.harness.worker_process import wait_until
 
 PARENT_TAIL = """\
@@ -268,3 +270,106 @@ def test_eager_start_has_no_lower_rung():
     with pytest.raises(EngineStartError, match="lowest rung"):
         start_with_fallback(WorkerConfig(), "eager", "ENFORCE_EAGER is set", starts)
     assert starts.modes == ["eager"]
+
+
+# --- a damaged compile cache -----------------------------------------------------------
+
+# What vLLM's CPU build printed when a compiled kernel (.so) in the warm cache was truncated
+# (reproduced with the tiny model, MEGA_AOT_ARTIFACT=false): the process running the model died
+# of SIGBUS while loading it, and vLLM's own error says only "cancelled".
+TRUNCATED_KERNEL = "".join("(EngineCore pid=27060) " + line + "\n" for line in (
+    "INFO 12-02 15:18:24 [cpu_model_runner.py:87] Warming up model for the compilation...",
+    "ERROR 12-02 15:18:25 [multiproc_executor.py:315] Worker proc VllmWorker-0 died unexpectedly (exit code: -7), "
+    "shutting down executor.",
+    "ERROR 12-02 15:18:25 [core.py:1510] EngineCore failed to start.",
+    "ERROR 12-02 15:18:25 [core.py:1510] Traceback (most recent call last):",
+    'ERROR 12-02 15:18:25 [core.py:1510]   File "/venv/lib/python3.11/site-packages/vllm/distributed/'
+    'device_communicators/shm_broadcast.py", line 867, in acquire_read',
+    'ERROR 12-02 15:18:25 [core.py:1510]     raise RuntimeError("cancelled")',
+    "ERROR 12-02 15:18:25 [core.py:1510] RuntimeError: cancelled",
+)) + PARENT_TAIL
+
+
+def test_a_truncated_kernel_in_a_warm_cache_is_a_damaged_cache_retried_in_the_same_mode():
+    diagnosis = classify_start_failure(TRUNCATED_KERNEL, "full", warm_cache="/cache/key")
+    assert (diagnosis.decision, diagnosis.next_mode) == (RETRY_EMPTY_CACHE, "full")
+    assert diagnosis.cause == "the compile cache looks damaged"
+    assert diagnosis.evidence.startswith("Worker proc VllmWorker-0 died unexpectedly (exit code: -7)")
+    unreaped = TRUNCATED_KERNEL.replace("(exit code: -7)", "(exit code: None)")  # vLLM looked before the reaping
+    assert classify_start_failure(unreaped, "full", warm_cache="/cache/key").decision == RETRY_EMPTY_CACHE
+    # Without a warm cache the same death is what it was before: no cache to blame.
+    assert classify_start_failure(TRUNCATED_KERNEL, "full").decision == FATAL
+    # SIGKILL is the OOM killer's, not a damaged file's.
+    killed = TRUNCATED_KERNEL.replace("(exit code: -7)", "(exit code: -9)")
+    assert classify_start_failure(killed, "full", warm_cache="/cache/key").decision == FATAL
+    # A load error naming a file in the folder (a truncated Inductor module) counts too.
+    syntax = child_log(
+        'ERROR [core.py:1510]   File "/cache/key/torch_compile_cache/inductor_cache/ab/cabc.py", line 40',
+        "ERROR [core.py:1510] SyntaxError: unexpected EOF while parsing") + PARENT_TAIL
+    assert classify_start_failure(syntax, "full", warm_cache="/cache/key").decision == RETRY_EMPTY_CACHE
+    # Causes no cache explains stay what they are.
+    assert classify_start_failure(MISSING_MODEL, "full", warm_cache="/cache/key").decision == FATAL
+    assert classify_start_failure(SEED, "full", warm_cache="/cache/key").decision == RETRY_LOWER_RUNG
+
+
+class SequencedStarts:
+    """start(mode) for the ladder: the n-th attempt fails with ``texts[n]`` (None: it starts)."""
+
+    def __init__(self, *texts):
+        self.texts = list(texts)
+        self.modes = []
+
+    def __call__(self, mode):
+        text = self.texts[len(self.modes)]
+        self.modes.append(mode)
+        if text is None:
+            return f"engine in {mode}"
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write(sys.argv[1])", text], check=True)
+        raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+
+
+def warm_cache(tmp_path):
+    from gams_worker.config import load_config
+    from gams_worker.startup.compile_cache import choose_compile_cache
+    from gams_worker.startup.host import HostFacts
+
+    config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cc")})
+    host = HostFacts(platform="cpu", torch_version="2.13.0+cpu", vllm_version="0.32.0+cpu")
+    cold = choose_compile_cache(config, host)
+    kernel = tmp_path / "cc" / cold.path / "torch_compile_cache" / "ab" / "kernel.so"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_bytes(b"\x7fELF truncated")
+    return choose_compile_cache(config, host)
+
+
+def test_a_damaged_cache_is_set_aside_and_the_start_retried_once_in_the_same_mode(tmp_path, caplog):
+    cache = warm_cache(tmp_path)
+    assert cache.before.compiled == 1
+    starts = SequencedStarts(TRUNCATED_KERNEL, None)
+    started = start_with_fallback(WorkerConfig(), "full", "default", starts, compile_cache=cache)
+    assert starts.modes == ["full", "full"]  # no graph mode dropped
+    assert (started.mode, started.reason) == ("full", "default")
+    used = started.compile_cache
+    assert used.path == cache.path and used.before.compiled == 0  # the retry read an empty folder
+    (aside,) = used.set_aside
+    assert aside.startswith(cache.path + ".damaged-")
+    assert os.listdir(os.path.join(aside, "torch_compile_cache", "ab")) == ["kernel.so"]  # moved, unread
+    assert "retrying in full mode with an empty folder" in caplog.text
+
+    # Once per start: a second failure of the kind is classified as it would be without a cache.
+    again = warm_cache(tmp_path / "again")
+    twice = SequencedStarts(TRUNCATED_KERNEL, TRUNCATED_KERNEL)
+    with pytest.raises(EngineStartError, match="no graph mode is known to fix"):
+        start_with_fallback(WorkerConfig(), "full", "default", twice, compile_cache=again)
+    assert twice.modes == ["full", "full"]
+
+
+def test_a_start_past_its_deadline_is_not_retried():
+    from gams_worker.startup.liveness import StartDeadline
+
+    deadline = StartDeadline(0)  # no thread: the test says when it expired
+    deadline.expired = True
+    starts = SequencedStarts(SEED, None)
+    with pytest.raises(EngineStartError, match="did not finish within ENGINE_START_TIMEOUT_S=0 s") as raised:
+        start_with_fallback(WorkerConfig(), "full", "default", starts, deadline=deadline)
+    assert starts.modes == ["full"] and raised.value.cause == "engine start timed out"

@@ -4,8 +4,13 @@ machine's HF cache, then the hub (a local fake hub with the real client). No eng
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import random
 import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from gams_worker.startup.doctor import run_doctor
 from gams_worker.startup.host import HostFacts
 from gams_worker.startup.model import BAKED, HUB, LOCAL, MACHINE_CACHE, RUNPOD_CACHE, find_local_model, resolve_model
 from tests.harness.fake_hub import FakeHub, model_files
+from tests.harness.worker_process import ROOT, engine_env, subprocess_env
 
 REPO = "cjvt/GaMS-tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -193,3 +199,150 @@ def test_an_unreachable_hub_is_a_clear_error(places, hub):
         resolve_model(online)
     assert caught.value.searched[-1].startswith("the hub: ")
     assert places.baked_model_manifest in str(caught.value)
+
+
+# --- partial and damaged copies: each is passed over, with one line saying why ---------------
+
+
+def write_files(folder: Path, files) -> Path:
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def sharded_files(tiny_model_dir):
+    from tests.harness.fake_hub import sharded
+
+    return sharded(model_files(tiny_model_dir))
+
+
+def test_shards_without_an_index_must_all_be_there_by_their_of_n_names(tiny_model_dir, tmp_path):
+    files = sharded_files(tiny_model_dir)
+    del files["model.safetensors.index.json"]
+    model = write_files(tmp_path / "m", files)
+    assert find_problems(model) == []
+    (model / "model-00002-of-00002.safetensors").unlink()
+    assert find_problems(model) == ["shard model-00002-of-00002.safetensors is missing (the -of-N naming of the "
+                                    "shards present says it exists)"]
+    (model / "model-00001-of-00002.safetensors").rename(model / "model-00001-of-00004.safetensors")
+    assert len(find_problems(model)) == 3  # 00002, 00003 and 00004 of 4
+
+
+def test_a_damaged_index_or_header_is_a_problem_never_an_exception(tiny_model_dir, tmp_path):
+    files = sharded_files(tiny_model_dir)
+    model = write_files(tmp_path / "m", files)
+    index = model / "model.safetensors.index.json"
+    index.write_bytes(b'{"weight_map": {"a": "model-00001-of-00002.safe')
+    assert find_problems(model) == ["model.safetensors.index.json is damaged (not JSON)"]
+    index.write_text(json.dumps({"metadata": {}}))
+    assert find_problems(model) == ["model.safetensors.index.json is damaged (no weight_map)"]
+    weight_map = json.loads(files["model.safetensors.index.json"])["weight_map"]
+    moved = sorted(weight_map)[0]
+    index.write_text(json.dumps({"weight_map": {**weight_map, moved: "model-00002-of-00002.safetensors"}}))
+    assert find_problems(model) == [f"model-00002-of-00002.safetensors lacks 1 of the tensors "
+                                    f"model.safetensors.index.json places in it (first: {moved})"]
+    index.write_bytes(files["model.safetensors.index.json"])
+
+    shard = model / "model-00001-of-00002.safetensors"
+    whole = shard.read_bytes()
+    header_len = struct.unpack("<Q", whole[:8])[0]
+    header = json.loads(whole[8:8 + header_len])
+    name = next(k for k in header if k != "__metadata__")
+
+    def with_header(new_header: bytes) -> list:
+        shard.write_bytes(struct.pack("<Q", len(new_header)) + new_header + whole[8 + header_len:])
+        return find_problems(model)
+
+    assert with_header(b"[1, 2]") == [f"{shard.name} has a damaged header (not a JSON object)"]
+    assert with_header(b"\xff" * 10) == [f"{shard.name} has a damaged header (not JSON)"]
+    bad_offsets = json.dumps({**header, name: {**header[name], "data_offsets": [5, "x"]}}).encode()
+    assert with_header(bad_offsets) == [f"{shard.name} has a damaged header: tensor {name!r} has data_offsets [5, 'x']"]
+    begin, end = header[name]["data_offsets"]
+    short = json.dumps({**header, name: {**header[name], "data_offsets": [begin, end - 2]}}).encode()
+    assert "needs" in with_header(short)[0]
+    shard.write_bytes(struct.pack("<Q", 10**12) + whole[8:])
+    assert find_problems(model) == [f"{shard.name} is truncated (header of {10**12} bytes, file of {len(whole)})"]
+    # Any damage to the header region: a list of problems, never an exception.
+    rng = random.Random(7)
+    for _ in range(200):
+        damaged = bytearray(whole)
+        for _ in range(rng.randint(1, 8)):
+            damaged[rng.randrange(0, 8 + header_len)] = rng.randrange(256)
+        shard.write_bytes(bytes(damaged))
+        assert isinstance(find_problems(model), list)
+
+
+def test_the_tokenizer_and_a_chat_models_template_must_be_there(tiny_model_dir, places, tmp_path):
+    model = write_files(tmp_path / "m", model_files(tiny_model_dir))
+    (model / "chat_template.jinja").unlink()
+    assert find_problems(model) == []  # a base model need not have one
+    chat_model = dataclasses.replace(places, model_name=str(model), model_preset="cjvt/gams-9b-instruct")
+    with pytest.raises(IncompleteModelError, match="no chat template"):
+        resolve_model(chat_model)
+    (model / "tokenizer.json").unlink()
+    assert find_problems(model) == ["no tokenizer vocabulary (tokenizer.json, tokenizer.model, vocab.json, "
+                                    "vocab.txt or *.tiktoken)"]
+    # Served with another tokenizer (TOKENIZER_NAME), the copy needs none of its own.
+    assert resolve_model(dataclasses.replace(places, model_name=str(model), tokenizer_name="other/tokenizer")).source == LOCAL
+
+
+def test_a_damaged_volume_copy_is_passed_over_for_the_machine_cache(tiny_model_dir, places, caplog):
+    volume = cache_copy(tiny_model_dir, Path(places.network_volume_path) / "huggingface-cache" / "hub")
+    machine = cache_copy(tiny_model_dir, Path(places.hf_hub_cache))
+    (volume / "model.safetensors").write_bytes(b"\x00" * 7)
+    (volume / "config.json").unlink()
+    (volume / "config.json").symlink_to(volume.parent.parent / "blobs" / "gone")  # a pruned blob
+    found = resolve_model(places)
+    assert (found.source, found.path) == (MACHINE_CACHE, str(machine))
+    (machine / "model.safetensors.index.json").write_text("{")  # and the last copy damaged too: one clear error
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(places)
+    searched = "; ".join(caught.value.searched)
+    assert "config.json is a broken link (its file is missing)" in searched
+    assert "model.safetensors is truncated (7 bytes)" in searched
+    assert "model.safetensors.index.json is damaged (not JSON)" in searched
+    # A ref that is not text (a damaged volume) is one more place passed over, not a traceback.
+    (volume.parent.parent / "refs" / "main").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ModelNotFoundError, match="unreadable"):
+        resolve_model(places)
+
+
+def test_a_damaged_volume_copy_the_hub_client_will_not_repair_is_downloaded_again_into_the_machine_cache(
+        tiny_model_dir, places, hub, caplog):
+    commit = hub.add_repo(REPO, model_files(tiny_model_dir))
+    online = dataclasses.replace(places, hub_offline=False, hf_endpoint=hub.url)
+    Path(online.network_volume_path).mkdir()
+    first = resolve_model(online)
+    assert Path(first.path).is_relative_to(Path(online.network_volume_path))
+    Path(first.path, "model.safetensors").resolve().write_bytes(b"\x00" * 100)  # the blob damaged in place
+    again = resolve_model(online)
+    assert (again.source, again.commit) == (HUB, commit)
+    assert Path(again.path).is_relative_to(Path(places.hf_hub_cache))
+    assert "the download into" in caplog.text and "is not whole" in caplog.text
+
+
+def test_a_read_only_volume_is_warned_about_and_the_download_goes_to_the_machine_cache(
+        tiny_model_dir, places, hub, caplog):
+    from tests.harness.volumes import tmpfs
+
+    hub.add_repo(REPO, model_files(tiny_model_dir))
+    online = dataclasses.replace(places, hub_offline=False, hf_endpoint=hub.url)
+    with tmpfs(Path(places.network_volume_path), 1 << 20, read_only=True):
+        found = resolve_model(online)
+    assert found.source == HUB and Path(found.path).is_relative_to(Path(places.hf_hub_cache))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot download into the network volume" in warnings[0]
+    assert "Read-only file system" in warnings[0]
+
+
+def test_a_damaged_model_ends_the_worker_with_one_line_not_a_traceback(tiny_model_dir, tmp_path):
+    model = write_files(tmp_path / "m", sharded_files(tiny_model_dir))
+    (model / "model.safetensors.index.json").write_text("{")
+    result = subprocess.run([sys.executable, "handler.py", "--test_input", '{"input": {"prompt": "x"}}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(**engine_env(str(model))))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"gams-worker: model files in {model} are incomplete: model.safetensors.index.json is damaged (not JSON)")
+    assert "Traceback" not in result.stderr

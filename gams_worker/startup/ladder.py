@@ -4,6 +4,10 @@ The ladder is full -> piecewise -> eager. Failures while capturing CUDA graphs
 (unsupported PTX, stream-capture errors, out of memory during capture) retry one
 rung lower; failures that no graph mode fixes (model not found, bad config, out of
 memory while loading weights, unsupported architecture) end the start-up at once.
+A start that read a warm compile cache and failed the way damaged compiled files make it
+fail (a worker process killed by SIGBUS, a load error naming a file in the cache) moves the
+cache folder aside and retries once in the same mode with an empty folder: a truncated
+kernel must cost one compile, not every start, and no graph mode.
 
 vLLM's v1 engine core runs in a child process that prints the root cause itself;
 the parent only raises "Engine core initialization failed. See root cause above".
@@ -18,31 +22,31 @@ import logging
 import re
 import time
 import traceback
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, FrozenSet, List, Optional, Sequence, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
+from gams_worker.startup.compile_cache import CompileCache
 from gams_worker.startup.engine import GRAPH_MODES
 from gams_worker.startup.engine_log import OutputCapture
+from gams_worker.startup.liveness import StartDeadline, child_pids, wait_for_children_gone
 
 log = logging.getLogger(__name__)
 
 RETRY_LOWER_RUNG = "retry_lower_rung"
+RETRY_EMPTY_CACHE = "retry_empty_cache"  # same mode, the compile cache folder set aside
 FATAL = "fatal"
-
-# Seconds to wait for a failed attempt's child processes to exit before killing them.
-CHILD_EXIT_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
     """What a failed start-up attempt means, and what to do next."""
 
-    decision: str  # RETRY_LOWER_RUNG or FATAL
+    decision: str  # RETRY_LOWER_RUNG, RETRY_EMPTY_CACHE or FATAL
     cause: str  # the classified cause, in plain words
     remedy: str  # what a user can do about it ("" when the ladder handles it)
     evidence: str  # the output line that identified the cause
-    next_mode: Optional[str] = None  # for RETRY_LOWER_RUNG: the rung to try next
+    next_mode: Optional[str] = None  # for the retries: the rung to try next
 
 
 # --- classifier --------------------------------------------------------------------
@@ -91,10 +95,25 @@ _STREAM_CAPTURE = re.compile(
 )
 _OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|cudaErrorMemoryAllocation")
 _COMPILE_FAILED = re.compile(r"BackendCompilerFailed|InductorError|torch\._dynamo\.exc\.\w+Error")
+# How damaged compiled files break a start (read only when the cache was warm). A truncated
+# kernel (.so) is memory-mapped and kills the process that runs it with SIGBUS: seen on vLLM's
+# CPU build as "Worker proc VllmWorker-0 died unexpectedly (exit code: -7)", or "(exit code:
+# None)" when vLLM looked before the process was reaped; where the model runs in the engine core
+# itself, as "Failed core proc(s): {'EngineCore_DP0': -7}". SIGSEGV (-11) is what damaged code
+# does; SIGKILL (-9, the OOM killer's) and other exits are left out. Truncated pickles and
+# shared objects that fail to load say so.
+_DAMAGED_ARTIFACT = re.compile(
+    r"died unexpectedly \(exit code: (?:-7|-11|None)\)|Failed core proc\(s\): \{[^}]*: -(?:7|11)\b"
+    r"|\bBus error\b|SIGBUS|pickle data was truncated|UnpicklingError|EOFError: Ran out of input"
+    r"|invalid ELF header|file too short|ELF load command"
+)
 
 
-def classify_start_failure(text: str, failed_mode: str) -> Diagnosis:
-    """Decide what a start-up failure in ``failed_mode`` means, from its output and exception text."""
+def classify_start_failure(text: str, failed_mode: str, warm_cache: Optional[str] = None) -> Diagnosis:
+    """Decide what a start-up failure in ``failed_mode`` means, from its output and exception text.
+
+    ``warm_cache``: the compile cache folder, when it held compiled files before this attempt.
+    """
     if failed_mode not in GRAPH_MODES:
         raise ValueError(f"unknown graph mode {failed_mode!r}")
     lines = text.replace("\r", "\n").splitlines()
@@ -128,6 +147,11 @@ def classify_start_failure(text: str, failed_mode: str) -> Diagnosis:
                      "lowering MAX_MODEL_LEN or GPU_MEMORY_UTILIZATION does not shrink the weights",
                      _OUT_OF_MEMORY)
 
+    if warm_cache:
+        evidence = _damaged_cache_evidence(lines, warm_cache)
+        if evidence:
+            return Diagnosis(RETRY_EMPTY_CACHE, "the compile cache looks damaged", "", evidence, failed_mode)
+
     broken_capture = _broken_capture(lines)
     if _UNSUPPORTED_PTX.search(text):
         if stage == "load":
@@ -154,6 +178,17 @@ def classify_start_failure(text: str, failed_mode: str) -> Diagnosis:
 
 
 _STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compile": "compiling the model"}
+
+
+def _damaged_cache_evidence(lines: Sequence[str], cache_path: str) -> str:
+    """The line showing that compiled files in ``cache_path`` broke the start, or "": an error
+    from loading a damaged artifact, or an error or traceback frame naming a file in the folder."""
+    evidence = _evidence(lines, _DAMAGED_ARTIFACT)
+    if evidence:
+        return evidence
+    folder = cache_path.rstrip("/") + "/"
+    naming = [line for line in lines if folder in line and (_EXCEPTION_LINE.search(line) or 'File "' in line)]
+    return _short(naming[-1]) if naming else ""
 
 
 def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence: str) -> Diagnosis:
@@ -221,45 +256,6 @@ def exception_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-# --- child processes ---------------------------------------------------------------
-
-
-def _child_pids() -> set:
-    import psutil
-
-    return {child.pid for child in psutil.Process().children(recursive=True)
-            if not _is_multiprocessing_helper(child)}
-
-
-def _is_multiprocessing_helper(process: Any) -> bool:
-    """multiprocessing's resource tracker lives as long as this process and must be left alone."""
-    try:
-        command = " ".join(process.cmdline())
-    except Exception:
-        return False
-    return "resource_tracker" in command or "forkserver" in command
-
-
-def wait_for_children_gone(before: set, timeout_s: float = CHILD_EXIT_TIMEOUT_S) -> None:
-    """Wait for child processes started since ``before`` to exit; kill those that don't.
-
-    A failed attempt's engine core (and its GPU memory) must be gone before the next one.
-    """
-    import psutil
-
-    new = [psutil.Process(pid) for pid in _child_pids() - before if psutil.pid_exists(pid)]
-    if not new:
-        return
-    _, alive = psutil.wait_procs(new, timeout=timeout_s)
-    for process in alive:
-        log.warning("killing engine child process %d left over from the failed attempt", process.pid)
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 # --- the ladder --------------------------------------------------------------------
 
 
@@ -269,6 +265,8 @@ class StartedEngine:
     mode: str
     reason: str  # why the engine runs in ``mode``, in plain words
     output: str = ""  # what the successful attempt printed (vLLM's start-up log lines)
+    compile_cache: Optional[CompileCache] = None  # the folder it started with (emptied, if it was damaged)
+    process_ids: FrozenSet[int] = frozenset()  # the engine's processes (its core and workers)
 
 
 def start_with_fallback(
@@ -277,19 +275,32 @@ def start_with_fallback(
     first_reason: str,
     start: Callable[[str], Any],
     on_output_line: Optional[Callable[[str, float], None]] = None,
+    compile_cache: Optional[CompileCache] = None,
+    deadline: Optional[StartDeadline] = None,
 ) -> StartedEngine:
     """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow.
 
     ``on_output_line`` sees each line the engine prints, with its arrival time (the start-up
-    timeline marks vLLM's phases from them). Raises EngineStartError with one plain-words
-    line when start-up cannot succeed.
+    timeline marks vLLM's phases from them). ``compile_cache``: the folder vLLM reads, set aside
+    once if its content breaks a start. ``deadline``: ENGINE_START_TIMEOUT_S over every attempt.
+    Raises EngineStartError with one plain-words line when start-up cannot succeed.
     """
-    mode, reason = first_mode, first_reason
+    try:
+        return _climb(config, first_mode, first_reason, start, on_output_line, compile_cache, deadline)
+    finally:
+        if deadline is not None:
+            deadline.done()
+
+
+def _climb(config: WorkerConfig, mode: str, reason: str, start: Callable[[str], Any],
+           on_output_line: Optional[Callable[[str, float], None]], compile_cache: Optional[CompileCache],
+           deadline: Optional[StartDeadline]) -> StartedEngine:
     failed_modes: List[str] = []
+    cache_emptied = False  # at most once per start
     while True:
         rung = GRAPH_MODES.index(mode) + 1
         log.info("engine start: rung %d/%d, %s mode (%s)", rung, len(GRAPH_MODES), mode, reason)
-        children_before = _child_pids()
+        children_before = child_pids()
         started = time.monotonic()
         capture = OutputCapture(on_line=on_output_line).start()
         try:
@@ -302,14 +313,32 @@ def start_with_fallback(
             capture.stop()
             if capture.watcher_error is not None:
                 log.warning("engine output watcher failed: %r", capture.watcher_error)
-            return StartedEngine(engine, mode, reason, capture.text(settle_s=0.1, max_wait_s=1.0))
+            if deadline is not None and deadline.expired:  # it started as the deadline killed it
+                engine.shutdown()
+                raise EngineStartError(deadline.message(mode), "engine start timed out")
+            return StartedEngine(engine, mode, reason, capture.text(settle_s=0.1, max_wait_s=1.0),
+                                 compile_cache, frozenset(child_pids() - children_before))
 
         wait_for_children_gone(children_before)
-        diagnosis = classify_start_failure(capture.text() + "\n" + exception_text(failure), mode)
+        if deadline is not None and deadline.expired:
+            raise EngineStartError(deadline.message(mode), "engine start timed out") from failure
+        warm = compile_cache is not None and not cache_emptied and compile_cache.before.compiled > 0
+        diagnosis = classify_start_failure(capture.text() + "\n" + exception_text(failure), mode,
+                                           warm_cache=compile_cache.path if warm else None)
         log.error("engine start in %s mode failed after %.1f s; cause: %s; evidence: %s",
                   mode, spent, diagnosis.cause, diagnosis.evidence or "(none)")
-        failed_modes.append(mode)
         failed = f"engine start failed in {mode} mode: {diagnosis.cause} ({diagnosis.evidence}); "
+        if diagnosis.decision == RETRY_EMPTY_CACHE:
+            try:
+                compile_cache = compile_cache.emptied()
+            except OSError as exc:
+                raise EngineStartError(failed + f"the folder could not be moved aside ({exc}): delete "
+                                       f"{compile_cache.path}", diagnosis.cause, diagnosis) from failure
+            cache_emptied = True
+            log.warning("compile cache: %s moved aside to %s, unread; retrying in %s mode with an empty folder",
+                        compile_cache.path, compile_cache.set_aside[-1], mode)
+            continue
+        failed_modes.append(mode)
         if diagnosis.decision == FATAL:
             raise EngineStartError(failed + f"remedy: {diagnosis.remedy}", diagnosis.cause, diagnosis) from failure
         if not config.graph_fallback:

@@ -11,10 +11,15 @@ A hub repo id is looked for in:
    (``<volume>/huggingface-cache/hub``, the Hugging Face cache layout);
 3. the Hugging Face cache of this machine (HF_HUB_CACHE);
 4. the hub itself, downloaded with progress into the volume's cache when a volume is
-   mounted, else into the machine's cache. Skipped when HF_HUB_OFFLINE is set.
+   mounted and writable (gams_worker/startup/volume.py; else one warning line), else into the
+   machine's cache. Skipped when HF_HUB_OFFLINE is set.
 
-Each copy must be whole (gams_worker.startup.model_files) to be used. When none is, the
-ModelNotFoundError names every place searched and why it was passed over.
+Each copy must be whole (gams_worker.startup.model_files: every shard, sound safetensors
+headers, the tokenizer, a chat model's template) to be used; a partial or damaged copy, or
+one that cannot be read, is passed over for the next place. When none is whole, the
+ModelNotFoundError names every place searched and why it was passed over. A download whose
+result is not whole (a damaged copy already in the volume's cache, which the hub client does
+not fetch again) is tried once more in the machine's cache.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import IncompleteModelError, ModelNotFoundError
 from gams_worker.startup.model_files import ALLOW_PATTERNS, IGNORE_PATTERNS, find_problems, read_manifest
+from gams_worker.startup.presets import preset_for
+from gams_worker.startup.volume import folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,15 @@ def volume_cache_dir(config: WorkerConfig) -> Path:
     return Path(config.network_volume_path) / "huggingface-cache" / "hub"
 
 
+def copy_problems(config: WorkerConfig, model_dir: Path, expected_sizes: Optional[Dict[str, int]] = None) -> List[str]:
+    """What keeps ``model_dir`` from being a whole copy of the model ``config`` serves.
+
+    The tokenizer is checked unless TOKENIZER_NAME names another; the chat template for the
+    GaMS chat models (every preset is one)."""
+    return find_problems(model_dir, expected_sizes, tokenizer=config.tokenizer_name is None,
+                         chat_template=preset_for(config.model_preset or config.model_name) is not None)
+
+
 def resolve_model(config: WorkerConfig) -> ResolvedModel:
     """Find or fetch the model named by ``config.model_name``; log and return where it is."""
     searched: List[str] = []
@@ -65,9 +81,9 @@ def find_local_model(config: WorkerConfig) -> Optional[ResolvedModel]:
 
 
 def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
-    name, revision = config.model_name, config.model_revision
+    name = config.model_name
     if Path(name).is_dir():
-        problems = find_problems(Path(name))
+        problems = copy_problems(config, Path(name))
         if problems:
             raise IncompleteModelError(name, problems)
         return ResolvedModel(str(Path(name).resolve()), LOCAL)
@@ -79,7 +95,7 @@ def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedM
     if found:
         return found
     for source, cache_dir in ((RUNPOD_CACHE, volume_cache_dir(config)), (MACHINE_CACHE, Path(config.hf_hub_cache))):
-        found = _cached(name, revision, source, cache_dir, searched)
+        found = _cached(config, source, cache_dir, searched)
         if found:
             return found
     return None
@@ -101,7 +117,7 @@ def _baked(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]
                         f"not {config.model_name}@{config.model_revision or 'any revision'}")
         return None
     model_dir = manifest.model_path(manifest_path)
-    problems = find_problems(model_dir, manifest.files)
+    problems = copy_problems(config, model_dir, manifest.files)
     if problems:
         searched.append(f"baked copy {model_dir}: incomplete ({'; '.join(problems)})")
         return None
@@ -131,14 +147,18 @@ def cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Path) -> O
     return path if path.is_dir() else None
 
 
-def _cached(repo_id: str, revision: Optional[str], source: str, cache_dir: Path,
-            searched: List[str]) -> Optional[ResolvedModel]:
+def _cached(config: WorkerConfig, source: str, cache_dir: Path, searched: List[str]) -> Optional[ResolvedModel]:
+    repo_id, revision = config.model_name, config.model_revision
     where = f"{source} {cache_dir}"
-    path = cached_snapshot(repo_id, revision, cache_dir)
+    try:
+        path = cached_snapshot(repo_id, revision, cache_dir)
+    except (OSError, UnicodeDecodeError) as exc:  # a damaged volume: its refs or folders unreadable
+        searched.append(f"{where}: unreadable ({exc})")
+        return None
     if path is None:
         searched.append(f"{where}: no snapshot of {repo_id}@{revision or 'main'}")
         return None
-    problems = find_problems(path)
+    problems = copy_problems(config, path)
     if problems:
         searched.append(f"{where}: snapshot {path.name} incomplete ({'; '.join(problems)})")
         return None
@@ -149,24 +169,45 @@ def _download(config: WorkerConfig, searched: List[str]) -> ResolvedModel:
     if config.hub_offline:
         searched.append("the hub: not tried because HF_HUB_OFFLINE is set")
         raise ModelNotFoundError(config.model_name, searched)
+    for cache_dir in _download_targets(config, searched):
+        log.info("model %s: not found locally; downloading from the hub into %s", config.model_name, cache_dir)
+        path = _fetch(config, cache_dir, searched)
+        problems = copy_problems(config, path)
+        if not problems:
+            return ResolvedModel(str(path), HUB, path.name)
+        searched.append(f"the hub download into {cache_dir}: incomplete ({'; '.join(problems)})")
+        log.warning("model %s: the download into %s is not whole (%s)", config.model_name, cache_dir,
+                    "; ".join(problems))
+    raise ModelNotFoundError(config.model_name, searched)
+
+
+def _download_targets(config: WorkerConfig, searched: List[str]) -> List[Path]:
+    """The volume's cache when a volume is mounted and writable, then the machine's cache."""
+    machine = Path(config.hf_hub_cache)
+    if not Path(config.network_volume_path).is_dir():
+        return [machine]
+    volume = volume_cache_dir(config)
+    problem = folder_problem(str(volume))
+    if problem:
+        log.warning("model %s: cannot download into the network volume (%s); using %s instead",
+                    config.model_name, problem, machine)
+        searched.append(f"the volume's cache {volume} for the download: {problem}")
+        return [machine]
+    return [volume, machine]
+
+
+def _fetch(config: WorkerConfig, cache_dir: Path, searched: List[str]) -> Path:
     from huggingface_hub import snapshot_download
 
-    volume = Path(config.network_volume_path)
-    cache_dir = volume_cache_dir(config) if volume.is_dir() else Path(config.hf_hub_cache)
-    log.info("model %s: not found locally; downloading from the hub into %s", config.model_name, cache_dir)
     try:
-        path = snapshot_download(
+        return Path(snapshot_download(
             config.model_name,
             revision=config.model_revision,
             cache_dir=str(cache_dir),
             endpoint=config.hf_endpoint,
             allow_patterns=ALLOW_PATTERNS,
             ignore_patterns=IGNORE_PATTERNS,
-        )
+        ))
     except Exception as exc:  # the hub client's errors differ by version; all mean "not fetched"
         searched.append(f"the hub: {type(exc).__name__}: {exc}")
         raise ModelNotFoundError(config.model_name, searched) from exc
-    problems = find_problems(Path(path))
-    if problems:
-        raise IncompleteModelError(path, problems)
-    return ResolvedModel(str(path), HUB, Path(path).name)

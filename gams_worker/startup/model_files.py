@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 # What vLLM and the tokenizer read: safetensors weights, configs, tokenizer files, the chat
 # template. Everything else in a repo (.bin/.pth duplicates of the weights, GGUF, ONNX,
@@ -85,62 +86,225 @@ def read_manifest(path: Path) -> BakedManifest:
     )
 
 
-def safetensors_problem(path: Path) -> Optional[str]:
-    """Why a .safetensors file is damaged (truncated, bad header), or None when it is whole.
+# Bytes per element of each safetensors dtype (its format spec); a header naming another dtype
+# is checked for its byte ranges but not against its shape.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
+# Sharded weights without an index: "model-00002-of-00004.safetensors" says four shards exist.
+_NUMBERED_SHARD = re.compile(r"^(?P<stem>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+# A tokenizer needs its config and at least one vocabulary file (or a *.tiktoken file).
+TOKENIZER_CONFIG = "tokenizer_config.json"
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+class DamagedFileError(ValueError):
+    """A model file that exists but cannot be what it claims to be; the message says why, in one line."""
+
+
+def safetensors_header(path: Path) -> Dict[str, Any]:
+    """The tensors of a .safetensors file (name -> dtype, shape, data_offsets), once the file is
+    known to be whole; raises DamagedFileError (truncated, bad header) or OSError (unreadable).
 
     The format is an 8-byte little-endian header length, a JSON header whose tensors give
     their byte ranges, then the data: a whole file ends exactly where the last tensor ends.
     """
     size = path.stat().st_size
     if size < 8:
-        return f"{path.name} is truncated ({size} bytes)"
+        raise DamagedFileError(f"{path.name} is truncated ({size} bytes)")
     with path.open("rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         if header_len > size - 8:
-            return f"{path.name} is truncated (header of {header_len} bytes, file of {size})"
+            raise DamagedFileError(f"{path.name} is truncated (header of {header_len} bytes, file of {size})")
+        if header_len > MAX_HEADER_BYTES:
+            raise DamagedFileError(f"{path.name} has a damaged header (it claims {header_len} bytes)")
         try:
             header = json.loads(handle.read(header_len))
-        except ValueError:
-            return f"{path.name} has a damaged header"
-    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
-    expected = 8 + header_len + max(ends, default=0)
+        except ValueError:  # not JSON, or not UTF-8
+            raise DamagedFileError(f"{path.name} has a damaged header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise DamagedFileError(f"{path.name} has a damaged header (not a JSON object)")
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    end = 0
+    for name, entry in tensors.items():
+        problem = _tensor_entry_problem(entry)
+        if problem:
+            raise DamagedFileError(f"{path.name} has a damaged header: tensor {name!r} {problem}")
+        end = max(end, entry["data_offsets"][1])
+    expected = 8 + header_len + end
     if size != expected:
-        return f"{path.name} has {size} bytes, its header says {expected}"
+        raise DamagedFileError(f"{path.name} has {size} bytes, its header says {expected}")
+    return tensors
+
+
+def _tensor_entry_problem(entry: Any) -> Optional[str]:
+    """Why one header entry cannot describe a tensor, or None."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    offsets, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"has data_offsets {offsets!r}"
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        return f"has shape {shape!r}"
+    if not isinstance(dtype, str):
+        return f"has dtype {dtype!r}"
+    if dtype in _DTYPE_BYTES:
+        elements = 1
+        for dimension in shape:
+            elements *= dimension
+        if offsets[1] - offsets[0] != elements * _DTYPE_BYTES[dtype]:
+            return f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs {elements * _DTYPE_BYTES[dtype]}"
     return None
 
 
-def weight_shards(model_dir: Path) -> List[str]:
-    """The names of the weight files vLLM loads: those the safetensors index names, else all *.safetensors."""
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """Why a .safetensors file is damaged (truncated, bad header) or unreadable, or None when it is whole."""
+    try:
+        safetensors_header(path)
+    except DamagedFileError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path.name} cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def index_weight_map(model_dir: Path) -> Optional[Dict[str, str]]:
+    """The safetensors index's tensor -> shard map; None without an index; DamagedFileError when damaged."""
     index = model_dir / SAFETENSORS_INDEX
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_bytes())
+    except ValueError:
+        raise DamagedFileError(f"{SAFETENSORS_INDEX} is damaged (not JSON)") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DamagedFileError(f"{SAFETENSORS_INDEX} is damaged (no weight_map)")
+    if not all(isinstance(shard, str) and shard.endswith(".safetensors") and "/" not in shard
+               for shard in weight_map.values()):
+        raise DamagedFileError(f"{SAFETENSORS_INDEX} is damaged (its weight_map names files that are not shards)")
+    return weight_map
+
+
+def weight_shards(model_dir: Path) -> List[str]:
+    """The names of the weight files vLLM loads: those the safetensors index names, else all *.safetensors.
+
+    Raises DamagedFileError when the index is damaged (find_problems reports it)."""
+    weight_map = index_weight_map(model_dir)
+    if weight_map is not None:
+        return sorted(set(weight_map.values()))
     return sorted(p.name for p in model_dir.glob("*.safetensors"))
 
 
-def find_problems(model_dir: Path, expected_sizes: Optional[Dict[str, int]] = None) -> List[str]:
+def missing_numbered_shards(names: List[str]) -> List[str]:
+    """Shards the "-of-N" naming of ``names`` says exist but are not among them."""
+    present = set(names)
+    missing = []
+    for name in names:
+        match = _NUMBERED_SHARD.match(name)
+        if match:
+            stem, width, count = match.group("stem"), len(match.group("count")), int(match.group("count"))
+            missing += [shard for number in range(1, count + 1)
+                        if (shard := f"{stem}-{number:0{width}d}-of-{count:0{width}d}.safetensors") not in present]
+    return sorted(set(missing))
+
+
+def find_problems(model_dir: Path, expected_sizes: Optional[Dict[str, int]] = None, *,
+                  tokenizer: bool = True, chat_template: bool = False) -> List[str]:
     """Everything missing or damaged in ``model_dir``; an empty list means the copy is whole.
 
-    Checks: config.json and weights present, every shard named in the safetensors index
-    present, each safetensors file whole, and (when given) each file's size as expected.
+    Never raises: an unreadable or damaged file is one of the problems. Checks: no broken
+    links (a Hugging Face cache snapshot links each file to a blob); config.json present and
+    JSON; the weights present: every shard the safetensors index names, or without an index
+    every shard the "-of-N" naming says exists; each safetensors file whole, its header sound,
+    and holding every tensor the index places in it; with ``tokenizer``, the tokenizer's config
+    and a vocabulary file; with ``chat_template`` (a chat model), its chat template; and (when
+    given) each file's size as expected.
     """
-    problems: List[str] = []
-    if not (model_dir / "config.json").is_file():
-        problems.append("config.json is missing")
+    try:
+        problems = _find_problems(model_dir, expected_sizes or {}, tokenizer, chat_template)
+    except OSError as exc:  # the folder itself cannot be listed or read
+        problems = [f"{model_dir} cannot be read ({exc.strerror or exc})"]
+    return sorted(set(problems))
+
+
+def _find_problems(model_dir: Path, expected_sizes: Dict[str, int], tokenizer: bool,
+                   chat_template: bool) -> List[str]:
+    problems: List[str] = [f"{entry.name} is a broken link (its file is missing)"
+                           for entry in model_dir.iterdir() if entry.is_symlink() and not entry.exists()]
+    for name in ("config.json",) + ((TOKENIZER_CONFIG,) if tokenizer else ()):
+        problem = _json_file_problem(model_dir / name)
+        if problem:
+            problems.append(problem)
+    try:
+        weight_map = index_weight_map(model_dir)
+    except DamagedFileError as exc:
+        return problems + [str(exc)]  # which shards the copy needs is unknown
+    except OSError as exc:
+        return problems + [f"{SAFETENSORS_INDEX} cannot be read ({exc.strerror or exc})"]
     shards = weight_shards(model_dir)
     if not shards:
         problems.append("no .safetensors weights")
+    if weight_map is None:
+        problems += [f"shard {name} is missing (the -of-N naming of the shards present says it exists)"
+                     for name in missing_numbered_shards(shards)]
     for shard in shards:
         shard_path = model_dir / shard
         if not shard_path.is_file():
-            problems.append(f"shard {shard} (named in {SAFETENSORS_INDEX}) is missing")
+            if not shard_path.is_symlink():  # a broken link is reported above
+                problems.append(f"shard {shard} (named in {SAFETENSORS_INDEX}) is missing")
             continue
-        problem = safetensors_problem(shard_path)
-        if problem:
-            problems.append(problem)
-    for name, size in sorted((expected_sizes or {}).items()):
+        try:
+            tensors = safetensors_header(shard_path)
+        except DamagedFileError as exc:
+            problems.append(str(exc))
+            continue
+        except OSError as exc:
+            problems.append(f"{shard} cannot be read ({exc.strerror or exc})")
+            continue
+        if weight_map is not None:
+            absent = sorted(t for t, s in weight_map.items() if s == shard and t not in tensors)
+            if absent:
+                problems.append(f"{shard} lacks {len(absent)} of the tensors {SAFETENSORS_INDEX} places in it "
+                                f"(first: {absent[0]})")
+    if tokenizer and not any((model_dir / name).is_file() for name in VOCABULARY_FILES) \
+            and not any(model_dir.glob("*.tiktoken")):
+        problems.append(f"no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)} or *.tiktoken)")
+    if chat_template and not _has_chat_template(model_dir):
+        problems.append(f"no chat template ({' or '.join(CHAT_TEMPLATE_FILES)}, or a chat_template in "
+                        f"{TOKENIZER_CONFIG}), which a chat model's copy has")
+    for name, size in sorted(expected_sizes.items()):
         path = model_dir / name
         if not path.is_file():
             problems.append(f"{name} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{name} has {path.stat().st_size} bytes, expected {size}")
-    return sorted(set(problems))
+    return problems
+
+
+def _json_file_problem(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return None if path.is_symlink() else f"{path.name} is missing"  # a broken link is reported apart
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError:
+        return f"{path.name} is damaged (not JSON)"
+    except OSError as exc:
+        return f"{path.name} cannot be read ({exc.strerror or exc})"
+    return None if isinstance(data, dict) else f"{path.name} is damaged (not a JSON object)"
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if any((model_dir / name).is_file() and (model_dir / name).stat().st_size > 0 for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        config = json.loads((model_dir / TOKENIZER_CONFIG).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))

@@ -1,4 +1,4 @@
-"""Start-up of the worker process: logging, engine, tokenizer, and the engine watchdog."""
+"""Start-up of the worker process: logging, engine, tokenizer, and the engine watchdog (startup/liveness.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from gams_worker.startup.host import HostFacts, host_facts, platform_name
 from gams_worker.startup.engine import EngineInfo, EngineStatsLog, import_engine_classes, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
+from gams_worker.startup.liveness import EngineWatchdog, StartDeadline, StepClock
 from gams_worker.startup.model import BAKED, ResolvedModel, find_local_model, resolve_model
 from gams_worker.startup.presets import apply_preset, kv_summary
 from gams_worker.jobs.openai import OpenAIRoutes
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 # Jobs taken at once when neither MAX_CONCURRENCY nor the engine's KV cache size says.
 DEFAULT_CONCURRENCY = 32
 BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-# Seconds a dead engine's in-flight jobs get to post their errors before the process exits.
-DEAD_ENGINE_GRACE_S = 1.0
 
 
 def setup_logging(config: WorkerConfig) -> None:
@@ -65,46 +64,18 @@ def exit_quietly(status: int) -> NoReturn:
     os._exit(status)
 
 
-class EngineWatchdog:
-    """Exits the process non-zero once the engine is dead, so RunPod replaces the worker.
-
-    A dead vLLM engine never recovers; a worker that stayed up with it would take
-    jobs only to fail them. ``stop()`` before a clean shutdown, which also ends the engine.
-    """
-
-    def __init__(self, engine: Any, interval_s: float = 0.5):
-        self._engine = engine
-        self._interval_s = interval_s
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _watch(self) -> None:
-        while not self._stopped.wait(self._interval_s):
-            if self._engine.errored:
-                break
-        if self._stopped.is_set():
-            return
-        log.critical("the vLLM engine is dead; exiting with status 1 so RunPod replaces this worker")
-        time.sleep(DEAD_ENGINE_GRACE_S)
-        logging.shutdown()
-        os._exit(1)
-
-
 class Worker:
     """The engine, the jobs running on it (both dialects), and the watchdog over both."""
 
-    def __init__(self, service: GenerationService, concurrency: int):
+    def __init__(self, service: GenerationService, concurrency: int, step_clock: Optional[StepClock] = None,
+                 engine_pids: Sequence[int] = ()):
         self.service = service  # plain jobs
         openai = OpenAIRoutes(service.engine, service.config, service.chat_template, service.flush_policy,
                               service.input_tokenizer)
         stats_log = EngineStatsLog(service.engine) if service.config.log_engine_stats else None
         self.jobs = JobRouter(service, openai, stats_log)
         self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
-        self.watchdog = EngineWatchdog(service.engine)
+        self.watchdog = EngineWatchdog(service.engine, step_clock, service.config.engine_stall_timeout_s, engine_pids)
         port = service.config.status_port
         self.status_server = StatusServer(self.jobs, port) if port else None
 
@@ -210,8 +181,10 @@ def _start(config: WorkerConfig, local_model: Optional[ResolvedModel], timeline:
         [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in import_while_engine_starts]
         + [("start-up garbage collected", gc.collect)], timeline)
     try:
-        started_engine = start_with_fallback(config, mode, reason, lambda m: start_engine(config, m, plan.model_path),
-                                             on_output_line=watch_engine_line)
+        started_engine = start_with_fallback(
+            config, mode, reason, lambda m: start_engine(config, m, plan.model_path),
+            on_output_line=watch_engine_line, compile_cache=compile_cache,
+            deadline=StartDeadline(config.engine_start_timeout_s))
     except BaseException:
         background.finish(run_the_rest=False)
         raise
@@ -223,12 +196,15 @@ def _start(config: WorkerConfig, local_model: Optional[ResolvedModel], timeline:
     engine, mode, reason = started_engine.engine, started_engine.mode, started_engine.reason
     freeze_startup_heap(fell_back=mode != started_mode)  # not on failure: nothing outlives a failed start
     timeline.read_engine_output(started_engine.output)
-    timeline.compile_cache = compile_cache.report(started_engine.output)
+    timeline.compile_cache = (started_engine.compile_cache or compile_cache).report(started_engine.output)
     timeline.mark("compile cache counted")
+    step_clock = StepClock()  # stamped by the engine's output, read by the watchdog
+    step_clock.watch(engine)
     tokenizer = engine.get_tokenizer()  # the engine's own: loading it again would cost seconds
     info = EngineInfo(mode=mode, reason=reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2))
-    worker = Worker(GenerationService(engine, tokenizer, config, info, timeline), job_concurrency(config, engine))
+    worker = Worker(GenerationService(engine, tokenizer, config, info, timeline), job_concurrency(config, engine),
+                    step_clock, sorted(started_engine.process_ids))
     timeline.mark("ready for jobs")
     log.info("worker ready: model %s, engine %s, start-up %s", config.model_label, info, timeline.to_output())
     return worker

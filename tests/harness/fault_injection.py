@@ -7,14 +7,18 @@ core logs as it logs a real failure. The
 file is consumed (deleted) so that only the first attempt fails and the fallback
 ladder's next rung starts normally. The failure thus originates in the child
 process, and the parent sees only vLLM's generic "Engine core initialization failed".
+A file holding ``HANG`` makes that load hang instead (a stuck engine start).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from gams_worker.startup.engine import INJECTED_FAILURE_KEY
+
+HANG = "gams-test: hang"  # the file's text that makes the first start hang
 
 
 def _platform_worker_class() -> type:
@@ -46,6 +50,8 @@ class FailingStartWorker(_platform_worker_class()):  # type: ignore[misc]
     def load_model(self, *args: Any, **kwargs: Any) -> Any:
         additional = getattr(self.vllm_config, "additional_config", None) or {}
         text = take_failure_text(additional[INJECTED_FAILURE_KEY]) if INJECTED_FAILURE_KEY in additional else ""
+        if text.strip() == HANG:
+            threading.Event().wait()  # for ever: only the start deadline ends this
         if text:
             raise RuntimeError(text)
         return super().load_model(*args, **kwargs)

@@ -1,0 +1,44 @@
+"""Whether a folder can take what the worker writes there: writable, and with room to spare.
+
+A network volume can be mounted read-only or be full. ``os.makedirs`` passes on a read-only
+volume where the folder already exists, and vLLM, unable to save what it compiles, fails its
+start in a way the fallback ladder reads as a compile failure: it would drive the engine to
+eager mode in silence. So a folder is probed the way vLLM will use it (a small file written,
+synced and removed) before it is chosen, and a folder that fails is passed over with one
+warning line naming why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+PROBE_PREFIX = ".gams-worker-write-probe"
+
+
+def folder_problem(path: str, min_free_bytes: int = 0) -> Optional[str]:
+    """Why ``path`` cannot be written to (or lacks ``min_free_bytes`` of free space), or None.
+
+    Creates the folder if it is missing; leaves nothing else behind.
+    """
+    probe = os.path.join(path, f"{PROBE_PREFIX}-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(descriptor, b"gams-worker write probe\n")
+            os.fsync(descriptor)  # a full volume may accept the write and refuse the data here
+        finally:
+            os.close(descriptor)
+            os.unlink(probe)
+        free = shutil.disk_usage(path).free
+    except OSError as exc:
+        return f"{path} is not writable ({exc.strerror or exc})"
+    if free < min_free_bytes:
+        return f"{path} has {_mib(free)} MiB free, less than the {_mib(min_free_bytes)} MiB it needs"
+    return None
+
+
+def _mib(count: int) -> int:
+    return count // 2**20
