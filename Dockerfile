@@ -123,6 +123,10 @@ ENV MODEL_NAME=${MODEL_NAME} \
     RUNPOD_LOG_LEVEL=INFO
 COPY handler.py test_input.json ./
 COPY gams_worker/ gams_worker/
+# The input contract against this image's vLLM: every hostile case of the test suite refused by field
+# (or passed on) before vLLM sees it, with no GPU and no engine. The cases are mounted, not shipped.
+RUN --mount=type=bind,source=tests,target=/app/tests \
+    python -m tests.harness.hostile_cases --contract-only
 # handler.py handles SIGTERM from its first line (python is PID 1 here, which ignores a signal
 # it has no handler for): a scale-down during the engine start stops the worker at once.
 CMD ["python", "handler.py"]

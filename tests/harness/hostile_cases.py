@@ -273,6 +273,7 @@ def contract_checker(tokenizer_dir: Optional[str] = None):
     from gams_worker.jobs.chat_template import ChatTemplateFacts, probe_chat_template
     from gams_worker.jobs.input import parse_job_input
     from gams_worker.jobs.route import JobRouter
+    from gams_worker.jobs.streaming import FlushPolicy
     from gams_worker.platform.job_loop import read_take
 
     if tokenizer_dir:
@@ -283,7 +284,8 @@ def contract_checker(tokenizer_dir: Optional[str] = None):
         facts = ChatTemplateFacts(end_of_turn_id=None, end_of_turn_token=None, accepts_system=False,
                                   control_tokens=GEMMA_CONTROL_TOKENS)
     config = WorkerConfig(model_name="cjvt/GaMS-9B-Instruct")
-    routes = openai_jobs.OpenAIRoutes(engine=None, config=config, chat_template=facts)
+    flush_policy = FlushPolicy(config.stream_batch_tokens, config.stream_batch_ms, config.stream_posts_per_second)
+    routes = openai_jobs.OpenAIRoutes(engine=None, config=config, chat_template=facts, flush_policy=flush_policy)
     vllm = {**openai_jobs._import_vllm_openai(), **openai_jobs._import_vllm_responses_and_tokenize()}
 
     def check(case: Case) -> Optional[str]:
