@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from gams_worker.config import WorkerConfig
 from gams_worker.errors import error_output
 from gams_worker.platform.local_run import read_test_job, run_job, run_local, wants_local_run
 from tests.harness.worker_process import ROOT, engine_env, exit_noise, subprocess_env
@@ -27,11 +28,12 @@ def test_handler_py_streams_test_input_json(tiny_model_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max_model_len=8192 (preset)" in result.stderr
     assert "gpu_memory_utilization=0.2 (env)" in result.stderr
-    sizing = re.search(r"concurrency: (\d+) jobs = KV cache (\d+) tokens / EXPECTED_TOKENS_PER_JOB 1024, "
+    expected = WorkerConfig().expected_tokens_per_job  # the default
+    sizing = re.search(rf"concurrency: (\d+) jobs = KV cache (\d+) tokens / EXPECTED_TOKENS_PER_JOB {expected}, "
                        r"at most max_num_seqs (\d+)", result.stderr)
     assert sizing, result.stderr[-3000:]
     jobs, kv_tokens, max_num_seqs = map(int, sizing.groups())
-    assert jobs == max(1, min(kv_tokens // 1024, max_num_seqs))
+    assert jobs == max(1, min(kv_tokens // expected, max_num_seqs))
     lines = result.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("--- local job local-test")))
     end = lines.index("--- aggregate output:")

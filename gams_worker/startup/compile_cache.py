@@ -67,7 +67,7 @@ MODEL_INFO_SUBDIR = "modelinfos"  # vLLM's model-info cache, not compiled code
 MEGA_AOT_MIN_TORCH = (2, 10)
 # Files that hold compiled code: Inductor's kernels and vLLM's graphs (.so, .py, .cubin, ...).
 _ARTIFACT = re.compile(r"\.(so|py|cubin|ptx|hsaco|json|pt|bin)$|^model$")
-# vLLM's log lines when it took its compiled graphs from the cache (0.25 on CUDA, 0.32 on CPU).
+# vLLM's log lines when it took its compiled graphs from the cache (its CUDA and CPU builds word it apart).
 _LOADED_FROM_CACHE = re.compile(r"Directly load (?:AOT compilation|the compiled graph)")
 # vLLM's line when its saved graphs would not load and it traced them anew (a damaged file; and
 # on every warm start of its CPU build, which cannot load its own graph wrapper).

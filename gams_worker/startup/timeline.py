@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-# (phase, pattern with the seconds as group 1), as vLLM 0.25-0.33 log them.
+# (phase, pattern with the seconds as group 1), as vLLM 0.32 logs them.
 ENGINE_PHASES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ("weights_loaded_s", re.compile(r"Model loading took [\d.]+ GiB (?:memory )?and ([\d.]+) seconds")),
     ("weights_loaded_s", re.compile(r"Loading weights took ([\d.]+) seconds")),
@@ -32,7 +32,7 @@ ENGINE_PHASES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
 
 ENGINE_PROCESS_STARTED = "vLLM: engine process started"
 WEIGHTS_LOADING = "vLLM: weights loading"
-# (mark, pattern): the lines that end each of vLLM's start-up phases, as vLLM 0.25-0.33 log them,
+# (mark, pattern): the lines that end each of vLLM's start-up phases, as vLLM 0.32 logs them,
 # in the order they come. Each is marked once per engine process.
 ENGINE_MARKS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ("vLLM: model config read", re.compile(r"Resolved architecture")),
