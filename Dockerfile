@@ -87,7 +87,7 @@ COPY builder/check_install.py /tmp/
 RUN python /tmp/check_install.py
 # The drift guard: this vLLM is the release the worker is tested on, and holds every name and engine
 # argument the worker uses (gams_worker/startup/vllm_release.py); a vLLM bump fails here, naming them.
-COPY gams_worker/__init__.py gams_worker/errors.py /tmp/guard/gams_worker/
+COPY gams_worker/__init__.py gams_worker/errors.py gams_worker/versions.py /tmp/guard/gams_worker/
 COPY gams_worker/startup/__init__.py gams_worker/startup/vllm_release.py /tmp/guard/gams_worker/startup/
 RUN PYTHONPATH=/tmp/guard python -m gams_worker.startup.vllm_release && rm -rf /tmp/guard
 # OS packages a variant needs at run time (the CPU image: libnuma1 for vLLM's CPU kernels); after

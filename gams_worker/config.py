@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
 from gams_worker.jobs.input import InputLimits
 from gams_worker.startup.presets import PRESETS
+from gams_worker.versions import is_major_minor
 
 T = TypeVar("T")
 
@@ -240,7 +240,7 @@ class _Env:
     def version(self, name: str) -> Optional[str]:
         """A major.minor version such as "13.0", or None."""
         def parse(raw: str) -> str:
-            if not re.fullmatch(r"\d+\.\d+", raw.strip()):
+            if not is_major_minor(raw.strip()):
                 raise ValueError
             return raw.strip()
 

@@ -9,6 +9,7 @@ from gams_worker.startup import host
 from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES, diagnose, memory_from_config, run_doctor
 from gams_worker.startup.host import GIB, GpuFacts, HostFacts
 from gams_worker.startup.presets import GEMMA2_9B
+from gams_worker.versions import cuda_from_version_tag
 
 # GaMS-9B-Instruct's config.json (a Gemma 2 9B), the fields the estimate reads.
 GAMS_9B_CONFIG = {
@@ -165,9 +166,9 @@ def test_doctor_survives_a_probe_that_raises(monkeypatch):
 
 
 def test_vllm_cuda_version_from_its_version_tag_or_linked_cudart(tmp_path):
-    assert host.cuda_from_version_tag("0.25.0+cu130") == "13.0"
-    assert host.cuda_from_version_tag("0.9.2+cu126") == "12.6"
-    assert host.cuda_from_version_tag("0.25.0") is None
+    assert cuda_from_version_tag("0.25.0+cu130") == "13.0"
+    assert cuda_from_version_tag("0.9.2+cu126") == "12.6"
+    assert cuda_from_version_tag("0.25.0") is None
     extension = tmp_path / "_C.abi3.so"
     extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0libcudart.so.13\0libc.so.6\0")
     assert host._linked_cudart_major(str(extension)) == "13"

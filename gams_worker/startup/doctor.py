@@ -15,12 +15,12 @@ import json
 import logging
 import math
 import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.startup.host import GIB, NO_PLATFORM, UNKNOWN, GpuFacts, HostFacts
 from gams_worker.startup.presets import sequence_kv_bytes
+from gams_worker.versions import major_minor
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
 
 
 def _supports_fp8(gpu: GpuFacts) -> bool:
-    capability = _version_tuple(gpu.compute_capability)
+    capability = major_minor(gpu.compute_capability)
     return capability is not None and capability >= (8, 9)
 
 
@@ -144,7 +144,7 @@ def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[st
     if not facts.gpus:
         return []
     problems = []
-    minimum, driver = _version_tuple(config.min_cuda_version or ""), _version_tuple(facts.driver_cuda)
+    minimum, driver = major_minor(config.min_cuda_version), major_minor(facts.driver_cuda)
     if minimum and driver and driver < minimum:
         problems.append(f"driver supports CUDA {facts.driver_cuda}, RUNPOD_MIN_CUDA_VERSION is {config.min_cuda_version}: "
                         f"deploy on hosts with CUDA >= {config.min_cuda_version} (RunPod: allowedCudaVersions)")
@@ -161,8 +161,8 @@ def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[st
 
 
 def _driver_verdict(facts: HostFacts) -> Optional[str]:
-    driver = _version_tuple(facts.driver_cuda)
-    needed = max((v for v in (_version_tuple(facts.torch_cuda), _version_tuple(facts.vllm_cuda)) if v),
+    driver = major_minor(facts.driver_cuda)
+    needed = max((v for v in (major_minor(facts.torch_cuda), major_minor(facts.vllm_cuda)) if v),
                  default=None)
     if not driver or not needed or driver >= needed:
         return None
@@ -193,13 +193,6 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
     fitting_len = memory.longest_sequence(budget - fixed) // 256 * 256
     return (f"{prefix}: lower MAX_MODEL_LEN to {fitting_len} / quantize / "
             f"TENSOR_PARALLEL_SIZE={next_tp}")
-
-
-def _version_tuple(text: str) -> Optional[Tuple[int, ...]]:
-    match = re.match(r"^(\d+)(?:\.(\d+))?", text or "")
-    if not match:
-        return None
-    return (int(match.group(1)), int(match.group(2) or 0))
 
 
 def _gib(value: Optional[int]) -> str:
