@@ -13,8 +13,7 @@ import os
 from typing import Callable, Mapping, Optional, TypeVar
 
 from gams_worker.errors import ConfigError
-from gams_worker.jobs.input import InputLimits
-from gams_worker.startup.presets import PRESETS
+from gams_worker.presets import PRESETS
 from gams_worker.versions import is_major_minor
 
 T = TypeVar("T")
@@ -24,6 +23,25 @@ QUANTIZATIONS = ("fp8",)
 PREFETCH_POINTS = ("off", "with-imports", "after-imports")  # PREFETCH_WEIGHTS
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+    max_input_bytes: int = 1_048_576
+    max_prompt_chars: int = 200_000
+    max_messages: int = 256
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    max_n: int = 16
+    max_sequences: int = 16
+    max_stop_token_ids: int = 16
+    max_bad_words: int = 16
+    max_logprobs: int = 20
+    max_logit_bias: int = 300
+    max_prompt_logprobs_tokens: int = 256
+    max_grammar_bytes: int = 32_768
+    max_schema_depth: int = 32
+    grammar_compile_timeout_s: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, JobInputError
 from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
-from gams_worker.jobs.input import InputLimits
+from gams_worker.config import InputLimits
 from gams_worker.jobs.chat import prepare_prompt
 
 # Small limits, so that generated inputs reach every one of them often.

@@ -57,33 +57,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.chat import join_text_parts, key_path
 
 # "developer" is what OpenAI clients now send for instructions: a system message (chat.template_messages).
 ROLES = ("system", "developer", "user", "assistant")
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputLimits:
-    max_input_bytes: int = 1_048_576
-    max_prompt_chars: int = 200_000
-    max_messages: int = 256
-    max_stop_strings: int = 16
-    max_stop_length: int = 256
-    max_n: int = 16
-    max_sequences: int = 16
-    max_stop_token_ids: int = 16
-    max_bad_words: int = 16
-    max_logprobs: int = 20
-    max_logit_bias: int = 300
-    max_prompt_logprobs_tokens: int = 256
-    max_grammar_bytes: int = 32_768
-    max_schema_depth: int = 32
-    grammar_compile_timeout_s: float = 10.0
 
 
 # How deep a job's input may nest objects and lists: Python's JSON encoder and decoder recurse
@@ -138,6 +119,45 @@ def check_prompt_chars(chars: int, field: str, limits: InputLimits) -> None:
 def check_count(count: int, maximum: int, variable: str, what: str, field: str) -> None:
     if count > maximum:
         raise JobInputError(f"has {count} {what}; {variable} allows at most {maximum}", field)
+
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat's, and Responses' input and output text
+
+
+def join_text_parts(content: Any, field: str) -> str:
+    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for i, part in enumerate(content):
+            if not (isinstance(part, Mapping) and part.get("type") in TEXT_PART_TYPES
+                    and isinstance(part.get("text"), str)):
+                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise JobInputError("must be a string or a list of text parts", field)
+
+
+def key_path(prefix: str, key: Any) -> str:
+    """``prefix`` + key; a key that is empty or holds . [ ] or " is quoted: ``input[""]``."""
+    if isinstance(key, str) and key and not any(c in key for c in '.[]"'):
+        return f"{prefix}{key}"
+    return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
+
+
+def strings_in(value: Any, field: str) -> Iterator[Tuple[str, str]]:
+    """(path, text) of every string inside ``value`` (a message, its parts, a list of items), in
+    order, without recursion; object keys are not texts, their values are."""
+    stack: List[Tuple[str, Any]] = [(field, value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            yield path, node
+        elif isinstance(node, Mapping):
+            stack.extend(reversed([(key_path(path + ".", key), child) for key, child in node.items()]))
+        elif isinstance(node, list):
+            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
 
 
 @dataclasses.dataclass(frozen=True)

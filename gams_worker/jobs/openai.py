@@ -39,12 +39,12 @@ import logging
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple
 
-from gams_worker.config import WorkerConfig
+from gams_worker.config import InputLimits, WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
 from gams_worker.jobs.chat import template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
 from gams_worker.jobs.grammar import GrammarGate
-from gams_worker.jobs.input import InputLimits, encoded_json
+from gams_worker.jobs.input import encoded_json
 from gams_worker.jobs.openai_input import (
     CHAT_ROUTE, COMPLETIONS_ROUTE, DETOKENIZE_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE,
     check_openai_body, constraint_field,

@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.chat import refuse_control_tokens, strings_in, template_messages
+from gams_worker.jobs.chat import refuse_control_tokens, template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts
 from gams_worker.jobs.input import (
-    SAMPLING_FIELDS, InputLimits, check_count, check_input_size, check_prompt_chars, check_sequences,
-    check_stop_strings, nests_deeper_than,
+    SAMPLING_FIELDS, check_count, check_input_size, check_prompt_chars, check_sequences,
+    check_stop_strings, nests_deeper_than, strings_in,
 )
 
 CHAT_ROUTE = "/v1/chat/completions"

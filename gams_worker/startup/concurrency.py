@@ -1,7 +1,7 @@
 """How many sequences the engine batches and how many jobs this worker takes at once.
 
 Before the engine starts, ``max_num_seqs`` (vLLM's batch of sequences, an engine argument) is
-sized from the doctor's memory model (gams_worker/startup/doctor.py): the KV cache one job of
+sized with the memory model (gams_worker/memory.py): the KV cache one job of
 ``EXPECTED_TOKENS_PER_JOB`` tokens needs, and the GPU memory left at GPU_MEMORY_UTILIZATION
 beside the weights and the engine's own overhead:
 
@@ -25,12 +25,9 @@ unless MAX_CONCURRENCY is set. Both log lines say which bound set the number.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import Any, Optional, Tuple
 
-from gams_worker.startup.host import GIB
-
-if TYPE_CHECKING:
-    from gams_worker.startup.doctor import ModelMemory
+from gams_worker.memory import GIB, ModelMemory
 
 # The most sequences sized for: vLLM's largest CUDA graph by default (max_cudagraph_capture_size 512).
 MAX_NUM_SEQS_CAP = 512
@@ -72,14 +69,16 @@ def concurrency_bound(capacity: KvCapacity, expected_tokens_per_job: int) -> str
     return "the KV cache set it" if by_cache >= 1 else "at least 1 (the KV cache holds less than one such job)"
 
 
-def size_max_num_seqs(memory: "ModelMemory", gpu_total_bytes: int, utilization: float, overhead_bytes: int,
+def size_max_num_seqs(memory: ModelMemory, gpu_total_bytes: int, utilization: float,
                       expected_tokens_per_job: int) -> Tuple[int, str]:
     """(max_num_seqs, why) for one GPU of ``gpu_total_bytes`` (``memory`` is per GPU)."""
-    kv_budget = int(gpu_total_bytes * utilization) - memory.weight_bytes - overhead_bytes
+    kv_budget = memory.kv_budget(gpu_total_bytes, utilization)
     per_job = memory.kv_bytes(expected_tokens_per_job)
-    fits = max(kv_budget, 0) // per_job if per_job else MAX_NUM_SEQS_CAP
+    fits = MAX_NUM_SEQS_CAP  # a model without a KV cache
+    if per_job:
+        fits = memory.sequences_that_fit(gpu_total_bytes, utilization, expected_tokens_per_job)
     why = (f"KV budget {kv_budget / GIB:.1f} GiB ({gpu_total_bytes / GIB:.1f} GiB x {utilization:g} - "
-           f"{memory.weight_bytes / GIB:.1f} GiB weights - {overhead_bytes / GIB:.1f} GiB engine) / "
+           f"{memory.weight_bytes / GIB:.1f} GiB weights - {memory.overhead_bytes / GIB:.1f} GiB engine) / "
            f"{per_job / GIB:.3f} GiB KV per {expected_tokens_per_job}-token job (EXPECTED_TOKENS_PER_JOB)"
            f" = {fits} jobs")
     if fits >= MAX_NUM_SEQS_CAP:

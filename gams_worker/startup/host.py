@@ -15,11 +15,11 @@ import os
 import re
 from typing import Any, List, Optional, Tuple
 
+from gams_worker.memory import GIB
 from gams_worker.versions import cuda_from_version_tag
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 UNKNOWN = "unknown"
 
 

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import IncompleteModelError, ModelNotFoundError
 from gams_worker.startup.model_files import ALLOW_PATTERNS, IGNORE_PATTERNS, find_problems, read_manifest
-from gams_worker.startup.presets import preset_for
+from gams_worker.presets import preset_for
 from gams_worker.startup.volume import folder_problem
 
 log = logging.getLogger(__name__)

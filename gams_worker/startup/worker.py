@@ -18,14 +18,15 @@ from typing import Any, Callable, NoReturn, Optional, Sequence, Set, Tuple
 from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
 from gams_worker.startup.concurrency import concurrency_bound, derive_concurrency, kv_capacity, size_max_num_seqs
 from gams_worker.config import WorkerConfig, export_to_engine
-from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES, DoctorReport, ModelMemory, model_memory, run_doctor
+from gams_worker.startup.doctor import DoctorReport, run_doctor
+from gams_worker.memory import ModelMemory, model_memory
 from gams_worker.startup.host import HostFacts, host_facts, platform_name
 from gams_worker.startup.engine import EngineInfo, EngineStatsLog, import_engine_classes, start_engine
 from gams_worker.errors import EngineStartError
 from gams_worker.startup.ladder import start_with_fallback
 from gams_worker.startup.liveness import EngineWatchdog, StartDeadline, StepClock
 from gams_worker.startup.model import BAKED, ResolvedModel, find_local_model, resolve_model
-from gams_worker.startup.presets import apply_preset, kv_summary
+from gams_worker.startup.plan import apply_preset, kv_summary
 from gams_worker.jobs.openai import OpenAIRoutes
 from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.service import GenerationService
@@ -131,7 +132,7 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
         log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
     mark("model resolved")
     # The doctor read the model's memory where it was here already; a download is read now.
-    config = with_max_num_seqs(config, facts, report.memory or model_memory(model.path, config))
+    config = with_max_num_seqs(config, facts, report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size))
     compile_cache = choose_compile_cache(config, facts)
     export_to_engine(compile_cache.engine_environment())
     mark("compile cache checked")
@@ -288,7 +289,7 @@ def with_max_num_seqs(config: WorkerConfig, facts: HostFacts, memory: Optional[M
         sized, why = None, "the model's memory is unknown: its config.json was not read"
     else:
         sized, why = size_max_num_seqs(memory, min(gpu.total_bytes for gpu in gpus), config.gpu_memory_utilization,
-                                       ENGINE_OVERHEAD_BYTES, config.expected_tokens_per_job)
+                                       config.expected_tokens_per_job)
     if config.max_num_seqs is not None:
         log.info("max_num_seqs: %d (MAX_NUM_SEQS; %s)", config.max_num_seqs,
                  f"sized, it would be {sized} = {why}" if sized else f"unsized: {why}")

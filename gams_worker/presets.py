@@ -1,63 +1,23 @@
-"""Settings presets for the GaMS family, applied under the environment.
+"""Settings presets for the GaMS family: each chat model's weights, context and config.json facts.
 
-A preset fills only settings the environment left unset; the log says where every
-value came from (env, preset or default). Tensor parallelism is chosen from the
-GPUs present and the weight size: the fewest GPUs whose memory holds the weights
-plus room for the KV cache.
+Data at the bottom of the package: config.py checks MODEL_PRESET against it as it reads the
+environment, and start-up applies a preset under the environment (gams_worker/startup/plan.py):
+a preset fills only settings the environment left unset. Tensor parallelism is chosen from the
+GPUs present and the weight size: the fewest GPUs whose memory holds the weights plus room for
+the KV cache.
 
-Each preset carries its model's config.json facts (layers, KV heads, head dim, sliding
-window), so the KV cache one sequence needs, and the full-length sequences a card holds,
-are computed rather than guessed: ``python -m gams_worker.startup.presets`` prints the
-table the README shows.
+Each preset carries its model's config.json facts (layers, KV heads, head dim, sliding window),
+so the KV cache one sequence needs, and the full-length sequences a card holds, are computed
+with the memory model (gams_worker/memory.py) rather than guessed:
+``python -m gams_worker.presets`` prints the table the README shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-from gams_worker.startup.host import GIB
-
-if TYPE_CHECKING:  # config.py imports PRESETS, to check MODEL_PRESET as it reads it
-    from gams_worker.config import WorkerConfig
-
-# Room beyond the weights on each GPU: activations, CUDA graphs and at least a few
-# sequences of KV cache. Below this vLLM starts but serves almost nothing.
-HEADROOM_GIB = 6.0
-
-
-# What a GPU spends besides weights and KV cache at the preset's utilization (activations,
-# CUDA graphs): measured 0.5 GiB (GaMS-9B, one H100) and 1.7 GiB per GPU (GaMS-27B, TP 2).
-NON_KV_GIB = 2.0
-KV_BYTES_PER_ELEMENT = 2  # bf16
-
-
-def sequence_kv_bytes(bytes_per_layer_token: int, full_layers: int, sliding_layers: int, sliding_window: int,
-                      tokens: int) -> int:
-    """KV cache of one ``tokens``-long sequence: vLLM's v1 engine keeps only the last
-    ``sliding_window`` tokens of a sliding layer (its hybrid KV cache manager)."""
-    return bytes_per_layer_token * (full_layers * tokens + sliding_layers * min(tokens, sliding_window))
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """The config.json facts that size the KV cache."""
-
-    name: str  # "Gemma 2 9B"
-    layers: int
-    sliding_layers: int  # layers that attend only to the last ``sliding_window`` tokens
-    kv_heads: int
-    head_dim: int
-    sliding_window: int
-    max_positions: Optional[int]  # max_position_embeddings; None where not known here
-    source: str  # where these facts come from
-
-    def kv_gib_per_sequence(self, tokens: int) -> float:
-        """KV cache of one ``tokens``-long sequence, keys and values, bf16, all GPUs together."""
-        per_layer_token = 2 * self.kv_heads * self.head_dim * KV_BYTES_PER_ELEMENT
-        return sequence_kv_bytes(per_layer_token, self.layers - self.sliding_layers, self.sliding_layers,
-                                 self.sliding_window, tokens) / GIB
-
+from gams_worker.memory import GIB, HEADROOM_BYTES, Architecture
 
 GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)")
 GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct")
@@ -109,7 +69,7 @@ def choose_tensor_parallel(weights_gib: float, gpu_count: int, gpu_memory_gib: f
     """Fewest GPUs (a power of two, at most ``gpu_count``) that hold the weights plus headroom."""
     size = 1
     while size * 2 <= max(gpu_count, 1):
-        if weights_gib / size + HEADROOM_GIB <= gpu_memory_gib * utilization:
+        if weights_gib * GIB / size + HEADROOM_BYTES <= gpu_memory_gib * GIB * utilization:
             break
         size *= 2
     return size
@@ -118,36 +78,10 @@ def choose_tensor_parallel(weights_gib: float, gpu_count: int, gpu_memory_gib: f
 def full_length_sequences(preset: Preset, gpu_memory_gib: float, gpu_count: int,
                           max_model_len: Optional[int] = None) -> Tuple[int, int]:
     """(tensor parallel size, sequences of ``max_model_len`` tokens whose KV cache fits) on these GPUs."""
-    tokens = max_model_len or preset.max_model_len
     tp = choose_tensor_parallel(preset.weights_gib, gpu_count, gpu_memory_gib, preset.gpu_memory_utilization)
-    kv_budget = tp * (gpu_memory_gib * preset.gpu_memory_utilization - preset.weights_gib / tp - NON_KV_GIB)
-    return tp, max(0, int(kv_budget // preset.architecture.kv_gib_per_sequence(tokens)))
-
-
-# The environment variable behind each setting a preset may fill.
-PRESET_VARIABLES = {"max_model_len": "MAX_MODEL_LEN", "dtype": "DTYPE",
-                    "gpu_memory_utilization": "GPU_MEMORY_UTILIZATION", "tensor_parallel_size": "TENSOR_PARALLEL_SIZE"}
-
-
-def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]
-                 ) -> Tuple[WorkerConfig, Dict[str, str]]:
-    """Fill settings the environment left unset; return the new config and each value's source."""
-    preset = preset_for(config.model_preset or config.model_name)
-    from_env = {name for name, variable in PRESET_VARIABLES.items() if variable in config.explicit}
-    sources = {name: ("env" if name in from_env else "default") for name in PRESET_VARIABLES}
-    if preset is None:
-        return config, sources
-    changes = {}
-    for name in ("max_model_len", "dtype", "gpu_memory_utilization"):
-        if name not in from_env:
-            changes[name] = getattr(preset, name)
-            sources[name] = "preset"
-    if "tensor_parallel_size" not in from_env and gpu_memory_gib:
-        utilization = changes.get("gpu_memory_utilization", config.gpu_memory_utilization)
-        changes["tensor_parallel_size"] = choose_tensor_parallel(
-            preset.weights_gib, gpu_count, gpu_memory_gib, utilization)
-        sources["tensor_parallel_size"] = "preset"
-    return dataclasses.replace(config, **changes), sources
+    memory = preset.architecture.memory(int(preset.weights_gib * GIB), tp)
+    return tp, memory.sequences_that_fit(gpu_memory_gib * GIB, preset.gpu_memory_utilization,
+                                         max_model_len or preset.max_model_len)
 
 
 # Cards the README table sizes for: an L40S-class 48 GB card and an H100 80 GB (GiB as torch sees them).
@@ -173,17 +107,6 @@ def preset_table() -> str:
                     f"x {arch.head_dim}, {arch.max_positions or 'unknown'} positions | {weights} GiB | "
                     f"{max_model_len} | {arch.kv_gib_per_sequence(max_model_len):.2f} GiB | {' / '.join(fits)} |")
     return "\n".join(rows)
-
-
-def kv_summary(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]) -> Optional[str]:
-    """A start-up line: the KV cache of one MAX_MODEL_LEN sequence and how many fit, for GaMS presets."""
-    preset = preset_for(config.model_preset or config.model_name)
-    if preset is None or not gpu_memory_gib:
-        return None
-    tp, sequences = full_length_sequences(preset, gpu_memory_gib, gpu_count, config.max_model_len)
-    return (f"KV cache: {preset.architecture.kv_gib_per_sequence(config.max_model_len):.2f} GiB per "
-            f"{config.max_model_len}-token sequence ({preset.architecture.name}); about {sequences} full-length "
-            f"sequences fit on {tp} x {gpu_memory_gib:.1f} GiB")
 
 
 if __name__ == "__main__":
