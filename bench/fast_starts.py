@@ -156,7 +156,7 @@ def worker_engine_kwargs() -> Dict[str, Any]:
     from gams_worker.config import load_config
     from gams_worker.startup.engine import engine_kwargs
     from gams_worker.startup.model import find_local_model
-    from gams_worker.startup.worker import plan_engine
+    from gams_worker.startup.plan import plan_engine
 
     config = load_config()
     plan = plan_engine(config, find_local_model(config))

@@ -168,7 +168,7 @@ def gams_9b_memory(config):
     ("L40S", 1024, 64, 64),    # 66: fewer than vLLM's default of 128
 ])
 def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name, expected_tokens, low, high, caplog):
-    from gams_worker.startup.worker import with_max_num_seqs
+    from gams_worker.startup.concurrency import with_max_num_seqs
 
     config = load_config({"EXPECTED_TOKENS_PER_JOB": str(expected_tokens)})
     memory = gams_9b_memory(config)
@@ -190,7 +190,7 @@ def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name
 
 
 def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(caplog):
-    from gams_worker.startup.worker import with_max_num_seqs
+    from gams_worker.startup.concurrency import with_max_num_seqs
 
     config = load_config({"MAX_NUM_SEQS": "48"})
     with caplog.at_level("INFO"):
@@ -205,7 +205,7 @@ def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(c
 
 
 def test_max_num_seqs_per_gpu_with_tensor_parallelism():
-    from gams_worker.startup.worker import with_max_num_seqs
+    from gams_worker.startup.concurrency import with_max_num_seqs
 
     one = load_config({})
     two = load_config({"TENSOR_PARALLEL_SIZE": "2"})

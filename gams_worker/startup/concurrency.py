@@ -25,9 +25,17 @@ unless MAX_CONCURRENCY is set. Both log lines say which bound set the number.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional, Tuple
 
+from gams_worker.config import WorkerConfig
 from gams_worker.memory import GIB, ModelMemory
+from gams_worker.startup.host import HostFacts
+
+log = logging.getLogger(__name__)
+
+# Jobs taken at once when neither MAX_CONCURRENCY nor the engine's KV cache size says.
+DEFAULT_CONCURRENCY = 32
 
 # The most sequences sized for: vLLM's largest CUDA graph by default (max_cudagraph_capture_size 512).
 MAX_NUM_SEQS_CAP = 512
@@ -88,3 +96,42 @@ def size_max_num_seqs(memory: ModelMemory, gpu_total_bytes: int, utilization: fl
     value = fits // MAX_NUM_SEQS_STEP * MAX_NUM_SEQS_STEP
     return value, why + (f", rounded down to a multiple of {MAX_NUM_SEQS_STEP} (one compile-cache entry per "
                          f"kind of card)" if value != fits else "")
+
+
+def with_max_num_seqs(config: WorkerConfig, facts: HostFacts, memory: Optional[ModelMemory]) -> WorkerConfig:
+    """``config`` with max_num_seqs sized for this GPU (``size_max_num_seqs``), logged with why;
+    MAX_NUM_SEQS wins (the line then says what the sizing would have given)."""
+    gpus = facts.gpus[: config.tensor_parallel_size]
+    if not gpus or any(gpu.total_bytes is None for gpu in gpus):
+        sized, why = None, "no GPU memory to size it from"
+    elif memory is None:
+        sized, why = None, "the model's memory is unknown: its config.json was not read"
+    else:
+        sized, why = size_max_num_seqs(memory, min(gpu.total_bytes for gpu in gpus), config.gpu_memory_utilization,
+                                       config.expected_tokens_per_job)
+    if config.max_num_seqs is not None:
+        log.info("max_num_seqs: %d (MAX_NUM_SEQS; %s)", config.max_num_seqs,
+                 f"sized, it would be {sized} = {why}" if sized else f"unsized: {why}")
+        return config
+    if sized is None:
+        log.info("max_num_seqs: vLLM's default (%s)", why)
+        return config
+    log.info("max_num_seqs: %d = %s", sized, why)
+    return dataclasses.replace(config, max_num_seqs=sized)
+
+
+def job_concurrency(config: WorkerConfig, engine: Any) -> int:
+    """Jobs this worker takes at once: MAX_CONCURRENCY, else sized from the engine's KV cache."""
+    if config.max_concurrency is not None:
+        log.info("concurrency: %d jobs (MAX_CONCURRENCY)", config.max_concurrency)
+        return config.max_concurrency
+    capacity = kv_capacity(engine)
+    if capacity is None:
+        log.info("concurrency: %d jobs (default; the engine reported no KV cache size)",
+                 DEFAULT_CONCURRENCY)
+        return DEFAULT_CONCURRENCY
+    concurrency = derive_concurrency(capacity, config.expected_tokens_per_job)
+    log.info("concurrency: %d jobs = KV cache %d tokens / EXPECTED_TOKENS_PER_JOB %d, at most max_num_seqs %d: %s",
+             concurrency, capacity.kv_cache_tokens, config.expected_tokens_per_job, capacity.max_num_seqs,
+             concurrency_bound(capacity, config.expected_tokens_per_job))
+    return concurrency

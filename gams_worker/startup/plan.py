@@ -1,14 +1,27 @@
 """What the engine starts with, decided before it starts: the preset under the environment, the
-doctor's verdicts, the model, max_num_seqs and the compile cache.
+doctor's verdicts and the first rung of the fallback ladder, the model, max_num_seqs and the
+compile cache (``plan_engine``), and the environment vLLM's engine process inherits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+import logging
+from typing import Callable, Dict, Optional, Tuple
 
-from gams_worker.config import WorkerConfig
+from gams_worker.config import WorkerConfig, export_to_engine
+from gams_worker.errors import EngineStartError
+from gams_worker.memory import model_memory
 from gams_worker.presets import choose_tensor_parallel, full_length_sequences, preset_for
+from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
+from gams_worker.startup.concurrency import with_max_num_seqs
+from gams_worker.startup.doctor import DoctorReport, run_doctor
+from gams_worker.startup.host import host_facts
+from gams_worker.startup.model import BAKED, ResolvedModel, resolve_model
+
+log = logging.getLogger(__name__)
+
+BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 # The environment variable behind each setting a preset may fill.
 PRESET_VARIABLES = {"max_model_len": "MAX_MODEL_LEN", "dtype": "DTYPE",
@@ -45,3 +58,56 @@ def kv_summary(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[fl
     return (f"KV cache: {preset.architecture.kv_gib_per_sequence(config.max_model_len):.2f} GiB per "
             f"{config.max_model_len}-token sequence ({preset.architecture.name}); about {sequences} full-length "
             f"sequences fit on {tp} x {gpu_memory_gib:.1f} GiB")
+
+
+def first_rung(config: WorkerConfig, report: DoctorReport) -> Tuple[str, str]:
+    """The graph mode the engine starts in, and why."""
+    if config.enforce_eager:
+        return "eager", "ENFORCE_EAGER is set"
+    if report.start_mode:
+        return report.start_mode, report.start_reason
+    return "full", "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginePlan:
+    """What the engine starts with, decided before it starts."""
+
+    config: WorkerConfig  # with the preset applied
+    mode: str  # the first graph mode of the fallback ladder
+    reason: str
+    model_path: str
+    compile_cache: CompileCache
+
+
+def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
+                mark: Callable[[str], None] = lambda step: None) -> EnginePlan:
+    """Preset, doctor, model and compile cache, in that order; sets the environment vLLM's
+    engine process inherits. ``mark`` stamps each step on the start-up timeline."""
+    facts = host_facts()
+    gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
+    config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
+    log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
+    kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
+    if kv_line:
+        log.info(kv_line)
+    report = run_doctor(config, facts, local_model.path if local_model else None)
+    if report.blocking:
+        problems = "; ".join(report.blocking)
+        raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
+    mode, reason = first_rung(config, report)
+    mark("doctor done")
+    model = resolve_model(config)  # baked copy, then caches, then the hub
+    if model.source == BAKED:
+        # A baked copy is whole: nothing may reach for the hub (RunPod's worker-vllm sets the same).
+        # vLLM's engine process, which loads the model, inherits them.
+        export_to_engine(BAKED_MODEL_OFFLINE)
+        log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
+    mark("model resolved")
+    # The doctor read the model's memory where it was here already; a download is read now.
+    memory = report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size)
+    config = with_max_num_seqs(config, facts, memory)
+    compile_cache = choose_compile_cache(config, facts)
+    export_to_engine(compile_cache.engine_environment())
+    mark("compile cache checked")
+    return EnginePlan(config, mode, reason, model.path, compile_cache)
