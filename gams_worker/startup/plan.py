@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from typing import Callable, Dict, Optional, Tuple
 
-from gams_worker.config import WorkerConfig, export_to_engine
+from gams_worker.config import WorkerConfig, export_to_engine, variable_of
 from gams_worker.errors import EngineStartError
 from gams_worker.memory import model_memory
 from gams_worker.presets import choose_tensor_parallel, full_length_sequences, preset_for
@@ -23,17 +23,15 @@ log = logging.getLogger(__name__)
 
 BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-# The environment variable behind each setting a preset may fill.
-PRESET_VARIABLES = {"max_model_len": "MAX_MODEL_LEN", "dtype": "DTYPE",
-                    "gpu_memory_utilization": "GPU_MEMORY_UTILIZATION", "tensor_parallel_size": "TENSOR_PARALLEL_SIZE"}
+PRESET_SETTINGS = ("max_model_len", "dtype", "gpu_memory_utilization", "tensor_parallel_size")  # what a preset fills
 
 
 def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]
                  ) -> Tuple[WorkerConfig, Dict[str, str]]:
     """Fill settings the environment left unset; return the new config and each value's source."""
     preset = preset_for(config.model_preset or config.model_name)
-    from_env = {name for name, variable in PRESET_VARIABLES.items() if variable in config.explicit}
-    sources = {name: ("env" if name in from_env else "default") for name in PRESET_VARIABLES}
+    from_env = {name for name in PRESET_SETTINGS if variable_of(name) in config.explicit}
+    sources = {name: ("env" if name in from_env else "default") for name in PRESET_SETTINGS}
     if preset is None:
         return config, sources
     changes = {}
