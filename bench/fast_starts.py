@@ -116,7 +116,7 @@ def bare_run(name: str, results: Path, tokens: int) -> Dict[str, Any]:
 
     classes_at = time.time()
     sys.path.insert(0, str(ROOT))
-    from gams_worker.startup.engine_log import OutputCapture
+    from gams_worker.startup.output_capture import OutputCapture
     from gams_worker.startup.timeline import StartupTimeline, process_start_time
 
     process_start = process_start_time()

@@ -89,7 +89,7 @@ def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedM
         return ResolvedModel(str(Path(name).resolve()), LOCAL)
     if name.startswith(("/", "./", "../")):
         # A path, not a repo id: nothing to search. vLLM's start fails on it with a
-        # classified "model not found" error (gams_worker/startup/ladder.py).
+        # classified "model not found" error (gams_worker/startup/start_failure.py).
         return ResolvedModel(name, LOCAL)
     found = _baked(config, searched)
     if found:
