@@ -6,7 +6,7 @@ Every other module receives a ``WorkerConfig``. A bad value raises ``ConfigError
 with one line naming the variable, the value and what is allowed.
 
 Each setting is declared once, on its field: its variable, how it is read, its default and
-what it does. The README's configuration table is generated from these declarations
+what it does. CONFIGURATION.md, the table of every setting, is generated from these declarations
 (``python -m gams_worker.config --markdown`` rewrites it; tests/test_config.py keeps it current).
 """
 
@@ -310,7 +310,7 @@ def export_to_engine(variables: Mapping[str, str]) -> None:
     os.environ.update(variables)
 
 
-# --- the README's configuration table ----------------------------------------------------
+# --- CONFIGURATION.md's table -----------------------------------------------------------
 
 
 def configuration_table() -> str:
@@ -338,9 +338,9 @@ def with_configuration_table(document: str) -> str:
     return document[:start + len(TABLE_START)] + "\n" + configuration_table() + "\n" + document[end:]
 
 
-if __name__ == "__main__":  # python -m gams_worker.config --markdown [README.md]: rewrite the table
+if __name__ == "__main__":  # python -m gams_worker.config --markdown [FILE]: rewrite the table
     if sys.argv[1:2] != ["--markdown"]:
-        sys.exit("usage: python -m gams_worker.config --markdown [FILE, default: the repository's README.md]")
-    readme = Path(sys.argv[2] if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "README.md")
-    readme.write_text(with_configuration_table(readme.read_text(encoding="utf-8")), encoding="utf-8")
-    print(f"{readme}: configuration table of {len(settings())} settings written")
+        sys.exit("usage: python -m gams_worker.config --markdown [FILE, default: the repository's CONFIGURATION.md]")
+    document = Path(sys.argv[2] if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "CONFIGURATION.md")
+    document.write_text(with_configuration_table(document.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"{document}: configuration table of {len(settings())} settings written")

