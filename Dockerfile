@@ -109,9 +109,9 @@ ARG MODEL_REVISION=""
 # gams_worker/startup/model.py; HF_TOKEN at run time is read by huggingface_hub itself.
 # RUNPOD_LOG_LEVEL: the SDK's default, DEBUG, logs every streamed chunk two or three times.
 # VLLM_USE_FLASHINFER_SAMPLER=0: vLLM's PyTorch sampler, the one every GPU measurement used
-# (README: "FlashInfer in the image").
+# (MAINTAINERS.md: "FlashInfer in the image").
 # RUNPOD_MIN_CUDA_VERSION: the SDK's start-up check fails a worker whose driver is older than the
-# image's CUDA (README: "Hosts the image runs on"); it is skipped where RUNPOD_SKIP_AUTO_SYSTEM_CHECKS is set.
+# image's CUDA (MAINTAINERS.md: "Hosts the image runs on"); it is skipped where RUNPOD_SKIP_AUTO_SYSTEM_CHECKS is set.
 ENV MODEL_NAME=${MODEL_NAME} \
     MODEL_REVISION=${MODEL_REVISION} \
     BAKED_MODEL_MANIFEST=/models/manifest.json \

@@ -9,7 +9,7 @@ the KV cache.
 Each preset carries its model's config.json facts (layers, KV heads, head dim, sliding window),
 so the KV cache one sequence needs, and the full-length sequences a card holds, are computed
 with the memory model (gams_worker/memory.py) rather than guessed:
-``python -m gams_worker.presets`` prints the table the README shows.
+``python -m gams_worker.presets`` prints the table MAINTAINERS.md shows ("GaMS presets: facts read and assumed").
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Preset:
 
 # Chat and instruct models only (the base models have no chat template). 8192 for Gemma 2: the
 # positions its config allows, with room for several full-length sequences on a 48 GB or 80 GB
-# card (see the README table). GaMS3 could take longer contexts; 8192 keeps its KV small.
+# card (see MAINTAINERS.md's preset table). GaMS3 could take longer contexts; 8192 keeps its KV small.
 PRESETS: Dict[str, Preset] = {
     "cjvt/gams-2b-instruct": Preset(4.9, 8192, architecture=GEMMA2_2B),
     "cjvt/gams-9b-instruct": Preset(17.2, 8192, architecture=GEMMA2_9B),
@@ -84,12 +84,12 @@ def full_length_sequences(preset: Preset, gpu_memory_gib: float, gpu_count: int,
                                          max_model_len or preset.max_model_len)
 
 
-# Cards the README table sizes for: an L40S-class 48 GB card and an H100 80 GB (GiB as torch sees them).
+# Cards the preset table sizes for: an L40S-class 48 GB card and an H100 80 GB (GiB as torch sees them).
 CARDS = (("48 GB", 44.4), ("80 GB", 79.1))
 
 
 def preset_table() -> str:
-    """The README's preset table (markdown): one row per architecture and preset settings."""
+    """MAINTAINERS.md's preset table (markdown): one row per architecture and preset settings."""
     groups: Dict[Tuple[Architecture, float, int], list] = {}
     for name, preset in PRESETS.items():
         groups.setdefault((preset.architecture, preset.weights_gib, preset.max_model_len), []).append(name)

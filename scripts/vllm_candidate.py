@@ -140,7 +140,7 @@ def assess(version: str, index_url: Optional[str], wheel_folder: Path = WHEEL_FO
                          f"{cpu_torch}: CI's venv would download it from the PyTorch index")
     if cuda and major_minor(cuda)[0] != 13:
         lines.append(f"the image's CUDA would move to {cuda}: the base image, RUNPOD_MIN_CUDA_VERSION and "
-                     f"allowedCudaVersions move with it (README, 'Hosts the image runs on')")
+                     f"allowedCudaVersions move with it (MAINTAINERS.md, 'Hosts the image runs on')")
     lines.append(("verdict: vLLM %s can be tested in CI and shipped: bump requirements.txt, requirements-cpu.txt, "
                   "both locks and VLLM_RELEASE together" if ok else "verdict: vLLM %s cannot be tested and shipped "
                   "as one release yet") % version)

@@ -266,7 +266,7 @@ def choose_compile_cache(config: WorkerConfig, facts: HostFacts,
                                 "; ".join(passed_over), location, path)
                 if location == "network volume":
                     log.info("compile cache: on the network volume, whose writers can run code in this worker "
-                             "(README, \"Trust boundary\"); COMPILE_CACHE_ON_VOLUME=false keeps it in the container")
+                             "(README, \"Trust boundary: the network volume\"); COMPILE_CACHE_ON_VOLUME=false keeps it in the container")
                 return cache
         passed_over.append(f"cannot use the {location} folder: {problem}")
     log.warning("compile cache: %s; vLLM compiles every start and saves nothing", "; ".join(passed_over))
