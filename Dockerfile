@@ -87,7 +87,7 @@ COPY builder/check_install.py /tmp/
 RUN python /tmp/check_install.py
 # The drift guard: this vLLM is the release the worker is tested on, and holds every name and engine
 # argument the worker uses (gams_worker/startup/vllm_release.py); a vLLM bump fails here, naming them.
-COPY gams_worker/__init__.py gams_worker/errors.py /tmp/guard/gams_worker/
+COPY gams_worker/__init__.py gams_worker/errors.py gams_worker/versions.py /tmp/guard/gams_worker/
 COPY gams_worker/startup/__init__.py gams_worker/startup/vllm_release.py /tmp/guard/gams_worker/startup/
 RUN PYTHONPATH=/tmp/guard python -m gams_worker.startup.vllm_release && rm -rf /tmp/guard
 # OS packages a variant needs at run time (the CPU image: libnuma1 for vLLM's CPU kernels); after
@@ -109,9 +109,9 @@ ARG MODEL_REVISION=""
 # gams_worker/startup/model.py; HF_TOKEN at run time is read by huggingface_hub itself.
 # RUNPOD_LOG_LEVEL: the SDK's default, DEBUG, logs every streamed chunk two or three times.
 # VLLM_USE_FLASHINFER_SAMPLER=0: vLLM's PyTorch sampler, the one every GPU measurement used
-# (README: "FlashInfer in the image").
+# (MAINTAINERS.md: "FlashInfer in the image").
 # RUNPOD_MIN_CUDA_VERSION: the SDK's start-up check fails a worker whose driver is older than the
-# image's CUDA (README: "Hosts the image runs on"); it is skipped where RUNPOD_SKIP_AUTO_SYSTEM_CHECKS is set.
+# image's CUDA (MAINTAINERS.md: "Hosts the image runs on"); it is skipped where RUNPOD_SKIP_AUTO_SYSTEM_CHECKS is set.
 ENV MODEL_NAME=${MODEL_NAME} \
     MODEL_REVISION=${MODEL_REVISION} \
     BAKED_MODEL_MANIFEST=/models/manifest.json \

@@ -51,7 +51,7 @@ def main() -> int:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from gams_worker.startup.worker import exit_quietly, setup_logging
+    from gams_worker.worker import exit_quietly, setup_logging
 
     setup_logging(config)
     exit_quietly(serve(config))
@@ -63,7 +63,7 @@ def serve(config) -> int:
     from gams_worker.platform.local_run import run_local, wants_local_run
     from gams_worker.platform.sdk_version import check_sdk_version
     from gams_worker.startup.vllm_release import check_vllm_release
-    from gams_worker.startup.worker import start_worker
+    from gams_worker.worker import start_worker
 
     local_run = wants_local_run(sys.argv, config.on_runpod)
     try:

@@ -7,7 +7,7 @@ Paths (every job: one of PROMPTS, greedy, ``ignore_eos``, ``--tokens`` output to
 
 (a) ``raw``: vLLM's ``AsyncLLM.generate`` in this process, DELTA outputs.
 (b) ``handler``: ``handler.handler`` in this process, on the same engine as (a) (the worker
-    from ``gams_worker.startup.worker.start_worker``, as ``handler.py`` builds it).
+    from ``gams_worker.worker.start_worker``, as ``handler.py`` builds it).
 (c) ``emulator``: ``python handler.py`` as a subprocess with the worker environment of
     ``tests/harness/runpod_emulator.py`` (RunPod's worker-facing job API on 127.0.0.1): the real runpod
     SDK job loop takes the jobs over HTTP and posts every chunk and the result back.
@@ -332,7 +332,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
     import handler
     from builder import tiny_model
     from gams_worker.config import load_config
-    from gams_worker.startup.worker import setup_logging, start_worker
+    from gams_worker.worker import setup_logging, start_worker
     from vllm.v1.engine.async_llm import AsyncLLM
 
     model = str(tiny_model.build())
@@ -375,7 +375,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
                 AsyncLLM.from_engine_args = original
             cold["raw_engine_init_s"] = round(init_times[-1], 2)
             handler.jobs = worker.jobs
-            prompt_ids = [worker.service.tokenizer.encode(p) for p in PROMPTS]  # what the handler passes
+            prompt_ids = [worker.tokenizer.encode(p) for p in PROMPTS]  # what the handler passes
             meter.add("in_process", in_process_groups())
             print(f"in-process engine: AsyncLLM.from_engine_args {cold['raw_engine_init_s']} s, "
                   f"start_worker {cold['in_process_start_worker_s']} s", flush=True)
@@ -399,7 +399,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
 
         async def one_round(path: str, concurrency: int, tokens: int, offset_s: float = 0.0) -> Round:
             if path == "raw":
-                return await raw_round(worker.service.engine, prompt_ids, concurrency, tokens)
+                return await raw_round(worker.engine, prompt_ids, concurrency, tokens)
             if path == "handler":
                 return await handler_round(concurrency, tokens)
             return await workers[path].round(concurrency, tokens, offset_s)

@@ -116,7 +116,7 @@ def bare_run(name: str, results: Path, tokens: int) -> Dict[str, Any]:
 
     classes_at = time.time()
     sys.path.insert(0, str(ROOT))
-    from gams_worker.startup.engine_log import OutputCapture
+    from gams_worker.startup.output_capture import OutputCapture
     from gams_worker.startup.timeline import StartupTimeline, process_start_time
 
     process_start = process_start_time()
@@ -156,7 +156,7 @@ def worker_engine_kwargs() -> Dict[str, Any]:
     from gams_worker.config import load_config
     from gams_worker.startup.engine import engine_kwargs
     from gams_worker.startup.model import find_local_model
-    from gams_worker.startup.worker import plan_engine
+    from gams_worker.startup.plan import plan_engine
 
     config = load_config()
     plan = plan_engine(config, find_local_model(config))

@@ -4,7 +4,7 @@
 #   bash bench/gpu_kit.sh [OUT_DIR]     (default .gpu, git-ignored; ~20 min on 2 cores, mostly xz)
 # It writes the wheel list and runs ../shared/gpu/build-kit.sh's packing with it (a scratch copy of
 # that folder whose wheels.txt is this list), so OUT_DIR/part00.. and OUT_DIR/install.sh are as
-# ../shared/gpu/README.md describes. BENCHMARKS.md ("The GPU kit") says what installing it took.
+# ../shared/gpu/README.md describes. MAINTAINERS.md ("The GPU kit for vLLM 0.32.0") says what installing it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-.gpu}

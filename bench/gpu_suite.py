@@ -68,26 +68,22 @@ async def handler_request(handler, tokens):
     return last["usage"]["completion_tokens"], first, time.perf_counter() - started
 
 
-async def sweep(service, args):
+async def sweep(worker, args):
     import handler
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from gams_worker.jobs.openai import OpenAIRoutes
-    from gams_worker.jobs.route import JobRouter
-
-    openai = OpenAIRoutes(service.engine, service.config, service.chat_template, service.flush_policy)
-    handler.jobs = JobRouter(service, openai)
-    prompt_ids = service.tokenizer.encode(PROMPT)
+    handler.jobs = worker.jobs
+    prompt_ids = worker.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)
-    await asyncio.gather(*(raw_request(service.engine, params, prompt_ids) for _ in range(4)))  # warm-up
+    await asyncio.gather(*(raw_request(worker.engine, params, prompt_ids) for _ in range(4)))  # warm-up
     results = []
     for concurrency in args.concurrency:
         for path in ("raw", "handler"):
             started = time.perf_counter()
             if path == "raw":
-                runs = await asyncio.gather(*(raw_request(service.engine, params, prompt_ids)
+                runs = await asyncio.gather(*(raw_request(worker.engine, params, prompt_ids)
                                               for _ in range(concurrency)))
             else:
                 runs = await asyncio.gather(*(handler_request(handler.handler, args.tokens)
@@ -106,13 +102,10 @@ async def sweep(service, args):
 
 
 def run(args) -> None:
-    from transformers import AutoTokenizer
-
     from gams_worker.config import load_config
     from gams_worker.startup.engine import EngineInfo, start_engine
     from gams_worker.startup.host import platform_name
-    from gams_worker.jobs.service import GenerationService
-    from gams_worker.startup.worker import setup_logging
+    from gams_worker.worker import Worker, setup_logging
 
     env = {"MODEL_NAME": args.model, "MAX_MODEL_LEN": str(args.max_model_len), "LOG_LEVEL": "INFO",
            "GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization),
@@ -126,13 +119,12 @@ def run(args) -> None:
     started = time.perf_counter()
     engine = start_engine(config, args.mode, args.model)
     start_seconds = time.perf_counter() - started
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     info = EngineInfo(args.mode, "benchmark", platform_name(), round(start_seconds, 2))
-    service = GenerationService(engine, tokenizer, config, info)
+    worker = Worker(engine, config, info, concurrency=max(args.concurrency))
     try:
-        results = asyncio.run(sweep(service, args))
+        results = asyncio.run(sweep(worker, args))
     finally:
-        engine.shutdown()
+        worker.close()
     weights = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
     summary = {"mode": args.mode, "quantization": args.quantization, "tensor_parallel_size": args.tensor_parallel_size,
                "max_num_seqs": args.max_num_seqs,

@@ -8,9 +8,9 @@ job with a long prompt arrives (``--prompt-chars`` characters of Slovene, MAX_PR
 default: the longest the defaults allow; it has more tokens than MAX_MODEL_LEN, so its job ends as
 soon as it is tokenized). Its validation, chat template and tokenization run
 
-- ``on the loop``: GenerationService._prepare called on the event loop, as every plain job was
+- ``on the loop``: PlainJobs._prepare called on the event loop, as every plain job was
   prepared before this change;
-- ``in its thread``: through the service as it runs now.
+- ``in its thread``: through PlainJobs as it runs now.
 
 For each, the largest gap between two chunks of any stream whose later chunk arrived while the
 long job was being prepared, beside the largest gap in the second just before it, side by side
@@ -42,12 +42,12 @@ def largest_gap(streams: List[List[float]], start: float, end: float) -> float:
 
 
 async def long_job(worker: Any, prompt: str, on_loop: bool) -> Tuple[float, float]:
-    """(arrived, prepared) times of the long prompt's job, prepared on the loop or as the service does it."""
+    """(arrived, prepared) times of the long prompt's job, prepared on the loop or as PlainJobs does it."""
     raw = {"prompt": prompt, "stream": True}
     arrived = time.monotonic()
     if on_loop:
         try:
-            worker.service._prepare(raw)  # what run() did inline before: parse, template, tokenize
+            worker.jobs.plain._prepare(raw)  # what run() did inline before: parse, template, tokenize
         except JobInputError:
             pass
     else:
@@ -79,7 +79,7 @@ async def measure(worker: Any, args: argparse.Namespace) -> Dict[str, Any]:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert running == args.streams, f"only {running} of {args.streams} streams ran through both measurements"
-    tokens = len(worker.service.tokenizer.encode(prompt))
+    tokens = len(worker.tokenizer.encode(prompt))
     return {"prompt_chars": len(prompt), "prompt_tokens": tokens, **results}
 
 
@@ -94,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from builder import tiny_model
     from gams_worker.config import load_config
-    from gams_worker.startup.worker import setup_logging, start_worker
+    from gams_worker.worker import setup_logging, start_worker
     from tests.harness.worker_process import engine_env
 
     config = load_config(engine_env(args.model or str(tiny_model.build()), MAX_MODEL_LEN="4096",

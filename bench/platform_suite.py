@@ -298,12 +298,12 @@ class RawPath:
         self.raw: Optional[RawEngine] = None
 
     async def start(self) -> float:
-        from gams_worker.startup.worker import start_worker
+        from gams_worker.worker import start_worker
 
         started = time.monotonic()
         self.worker = start_worker(self.config)
-        prompt_ids = [self.worker.service.tokenizer.encode(p) for p in PROMPTS]  # what the handler passes
-        self.raw = RawEngine(self.worker.service.engine, prompt_ids, self.max_concurrency)
+        prompt_ids = [self.worker.tokenizer.encode(p) for p in PROMPTS]  # what the handler passes
+        self.raw = RawEngine(self.worker.engine, prompt_ids, self.max_concurrency)
         return round(time.monotonic() - started, 1)
 
     async def run(self, arrivals: List[float], tokens: int, offset_s: float) -> Run:
@@ -335,7 +335,7 @@ async def timed_run(path: Any, arrivals: List[float], tokens: int, offset_s: flo
 async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
     from builder import tiny_model
     from gams_worker.config import load_config
-    from gams_worker.startup.worker import setup_logging
+    from gams_worker.worker import setup_logging
 
     model = args.model or str(tiny_model.build())
     common = {"MODEL_NAME": model, "MAX_MODEL_LEN": str(args.max_model_len),

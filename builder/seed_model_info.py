@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-# The classes of the GaMS presets (gams_worker/startup/presets.py), with their config model_type.
+# The classes of the GaMS presets (gams_worker/presets.py), with their config model_type.
 ARCHITECTURES: Dict[str, str] = {"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
 
 

@@ -70,7 +70,7 @@ class EngineStartError(WorkerError):
     """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis``
     of the failed attempt (None when the doctor stopped the start before any attempt)."""
 
-    def __init__(self, message: str, cause: str, diagnosis: Any = None):  # a startup.ladder.Diagnosis
+    def __init__(self, message: str, cause: str, diagnosis: Any = None):  # a startup.start_failure.Diagnosis
         self.cause = cause
         self.diagnosis = diagnosis
         super().__init__(message)

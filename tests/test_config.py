@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gams_worker.config import WorkerConfig, load_config
+from gams_worker.config import WorkerConfig, configuration_table, load_config, settings, with_configuration_table
 from gams_worker.errors import ConfigError
 from tests.harness.worker_process import ROOT, subprocess_env
 
@@ -150,3 +150,26 @@ def test_runpod_min_cuda_version_is_a_major_minor_version():
     assert load_config({}).min_cuda_version is None
     with pytest.raises(ConfigError, match="RUNPOD_MIN_CUDA_VERSION"):
         load_config({"RUNPOD_MIN_CUDA_VERSION": "thirteen"})
+
+
+def test_the_configuration_table_is_the_generated_one():
+    document = (ROOT / "CONFIGURATION.md").read_text(encoding="utf-8")
+    assert with_configuration_table(document) == document, "the table is stale: python -m gams_worker.config --markdown"
+
+
+def test_the_table_lists_every_variable_the_worker_reads_with_the_default_it_uses():
+    asked = []
+
+    class Recording(dict):  # the environment, noting every variable the worker reads
+        def get(self, key, default=None):
+            asked.append(key)
+            return super().get(key, default)
+
+    unset = load_config(Recording())
+    listed = [name for _, setting in settings() for name in setting.variables]
+    assert sorted(set(asked)) == sorted(listed) and len(listed) == len(set(listed))
+    table = configuration_table()
+    for field, setting in settings():
+        holder = unset.input_limits if hasattr(unset.input_limits, field.name) else unset
+        assert getattr(holder, field.name) == field.default, field.name  # what the table shows is what unset gives
+        assert f"| {', '.join(f'`{name}`' for name in setting.variables)} |" in table

@@ -6,9 +6,11 @@ import logging
 
 from gams_worker.config import WorkerConfig
 from gams_worker.startup import host
-from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES, diagnose, memory_from_config, run_doctor
-from gams_worker.startup.host import GIB, GpuFacts, HostFacts
-from gams_worker.startup.presets import GEMMA2_9B
+from gams_worker.memory import ENGINE_OVERHEAD_BYTES, GIB, memory_from_config
+from gams_worker.presets import GEMMA2_9B
+from gams_worker.startup.doctor import diagnose, run_doctor
+from gams_worker.startup.host import GpuFacts, HostFacts
+from gams_worker.versions import cuda_from_version_tag
 
 # GaMS-9B-Instruct's config.json (a Gemma 2 9B), the fields the estimate reads.
 GAMS_9B_CONFIG = {
@@ -38,7 +40,7 @@ def h100(free_gib: float = 79.0, driver_cuda: str = "13.0") -> HostFacts:
 
 
 def gams_memory(config: WorkerConfig):
-    return memory_from_config(GAMS_9B_CONFIG, config)
+    return memory_from_config(GAMS_9B_CONFIG, config.dtype, config.tensor_parallel_size)
 
 
 def test_weight_estimate_matches_the_published_parameter_count():
@@ -50,7 +52,7 @@ def test_weight_estimate_matches_the_published_parameter_count():
     assert memory.kv_bytes(4096) == 42 * 4096 * memory.kv_bytes_per_layer_token
     assert memory.kv_bytes(8192) == (21 * 8192 + 21 * 4096) * memory.kv_bytes_per_layer_token
     assert memory.kv_bytes(8192) == round(GEMMA2_9B.kv_gib_per_sequence(8192) * GIB)  # the presets agree
-    halves = memory_from_config(GAMS_9B_CONFIG, WorkerConfig(tensor_parallel_size=2))
+    halves = memory_from_config(GAMS_9B_CONFIG, "bfloat16", tensor_parallel_size=2)
     assert halves.weight_bytes == memory.weight_bytes // 2
 
 
@@ -99,14 +101,14 @@ def test_too_long_context_for_the_gpu_suggests_a_max_model_len_that_fits():
 
 def test_kv_estimate_counts_sliding_layers_only_where_config_json_says_which_slide():
     plain = {key: value for key, value in GAMS_9B_CONFIG.items() if key not in ("model_type", "architectures")}
-    config = WorkerConfig()
-    unknown = memory_from_config(plain, config)  # a window, but no word of which layers use it
+    unknown = memory_from_config(plain, "bfloat16", 1)  # a window, but no word of which layers use it
     assert (unknown.full_layers, unknown.sliding_layers) == (42, 0)
-    unused = memory_from_config({**plain, "use_sliding_window": False, "sliding_window_pattern": 2}, config)
+    unused = memory_from_config({**plain, "use_sliding_window": False, "sliding_window_pattern": 2}, "bfloat16", 1)
     assert unused.sliding_layers == 0  # Qwen2 names a window it does not use
-    typed = memory_from_config({**plain, "layer_types": ["sliding_attention"] * 35 + ["full_attention"] * 7}, config)
+    typed = memory_from_config({**plain, "layer_types": ["sliding_attention"] * 35 + ["full_attention"] * 7},
+                               "bfloat16", 1)
     assert (typed.full_layers, typed.sliding_layers) == (7, 35)
-    gemma3 = memory_from_config({**plain, "sliding_window_pattern": 6}, config)
+    gemma3 = memory_from_config({**plain, "sliding_window_pattern": 6}, "bfloat16", 1)
     assert (gemma3.full_layers, gemma3.sliding_layers) == (7, 35)
     assert typed.longest_sequence(typed.kv_bytes(100_000)) == 100_000
     assert typed.longest_sequence(typed.kv_bytes(1000)) == 1000
@@ -165,9 +167,9 @@ def test_doctor_survives_a_probe_that_raises(monkeypatch):
 
 
 def test_vllm_cuda_version_from_its_version_tag_or_linked_cudart(tmp_path):
-    assert host.cuda_from_version_tag("0.25.0+cu130") == "13.0"
-    assert host.cuda_from_version_tag("0.9.2+cu126") == "12.6"
-    assert host.cuda_from_version_tag("0.25.0") is None
+    assert cuda_from_version_tag("0.25.0+cu130") == "13.0"
+    assert cuda_from_version_tag("0.9.2+cu126") == "12.6"
+    assert cuda_from_version_tag("0.25.0") is None
     extension = tmp_path / "_C.abi3.so"
     extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0libcudart.so.13\0libc.so.6\0")
     assert host._linked_cudart_major(str(extension)) == "13"

@@ -126,7 +126,7 @@ def test_report_names_every_stop_id_and_its_source(tokenizer):
 def eot_worker(loop_thread):
     """(worker, probe, start-up log records) on the end-of-turn model; closed with the module."""
     from gams_worker.config import load_config
-    from gams_worker.startup.worker import start_worker
+    from gams_worker.worker import start_worker
 
     model_dir = end_of_turn_model.build()
     probe = json.loads((Path(model_dir) / end_of_turn_model.PROBE_FILE).read_text())

@@ -57,8 +57,8 @@ def test_utf8_integrity_on_slovene_text(run_job, worker):
     for output in outputs:
         output["choices"][0]["text"].encode("utf-8")  # no lone surrogates
     # the streamed text equals decoding the whole generation at once
-    ids = worker.service.tokenizer.encode(text, add_special_tokens=False)
-    assert worker.service.tokenizer.decode(ids) == text
+    ids = worker.tokenizer.encode(text, add_special_tokens=False)
+    assert worker.tokenizer.decode(ids) == text
 
 
 def test_sixteen_concurrent_jobs_equal_their_sequential_runs(worker, loop_thread):
@@ -135,7 +135,7 @@ def test_with_vllm_stats_off_the_kv_cache_figures_are_still_read(worker):
     the engine's start-up handshake, not from its stats."""
     from gams_worker.startup.concurrency import kv_capacity
 
-    engine = worker.service.engine
+    engine = worker.engine
     assert engine.log_stats is False and engine.logger_manager is None
     capacity = kv_capacity(engine)
     assert capacity is not None and capacity.kv_cache_tokens > 0

@@ -15,9 +15,9 @@ import pytest
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
-from gams_worker.startup.engine_log import OutputCapture
-from gams_worker.startup.ladder import (FATAL, RETRY_EMPTY_CACHE, RETRY_LOWER_RUNG, classify_start_failure,
-                                        start_with_fallback)
+from gams_worker.startup.output_capture import OutputCapture
+from gams_worker.startup.ladder import start_with_fallback
+from gams_worker.startup.start_failure import FATAL, RETRY_EMPTY_CACHE, RETRY_LOWER_RUNG, classify_start_failure
 from tests.harness.worker_process import wait_until
 
 PARENT_TAIL = """\

@@ -2,7 +2,7 @@
 
 A job's input passes parse_job_input (shape and limits), prepare_prompt (the tiny model's
 real tokenizer and chat template, token length vs MAX_MODEL_LEN) and vLLM's SamplingParams,
-exactly as GenerationService.run does. Every input must come out accepted, or rejected
+exactly as PlainJobs.run does. Every input must come out accepted, or rejected
 with a JobInputError naming a field; nothing else may escape.
 """
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, JobInputError
 from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
-from gams_worker.jobs.input import InputLimits
+from gams_worker.config import InputLimits
 from gams_worker.jobs.chat import prepare_prompt
 
 # Small limits, so that generated inputs reach every one of them often.
@@ -84,7 +84,7 @@ def tokenizer(tiny_model_dir):
 
 
 def validate(raw: Any, tokenizer: Any) -> None:
-    """What GenerationService.run does before the engine; raises only JobInputError."""
+    """What PlainJobs.run does before the engine; raises only JobInputError."""
     from vllm import SamplingParams
 
     job = parse_job_input(raw, DEFAULT_MAX_TOKENS, SMALL)
@@ -197,10 +197,10 @@ def test_every_accepted_openai_field_is_one_of_vllms_request_fields():
     from gams_worker.jobs import openai as openai_jobs
     from gams_worker.jobs.openai_input import ROUTE_FIELDS, TOKENIZE_ROUTE
 
-    vllm = {**openai_jobs._import_vllm_openai(), **openai_jobs._import_vllm_responses_and_tokenize()}
+    vllm = openai_jobs.import_vllm_openai()
     for route, fields in ROUTE_FIELDS.items():
         bodies = [{"messages": []}, {"prompt": ""}] if route == TOKENIZE_ROUTE else [{}]
-        known = set().union(*(openai_jobs._request_class(route, body, vllm).model_fields for body in bodies))
+        known = set().union(*(openai_jobs.ROUTE_TABLE[route].request_class(vllm, body).model_fields for body in bodies))
         assert set(fields) <= known, (route, set(fields) - known)
 
 

@@ -73,7 +73,7 @@ def openai_job(run_job):
 
 @pytest.fixture(scope="module")
 def model(worker):
-    return worker.service.config.model_label
+    return worker.config.model_label
 
 
 def greedy(model, **extra):
@@ -283,7 +283,7 @@ def test_responses_instructions_are_folded_like_a_system_message(openai_job, mod
 @pytest.mark.engine
 def test_tokenize_and_detokenize(openai_job, model, worker):
     (tokenized,) = openai_job("/v1/tokenize", {"model": model, "prompt": "Ljubljana je lepa."})
-    assert tokenized["tokens"] == worker.service.tokenizer.encode("Ljubljana je lepa.")  # with <bos>
+    assert tokenized["tokens"] == worker.tokenizer.encode("Ljubljana je lepa.")  # with <bos>
     assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 512
     (detokenized,) = openai_job("/v1/detokenize", {"model": model, "tokens": tokenized["tokens"]})
     assert detokenized["prompt"].endswith("Ljubljana je lepa.")

@@ -558,12 +558,14 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
 
 def test_status_endpoint_reports_the_job_counters():
     from gams_worker.jobs.route import JobRouter
-    from gams_worker.platform.status import StatusServer
+    from gams_worker.platform.status import StatusServer, worker_status
 
-    jobs = JobRouter(FakeService(), openai=None)
+    service = FakeService()
+    jobs = JobRouter(service, openai=None)
     jobs.running_jobs = 3
-    jobs.plain.aborted.append(("job-1", 12.5))
-    server = StatusServer(jobs, free_port())
+    service.aborted.append(("job-1", 12.5))
+    # As the Worker wires it (gams_worker/worker.py): the router's count, the engine, the plain jobs' aborts.
+    server = StatusServer(lambda: worker_status(service.engine, jobs.running_jobs, service.aborted), free_port())
     try:
         body = requests.get(f"http://127.0.0.1:{server.port}/status", timeout=5).json()
         assert body == {"running_jobs": 3, "engine_requests": None, "engine_errored": False,

@@ -9,10 +9,11 @@ from gams_worker.config import load_config
 from gams_worker.startup.doctor import diagnose
 from gams_worker.startup.host import GpuFacts, HostFacts
 from gams_worker.errors import ConfigError
-from gams_worker.startup.presets import (
-    GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, apply_preset, choose_tensor_parallel, full_length_sequences,
-    kv_summary, preset_for, preset_table,
+from gams_worker.presets import (
+    GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, choose_tensor_parallel, full_length_sequences, preset_for,
+    preset_table,
 )
+from gams_worker.startup.plan import apply_preset, kv_summary
 
 
 def test_presets_are_found_by_repo_id_in_any_case():
@@ -152,10 +153,10 @@ def card(name: str, count: int = 1) -> HostFacts:
 
 
 def gams_9b_memory(config):
-    from gams_worker.startup.doctor import memory_from_config
+    from gams_worker.memory import memory_from_config
     from tests.test_doctor import GAMS_9B_CONFIG
 
-    return memory_from_config(GAMS_9B_CONFIG, config)
+    return memory_from_config(GAMS_9B_CONFIG, config.dtype, config.tensor_parallel_size)
 
 
 @pytest.mark.parametrize("name, expected_tokens, low, high", [
@@ -167,7 +168,7 @@ def gams_9b_memory(config):
     ("L40S", 1024, 64, 64),    # 66: fewer than vLLM's default of 128
 ])
 def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name, expected_tokens, low, high, caplog):
-    from gams_worker.startup.worker import with_max_num_seqs
+    from gams_worker.startup.concurrency import with_max_num_seqs
 
     config = load_config({"EXPECTED_TOKENS_PER_JOB": str(expected_tokens)})
     memory = gams_9b_memory(config)
@@ -180,7 +181,7 @@ def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name
     assert ("at most 512" in line) == (high == 512)
     assert ("rounded down to a multiple of 16" in line) == (high != 512)
     # The formula: (memory x utilization - weights - engine overhead) / KV per job.
-    from gams_worker.startup.doctor import ENGINE_OVERHEAD_BYTES
+    from gams_worker.memory import ENGINE_OVERHEAD_BYTES
 
     budget = CARDS_MIB[name] * 2**20 * 0.9 - memory.weight_bytes - ENGINE_OVERHEAD_BYTES
     fits = int(budget // memory.kv_bytes(expected_tokens))
@@ -189,7 +190,7 @@ def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name
 
 
 def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(caplog):
-    from gams_worker.startup.worker import with_max_num_seqs
+    from gams_worker.startup.concurrency import with_max_num_seqs
 
     config = load_config({"MAX_NUM_SEQS": "48"})
     with caplog.at_level("INFO"):
@@ -204,7 +205,7 @@ def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(c
 
 
 def test_max_num_seqs_per_gpu_with_tensor_parallelism():
-    from gams_worker.startup.worker import with_max_num_seqs
+    from gams_worker.startup.concurrency import with_max_num_seqs
 
     one = load_config({})
     two = load_config({"TENSOR_PARALLEL_SIZE": "2"})

@@ -8,7 +8,7 @@ import sys
 import time
 
 from gams_worker.startup.timeline import StartupTimeline
-from gams_worker.startup.worker import WhileEngineStarts
+from gams_worker.startup.while_engine_starts import WhileEngineStarts
 
 
 def stand_in_module(tmp_path, monkeypatch, name: str) -> str:

@@ -18,15 +18,12 @@ with an error naming the field (refuse_control_tokens). Plain ``prompt`` jobs an
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gams_worker.errors import JobInputError
 from gams_worker.jobs.chat_template import ChatTemplateFacts
-
-if TYPE_CHECKING:  # gams_worker.jobs.input applies these rules as it validates
-    from gams_worker.jobs.input import JobInput
+from gams_worker.jobs.input import JobInput, join_text_parts, strings_in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,46 +32,7 @@ class PreparedPrompt:
     sampling: Dict[str, Any]  # with max_tokens fitted to the model length
 
 
-TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat's, and Responses' input and output text
-
-
-def join_text_parts(content: Any, field: str) -> str:
-    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and content:
-        texts = []
-        for i, part in enumerate(content):
-            if not (isinstance(part, Mapping) and part.get("type") in TEXT_PART_TYPES
-                    and isinstance(part.get("text"), str)):
-                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise JobInputError("must be a string or a list of text parts", field)
-
-
 CHAT_ROLES = ("system", "user", "assistant")  # what the chat template gets; "developer" becomes "system"
-
-
-def key_path(prefix: str, key: Any) -> str:
-    """``prefix`` + key; a key that is empty or holds . [ ] or " is quoted: ``input[""]``."""
-    if isinstance(key, str) and key and not any(c in key for c in '.[]"'):
-        return f"{prefix}{key}"
-    return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
-
-
-def strings_in(value: Any, field: str) -> Iterator[Tuple[str, str]]:
-    """(path, text) of every string inside ``value`` (a message, its parts, a list of items), in
-    order, without recursion; object keys are not texts, their values are."""
-    stack: List[Tuple[str, Any]] = [(field, value)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, str):
-            yield path, node
-        elif isinstance(node, Mapping):
-            stack.extend(reversed([(key_path(path + ".", key), child) for key, child in node.items()]))
-        elif isinstance(node, list):
-            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
 
 
 def refuse_control_tokens(value: Any, field: str, template: Optional[ChatTemplateFacts]) -> None:

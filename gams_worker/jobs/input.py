@@ -9,45 +9,11 @@ A plain job's accepted shape (every other field is rejected by name)::
 
 Errors raise ``JobInputError`` with the dotted path of the field at fault.
 
-Every count that costs the engine or the worker has a limit, checked before any tokenization
-or engine work, the same in both dialects wherever the dialect has the field; a job over one
-gets an error naming the field, and no limit ever truncates. The defaults (each overridable by
-the environment variable in brackets):
-
-- ``max_input_bytes`` [MAX_INPUT_BYTES] 1 MiB: the whole ``input`` (an OpenAI job's request
-  body) as UTF-8 JSON. RunPod itself accepts up to 10 MB (/run) and 20 MB (/runsync); nothing
-  that fits GaMS's context comes near 1 MiB, and it bounds the worker's memory and parsing time.
-  The input may nest objects and lists at most MAX_JSON_DEPTH (100) levels: deeper than
-  Python's own JSON handling goes.
-- ``max_prompt_chars`` [MAX_PROMPT_CHARS] 200,000: the prompt (all prompts of a /v1/completions
-  list), or every text of the messages together: contents, text and refusal parts, names
-  (/v1/responses: ``input`` with ``instructions``). GaMS's 8192-token context holds roughly
-  40,000 characters of Slovene; the rest is headroom for unusual tokenizations.
-- ``max_messages`` [MAX_MESSAGES] 256 chat messages (/v1/responses: ``input`` items).
-- ``max_stop_strings`` [MAX_STOP_STRINGS] 16 and ``max_stop_length`` [MAX_STOP_LENGTH] 256
-  characters each: vLLM checks every stop string against new text at every step.
-- ``max_n`` [MAX_N] 16 choices per prompt, and ``max_sequences`` [MAX_SEQUENCES] 16 sequences
-  per job: prompts x ``n``, each a sequence in the batch with its own ``max_tokens``
-  (a /v1/completions prompt list multiplies both; vLLM's own cap is 1024 prompts).
-- ``max_stop_token_ids`` [MAX_STOP_TOKEN_IDS] 16: ``stop_token_ids``, checked at every step.
-- ``max_bad_words`` [MAX_BAD_WORDS] 16 ``bad_words``, each at most MAX_STOP_LENGTH characters:
-  vLLM matches each against the newest tokens at every step.
-- ``max_logprobs`` [MAX_LOGPROBS] 20: ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs``
-  per token (vLLM's own default ``max_logprobs``); -1 (the whole vocabulary) is refused.
-- ``max_logit_bias`` [MAX_LOGIT_BIAS] 300 ``logit_bias`` entries, applied at every step.
-- ``max_prompt_logprobs_tokens`` [MAX_PROMPT_LOGPROBS_TOKENS] 256: ``prompt_logprobs`` (or
-  /v1/completions ``echo`` with ``logprobs``) only on prompts of at most this many tokens. Each
-  prompt token makes a full-vocabulary row of logits (Gemma: 256,000 floats, 1 MiB in float32,
-  several copies while log-softmaxed), outside the memory vLLM profiled at start-up: a long
-  prompt there is a known out-of-memory path on the GPU. 256 rows stay in the order of what
-  vLLM's sampler profile covers.
-- ``max_grammar_bytes`` [MAX_GRAMMAR_BYTES] 32 KiB and ``max_schema_depth`` [MAX_SCHEMA_DEPTH]
-  32: a structured-output constraint (``response_format``, ``structured_outputs``, Responses
-  ``text``) as JSON, and how deep its objects and arrays nest (vLLM's own cap is 64). Grammar
-  compile time grows with both.
-- ``grammar_compile_timeout_s`` [GRAMMAR_COMPILE_TIMEOUT_S] 10 s: a constraint must compile
-  within this time, in the worker, before the engine gets the request
-  (gams_worker/jobs/grammar.py); 0 turns that check off.
+Every count that costs the engine or the worker has a limit (``InputLimits``, declared with its
+variable, default and reason in gams_worker/config.py), checked before any tokenization or engine
+work, the same in both dialects wherever the dialect has the field; a job over one gets an error
+naming the field, and no limit ever truncates. The input may nest objects and lists at most
+MAX_JSON_DEPTH (100) levels: deeper than Python's own JSON handling goes.
 
 ``max_tokens`` is bounded by MAX_MODEL_LEN minus the prompt's tokens (gams_worker/jobs/chat.py).
 """
@@ -57,33 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.chat import join_text_parts, key_path
 
 # "developer" is what OpenAI clients now send for instructions: a system message (chat.template_messages).
 ROLES = ("system", "developer", "user", "assistant")
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputLimits:
-    max_input_bytes: int = 1_048_576
-    max_prompt_chars: int = 200_000
-    max_messages: int = 256
-    max_stop_strings: int = 16
-    max_stop_length: int = 256
-    max_n: int = 16
-    max_sequences: int = 16
-    max_stop_token_ids: int = 16
-    max_bad_words: int = 16
-    max_logprobs: int = 20
-    max_logit_bias: int = 300
-    max_prompt_logprobs_tokens: int = 256
-    max_grammar_bytes: int = 32_768
-    max_schema_depth: int = 32
-    grammar_compile_timeout_s: float = 10.0
 
 
 # How deep a job's input may nest objects and lists: Python's JSON encoder and decoder recurse
@@ -138,6 +85,45 @@ def check_prompt_chars(chars: int, field: str, limits: InputLimits) -> None:
 def check_count(count: int, maximum: int, variable: str, what: str, field: str) -> None:
     if count > maximum:
         raise JobInputError(f"has {count} {what}; {variable} allows at most {maximum}", field)
+
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat's, and Responses' input and output text
+
+
+def join_text_parts(content: Any, field: str) -> str:
+    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for i, part in enumerate(content):
+            if not (isinstance(part, Mapping) and part.get("type") in TEXT_PART_TYPES
+                    and isinstance(part.get("text"), str)):
+                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise JobInputError("must be a string or a list of text parts", field)
+
+
+def key_path(prefix: str, key: Any) -> str:
+    """``prefix`` + key; a key that is empty or holds . [ ] or " is quoted: ``input[""]``."""
+    if isinstance(key, str) and key and not any(c in key for c in '.[]"'):
+        return f"{prefix}{key}"
+    return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
+
+
+def strings_in(value: Any, field: str) -> Iterator[Tuple[str, str]]:
+    """(path, text) of every string inside ``value`` (a message, its parts, a list of items), in
+    order, without recursion; object keys are not texts, their values are."""
+    stack: List[Tuple[str, Any]] = [(field, value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            yield path, node
+        elif isinstance(node, Mapping):
+            stack.extend(reversed([(key_path(path + ".", key), child) for key, child in node.items()]))
+        elif isinstance(node, list):
+            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,14 +37,14 @@ import dataclasses
 import json
 import logging
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
 
-from gams_worker.config import WorkerConfig
+from gams_worker.config import InputLimits, WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
 from gams_worker.jobs.chat import template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
 from gams_worker.jobs.grammar import GrammarGate
-from gams_worker.jobs.input import InputLimits, encoded_json
+from gams_worker.jobs.input import encoded_json
 from gams_worker.jobs.openai_input import (
     CHAT_ROUTE, COMPLETIONS_ROUTE, DETOKENIZE_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE,
     check_openai_body, constraint_field,
@@ -53,104 +53,163 @@ from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher
 
 log = logging.getLogger(__name__)
 
-ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE, DETOKENIZE_ROUTE)
 JOB_FIELDS = ("openai_route", "openai_input")
 # How vLLM's chat and completion streams report a failure: one event with its error object.
 STREAM_ERROR = 'data: {"error"'
+Events = AsyncIterator[Tuple[str, bool]]  # a stream's SSE events, each with whether it carries text
 
 
-def _import_vllm_openai() -> Dict[str, Any]:
-    """vLLM's OpenAI serving classes (gams_worker/startup/vllm_release.py lists them)."""
+@dataclasses.dataclass(frozen=True)
+class VllmOpenAI:
+    """vLLM's OpenAI protocol classes the worker uses (gams_worker/startup/vllm_release.py lists them)."""
+
+    chat_request: Any
+    completion_request: Any
+    responses_request: Any  # vLLM's, tokenized as its chat route tokenizes (import_vllm_openai)
+    tokenize_chat_request: Any
+    tokenize_completion_request: Any
+    detokenize_request: Any
+    responses_response: Any
+    whole_responses: Tuple[Any, ...]  # answered as one dict: chat, completion, tokenize and detokenize responses
+    error_response: Any
+    create_error_response: Callable[[Exception], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """vLLM's serving objects on the worker's engine: built on the first OpenAI job, as they bind to its loop."""
+
+    vllm: VllmOpenAI
+    models: Any  # OpenAIServingModels
+    chat: Any  # OpenAIServingChat
+    completion: Any  # OpenAIServingCompletion
+    responses: Any  # OpenAIServingResponses
+    tokenization: Any  # ServingTokenization
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How one route is served: vLLM's request model for a body, its serving call, and a stream's events."""
+
+    request_class: Callable[[VllmOpenAI, Mapping[str, Any]], Any]
+    serve: Callable[[Serving, Any], Awaitable[Any]]
+    events: Callable[[Any, Any], Events] = lambda result, request: _marked_events(result, role_events=0)
+
+
+# The routes with a request body (/v1/models has none), in the order the served ones are listed.
+ROUTE_TABLE: Dict[str, Route] = {
+    CHAT_ROUTE: Route(lambda vllm, body: vllm.chat_request,
+                      lambda serving, request: serving.chat.create_chat_completion(request, None),
+                      # A chat stream opens with one event per choice that carries only the role.
+                      lambda result, request: _marked_events(result, role_events=request.n or 1)),
+    COMPLETIONS_ROUTE: Route(lambda vllm, body: vllm.completion_request,
+                             lambda serving, request: serving.completion.create_completion(request, None)),
+    RESPONSES_ROUTE: Route(lambda vllm, body: vllm.responses_request,
+                           lambda serving, request: serving.responses.create_responses(request, None),
+                           lambda result, request: _responses_sse_events(result)),
+    TOKENIZE_ROUTE: Route(lambda vllm, body: vllm.tokenize_chat_request if "messages" in body
+                          else vllm.tokenize_completion_request,  # a prompt, or chat messages
+                          lambda serving, request: serving.tokenization.create_tokenize(request, None)),
+    DETOKENIZE_ROUTE: Route(lambda vllm, body: vllm.detokenize_request,
+                            lambda serving, request: serving.tokenization.create_detokenize(request, None)),
+}
+ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE, DETOKENIZE_ROUTE)
+
+
+def import_vllm_openai() -> VllmOpenAI:
+    """vLLM's OpenAI protocol classes, imported on the first OpenAI job (they take seconds to import)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
-    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
-    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-    from vllm.entrypoints.openai.models.protocol import BaseModelPath
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    from vllm.renderers.online_renderer import OnlineRenderer
-
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-    return dict(
-        ChatCompletionRequest=ChatCompletionRequest, ChatCompletionResponse=ChatCompletionResponse,
-        OpenAIServingChat=OpenAIServingChat, CompletionRequest=CompletionRequest,
-        CompletionResponse=CompletionResponse, OpenAIServingCompletion=OpenAIServingCompletion,
-        BaseModelPath=BaseModelPath, OpenAIServingModels=OpenAIServingModels, OnlineRenderer=OnlineRenderer,
-        ErrorResponse=ErrorResponse, create_error_response=create_error_response,
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
     )
 
+    class ChatTemplatedResponsesRequest(ResponsesRequest):
+        """Tokenizes the rendered chat template without adding special tokens, as vLLM's chat
+        route does; its Responses route adds them, so Gemma's prompt got a second <bos>."""
 
-class OpenAIRoutes:
-    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
+        def build_tok_params(self, model_config: Any) -> Any:
+            return dataclasses.replace(super().build_tok_params(model_config), add_special_tokens=False)
+
+    return VllmOpenAI(
+        chat_request=ChatCompletionRequest, completion_request=CompletionRequest,
+        responses_request=ChatTemplatedResponsesRequest, tokenize_chat_request=TokenizeChatRequest,
+        tokenize_completion_request=TokenizeCompletionRequest, detokenize_request=DetokenizeRequest,
+        responses_response=ResponsesResponse,
+        whole_responses=(ChatCompletionResponse, CompletionResponse, TokenizeResponse, DetokenizeResponse),
+        error_response=ErrorResponse, create_error_response=create_error_response)
+
+
+class OpenAIJobs:
+    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer.
+
+    ``input_tokenizer``: the worker's own copy of the engine's tokenizer (gams_worker/worker.py), for
+    grammar compiles; ``flush_policy``: the worker's one, shared with plain jobs.
+    """
 
     def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
-                 flush_policy: FlushPolicy, input_tokenizer: Any = None):
+                 flush_policy: FlushPolicy, input_tokenizer: Any, eos_token_id: Optional[int]):
         self.engine = engine
         self.config = config
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
-        self.flush_policy = flush_policy  # shared with plain jobs (GenerationService.flush_policy)
-        self.input_tokenizer = input_tokenizer  # the worker's own copy (GenerationService), for grammars
-        self._vllm: Optional[Dict[str, Any]] = None
+        self.flush_policy = flush_policy
+        self.input_tokenizer = input_tokenizer
+        self.eos_token_id = eos_token_id
+        self._serving: Optional[Serving] = None
         self._init_lock = asyncio.Lock()
         self.grammar: Optional[GrammarGate] = None  # built with the serving objects, on first use
 
-    async def _serving(self) -> Dict[str, Any]:
-        """Build the serving objects on first use, inside the job loop (they bind to it)."""
+    async def serving(self) -> Serving:
+        """vLLM's serving objects, built on first use, inside the job loop (they bind to it)."""
         async with self._init_lock:
-            if self._vllm is None:
-                self._vllm = await self._build_serving()
-        return self._vllm
+            if self._serving is None:
+                self._serving = await self._build_serving(import_vllm_openai())
+        return self._serving
 
-    async def _build_serving(self) -> Dict[str, Any]:
-        vllm = _import_vllm_openai()
+    async def _build_serving(self, vllm: VllmOpenAI) -> Serving:
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+        from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+        from vllm.renderers.online_renderer import OnlineRenderer
+
         # The rest of the arguments keep vLLM's defaults.
-        models = vllm["OpenAIServingModels"](
-            engine_client=self.engine,
-            base_model_paths=[vllm["BaseModelPath"](name=self.config.model_label,
-                                                    model_path=self.config.model_name)],
-        )
+        models = OpenAIServingModels(engine_client=self.engine, base_model_paths=[
+            BaseModelPath(name=self.config.model_label, model_path=self.config.model_name)])
         await models.init_static_loras()
-        renderer = _chat_rules_renderer(vllm["OnlineRenderer"], self.chat_template)(
-            model_config=self.engine.model_config,
-            renderer=self.engine.renderer,
-            request_logger=None,
-            chat_template=None,  # the model's own template
-            chat_template_content_format="auto",
-        )
+        renderer = _chat_rules_renderer(OnlineRenderer, self.chat_template)(
+            model_config=self.engine.model_config, renderer=self.engine.renderer, request_logger=None,
+            chat_template=None, chat_template_content_format="auto")  # the model's own template
         # Prompt logprobs bounded by the prompt's tokens; chat and Responses requests stop at the
         # template's end of turn.
         engine = PromptLogprobsLimit(self.engine, self.config.input_limits)
-        chat_engine = EndOfTurnEngine(engine, self.chat_template, self.engine.get_tokenizer().eos_token_id)
-        chat = vllm["OpenAIServingChat"](
-            chat_engine, models, "assistant",
-            online_renderer=renderer, request_logger=None,
-            chat_template=None, chat_template_content_format="auto",
-        )
-        completion = vllm["OpenAIServingCompletion"](
-            engine, models, online_renderer=renderer, request_logger=None,
-        )
-        extra = _import_vllm_responses_and_tokenize()
-        responses = extra["OpenAIServingResponses"](
-            chat_engine, models, renderer,
-            request_logger=None, chat_template=None, chat_template_content_format="auto",
-        )
-        tokenization = extra["ServingTokenization"](
-            models, renderer, chat_template=None, chat_template_content_format="auto",
-        )
-        self.grammar = GrammarGate(self.engine, self.input_tokenizer or self.engine.get_tokenizer(),
+        chat_engine = EndOfTurnEngine(engine, self.chat_template, self.eos_token_id)
+        template = dict(chat_template=None, chat_template_content_format="auto")  # the model's own template
+        serving = Serving(
+            vllm, models,
+            chat=OpenAIServingChat(chat_engine, models, "assistant", online_renderer=renderer, request_logger=None,
+                                   **template),
+            completion=OpenAIServingCompletion(engine, models, online_renderer=renderer, request_logger=None),
+            responses=OpenAIServingResponses(chat_engine, models, renderer, request_logger=None, **template),
+            tokenization=ServingTokenization(models, renderer, **template))
+        self.grammar = GrammarGate(self.engine, self.input_tokenizer,
                                    self.config.input_limits.grammar_compile_timeout_s)
         log.info("OpenAI routes ready for model %s: %s", self.config.model_label, ", ".join(ROUTES))
-        return {**vllm, **extra, "models": models, "chat": chat, "completion": completion,
-                "responses": responses, "tokenization": tokenization}
+        return serving
 
     async def run(self, job_input: Mapping[str, Any]) -> AsyncIterator[Any]:
         """Yield the outputs of one passthrough job (see the module docstring)."""
         try:
-            vllm = await self._serving()
+            serving = await self.serving()
             # The contract's checks walk and encode up to MAX_INPUT_BYTES: not on the event loop.
-            route, body, request = await asyncio.to_thread(self._parse, job_input, vllm)
+            route, body, request = await asyncio.to_thread(self._parse, job_input, serving.vllm)
             if route == MODELS_ROUTE:
-                yield (await vllm["models"].show_available_models()).model_dump()
+                yield (await serving.models.show_available_models()).model_dump()
                 return
             field = constraint_field(body)
             if field is not None:
@@ -163,39 +222,23 @@ class OpenAIRoutes:
             return
 
         try:
-            if route == CHAT_ROUTE:
-                result = await vllm["chat"].create_chat_completion(request, None)
-            elif route == RESPONSES_ROUTE:
-                result = await vllm["responses"].create_responses(request, None)
-            elif route == TOKENIZE_ROUTE:
-                result = await vllm["tokenization"].create_tokenize(request, None)
-            elif route == DETOKENIZE_ROUTE:
-                result = await vllm["tokenization"].create_detokenize(request, None)
-            else:
-                result = await vllm["completion"].create_completion(request, None)
+            result = await ROUTE_TABLE[route].serve(serving, request)
         except JobInputError as exc:  # Gemma's chat rules, applied while vLLM renders the messages
             # On /v1/responses the messages are vLLM's, made of instructions + input.
             yield OpenAIRequestError(exc.message, "input" if route == RESPONSES_ROUTE else exc.field).to_output()
             return
         except Exception as exc:  # vLLM raises some request errors (e.g. bad sampling values)
-            yield self._error_from_exception(exc, vllm)
+            yield self._error_from_exception(exc, serving.vllm)
             return
+        whole = _whole_answer(result, serving.vllm)
+        if whole is not None:
+            yield whole
+            return
+        async for output in self._stream(ROUTE_TABLE[route].events(result, request), result, serving.vllm):
+            yield output
 
-        if isinstance(result, vllm["ErrorResponse"]):
-            yield job_error_output(result.model_dump()["error"])
-            return
-        if isinstance(result, vllm["ResponsesResponse"]):
-            yield result.model_dump(mode="json", by_alias=True)  # as vLLM's /v1/responses writes it
-            return
-        if isinstance(result, (vllm["ChatCompletionResponse"], vllm["CompletionResponse"],
-                               vllm["TokenizeResponse"], vllm["DetokenizeResponse"])):
-            yield result.model_dump()
-            return
-        if route == RESPONSES_ROUTE:
-            events = _responses_sse_events(result)
-        else:
-            # A chat stream opens with one event per choice that carries only the role.
-            events = _marked_events(result, role_events=(request.n or 1) if route == CHAT_ROUTE else 0)
+    async def _stream(self, events: Events, result: Any, vllm: VllmOpenAI) -> AsyncIterator[Any]:
+        """A streamed answer, its events batched; a failed stream ends with its error."""
         batcher: StreamBatcher = self.flush_policy.stream()
         error: Optional[Dict[str, str]] = None
         try:
@@ -219,7 +262,7 @@ class OpenAIRoutes:
         if error is not None:
             yield error
 
-    def _parse(self, job_input: Any, vllm: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Any]:
+    def _parse(self, job_input: Any, vllm: VllmOpenAI) -> Tuple[str, Dict[str, Any], Any]:
         """(route, body, vLLM's request) of a job; OpenAIRequestError naming the field at fault."""
         route, body = self._parse_job(job_input)
         if route == MODELS_ROUTE:
@@ -248,8 +291,8 @@ class OpenAIRoutes:
             raise OpenAIRequestError("must be the request body, a JSON object", "openai_input")
         return route, dict(body)
 
-    def _parse_request(self, route: str, body: Dict[str, Any], vllm: Dict[str, Any]) -> Any:
-        request_class = _request_class(route, body, vllm)
+    def _parse_request(self, route: str, body: Dict[str, Any], vllm: VllmOpenAI) -> Any:
+        request_class = ROUTE_TABLE[route].request_class(vllm, body)
         known = set(request_class.model_fields) | {
             field.alias for field in request_class.model_fields.values() if field.alias
         }
@@ -265,11 +308,22 @@ class OpenAIRoutes:
             raise OpenAIRequestError(*_describe_validation_error(exc)) from None
 
     @staticmethod
-    def _error_from_exception(exc: Exception, vllm: Dict[str, Any]) -> Dict[str, str]:
-        error = vllm["create_error_response"](exc).model_dump()["error"]
+    def _error_from_exception(exc: Exception, vllm: VllmOpenAI) -> Dict[str, str]:
+        error = vllm.create_error_response(exc).model_dump()["error"]
         if error["code"] >= 500:
             log.exception("OpenAI request failed in the engine", exc_info=exc)
         return job_error_output(error)
+
+
+def _whole_answer(result: Any, vllm: VllmOpenAI) -> Optional[Dict[str, Any]]:
+    """The answer of a request vLLM answered whole (or refused), as the job's one output; None for a stream."""
+    if isinstance(result, vllm.error_response):
+        return job_error_output(result.model_dump()["error"])
+    if isinstance(result, vllm.responses_response):
+        return result.model_dump(mode="json", by_alias=True)  # as vLLM's /v1/responses writes it
+    if isinstance(result, vllm.whole_responses):
+        return result.model_dump()
+    return None
 
 
 class PromptLogprobsLimit:
@@ -310,43 +364,6 @@ def _describe_validation_error(exc: Exception) -> tuple:
     for part in first.get("loc", ()):
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return first.get("msg", str(exc)), path or None
-
-
-def _request_class(route: str, body: Mapping[str, Any], vllm: Dict[str, Any]) -> Any:
-    """vLLM's request model for a route; /v1/tokenize takes a prompt or chat messages."""
-    if route == TOKENIZE_ROUTE:
-        return vllm["TokenizeChatRequest"] if "messages" in body else vllm["TokenizeCompletionRequest"]
-    return {
-        CHAT_ROUTE: vllm["ChatCompletionRequest"],
-        COMPLETIONS_ROUTE: vllm["CompletionRequest"],
-        RESPONSES_ROUTE: vllm["ResponsesRequest"],
-        DETOKENIZE_ROUTE: vllm["DetokenizeRequest"],
-    }[route]
-
-
-def _import_vllm_responses_and_tokenize() -> Dict[str, Any]:
-    """vLLM's Responses and tokenization serving classes."""
-    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
-    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
-    from vllm.entrypoints.serve.tokenize.protocol import (
-        DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
-    )
-    from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
-
-    class ChatTemplatedResponsesRequest(ResponsesRequest):
-        """Tokenizes the rendered chat template without adding special tokens, as vLLM's chat
-        route does; its Responses route adds them, so Gemma's prompt got a second <bos>."""
-
-        def build_tok_params(self, model_config: Any) -> Any:
-            return dataclasses.replace(super().build_tok_params(model_config), add_special_tokens=False)
-
-    return dict(
-        ResponsesRequest=ChatTemplatedResponsesRequest, ResponsesResponse=ResponsesResponse,
-        OpenAIServingResponses=OpenAIServingResponses, ServingTokenization=ServingTokenization,
-        TokenizeChatRequest=TokenizeChatRequest, TokenizeCompletionRequest=TokenizeCompletionRequest,
-        TokenizeResponse=TokenizeResponse, DetokenizeRequest=DetokenizeRequest,
-        DetokenizeResponse=DetokenizeResponse,
-    )
 
 
 async def _marked_events(events: AsyncIterator[str], role_events: int) -> AsyncIterator[Tuple[str, bool]]:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.chat import refuse_control_tokens, strings_in, template_messages
+from gams_worker.jobs.chat import refuse_control_tokens, template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts
 from gams_worker.jobs.input import (
-    SAMPLING_FIELDS, InputLimits, check_count, check_input_size, check_prompt_chars, check_sequences,
-    check_stop_strings, nests_deeper_than,
+    SAMPLING_FIELDS, check_count, check_input_size, check_prompt_chars, check_sequences,
+    check_stop_strings, nests_deeper_than, strings_in,
 )
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -93,15 +94,7 @@ def check_openai_body(route: str, body: Mapping[str, Any], known: Any, limits: I
     that are not served from unknown ones).
     """
     check_input_size(body, limits, "openai_input")
-    accepted = tuple(key for key in ROUTE_FIELDS[route] if key in known)  # /v1/tokenize: prompt or messages
-    for key in body:
-        if key in accepted or (key in known and body[key] is None):  # null: vLLM's default
-            continue
-        if key in known:
-            why = REFUSED_BECAUSE.get(key, "not served by this worker")
-            raise JobInputError(f"{key!r}: {why}; {route} accepts: {', '.join(accepted)}", key)
-        raise JobInputError(f"unknown parameter {key!r}; {route} accepts: {', '.join(accepted)}", key)
-
+    accepted = _accepted_fields(route, body, known)
     given = {key: value for key, value in body.items() if value is not None}
     prompts = _check_text(route, given, limits, template)
     for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
@@ -141,6 +134,19 @@ def check_openai_body(route: str, body: Mapping[str, Any], known: Any, limits: I
         raise JobInputError(REFUSED_BECAUSE["tools"], "tools")
     if route == DETOKENIZE_ROUTE and "tokens" in given:
         _token_ids("tokens", given["tokens"])
+
+
+def _accepted_fields(route: str, body: Mapping[str, Any], known: Any) -> Tuple[str, ...]:
+    """The route's fields vLLM's request model has; JobInputError naming any other field of ``body``."""
+    accepted = tuple(key for key in ROUTE_FIELDS[route] if key in known)  # /v1/tokenize: prompt or messages
+    for key in body:
+        if key in accepted or (key in known and body[key] is None):  # null: vLLM's default
+            continue
+        if key in known:
+            why = REFUSED_BECAUSE.get(key, "not served by this worker")
+            raise JobInputError(f"{key!r}: {why}; {route} accepts: {', '.join(accepted)}", key)
+        raise JobInputError(f"unknown parameter {key!r}; {route} accepts: {', '.join(accepted)}", key)
+    return accepted
 
 
 def constraint_field(body: Mapping[str, Any]) -> Optional[str]:

@@ -2,7 +2,7 @@
 
 A job whose input holds ``openai_route`` came from RunPod's ``/openai/v1`` surface and goes
 to vLLM's OpenAI serving layer (gams_worker/jobs/openai.py); every other job is a plain job
-(gams_worker/jobs/service.py). An exception that escapes either (a bug) still ends the job
+(gams_worker/jobs/plain.py). An exception that escapes either (a bug) still ends the job
 with an error of its dialect, so that every job error a client sees is JSON (gams_worker/errors.py).
 
 A job whose take the worker could not read (gams_worker/platform/job_loop.py: nested too deep
@@ -17,8 +17,8 @@ from http import HTTPStatus
 from typing import Any, AsyncIterator, Dict, Mapping
 
 from gams_worker.errors import INVALID_INPUT, WORKER_ERROR, OpenAIRequestError, error_output
-from gams_worker.jobs.openai import OpenAIRoutes
-from gams_worker.jobs.service import GenerationService
+from gams_worker.jobs.openai import OpenAIJobs
+from gams_worker.jobs.plain import PlainJobs
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def worker_error_output(job_input: Any, message: str) -> Dict[str, str]:
 class JobRouter:
     """Runs each job in its dialect; counts the jobs in flight."""
 
-    def __init__(self, plain: GenerationService, openai: OpenAIRoutes, stats_log: Any = None):
+    def __init__(self, plain: PlainJobs, openai: OpenAIJobs, stats_log: Any = None):
         self.plain = plain
         self.openai = openai
         self.stats_log = stats_log  # startup.engine.EngineStatsLog (LOG_ENGINE_STATS), started by the first job

@@ -171,13 +171,7 @@ class JobLoop(rp_scale.JobScaler):
                     if not acquired_jobs:
                         log.debug("JobLoop.get_jobs | No jobs acquired.")
                         continue
-                    for job in acquired_jobs:
-                        self.jobs_in_flight += 1
-                        self.job_progress.add(job)
-                        self._jobs_to_start.set()  # before a put that may wait for run_jobs
-                        await self.jobs_queue.put(job)
-                        log.debug("Job Queued", job["id"])
-                    log.info(f"Jobs in queue: {self.jobs_queue.qsize()}")
+                    await self._queue(acquired_jobs)
                 # The SDK's handling of a failed take, unchanged.
                 except TooManyRequests:
                     log.debug("JobLoop.get_jobs | Too many requests. Debounce for 5 seconds.")
@@ -197,6 +191,16 @@ class JobLoop(rp_scale.JobScaler):
         finally:
             self._taking = False
             self._jobs_to_start.set()
+
+    async def _queue(self, jobs: List[Dict[str, Any]]) -> None:
+        """Count each taken job in flight, and hand it to run_jobs."""
+        for job in jobs:
+            self.jobs_in_flight += 1
+            self.job_progress.add(job)
+            self._jobs_to_start.set()  # before a put that may wait for run_jobs
+            await self.jobs_queue.put(job)
+            log.debug("Job Queued", job["id"])
+        log.info(f"Jobs in queue: {self.jobs_queue.qsize()}")
 
     async def run_jobs(self, session):
         tasks: Set[asyncio.Task] = set()

@@ -16,36 +16,38 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
 
-def worker_status(jobs: Any) -> Dict[str, Any]:
-    """The figures the endpoint reports for a JobRouter; reads plain counters, safe from another thread."""
-    engine = jobs.plain.engine
+def worker_status(engine: Any, running_jobs: int, aborted: Iterable[Tuple[Any, float]]) -> Dict[str, Any]:
+    """The figures the endpoint reports: the jobs running (JobRouter.running_jobs), the engine's
+    requests and state, and the (job id, time) of the latest aborts (PlainJobs.aborted). It reads
+    plain counters, safe from another thread."""
     output_processor = getattr(engine, "output_processor", None)
     engine_requests: Optional[int] = None
     if output_processor is not None:
         engine_requests = output_processor.get_num_unfinished_requests()
     return {
-        "running_jobs": jobs.running_jobs,
+        "running_jobs": running_jobs,
         "engine_requests": engine_requests,
         "engine_errored": bool(engine.errored),
-        "aborted": [{"job_id": job_id, "at": at} for job_id, at in list(jobs.plain.aborted)],
+        "aborted": [{"job_id": job_id, "at": at} for job_id, at in list(aborted)],
     }
 
 
 class StatusServer:
-    """Serves ``worker_status(jobs)`` on 127.0.0.1:``port`` from a daemon thread."""
+    """Serves what ``report()`` returns (``worker_status``, as gams_worker/worker.py wires it) on
+    127.0.0.1:``port`` from a daemon thread."""
 
-    def __init__(self, jobs: Any, port: int):
+    def __init__(self, report: Callable[[], Dict[str, Any]], port: int):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if self.path != "/status":
                     self.send_error(404)
                     return
-                body = json.dumps(worker_status(jobs)).encode()
+                body = json.dumps(report()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

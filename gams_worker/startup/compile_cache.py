@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from gams_worker.config import WorkerConfig
 from gams_worker.startup.host import HostFacts
 from gams_worker.startup.volume import PROBE_PREFIX, folder_problem
+from gams_worker.versions import major_minor
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class VllmAotSupport:
 
     def missing(self, torch_version: str) -> str:
         """Why the mega artifact cannot be used here, or "" when it can."""
-        version = _major_minor(torch_version)
+        version = major_minor(torch_version)
         if version is None or version < MEGA_AOT_MIN_TORCH:
             return f"torch {torch_version} is older than 2.10"
         if not self.knows_mega_aot:
@@ -265,7 +266,7 @@ def choose_compile_cache(config: WorkerConfig, facts: HostFacts,
                                 "; ".join(passed_over), location, path)
                 if location == "network volume":
                     log.info("compile cache: on the network volume, whose writers can run code in this worker "
-                             "(README, \"Trust boundary\"); COMPILE_CACHE_ON_VOLUME=false keeps it in the container")
+                             "(README, \"Trust boundary: the network volume\"); COMPILE_CACHE_ON_VOLUME=false keeps it in the container")
                 return cache
         passed_over.append(f"cannot use the {location} folder: {problem}")
     log.warning("compile cache: %s; vLLM compiles every start and saves nothing", "; ".join(passed_over))
@@ -377,11 +378,6 @@ def set_aside(path: str, kind: str) -> str:
         pass
     os.makedirs(path, exist_ok=True)
     return aside
-
-
-def _major_minor(version: str) -> Optional[Tuple[int, int]]:
-    match = re.match(r"^(\d+)\.(\d+)", version or "")
-    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _slug(text: str) -> str:

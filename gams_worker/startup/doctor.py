@@ -10,51 +10,16 @@ raises: what it cannot tell it reports as "unknown".
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
 import math
-import os
-import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
-from gams_worker.startup.host import GIB, NO_PLATFORM, UNKNOWN, GpuFacts, HostFacts
-from gams_worker.startup.presets import sequence_kv_bytes
+from gams_worker.memory import GIB, ModelMemory, model_memory
+from gams_worker.startup.host import NO_PLATFORM, UNKNOWN, GpuFacts, HostFacts
+from gams_worker.versions import major_minor
 
 log = logging.getLogger(__name__)
-
-# CUDA context, activations and CUDA graphs on top of weights and KV cache (a rough figure).
-ENGINE_OVERHEAD_BYTES = int(1.5 * GIB)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelMemory:
-    """What the model needs in GPU memory, per GPU."""
-
-    weight_bytes: int
-    kv_bytes_per_layer_token: int  # keys and values of one token in one layer
-    full_layers: int
-    # Layers that attend only to the last ``sliding_window`` tokens: vLLM keeps only that window
-    # of their KV cache (its hybrid KV cache manager). Gemma 2: every other layer, 4096 tokens.
-    sliding_layers: int
-    sliding_window: int
-    source: str  # where the weight figure came from
-
-    def kv_bytes(self, tokens: int) -> int:
-        """KV cache of one ``tokens``-long sequence."""
-        return sequence_kv_bytes(self.kv_bytes_per_layer_token, self.full_layers, self.sliding_layers,
-                                 self.sliding_window, tokens)
-
-    def longest_sequence(self, kv_budget_bytes: int) -> int:
-        """The most tokens one sequence may have for its KV cache to fit ``kv_budget_bytes``."""
-        per_token_all_layers = self.kv_bytes_per_layer_token * (self.full_layers + self.sliding_layers)
-        within_window = kv_budget_bytes // per_token_all_layers
-        if within_window <= self.sliding_window or self.full_layers == 0:
-            return within_window
-        # Past the window only the full layers grow.
-        window_bytes = self.kv_bytes_per_layer_token * self.sliding_layers * self.sliding_window
-        return (kv_budget_bytes - window_bytes) // (self.kv_bytes_per_layer_token * self.full_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +36,7 @@ class DoctorReport:
 def run_doctor(config: WorkerConfig, facts: HostFacts, model_dir: Optional[str]) -> DoctorReport:
     """Judge the host for the model in ``model_dir`` (None: not on this machine yet); log the
     report and return it. Never raises."""
-    memory = model_memory(model_dir, config) if model_dir else None
+    memory = model_memory(model_dir, config.dtype, config.tensor_parallel_size) if model_dir else None
     report = dataclasses.replace(diagnose(facts, memory, config), memory=memory)
     log.info("doctor report:\n  %s", "\n  ".join(report.lines))
     for verdict in report.verdicts:
@@ -135,7 +100,7 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
 
 
 def _supports_fp8(gpu: GpuFacts) -> bool:
-    capability = _version_tuple(gpu.compute_capability)
+    capability = major_minor(gpu.compute_capability)
     return capability is not None and capability >= (8, 9)
 
 
@@ -144,7 +109,7 @@ def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[st
     if not facts.gpus:
         return []
     problems = []
-    minimum, driver = _version_tuple(config.min_cuda_version or ""), _version_tuple(facts.driver_cuda)
+    minimum, driver = major_minor(config.min_cuda_version), major_minor(facts.driver_cuda)
     if minimum and driver and driver < minimum:
         problems.append(f"driver supports CUDA {facts.driver_cuda}, RUNPOD_MIN_CUDA_VERSION is {config.min_cuda_version}: "
                         f"deploy on hosts with CUDA >= {config.min_cuda_version} (RunPod: allowedCudaVersions)")
@@ -161,8 +126,8 @@ def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[st
 
 
 def _driver_verdict(facts: HostFacts) -> Optional[str]:
-    driver = _version_tuple(facts.driver_cuda)
-    needed = max((v for v in (_version_tuple(facts.torch_cuda), _version_tuple(facts.vllm_cuda)) if v),
+    driver = major_minor(facts.driver_cuda)
+    needed = max((v for v in (major_minor(facts.torch_cuda), major_minor(facts.vllm_cuda)) if v),
                  default=None)
     if not driver or not needed or driver >= needed:
         return None
@@ -177,14 +142,14 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
     gpu = min(facts.gpus[: config.tensor_parallel_size], key=lambda g: g.total_bytes or 0)
     budget = int(gpu.total_bytes * config.gpu_memory_utilization)
     kv_bytes = memory.kv_bytes(config.max_model_len)
-    needed = memory.weight_bytes + kv_bytes + ENGINE_OVERHEAD_BYTES
+    needed = memory.weight_bytes + kv_bytes + memory.overhead_bytes
     if needed <= budget:
         if gpu.free_bytes is not None and gpu.free_bytes < budget:
             fraction = math.floor(gpu.free_bytes / gpu.total_bytes * 100) / 100
             return (f"only {_gib(gpu.free_bytes)} GiB of {_gib(gpu.total_bytes)} GiB free (another process "
                     f"uses the GPU?): lower GPU_MEMORY_UTILIZATION to {fraction:.2f} or free the GPU")
         return None
-    fixed = memory.weight_bytes + ENGINE_OVERHEAD_BYTES
+    fixed = memory.weight_bytes + memory.overhead_bytes
     prefix = (f"model needs ~{_gib(needed)} GiB at MAX_MODEL_LEN={config.max_model_len}, GPU has "
               f"{_gib(budget)} GiB at GPU_MEMORY_UTILIZATION={config.gpu_memory_utilization}")
     next_tp = config.tensor_parallel_size * 2
@@ -195,90 +160,5 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
             f"TENSOR_PARALLEL_SIZE={next_tp}")
 
 
-def _version_tuple(text: str) -> Optional[Tuple[int, ...]]:
-    match = re.match(r"^(\d+)(?:\.(\d+))?", text or "")
-    if not match:
-        return None
-    return (int(match.group(1)), int(match.group(2) or 0))
-
-
 def _gib(value: Optional[int]) -> str:
     return UNKNOWN if value is None else f"{value / GIB:.2f}"
-
-
-# --- facts -------------------------------------------------------------------------
-
-# --- model memory ------------------------------------------------------------------
-
-
-def model_memory(model_dir: str, config: WorkerConfig) -> Optional[ModelMemory]:
-    """``estimate_model_memory``, None (and a warning) where it fails: never raises."""
-    try:
-        return estimate_model_memory(model_dir, config)
-    except Exception as exc:
-        log.warning("doctor: could not estimate the model's memory: %r", exc)
-        return None
-
-
-def estimate_model_memory(model_dir: str, config: WorkerConfig) -> Optional[ModelMemory]:
-    """Weights and KV-cache bytes per GPU, from the model's config.json and weight files."""
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        return None
-    with open(config_path, encoding="utf-8") as handle:
-        model_config = json.load(handle)
-    return memory_from_config(model_config, config, _weight_files_bytes(model_dir))
-
-
-def memory_from_config(model_config: Dict[str, Any], config: WorkerConfig,
-                       weight_files_bytes: Optional[int] = None) -> ModelMemory:
-    text = model_config.get("text_config") or model_config
-    hidden = int(text["hidden_size"])
-    layers = int(text["num_hidden_layers"])
-    heads = int(text["num_attention_heads"])
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
-    element_bytes = _dtype_bytes(config.dtype, text.get("torch_dtype") or text.get("dtype"))
-    tp = config.tensor_parallel_size
-    if weight_files_bytes:
-        # Checkpoint files hold the weights in their stored dtype; rescale if served in another.
-        stored = _dtype_bytes("auto", text.get("torch_dtype") or text.get("dtype"))
-        weights, source = weight_files_bytes * element_bytes // stored, "from the weight files"
-    else:
-        vocab = int(text["vocab_size"])
-        intermediate = int(text["intermediate_size"])
-        attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-        mlp = 3 * hidden * intermediate
-        embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings", True) else 2)
-        weights, source = (layers * (attention + mlp) + embeddings) * element_bytes, "estimated from config.json"
-    sliding_layers, sliding_window = _sliding_layers(text, layers)
-    per_layer_token = 2 * kv_heads * head_dim * element_bytes
-    return ModelMemory(weights // tp, per_layer_token // tp, layers - sliding_layers, sliding_layers, sliding_window,
-                       source)
-
-
-def _sliding_layers(text: Dict[str, Any], layers: int) -> Tuple[int, int]:
-    """(layers with a sliding window, its tokens), where config.json says which layers slide; else (0, 0),
-    which overestimates the KV cache rather than underestimates it."""
-    window = text.get("sliding_window")
-    if not window or text.get("use_sliding_window") is False:  # Qwen2 names a window it does not use
-        return 0, 0
-    layer_types = text.get("layer_types")
-    if isinstance(layer_types, list):
-        return sum(kind == "sliding_attention" for kind in layer_types), int(window)
-    if text.get("model_type") == "gemma2" or "Gemma2ForCausalLM" in (text.get("architectures") or ()):
-        return (layers + 1) // 2, int(window)  # layers 0, 2, 4, ... slide
-    pattern = text.get("sliding_window_pattern")
-    if pattern:  # Gemma 3: every pattern-th layer attends to everything
-        return layers - layers // int(pattern), int(window)
-    return 0, 0
-
-
-def _dtype_bytes(requested: str, stored: Optional[str]) -> int:
-    dtype = stored if requested == "auto" else requested
-    return 4 if dtype in ("float32", "torch.float32") else 2
-
-
-def _weight_files_bytes(model_dir: str) -> Optional[int]:
-    files = glob.glob(os.path.join(model_dir, "*.safetensors"))
-    return sum(os.path.getsize(path) for path in files) or None

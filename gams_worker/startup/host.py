@@ -15,9 +15,11 @@ import os
 import re
 from typing import Any, List, Optional, Tuple
 
+from gams_worker.memory import GIB
+from gams_worker.versions import cuda_from_version_tag
+
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 UNKNOWN = "unknown"
 
 
@@ -191,12 +193,6 @@ def _cuda_runtime_requirement() -> Optional[str]:
         if match:
             return match.group(1)
     return None
-
-
-def cuda_from_version_tag(version: str) -> Optional[str]:
-    """ "0.25.0+cu130" -> "13.0"; None without a +cuNNN tag."""
-    tag = re.search(r"\+cu(\d+)(\d)\b", version)
-    return f"{tag.group(1)}.{tag.group(2)}" if tag else None
 
 
 def _linked_cudart_major(path: str) -> Optional[str]:

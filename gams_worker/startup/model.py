@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import IncompleteModelError, ModelNotFoundError
 from gams_worker.startup.model_files import ALLOW_PATTERNS, IGNORE_PATTERNS, find_problems, read_manifest
-from gams_worker.startup.presets import preset_for
+from gams_worker.presets import preset_for
 from gams_worker.startup.volume import folder_problem
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedM
         return ResolvedModel(str(Path(name).resolve()), LOCAL)
     if name.startswith(("/", "./", "../")):
         # A path, not a repo id: nothing to search. vLLM's start fails on it with a
-        # classified "model not found" error (gams_worker/startup/ladder.py).
+        # classified "model not found" error (gams_worker/startup/start_failure.py).
         return ResolvedModel(name, LOCAL)
     found = _baked(config, searched)
     if found:

@@ -163,17 +163,6 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def safetensors_problem(path: Path) -> Optional[str]:
-    """Why a .safetensors file is damaged (truncated, bad header) or unreadable, or None when it is whole."""
-    try:
-        safetensors_header(path)
-    except DamagedFileError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"{path.name} cannot be read ({exc.strerror or exc})"
-    return None
-
-
 def index_weight_map(model_dir: Path) -> Optional[Dict[str, str]]:
     """The safetensors index's tensor -> shard map; None without an index; DamagedFileError when damaged."""
     index = model_dir / SAFETENSORS_INDEX
@@ -254,25 +243,7 @@ def _find_problems(model_dir: Path, expected_sizes: Dict[str, int], tokenizer: b
     if weight_map is None:
         problems += [f"shard {name} is missing (the -of-N naming of the shards present says it exists)"
                      for name in missing_numbered_shards(shards)]
-    for shard in shards:
-        shard_path = model_dir / shard
-        if not shard_path.is_file():
-            if not shard_path.is_symlink():  # a broken link is reported above
-                problems.append(f"shard {shard} (named in {SAFETENSORS_INDEX}) is missing")
-            continue
-        try:
-            tensors = safetensors_header(shard_path)
-        except DamagedFileError as exc:
-            problems.append(str(exc))
-            continue
-        except OSError as exc:
-            problems.append(f"{shard} cannot be read ({exc.strerror or exc})")
-            continue
-        if weight_map is not None:
-            absent = sorted(t for t, s in weight_map.items() if s == shard and t not in tensors)
-            if absent:
-                problems.append(f"{shard} lacks {len(absent)} of the tensors {SAFETENSORS_INDEX} places in it "
-                                f"(first: {absent[0]})")
+    problems += [problem for shard in shards if (problem := _shard_problem(model_dir / shard, weight_map))]
     if tokenizer and not any((model_dir / name).is_file() for name in VOCABULARY_FILES) \
             and not any(model_dir.glob("*.tiktoken")):
         problems.append(f"no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)} or *.tiktoken)")
@@ -286,6 +257,22 @@ def _find_problems(model_dir: Path, expected_sizes: Dict[str, int], tokenizer: b
         elif path.stat().st_size != size:
             problems.append(f"{name} has {path.stat().st_size} bytes, expected {size}")
     return problems
+
+
+def _shard_problem(path: Path, weight_map: Optional[Dict[str, str]]) -> Optional[str]:
+    """What is wrong with one weight file: missing, damaged, or lacking tensors the index places in it."""
+    if not path.is_file():  # a broken link is reported apart
+        return None if path.is_symlink() else f"shard {path.name} (named in {SAFETENSORS_INDEX}) is missing"
+    try:
+        tensors = safetensors_header(path)
+    except DamagedFileError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path.name} cannot be read ({exc.strerror or exc})"
+    absent = sorted(t for t, s in (weight_map or {}).items() if s == path.name and t not in tensors)
+    if absent:
+        return f"{path.name} lacks {len(absent)} of the tensors {SAFETENSORS_INDEX} places in it (first: {absent[0]})"
+    return None
 
 
 def _json_file_problem(path: Path) -> Optional[str]:

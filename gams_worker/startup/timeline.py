@@ -3,7 +3,7 @@
 Our own steps are marked as they happen. vLLM's phases (its engine process started, weights
 loading and loaded, torch.compile, KV cache, CUDA-graph capture) happen mostly inside its
 engine process, so they are marked when their log lines reach this process: the engine
-start tees the engine's output (gams_worker/startup/engine_log.py) and hands each line to
+start tees the engine's output (gams_worker/startup/output_capture.py) and hands each line to
 ``watch_engine_line``, which stamps it on arrival. The durations vLLM itself logs are kept
 apart, in ``engine_phases_s``. Together with ``step_s`` (the seconds each mark took after
 the one before), every second of a start belongs to a named step.

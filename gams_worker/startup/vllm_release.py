@@ -27,6 +27,7 @@ from importlib import metadata
 from typing import List, Optional, Tuple
 
 from gams_worker.errors import WorkerError
+from gams_worker.versions import release
 
 VLLM_RELEASE = "0.32.0"
 # The distributions that install vLLM's package: the CUDA build (the image) and the CPU build (CI).
@@ -123,7 +124,7 @@ def installed_release() -> str:
     """The installed vLLM's version (its public part: "0.32.0"), from the package metadata; "none"."""
     for distribution in DISTRIBUTIONS:
         try:
-            return metadata.version(distribution).split("+")[0]
+            return release(metadata.version(distribution))
         except metadata.PackageNotFoundError:
             continue
     return "none"

@@ -9,7 +9,7 @@ does not hold the GIL):
   starts its engine process;
 - "off" (the default): vLLM reads the weights itself. On the H100 either start point lost
   (first chunk 59.8 s and 56.0 s against 53.8 s): the weights loaded sooner, but the imports,
-  reading their own files from the same disk, slowed by more (README, "Fast starts").
+  reading their own files from the same disk, slowed by more (MAINTAINERS.md, "Fast starts").
 
 It stays bounded:
 - it reads only the weight files vLLM loads, in the order vLLM loads them;

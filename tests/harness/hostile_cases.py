@@ -287,8 +287,9 @@ def contract_checker(tokenizer_dir: Optional[str] = None):
                                   control_tokens=GEMMA_CONTROL_TOKENS)
     config = WorkerConfig(model_name="cjvt/GaMS-9B-Instruct")
     flush_policy = FlushPolicy(config.stream_batch_tokens, config.stream_batch_ms, config.stream_posts_per_second)
-    routes = openai_jobs.OpenAIRoutes(engine=None, config=config, chat_template=facts, flush_policy=flush_policy)
-    vllm = {**openai_jobs._import_vllm_openai(), **openai_jobs._import_vllm_responses_and_tokenize()}
+    routes = openai_jobs.OpenAIJobs(engine=None, config=config, chat_template=facts, flush_policy=flush_policy,
+                                    input_tokenizer=None, eos_token_id=None)
+    vllm = openai_jobs.import_vllm_openai()
 
     def check(case: Case) -> Optional[str]:
         if case.raw is not None:

@@ -3,7 +3,7 @@
 vLLM's engine core is a child process that inherits file descriptors 1 and 2 and prints
 its log and the root cause of a failed start there; Python's sys.stdout never sees it.
 So an attempt tees fds 1 and 2 into a bounded buffer, which the failure classifier
-(gams_worker/startup/ladder.py) and the start-up timeline read.
+(gams_worker/startup/start_failure.py) and the start-up timeline read.
 """
 
 from __future__ import annotations

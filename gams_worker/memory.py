@@ -1,0 +1,168 @@
+"""The one memory model of the GPUs serving the model: weights, KV cache per sequence, engine overhead.
+
+The presets (gams_worker/presets.py), the doctor (gams_worker/startup/doctor.py) and the sizing of
+max_num_seqs (gams_worker/startup/concurrency.py) all count with it, per GPU:
+
+    KV budget = GPU memory x GPU_MEMORY_UTILIZATION - weights / TP - engine overhead
+
+The KV cache of one sequence comes from the model's config.json facts (``Architecture``): keys and
+values of every layer, where vLLM's v1 engine keeps only the last ``sliding_window`` tokens of a
+sliding layer (its hybrid KV cache manager). The engine's overhead (CUDA context, activations,
+CUDA graphs) is a rough figure above what was measured: 0.5 GiB for GaMS-9B on one H100, 1.7 GiB
+per GPU for GaMS-27B on two (tensor parallelism adds NCCL's and the custom all-reduce's buffers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+ENGINE_OVERHEAD_BYTES = int(1.5 * GIB)  # on one GPU
+TP_ENGINE_OVERHEAD_BYTES = 2 * GIB  # on each GPU, with tensor parallelism
+# Room beyond the weights a GPU needs to be worth serving on: the overhead and at least a few
+# sequences of KV cache. Below this vLLM starts but serves almost nothing (the presets' TP choice).
+HEADROOM_BYTES = 6 * GIB
+
+
+def engine_overhead_bytes(tensor_parallel_size: int) -> int:
+    return ENGINE_OVERHEAD_BYTES if tensor_parallel_size <= 1 else TP_ENGINE_OVERHEAD_BYTES
+
+
+def sequence_kv_bytes(bytes_per_layer_token: int, full_layers: int, sliding_layers: int, sliding_window: int,
+                      tokens: int) -> int:
+    """KV cache of one ``tokens``-long sequence: a sliding layer keeps only its last ``sliding_window`` tokens."""
+    return bytes_per_layer_token * (full_layers * tokens + sliding_layers * min(tokens, sliding_window))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMemory:
+    """What the model needs in GPU memory, per GPU."""
+
+    weight_bytes: int
+    kv_bytes_per_layer_token: int  # keys and values of one token in one layer
+    full_layers: int
+    sliding_layers: int  # layers that keep only the last ``sliding_window`` tokens (Gemma 2: every other one)
+    sliding_window: int
+    source: str  # where the weight figure came from
+    overhead_bytes: int = ENGINE_OVERHEAD_BYTES
+
+    def kv_bytes(self, tokens: int) -> int:
+        """KV cache of one ``tokens``-long sequence."""
+        return sequence_kv_bytes(self.kv_bytes_per_layer_token, self.full_layers, self.sliding_layers,
+                                 self.sliding_window, tokens)
+
+    def kv_budget(self, gpu_total_bytes: float, utilization: float) -> int:
+        """What is left for the KV cache on a GPU of ``gpu_total_bytes`` at ``utilization``."""
+        return int(gpu_total_bytes * utilization) - self.weight_bytes - self.overhead_bytes
+
+    def sequences_that_fit(self, gpu_total_bytes: float, utilization: float, tokens: int) -> int:
+        """How many ``tokens``-long sequences the KV budget holds (0 when the weights leave no room)."""
+        per_sequence = self.kv_bytes(tokens)
+        return max(self.kv_budget(gpu_total_bytes, utilization), 0) // per_sequence if per_sequence else 0
+
+    def longest_sequence(self, kv_budget_bytes: int) -> int:
+        """The most tokens one sequence may have for its KV cache to fit ``kv_budget_bytes``."""
+        per_token_all_layers = self.kv_bytes_per_layer_token * (self.full_layers + self.sliding_layers)
+        within_window = kv_budget_bytes // per_token_all_layers
+        if within_window <= self.sliding_window or self.full_layers == 0:
+            return within_window
+        # Past the window only the full layers grow.
+        window_bytes = self.kv_bytes_per_layer_token * self.sliding_layers * self.sliding_window
+        return (kv_budget_bytes - window_bytes) // (self.kv_bytes_per_layer_token * self.full_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The config.json facts that size the KV cache."""
+
+    name: str  # "Gemma 2 9B"
+    layers: int
+    sliding_layers: int  # layers that attend only to the last ``sliding_window`` tokens
+    kv_heads: int
+    head_dim: int
+    sliding_window: int
+    max_positions: Optional[int]  # max_position_embeddings; None where not known here
+    source: str  # where these facts come from
+
+    def memory(self, weight_bytes: int, tensor_parallel_size: int = 1, element_bytes: int = 2,
+               source: str = "") -> ModelMemory:
+        """The model's memory per GPU: weights and each layer's keys and values split over the GPUs."""
+        per_layer_token = 2 * self.kv_heads * self.head_dim * element_bytes
+        return ModelMemory(weight_bytes // tensor_parallel_size, per_layer_token // tensor_parallel_size,
+                           self.layers - self.sliding_layers, self.sliding_layers, self.sliding_window,
+                           source or self.source, engine_overhead_bytes(tensor_parallel_size))
+
+    def kv_gib_per_sequence(self, tokens: int) -> float:
+        """KV cache of one ``tokens``-long sequence, keys and values, bf16, all GPUs together."""
+        return self.memory(0).kv_bytes(tokens) / GIB
+
+
+def model_memory(model_dir: str, dtype: str, tensor_parallel_size: int) -> Optional[ModelMemory]:
+    """The memory of the model in ``model_dir`` (its config.json and weight files); None (and a
+    warning) where they cannot be read: never raises."""
+    try:
+        config_path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(config_path):
+            return None
+        with open(config_path, encoding="utf-8") as handle:
+            model_config = json.load(handle)
+        weight_files = sum(os.path.getsize(path) for path in glob.glob(os.path.join(model_dir, "*.safetensors")))
+        return memory_from_config(model_config, dtype, tensor_parallel_size, weight_files or None)
+    except Exception as exc:
+        log.warning("doctor: could not estimate the model's memory: %r", exc)
+        return None
+
+
+def memory_from_config(model_config: Dict[str, Any], dtype: str, tensor_parallel_size: int,
+                       weight_files_bytes: Optional[int] = None) -> ModelMemory:
+    """The memory per GPU of a model served in ``dtype``: weights from its files, else estimated."""
+    text = model_config.get("text_config") or model_config
+    hidden = int(text["hidden_size"])
+    layers = int(text["num_hidden_layers"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    stored_dtype = text.get("torch_dtype") or text.get("dtype")
+    element_bytes = _dtype_bytes(dtype, stored_dtype)
+    if weight_files_bytes:
+        # Checkpoint files hold the weights in their stored dtype; rescale if served in another.
+        weights = weight_files_bytes * element_bytes // _dtype_bytes("auto", stored_dtype)
+        source = "from the weight files"
+    else:
+        attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+        mlp = 3 * hidden * int(text["intermediate_size"])
+        embeddings = int(text["vocab_size"]) * hidden * (1 if text.get("tie_word_embeddings", True) else 2)
+        weights, source = (layers * (attention + mlp) + embeddings) * element_bytes, "estimated from config.json"
+    sliding_layers, sliding_window = _sliding_layers(text, layers)
+    architecture = Architecture(text.get("model_type") or "config.json", layers, sliding_layers, kv_heads, head_dim,
+                                sliding_window, text.get("max_position_embeddings"), "config.json")
+    return architecture.memory(weights, tensor_parallel_size, element_bytes, source)
+
+
+def _sliding_layers(text: Dict[str, Any], layers: int) -> Tuple[int, int]:
+    """(layers with a sliding window, its tokens), where config.json says which layers slide; else (0, 0),
+    which overestimates the KV cache rather than underestimates it."""
+    window = text.get("sliding_window")
+    if not window or text.get("use_sliding_window") is False:  # Qwen2 names a window it does not use
+        return 0, 0
+    layer_types = text.get("layer_types")
+    if isinstance(layer_types, list):
+        return sum(kind == "sliding_attention" for kind in layer_types), int(window)
+    if text.get("model_type") == "gemma2" or "Gemma2ForCausalLM" in (text.get("architectures") or ()):
+        return (layers + 1) // 2, int(window)  # layers 0, 2, 4, ... slide
+    pattern = text.get("sliding_window_pattern")
+    if pattern:  # Gemma 3: every pattern-th layer attends to everything
+        return layers - layers // int(pattern), int(window)
+    return 0, 0
+
+
+def _dtype_bytes(requested: str, stored: Optional[str]) -> int:
+    dtype = stored if requested == "auto" else requested
+    return 4 if dtype in ("float32", "torch.float32") else 2

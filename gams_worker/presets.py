@@ -1,0 +1,113 @@
+"""Settings presets for the GaMS family: each chat model's weights, context and config.json facts.
+
+Data at the bottom of the package: config.py checks MODEL_PRESET against it as it reads the
+environment, and start-up applies a preset under the environment (gams_worker/startup/plan.py):
+a preset fills only settings the environment left unset. Tensor parallelism is chosen from the
+GPUs present and the weight size: the fewest GPUs whose memory holds the weights plus room for
+the KV cache.
+
+Each preset carries its model's config.json facts (layers, KV heads, head dim, sliding window),
+so the KV cache one sequence needs, and the full-length sequences a card holds, are computed
+with the memory model (gams_worker/memory.py) rather than guessed:
+``python -m gams_worker.presets`` prints the table MAINTAINERS.md shows ("GaMS presets: facts read and assumed").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+from gams_worker.memory import GIB, HEADROOM_BYTES, Architecture
+
+GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)")
+GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct")
+GEMMA2_27B = Architecture("Gemma 2 27B", 46, 23, 16, 128, 4096, 8192, "config.json of GaMS-27B-Instruct")
+# GaMS2-27B-Instruct's config.json (2.09 kB, "longer context") could not be read here: Gemma 2
+# 27B layers are assumed, as its 54.5 GB of weights match GaMS-27B's; its context is unknown.
+GAMS2_27B = dataclasses.replace(GEMMA2_27B, max_positions=None,
+                                source="assumed: GaMS-27B's architecture (config.json not readable here)")
+# GaMS3 config.json: Gemma3ForCausalLM, hidden 3840, head_dim 256, 5 sliding : 1 global layers.
+# Layer count, KV heads, window and positions are Gemma 3 12B's (assumed, not read here).
+GEMMA3_12B = Architecture("Gemma 3 12B (text)", 48, 40, 8, 256, 1024, 131072,
+                          "config.json of GaMS3-12B-Instruct / -Lex, partly assumed from Gemma 3 12B")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    weights_gib: float  # bf16 weights, as vLLM reports "Model loading took"
+    max_model_len: int
+    gpu_memory_utilization: float = 0.90
+    dtype: str = "bfloat16"
+    architecture: Optional[Architecture] = None
+
+
+# Chat and instruct models only (the base models have no chat template). 8192 for Gemma 2: the
+# positions its config allows, with room for several full-length sequences on a 48 GB or 80 GB
+# card (see MAINTAINERS.md's preset table). GaMS3 could take longer contexts; 8192 keeps its KV small.
+PRESETS: Dict[str, Preset] = {
+    "cjvt/gams-2b-instruct": Preset(4.9, 8192, architecture=GEMMA2_2B),
+    "cjvt/gams-9b-instruct": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-9b-instruct-nemotron": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-9b-instruct-lex": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-dpo-translator": Preset(17.2, 8192, architecture=GEMMA2_9B),
+    "cjvt/gams-27b-instruct": Preset(50.7, 8192, architecture=GEMMA2_27B),
+    "cjvt/gams-27b-instruct-nemotron": Preset(50.7, 8192, architecture=GEMMA2_27B),
+    "cjvt/gams2-27b-instruct": Preset(50.8, 8192, architecture=GAMS2_27B),
+    "cjvt/gams2-27b-grpo-translator": Preset(50.8, 8192, architecture=GAMS2_27B),
+    "cjvt/gams3-12b-instruct": Preset(22.7, 8192, architecture=GEMMA3_12B),
+    "cjvt/gams3-12b-instruct-lex": Preset(22.7, 8192, architecture=GEMMA3_12B),
+    "cjvt/gams3-12b-grpo-translator": Preset(22.7, 8192, architecture=GEMMA3_12B),
+}
+
+
+def preset_for(model_name: str) -> Optional[Preset]:
+    """The preset of a GaMS repo id (case-insensitive), or None for other models."""
+    return PRESETS.get(model_name.strip().rstrip("/").lower())
+
+
+def choose_tensor_parallel(weights_gib: float, gpu_count: int, gpu_memory_gib: float, utilization: float) -> int:
+    """Fewest GPUs (a power of two, at most ``gpu_count``) that hold the weights plus headroom."""
+    size = 1
+    while size * 2 <= max(gpu_count, 1):
+        if weights_gib * GIB / size + HEADROOM_BYTES <= gpu_memory_gib * GIB * utilization:
+            break
+        size *= 2
+    return size
+
+
+def full_length_sequences(preset: Preset, gpu_memory_gib: float, gpu_count: int,
+                          max_model_len: Optional[int] = None) -> Tuple[int, int]:
+    """(tensor parallel size, sequences of ``max_model_len`` tokens whose KV cache fits) on these GPUs."""
+    tp = choose_tensor_parallel(preset.weights_gib, gpu_count, gpu_memory_gib, preset.gpu_memory_utilization)
+    memory = preset.architecture.memory(int(preset.weights_gib * GIB), tp)
+    return tp, memory.sequences_that_fit(gpu_memory_gib * GIB, preset.gpu_memory_utilization,
+                                         max_model_len or preset.max_model_len)
+
+
+# Cards the preset table sizes for: an L40S-class 48 GB card and an H100 80 GB (GiB as torch sees them).
+CARDS = (("48 GB", 44.4), ("80 GB", 79.1))
+
+
+def preset_table() -> str:
+    """MAINTAINERS.md's preset table (markdown): one row per architecture and preset settings."""
+    groups: Dict[Tuple[Architecture, float, int], list] = {}
+    for name, preset in PRESETS.items():
+        groups.setdefault((preset.architecture, preset.weights_gib, preset.max_model_len), []).append(name)
+    rows = ["| `MODEL_NAME` | Architecture (config.json) | bf16 weights | `MAX_MODEL_LEN` | KV cache per "
+            "full-length sequence | full-length sequences that fit: " + " / ".join(f"{c} cards" for c, _ in CARDS)
+            + " |", "|---|---|---|---|---|---|"]
+    for (arch, weights, max_model_len), names in groups.items():
+        preset = PRESETS[names[0]]
+        fits = []
+        for _, gib in CARDS:
+            tp, sequences = full_length_sequences(preset, gib, gpu_count=8)
+            fits.append(f"{sequences}" + ("" if tp == 1 else f" (TP {tp})"))
+        rows.append(f"| {', '.join(f'`{n}`' for n in names)} | {arch.name}: {arch.layers} layers "
+                    f"({arch.sliding_layers} with a {arch.sliding_window}-token window), {arch.kv_heads} KV heads "
+                    f"x {arch.head_dim}, {arch.max_positions or 'unknown'} positions | {weights} GiB | "
+                    f"{max_model_len} | {arch.kv_gib_per_sequence(max_model_len):.2f} GiB | {' / '.join(fits)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(preset_table())

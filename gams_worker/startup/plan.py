@@ -1,0 +1,111 @@
+"""What the engine starts with, decided before it starts: the preset under the environment, the
+doctor's verdicts and the first rung of the fallback ladder, the model, max_num_seqs and the
+compile cache (``plan_engine``), and the environment vLLM's engine process inherits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Dict, Optional, Tuple
+
+from gams_worker.config import WorkerConfig, export_to_engine, variable_of
+from gams_worker.errors import EngineStartError
+from gams_worker.memory import model_memory
+from gams_worker.presets import choose_tensor_parallel, full_length_sequences, preset_for
+from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
+from gams_worker.startup.concurrency import with_max_num_seqs
+from gams_worker.startup.doctor import DoctorReport, run_doctor
+from gams_worker.startup.host import host_facts
+from gams_worker.startup.model import BAKED, ResolvedModel, resolve_model
+
+log = logging.getLogger(__name__)
+
+BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+PRESET_SETTINGS = ("max_model_len", "dtype", "gpu_memory_utilization", "tensor_parallel_size")  # what a preset fills
+
+
+def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]
+                 ) -> Tuple[WorkerConfig, Dict[str, str]]:
+    """Fill settings the environment left unset; return the new config and each value's source."""
+    preset = preset_for(config.model_preset or config.model_name)
+    from_env = {name for name in PRESET_SETTINGS if variable_of(name) in config.explicit}
+    sources = {name: ("env" if name in from_env else "default") for name in PRESET_SETTINGS}
+    if preset is None:
+        return config, sources
+    changes = {}
+    for name in ("max_model_len", "dtype", "gpu_memory_utilization"):
+        if name not in from_env:
+            changes[name] = getattr(preset, name)
+            sources[name] = "preset"
+    if "tensor_parallel_size" not in from_env and gpu_memory_gib:
+        utilization = changes.get("gpu_memory_utilization", config.gpu_memory_utilization)
+        changes["tensor_parallel_size"] = choose_tensor_parallel(
+            preset.weights_gib, gpu_count, gpu_memory_gib, utilization)
+        sources["tensor_parallel_size"] = "preset"
+    return dataclasses.replace(config, **changes), sources
+
+
+def kv_summary(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]) -> Optional[str]:
+    """A start-up line: the KV cache of one MAX_MODEL_LEN sequence and how many fit, for GaMS presets."""
+    preset = preset_for(config.model_preset or config.model_name)
+    if preset is None or not gpu_memory_gib:
+        return None
+    tp, sequences = full_length_sequences(preset, gpu_memory_gib, gpu_count, config.max_model_len)
+    return (f"KV cache: {preset.architecture.kv_gib_per_sequence(config.max_model_len):.2f} GiB per "
+            f"{config.max_model_len}-token sequence ({preset.architecture.name}); about {sequences} full-length "
+            f"sequences fit on {tp} x {gpu_memory_gib:.1f} GiB")
+
+
+def first_rung(config: WorkerConfig, report: DoctorReport) -> Tuple[str, str]:
+    """The graph mode the engine starts in, and why."""
+    if config.enforce_eager:
+        return "eager", "ENFORCE_EAGER is set"
+    if report.start_mode:
+        return report.start_mode, report.start_reason
+    return "full", "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginePlan:
+    """What the engine starts with, decided before it starts."""
+
+    config: WorkerConfig  # with the preset applied
+    mode: str  # the first graph mode of the fallback ladder
+    reason: str
+    model_path: str
+    compile_cache: CompileCache
+
+
+def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
+                mark: Callable[[str], None] = lambda step: None) -> EnginePlan:
+    """Preset, doctor, model and compile cache, in that order; sets the environment vLLM's
+    engine process inherits. ``mark`` stamps each step on the start-up timeline."""
+    facts = host_facts()
+    gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
+    config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
+    log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
+    kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
+    if kv_line:
+        log.info(kv_line)
+    report = run_doctor(config, facts, local_model.path if local_model else None)
+    if report.blocking:
+        problems = "; ".join(report.blocking)
+        raise EngineStartError(f"the doctor found problems no engine start gets past: {problems}", problems)
+    mode, reason = first_rung(config, report)
+    mark("doctor done")
+    model = resolve_model(config)  # baked copy, then caches, then the hub
+    if model.source == BAKED:
+        # A baked copy is whole: nothing may reach for the hub (RunPod's worker-vllm sets the same).
+        # vLLM's engine process, which loads the model, inherits them.
+        export_to_engine(BAKED_MODEL_OFFLINE)
+        log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
+    mark("model resolved")
+    # The doctor read the model's memory where it was here already; a download is read now.
+    memory = report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size)
+    config = with_max_num_seqs(config, facts, memory)
+    compile_cache = choose_compile_cache(config, facts)
+    export_to_engine(compile_cache.engine_environment())
+    mark("compile cache checked")
+    return EnginePlan(config, mode, reason, model.path, compile_cache)

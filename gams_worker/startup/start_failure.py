@@ -1,0 +1,237 @@
+"""What a failed engine start means, from what it printed and raised: the fallback ladder's classifier.
+
+Failures while capturing CUDA graphs (unsupported PTX, stream-capture errors, out of memory during
+capture) retry one rung lower; failures that no graph mode fixes (model not found, bad config, out
+of memory while loading weights, unsupported architecture) end the start-up at once, with a remedy.
+A start that read a warm compile cache and failed the way damaged compiled files make it fail (a
+worker process killed by SIGBUS, a load error naming a file in the cache) retries once in the same
+mode with the folder set aside (gams_worker/startup/ladder.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import traceback
+from typing import Optional, Sequence, Tuple
+
+from gams_worker.startup.engine import GRAPH_MODES
+
+RETRY_LOWER_RUNG = "retry_lower_rung"
+RETRY_EMPTY_CACHE = "retry_empty_cache"  # same mode, the compile cache folder set aside
+FATAL = "fatal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What a failed start-up attempt means, and what to do next."""
+
+    decision: str  # RETRY_LOWER_RUNG, RETRY_EMPTY_CACHE or FATAL
+    cause: str  # the classified cause, in plain words
+    remedy: str  # what a user can do about it ("" when the ladder handles it)
+    evidence: str  # the output line that identified the cause
+    next_mode: Optional[str] = None  # for the retries: the rung to try next
+
+
+# Where in start-up a failure happened, from the traceback's frames and vLLM's log lines.
+_STAGE_MARKERS: Sequence[Tuple[str, "re.Pattern[str]"]] = (
+    ("load", re.compile(r"in (load_model|load_weights|_load_weights|download_weights_from_hf)\b"
+                        r"|Starting to load model|Loading (safetensors|weights)")),
+    ("profile", re.compile(r"in (determine_available_memory|profile_run)\b|Memory profiling")),
+    ("compile", re.compile(r"torch\._dynamo|torch\._inductor|Dynamo bytecode transform|Compiling a graph")),
+    ("capture", re.compile(r"in (capture_model|_capture_cudagraphs|capture_graph|_warmup_and_capture)\b"
+                           r"|Capturing CUDA graph|cudagraph capture|CUDA graph capture", re.IGNORECASE)),
+)
+# The last "Capturing CUDA graphs (..., FULL|PIECEWISE)" progress line names the capture that broke.
+_CAPTURE_PROGRESS = re.compile(r"Capturing CUDA graphs \(([^)]*?),\s*(FULL|PIECEWISE)\)")
+
+_MODEL_NOT_FOUND = re.compile(
+    r"HFValidationError|RepositoryNotFoundError|LocalEntryNotFoundError|GatedRepoError"
+    r"|Invalid repository ID or local directory|is not a valid model identifier"
+    r"|is not a local folder|does not appear to have a file named config\.json"
+    r"|No such file or directory: '[^']*config\.json'|Repo id must use alphanumeric"
+    r"|Cannot find any model weights"
+)
+_UNSUPPORTED_ARCHITECTURE = re.compile(
+    r"Model architectures \[[^\]]*\] (are not supported|failed to be inspected)"
+    r"|No model architectures are specified"
+)
+_KV_CACHE_TOO_SMALL = re.compile(
+    r"larger than the available KV cache memory|No available memory for the cache blocks"
+    r"|max seq len \(\d+\)[^\n]*is larger than the maximum number of tokens that can be stored in KV cache"
+)
+_BAD_CONFIG = re.compile(
+    r"ValidationError: \d+ validation errors? for \w*Config|User-specified max_model_len"
+)
+_DRIVER_TOO_OLD = re.compile(
+    r"NVIDIA driver on your system is too old|CUDA driver version is insufficient for CUDA runtime version"
+    r"|cudaErrorInsufficientDriver|Found no NVIDIA driver|Failed to infer device type"
+)
+_UNSUPPORTED_PTX = re.compile(
+    r"provided PTX was compiled with an unsupported toolchain|cudaErrorUnsupportedPtxVersion"
+    r"|CUDA_ERROR_UNSUPPORTED_PTX_VERSION"
+)
+_STREAM_CAPTURE = re.compile(
+    r"operation not permitted when stream is capturing|cudaErrorStreamCapture\w+"
+    r"|operation failed due to a previous error during capture|capture sequence has been invalidated"
+)
+_OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|cudaErrorMemoryAllocation")
+_COMPILE_FAILED = re.compile(r"BackendCompilerFailed|InductorError|torch\._dynamo\.exc\.\w+Error")
+# How damaged compiled files break a start (read only when the cache was warm). A truncated
+# kernel (.so) is memory-mapped and kills the process that runs it with SIGBUS: seen on vLLM's
+# CPU build as "Worker proc VllmWorker-0 died unexpectedly (exit code: -7)", or "(exit code:
+# None)" when vLLM looked before the process was reaped; where the model runs in the engine core
+# itself, as "Failed core proc(s): {'EngineCore_DP0': -7}". SIGSEGV (-11) is what damaged code
+# does; SIGKILL (-9, the OOM killer's) and other exits are left out. Truncated pickles and
+# shared objects that fail to load say so.
+_DAMAGED_ARTIFACT = re.compile(
+    r"died unexpectedly \(exit code: (?:-7|-11|None)\)|Failed core proc\(s\): \{[^}]*: -(?:7|11)\b"
+    r"|\bBus error\b|SIGBUS|pickle data was truncated|UnpicklingError|EOFError: Ran out of input"
+    r"|invalid ELF header|file too short|ELF load command"
+)
+
+
+_NEWER_DRIVER = ("deploy on hosts whose driver supports this image's CUDA version (RunPod: allowedCudaVersions) "
+                 "or use the CUDA-12 image")
+# Failures that no graph mode fixes, checked first (a capture may be in the log before them): (pattern, cause, remedy).
+_NO_GRAPH_MODE_FIXES: Sequence[Tuple["re.Pattern[str]", str, str]] = (
+    (_MODEL_NOT_FOUND, "model not found", "check MODEL_NAME (a Hugging Face repo id or a local directory with "
+     "config.json) and MODEL_REVISION, and that the model is baked into the image or downloadable"),
+    (_UNSUPPORTED_ARCHITECTURE, "unsupported model architecture",
+     "serve a model whose architecture this vLLM supports (GaMS is Gemma2ForCausalLM)"),
+    (_DRIVER_TOO_OLD, "the GPU driver is missing or too old for this image's CUDA runtime", _NEWER_DRIVER),
+    (_KV_CACHE_TOO_SMALL, "not enough GPU memory left for the KV cache of MAX_MODEL_LEN tokens",
+     "lower MAX_MODEL_LEN, raise GPU_MEMORY_UTILIZATION, use a larger GPU or TENSOR_PARALLEL_SIZE=2"),
+    (_BAD_CONFIG, "invalid engine configuration", "fix the setting named in the evidence"),
+)
+
+
+def classify_start_failure(text: str, failed_mode: str, warm_cache: Optional[str] = None) -> Diagnosis:
+    """Decide what a start-up failure in ``failed_mode`` means, from its output and exception text.
+
+    ``warm_cache``: the compile cache folder, when it held compiled files before this attempt.
+    """
+    if failed_mode not in GRAPH_MODES:
+        raise ValueError(f"unknown graph mode {failed_mode!r}")
+    lines = text.replace("\r", "\n").splitlines()
+
+    def fatal(cause: str, remedy: str, pattern: "re.Pattern[str]") -> Diagnosis:
+        return Diagnosis(FATAL, cause, remedy, _evidence(lines, pattern))
+
+    for pattern, cause, remedy in _NO_GRAPH_MODE_FIXES:
+        if pattern.search(text):
+            return fatal(cause, remedy, pattern)
+
+    stage = _failure_stage(lines)
+    if _OUT_OF_MEMORY.search(text) and stage != "capture":
+        return fatal(f"out of GPU memory while {_STAGE_WORDS.get(stage, 'starting the engine')}",
+                     "use a GPU with more memory, a quantized model or TENSOR_PARALLEL_SIZE=2; "
+                     "lowering MAX_MODEL_LEN or GPU_MEMORY_UTILIZATION does not shrink the weights",
+                     _OUT_OF_MEMORY)
+
+    if warm_cache:
+        evidence = _damaged_cache_evidence(lines, warm_cache)
+        if evidence:
+            return Diagnosis(RETRY_EMPTY_CACHE, "the compile cache looks damaged", "", evidence, failed_mode)
+
+    broken_capture = _broken_capture(lines)
+    if _UNSUPPORTED_PTX.search(text):
+        if stage == "load":
+            return fatal("unsupported PTX while loading the model (driver older than the CUDA toolkit)",
+                         _NEWER_DRIVER, _UNSUPPORTED_PTX)
+        cause = "unsupported PTX (driver older than the CUDA toolkit)"
+        return _retry(failed_mode, broken_capture, cause, _evidence(lines, _UNSUPPORTED_PTX))
+    if _STREAM_CAPTURE.search(text):
+        return _retry(failed_mode, broken_capture, "CUDA stream-capture error",
+                      _evidence(lines, _STREAM_CAPTURE))
+    if _OUT_OF_MEMORY.search(text):  # stage == "capture"
+        return _retry(failed_mode, broken_capture, "out of GPU memory during capture",
+                      _evidence(lines, _OUT_OF_MEMORY))
+    if _COMPILE_FAILED.search(text):
+        # PIECEWISE graphs are built by the same torch.compile pass; only eager avoids it.
+        diagnosis = _retry(failed_mode, "PIECEWISE", "torch.compile failed", _evidence(lines, _COMPILE_FAILED))
+        return dataclasses.replace(diagnosis, cause="torch.compile failed; only eager skips compilation")
+    if stage == "capture":
+        return _retry(failed_mode, broken_capture, "unrecognised error during CUDA-graph capture",
+                      _last_error_line(lines))
+    return Diagnosis(FATAL, "engine start-up failed for a cause no graph mode is known to fix",
+                     "read the evidence and the log above it", _last_error_line(lines))
+
+
+_STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compile": "compiling the model"}
+
+
+def _damaged_cache_evidence(lines: Sequence[str], cache_path: str) -> str:
+    """The line showing that compiled files in ``cache_path`` broke the start, or "": an error
+    from loading a damaged artifact, or an error or traceback frame naming a file in the folder."""
+    evidence = _evidence(lines, _DAMAGED_ARTIFACT)
+    if evidence:
+        return evidence
+    folder = cache_path.rstrip("/") + "/"
+    naming = [line for line in lines if folder in line and (_EXCEPTION_LINE.search(line) or 'File "' in line)]
+    return _short(naming[-1]) if naming else ""
+
+
+def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence: str) -> Diagnosis:
+    """Retry below ``failed_mode``; a broken PIECEWISE capture skips the piecewise rung."""
+    if broken_capture == "PIECEWISE" or failed_mode == "piecewise":
+        next_mode: Optional[str] = "eager"
+    elif failed_mode == "full":
+        next_mode = "piecewise"
+    else:
+        next_mode = None
+    graph = f"{broken_capture} CUDA-graph capture failed: " if broken_capture else "CUDA-graph capture failed: "
+    if next_mode is None:
+        return Diagnosis(FATAL, f"{cause} in eager mode, the lowest rung", "read the evidence and the log "
+                         "above it; this is not a graph-mode problem", evidence)
+    return Diagnosis(RETRY_LOWER_RUNG, graph + cause, "", evidence, next_mode)
+
+
+def _failure_stage(lines: Sequence[str]) -> Optional[str]:
+    """The start-up stage of the last stage marker in the output, or None."""
+    stage = None
+    for line in lines:
+        for name, pattern in _STAGE_MARKERS:
+            if pattern.search(line):
+                stage = name
+    return stage
+
+
+def _broken_capture(lines: Sequence[str]) -> Optional[str]:
+    """FULL or PIECEWISE: the kind of the last CUDA-graph capture the output shows started."""
+    for line in reversed(lines):
+        match = _CAPTURE_PROGRESS.search(line)
+        if match:
+            return match.group(2)
+    return None
+
+
+_EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception)\b: ")
+
+
+def _evidence(lines: Sequence[str], pattern: "re.Pattern[str]") -> str:
+    """The last line matching ``pattern``, preferring an exception line ("SomeError: ...")."""
+    matching = [line for line in lines if pattern.search(line)]
+    exceptions = [line for line in matching if _EXCEPTION_LINE.search(line)]
+    chosen = exceptions or matching
+    return _short(chosen[-1]) if chosen else ""
+
+
+def _last_error_line(lines: Sequence[str]) -> str:
+    """The last exception line that is not vLLM's "See root cause above", usually the root cause."""
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.search(line) and "See root cause above" not in line:
+            return _short(line)
+    return _short(lines[-1]) if lines else ""
+
+
+def _short(line: str, limit: int = 300) -> str:
+    # vLLM prefixes child lines with "(EngineCore_DP0 pid=1) ERROR 01-01 00:00:00 [core.py:1] "
+    line = re.sub(r"^\([\w ]+pid=\d+\)\s*", "", line.strip())
+    line = re.sub(r"^(ERROR|WARNING|INFO) \d\d-\d\d [\d:.]+ \[[^\]]*\]\s*", "", line)
+    return line[:limit]
+
+
+def exception_text(exc: BaseException) -> str:
+    """The exception and its chain of causes, formatted as Python prints them."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
