@@ -1,11 +1,8 @@
 """The composition root: the one place that builds the worker process from startup/, jobs/ and platform/.
 
-``start_worker`` starts the process's one engine (startup/: the engine plan, the fallback ladder,
-the start deadline, the start-up timeline) and hands it to a ``Worker``. The Worker owns the engine
-and the facts of its model that jobs need (the tokenizers, the chat template's facts, the flush
-policy, the engine's info), and builds on them the jobs of both dialects (jobs/), the engine
-watchdog (startup/liveness.py) and the status endpoint (platform/status.py). handler.py runs the
-SDK's job loop over ``Worker.jobs``; nothing else builds these parts or reaches into them.
+``start_worker`` starts the process's one engine and hands it to a ``Worker``, which builds the jobs
+of both dialects, the watchdog and the status endpoint on it; handler.py runs the SDK's job loop over
+``Worker.jobs``. Nothing else builds these parts or reaches into them (tests/test_layout.py).
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
 """How many sequences the engine batches and how many jobs this worker takes at once.
 
-Before the engine starts, ``max_num_seqs`` (vLLM's batch of sequences, an engine argument) is
-sized with the memory model (gams_worker/memory.py): the KV cache one job of
-``EXPECTED_TOKENS_PER_JOB`` tokens needs, and the GPU memory left at GPU_MEMORY_UTILIZATION
-beside the weights and the engine's own overhead:
-
-    max_num_seqs = clamp((gpu_bytes * utilization - weights - overhead) // kv_bytes(expected_tokens), 1, 512)
-
-rounded down to a multiple of 16 (max_num_seqs is part of vLLM's compile-cache hash).
-vLLM's own default for an in-process engine is 128 on every GPU, which held an H200 (141 GB)
-to 0.76 x what it serves at 256 streams (issue 23), while an L40S holds fewer sequences than that.
-512 is the largest batch vLLM captures as a CUDA graph by default. MAX_NUM_SEQS wins; without GPU
-facts or the model's config.json, vLLM's default stays.
-
-RunPod sends a worker up to its concurrency in jobs. More jobs than the KV cache
-holds only queue inside vLLM (their time to first token grows while other workers
-idle); fewer leave the GPU underused. So after the engine starts:
-
-    concurrency = clamp(kv_cache_tokens // expected_tokens_per_job, 1, max_num_seqs)
-
-unless MAX_CONCURRENCY is set. Both log lines say which bound set the number.
+Before the engine starts, ``max_num_seqs`` is sized with the memory model (gams_worker/memory.py):
+the jobs of EXPECTED_TOKENS_PER_JOB tokens whose KV cache fits beside the weights. vLLM's own
+default, 128 on every GPU, held an H200 to 0.76 x what it serves at 256 streams (issue 23), while
+an L40S holds fewer. After it starts, the job concurrency (what RunPod sends at once) is the jobs
+its KV cache holds: more only queue inside vLLM while other workers idle. MAX_NUM_SEQS and
+MAX_CONCURRENCY win; both log lines say which bound set the number.
 """
 
 from __future__ import annotations
