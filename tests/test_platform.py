@@ -279,7 +279,7 @@ def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_strea
     # unanswered, so the stop always finds its task waiting on the post and its generator
     # paused at ``yield`` (see gams_worker/platform/cancellation.py), not inside the engine loop.
     long_id = "job-to-stop"
-    emulator.hold_stream_posts_until_stopped(long_id)
+    emulator.hold_stream_posts(long_id)
     emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(8000), "stream": True}, job_id=long_id)
     other_ids = [emulator.submit({"prompt": f"{SLOVENE} {i}", "sampling_params": greedy(8000), "stream": True})
                  for i in range(2)]

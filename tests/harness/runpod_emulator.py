@@ -107,7 +107,7 @@ class RunPodEmulator:
         self.takes: List[Tuple[float, Dict[str, str]]] = []  # (time, query) of every take request
         self.pings: List[Tuple[float, Dict[str, str]]] = []
         self.stream_failures_left = 0  # answer this many stream posts with HTTP 500
-        self._posts_held_until_stop: set = set()  # job ids (see hold_stream_posts_until_stopped)
+        self._posts_held_until_stop: set = set()  # job ids (see hold_stream_posts)
         self.failed_stream_posts = 0
         self.base_url: Optional[str] = None
         self._ids = itertools.count()
@@ -209,11 +209,18 @@ class RunPodEmulator:
         with self._lock:
             self.stream_failures_left = count
 
-    def hold_stream_posts_until_stopped(self, job_id: str) -> None:
-        """Answer this job's stream posts only once its stop has been handed to the worker, as a
-        slow link to RunPod would: the stop then finds the job's task waiting on a post."""
+    def hold_stream_posts(self, job_id: str) -> None:
+        """Answer this job's stream posts only once its stop has been handed to the worker (the stop
+        then finds the job's task waiting on a post, as over a slow link to RunPod) or once
+        ``release_stream_posts`` is called: till then the job stays in flight, its final result
+        waiting behind its chunks, however fast the engine is."""
         with self._lock:
             self._posts_held_until_stop.add(job_id)
+
+    def release_stream_posts(self, job_id: str) -> None:
+        with self._lock:
+            self._posts_held_until_stop.discard(job_id)
+        self._wake()
 
     def wait_result(self, job_id: str, timeout: float) -> JobRecord:
         """Wait for the job's final post; raise TimeoutError naming the job otherwise."""
@@ -325,8 +332,11 @@ class RunPodEmulator:
             held = record.id in self._posts_held_until_stop
         self._pulse()  # wakes /stream calls waiting for this job
         if held:
-            await self._hold_until(lambda: record.stop_delivered_at is not None, self.stop_hold_s + 60)
-            await asyncio.sleep(1.0)  # answer only once the stop has surely reached the worker
+            await self._hold_until(
+                lambda: record.stop_delivered_at is not None or record.id not in self._posts_held_until_stop,
+                self.stop_hold_s + 60)
+            if record.stop_delivered_at is not None:
+                await asyncio.sleep(1.0)  # answer only once the stop has surely reached the worker
         return web.Response(text="ok")
 
     async def _done(self, request: web.Request) -> web.Response:
