@@ -1,12 +1,6 @@
-"""Graph-mode fallback: start the engine, and when start-up fails, let the cause decide.
-
-The ladder is full -> piecewise -> eager. Each attempt's output is captured
-(gams_worker/startup/output_capture.py: vLLM's engine core prints the root cause of a failed start
-itself, its parent only "See root cause above"), and the classifier
-(gams_worker/startup/start_failure.py) reads it with the exception: a failed CUDA-graph capture
-retries one rung lower, a cause no graph mode fixes ends the start at once, and a warm compile
-cache whose content broke the start is set aside for one more try in the same mode with an empty
-folder: a truncated kernel must cost one compile, not every start, and no graph mode.
+"""Graph-mode fallback: start the engine down the ladder full -> piecewise -> eager, each attempt's output
+captured and classified (start_failure.py): a failed capture retries lower, a cause no mode fixes ends
+the start, and a warm compile cache that broke it is set aside for one more try in the same mode.
 """
 
 from __future__ import annotations
@@ -46,13 +40,9 @@ def start_with_fallback(
     compile_cache: Optional[CompileCache] = None,
     deadline: Optional[StartDeadline] = None,
 ) -> StartedEngine:
-    """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow.
-
-    ``on_output_line`` sees each line the engine prints, with its arrival time (the start-up
-    timeline marks vLLM's phases from them). ``compile_cache``: the folder vLLM reads, set aside
-    once if its content breaks a start. ``deadline``: ENGINE_START_TIMEOUT_S over every attempt.
-    Raises EngineStartError with one plain-words line when start-up cannot succeed.
-    """
+    """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow; raises
+    EngineStartError with one plain-words line when it cannot. ``on_output_line`` sees each line the engine
+    prints with its arrival time; ``deadline`` (ENGINE_START_TIMEOUT_S) spans every attempt."""
     try:
         return _Ladder(config, start, on_output_line, compile_cache, deadline).climb(first_mode, first_reason)
     finally:
@@ -114,8 +104,7 @@ class _Ladder:
                              frozenset(child_pids() - children_before))
 
     def _next_rung(self, mode: str, reason: str, attempt: _FailedAttempt) -> Tuple[str, str]:
-        """The mode to try next, and why, as the failure's cause allows: the same one with the compile
-        cache set aside, a lower rung, or none (EngineStartError)."""
+        """The mode to try next and why: the same with the compile cache set aside, a lower rung, or none."""
         cache = self.compile_cache
         warm = cache is not None and not self.cache_emptied and cache.before.compiled > 0
         diagnosis = classify_start_failure(attempt.output + "\n" + exception_text(attempt.failure), mode,
