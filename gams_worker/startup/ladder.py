@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import traceback
 from typing import Any, Callable, FrozenSet, List, Optional, Tuple, Union
 
 from gams_worker.config import WorkerConfig
@@ -16,7 +17,7 @@ from gams_worker.startup.compile_cache import CompileCache
 from gams_worker.startup.engine import GRAPH_MODES
 from gams_worker.startup.liveness import StartDeadline, child_pids, wait_for_children_gone
 from gams_worker.startup.output_capture import OutputCapture
-from gams_worker.startup.start_failure import FATAL, RETRY_EMPTY_CACHE, classify_start_failure, exception_text
+from gams_worker.startup.start_failure import FATAL, RETRY_EMPTY_CACHE, classify_start_failure
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class _Ladder:
         """The mode to try next and why: the same with the compile cache set aside, a lower rung, or none."""
         cache = self.compile_cache
         warm = cache is not None and not self.cache_emptied and cache.before.compiled > 0
-        diagnosis = classify_start_failure(attempt.output + "\n" + exception_text(attempt.failure), mode,
+        failure_text = "".join(traceback.format_exception(attempt.failure))  # with its chain of causes
+        diagnosis = classify_start_failure(attempt.output + "\n" + failure_text, mode,
                                            warm_cache=cache.path if warm else None)
         log.error("engine start in %s mode failed after %.1f s; cause: %s; evidence: %s",
                   mode, attempt.spent_s, diagnosis.cause, diagnosis.evidence or "(none)")

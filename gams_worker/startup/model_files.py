@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -115,12 +116,9 @@ def _tensor_entry_problem(entry: Any) -> Optional[str]:
         return f"has shape {shape!r}"
     if not isinstance(dtype, str):
         return f"has dtype {dtype!r}"
-    if dtype in _DTYPE_BYTES:
-        elements = 1
-        for dimension in shape:
-            elements *= dimension
-        if offsets[1] - offsets[0] != elements * _DTYPE_BYTES[dtype]:
-            return f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs {elements * _DTYPE_BYTES[dtype]}"
+    needed = math.prod(shape) * _DTYPE_BYTES[dtype] if dtype in _DTYPE_BYTES else None
+    if needed is not None and offsets[1] - offsets[0] != needed:
+        return f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs {needed}"
     return None
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import traceback
 from typing import Optional, Sequence, Tuple
 
 from gams_worker.startup.engine import GRAPH_MODES
@@ -224,8 +223,3 @@ def _short(line: str, limit: int = 300) -> str:
     line = re.sub(r"^\([\w ]+pid=\d+\)\s*", "", line.strip())
     line = re.sub(r"^(ERROR|WARNING|INFO) \d\d-\d\d [\d:.]+ \[[^\]]*\]\s*", "", line)
     return line[:limit]
-
-
-def exception_text(exc: BaseException) -> str:
-    """The exception and its chain of causes, formatted as Python prints them."""
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

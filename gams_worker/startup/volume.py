@@ -28,9 +28,5 @@ def folder_problem(path: str, min_free_bytes: int = 0) -> Optional[str]:
     except OSError as exc:
         return f"{path} is not writable ({exc.strerror or exc})"
     if free < min_free_bytes:
-        return f"{path} has {_mib(free)} MiB free, less than the {_mib(min_free_bytes)} MiB it needs"
+        return f"{path} has {free // 2**20} MiB free, less than the {min_free_bytes // 2**20} MiB it needs"
     return None
-
-
-def _mib(count: int) -> int:
-    return count // 2**20
