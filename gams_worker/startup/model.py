@@ -69,14 +69,8 @@ def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedM
     if name.startswith(("/", "./", "../")):
         # A missing path: vLLM's start fails on it with a classified "model not found".
         return ResolvedModel(name, LOCAL)
-    found = _baked(config, searched)
-    if found:
-        return found
-    for source, cache_dir in ((RUNPOD_CACHE, volume_cache_dir(config)), (MACHINE_CACHE, Path(config.hf_hub_cache))):
-        found = _cached(config, source, cache_dir, searched)
-        if found:
-            return found
-    return None
+    return (_baked(config, searched) or _cached(config, RUNPOD_CACHE, volume_cache_dir(config), searched)
+            or _cached(config, MACHINE_CACHE, Path(config.hf_hub_cache), searched))
 
 
 def _baked(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
