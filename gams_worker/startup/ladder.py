@@ -32,15 +32,10 @@ class StartedEngine:
     process_ids: FrozenSet[int] = frozenset()  # the engine's processes (its core and workers)
 
 
-def start_with_fallback(
-    config: WorkerConfig,
-    first_mode: str,
-    first_reason: str,
-    start: Callable[[str], Any],
-    on_output_line: Optional[Callable[[str, float], None]] = None,
-    compile_cache: Optional[CompileCache] = None,
-    deadline: Optional[StartDeadline] = None,
-) -> StartedEngine:
+def start_with_fallback(config: WorkerConfig, first_mode: str, first_reason: str, start: Callable[[str], Any],
+                        on_output_line: Optional[Callable[[str, float], None]] = None,
+                        compile_cache: Optional[CompileCache] = None,
+                        deadline: Optional[StartDeadline] = None) -> StartedEngine:
     """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow; raises
     EngineStartError with one plain-words line when it cannot. ``on_output_line`` sees each line the engine
     prints with its arrival time; ``deadline`` (ENGINE_START_TIMEOUT_S) spans every attempt."""
@@ -58,19 +53,17 @@ class _FailedAttempt:
     spent_s: float
 
 
+@dataclasses.dataclass
 class _Ladder:
     """One engine start down the ladder: the modes that failed so far, and the compile cache they read."""
 
-    def __init__(self, config: WorkerConfig, start: Callable[[str], Any],
-                 on_output_line: Optional[Callable[[str, float], None]], compile_cache: Optional[CompileCache],
-                 deadline: Optional[StartDeadline]):
-        self.config = config
-        self.start = start
-        self.on_output_line = on_output_line
-        self.compile_cache = compile_cache
-        self.deadline = deadline
-        self.failed_modes: List[str] = []
-        self.cache_emptied = False  # at most once per start
+    config: WorkerConfig
+    start: Callable[[str], Any]
+    on_output_line: Optional[Callable[[str, float], None]]
+    compile_cache: Optional[CompileCache]
+    deadline: Optional[StartDeadline]
+    failed_modes: List[str] = dataclasses.field(default_factory=list)
+    cache_emptied: bool = False  # at most once per start
 
     def climb(self, mode: str, reason: str) -> StartedEngine:
         while True:

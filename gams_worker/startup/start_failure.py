@@ -37,9 +37,11 @@ _STAGE_MARKERS: Sequence[Tuple[str, "re.Pattern[str]"]] = (
     ("capture", re.compile(r"in (capture_model|_capture_cudagraphs|capture_graph|_warmup_and_capture)\b"
                            r"|Capturing CUDA graph|cudagraph capture|CUDA graph capture", re.IGNORECASE)),
 )
+_STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compile": "compiling the model"}
 # The last "Capturing CUDA graphs (..., FULL|PIECEWISE)" progress line names the capture that broke.
 _CAPTURE_PROGRESS = re.compile(r"Capturing CUDA graphs \(([^)]*?),\s*(FULL|PIECEWISE)\)")
 
+_EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception)\b: ")
 _MODEL_NOT_FOUND = re.compile(
     r"HFValidationError|RepositoryNotFoundError|LocalEntryNotFoundError|GatedRepoError"
     r"|Invalid repository ID or local directory|is not a valid model identifier"
@@ -162,9 +164,6 @@ def _lower_rung(text: str, lines: Sequence[str], stage: Optional[str], failed_mo
                      "read the evidence and the log above it", _last_error_line(lines))
 
 
-_STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compile": "compiling the model"}
-
-
 def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence: str) -> Diagnosis:
     """Retry below ``failed_mode``; a broken PIECEWISE capture skips the piecewise rung."""
     if broken_capture == "PIECEWISE" or failed_mode == "piecewise":
@@ -173,11 +172,11 @@ def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence
         next_mode = "piecewise"
     else:
         next_mode = None
-    graph = f"{broken_capture} CUDA-graph capture failed: " if broken_capture else "CUDA-graph capture failed: "
     if next_mode is None:
         return Diagnosis(FATAL, f"{cause} in eager mode, the lowest rung", "read the evidence and the log "
                          "above it; this is not a graph-mode problem", evidence)
-    return Diagnosis(RETRY_LOWER_RUNG, graph + cause, "", evidence, next_mode)
+    graph = f"{broken_capture} " if broken_capture else ""
+    return Diagnosis(RETRY_LOWER_RUNG, f"{graph}CUDA-graph capture failed: {cause}", "", evidence, next_mode)
 
 
 def _failure_stage(lines: Sequence[str]) -> Optional[str]:
@@ -197,9 +196,6 @@ def _broken_capture(lines: Sequence[str]) -> Optional[str]:
         if match:
             return match.group(2)
     return None
-
-
-_EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception)\b: ")
 
 
 def _evidence(lines: Sequence[str], pattern: "re.Pattern[str]") -> str:
