@@ -41,7 +41,6 @@ _STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compi
 # The last "Capturing CUDA graphs (..., FULL|PIECEWISE)" progress line names the capture that broke.
 _CAPTURE_PROGRESS = re.compile(r"Capturing CUDA graphs \(([^)]*?),\s*(FULL|PIECEWISE)\)")
 
-_EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception)\b: ")
 _MODEL_NOT_FOUND = re.compile(
     r"HFValidationError|RepositoryNotFoundError|LocalEntryNotFoundError|GatedRepoError"
     r"|Invalid repository ID or local directory|is not a valid model identifier"
@@ -196,6 +195,9 @@ def _broken_capture(lines: Sequence[str]) -> Optional[str]:
         if match:
             return match.group(2)
     return None
+
+
+_EXCEPTION_LINE = re.compile(r"\b\w+(Error|Exception)\b: ")
 
 
 def _evidence(lines: Sequence[str], pattern: "re.Pattern[str]") -> str:
