@@ -1,7 +1,7 @@
 """Structured-output grammars compiled in the worker with vLLM's own backend, within a deadline, before the
 engine gets them: vLLM compiles them in its engine core with no time limit. A constraint that does not
-compile in time is refused naming its field; runaway compiles delay other grammars, never other jobs
-(MAINTAINERS.md, "The OpenAI layer").
+compile, or not in time, is refused naming its field; runaway compiles delay other grammars, never other
+jobs (MAINTAINERS.md, "The OpenAI layer").
 """
 
 from __future__ import annotations
