@@ -1,15 +1,6 @@
-"""The one memory model of the GPUs serving the model: weights, KV cache per sequence, engine overhead.
-
-The presets (gams_worker/presets.py), the doctor (gams_worker/startup/doctor.py) and the sizing of
-max_num_seqs (gams_worker/startup/concurrency.py) all count with it, per GPU:
-
-    KV budget = GPU memory x GPU_MEMORY_UTILIZATION - weights / TP - engine overhead
-
-The KV cache of one sequence comes from the model's config.json facts (``Architecture``): keys and
-values of every layer, where vLLM's v1 engine keeps only the last ``sliding_window`` tokens of a
-sliding layer (its hybrid KV cache manager). The engine's overhead (CUDA context, activations,
-CUDA graphs) is a rough figure above what was measured: 0.5 GiB for GaMS-9B on one H100, 1.7 GiB
-per GPU for GaMS-27B on two (tensor parallelism adds NCCL's and the custom all-reduce's buffers).
+"""The one memory model of a GPU serving the model, per GPU, used by the presets, the doctor and the
+sizing of max_num_seqs: KV budget = GPU memory x GPU_MEMORY_UTILIZATION - weights / TP - engine overhead.
+A sliding layer keeps only its last ``sliding_window`` tokens, as vLLM's v1 engine does.
 """
 
 from __future__ import annotations
@@ -24,21 +15,11 @@ from typing import Any, Dict, Optional, Tuple
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+# CUDA context, activations and CUDA graphs, rounded up from measurements (MAINTAINERS.md, "GaMS presets").
 ENGINE_OVERHEAD_BYTES = int(1.5 * GIB)  # on one GPU
-TP_ENGINE_OVERHEAD_BYTES = 2 * GIB  # on each GPU, with tensor parallelism
-# Room beyond the weights a GPU needs to be worth serving on: the overhead and at least a few
-# sequences of KV cache. Below this vLLM starts but serves almost nothing (the presets' TP choice).
+TP_ENGINE_OVERHEAD_BYTES = 2 * GIB  # on each GPU: tensor parallelism adds NCCL's buffers
+# Room beyond the weights for a GPU to be worth serving on: below it vLLM starts but serves almost nothing.
 HEADROOM_BYTES = 6 * GIB
-
-
-def engine_overhead_bytes(tensor_parallel_size: int) -> int:
-    return ENGINE_OVERHEAD_BYTES if tensor_parallel_size <= 1 else TP_ENGINE_OVERHEAD_BYTES
-
-
-def sequence_kv_bytes(bytes_per_layer_token: int, full_layers: int, sliding_layers: int, sliding_window: int,
-                      tokens: int) -> int:
-    """KV cache of one ``tokens``-long sequence: a sliding layer keeps only its last ``sliding_window`` tokens."""
-    return bytes_per_layer_token * (full_layers * tokens + sliding_layers * min(tokens, sliding_window))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +36,8 @@ class ModelMemory:
 
     def kv_bytes(self, tokens: int) -> int:
         """KV cache of one ``tokens``-long sequence."""
-        return sequence_kv_bytes(self.kv_bytes_per_layer_token, self.full_layers, self.sliding_layers,
-                                 self.sliding_window, tokens)
+        return self.kv_bytes_per_layer_token * (self.full_layers * tokens
+                                                + self.sliding_layers * min(tokens, self.sliding_window))
 
     def kv_budget(self, gpu_total_bytes: float, utilization: float) -> int:
         """What is left for the KV cache on a GPU of ``gpu_total_bytes`` at ``utilization``."""
@@ -97,7 +78,8 @@ class Architecture:
         per_layer_token = 2 * self.kv_heads * self.head_dim * element_bytes
         return ModelMemory(weight_bytes // tensor_parallel_size, per_layer_token // tensor_parallel_size,
                            self.layers - self.sliding_layers, self.sliding_layers, self.sliding_window,
-                           source or self.source, engine_overhead_bytes(tensor_parallel_size))
+                           source or self.source,
+                           ENGINE_OVERHEAD_BYTES if tensor_parallel_size <= 1 else TP_ENGINE_OVERHEAD_BYTES)
 
     def kv_gib_per_sequence(self, tokens: int) -> float:
         """KV cache of one ``tokens``-long sequence, keys and values, bf16, all GPUs together."""
@@ -105,8 +87,7 @@ class Architecture:
 
 
 def model_memory(model_dir: str, dtype: str, tensor_parallel_size: int) -> Optional[ModelMemory]:
-    """The memory of the model in ``model_dir`` (its config.json and weight files); None (and a
-    warning) where they cannot be read: never raises."""
+    """The memory of the model in ``model_dir``; None (and a warning) where it cannot be read: never raises."""
     try:
         config_path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(config_path):
@@ -147,8 +128,7 @@ def memory_from_config(model_config: Dict[str, Any], dtype: str, tensor_parallel
 
 
 def _sliding_layers(text: Dict[str, Any], layers: int) -> Tuple[int, int]:
-    """(layers with a sliding window, its tokens), where config.json says which layers slide; else (0, 0),
-    which overestimates the KV cache rather than underestimates it."""
+    """(layers with a sliding window, its tokens); (0, 0) where config.json does not say: an overestimate."""
     window = text.get("sliding_window")
     if not window or text.get("use_sliding_window") is False:  # Qwen2 names a window it does not use
         return 0, 0

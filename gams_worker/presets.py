@@ -1,15 +1,7 @@
-"""Settings presets for the GaMS family: each chat model's weights, context and config.json facts.
+"""Settings presets for the GaMS chat models: weights, context and config.json facts, data only.
 
-Data at the bottom of the package: config.py checks MODEL_PRESET against it as it reads the
-environment, and start-up applies a preset under the environment (gams_worker/startup/plan.py):
-a preset fills only settings the environment left unset. Tensor parallelism is chosen from the
-GPUs present and the weight size: the fewest GPUs whose memory holds the weights plus room for
-the KV cache.
-
-Each preset carries its model's config.json facts (layers, KV heads, head dim, sliding window),
-so the KV cache one sequence needs, and the full-length sequences a card holds, are computed
-with the memory model (gams_worker/memory.py) rather than guessed:
-``python -m gams_worker.presets`` prints the table MAINTAINERS.md shows ("GaMS presets: facts read and assumed").
+A preset fills only settings the environment left unset (gams_worker/startup/plan.py);
+``python -m gams_worker.presets`` prints MAINTAINERS.md's table ("GaMS presets: facts read and assumed").
 """
 
 from __future__ import annotations
@@ -22,12 +14,9 @@ from gams_worker.memory import GIB, HEADROOM_BYTES, Architecture
 GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)")
 GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct")
 GEMMA2_27B = Architecture("Gemma 2 27B", 46, 23, 16, 128, 4096, 8192, "config.json of GaMS-27B-Instruct")
-# GaMS2-27B-Instruct's config.json (2.09 kB, "longer context") could not be read here: Gemma 2
-# 27B layers are assumed, as its 54.5 GB of weights match GaMS-27B's; its context is unknown.
+# Assumed, not read (MAINTAINERS.md, "Facts read, facts assumed"): GaMS2-27B's layers and GaMS3's counts.
 GAMS2_27B = dataclasses.replace(GEMMA2_27B, max_positions=None,
                                 source="assumed: GaMS-27B's architecture (config.json not readable here)")
-# GaMS3 config.json: Gemma3ForCausalLM, hidden 3840, head_dim 256, 5 sliding : 1 global layers.
-# Layer count, KV heads, window and positions are Gemma 3 12B's (assumed, not read here).
 GEMMA3_12B = Architecture("Gemma 3 12B (text)", 48, 40, 8, 256, 1024, 131072,
                           "config.json of GaMS3-12B-Instruct / -Lex, partly assumed from Gemma 3 12B")
 
@@ -41,9 +30,7 @@ class Preset:
     architecture: Optional[Architecture] = None
 
 
-# Chat and instruct models only (the base models have no chat template). 8192 for Gemma 2: the
-# positions its config allows, with room for several full-length sequences on a 48 GB or 80 GB
-# card (see MAINTAINERS.md's preset table). GaMS3 could take longer contexts; 8192 keeps its KV small.
+# Chat models only: the base models have no chat template. Why 8192: MAINTAINERS.md's preset table.
 PRESETS: Dict[str, Preset] = {
     "cjvt/gams-2b-instruct": Preset(4.9, 8192, architecture=GEMMA2_2B),
     "cjvt/gams-9b-instruct": Preset(17.2, 8192, architecture=GEMMA2_9B),
@@ -84,12 +71,12 @@ def full_length_sequences(preset: Preset, gpu_memory_gib: float, gpu_count: int,
                                          max_model_len or preset.max_model_len)
 
 
-# Cards the preset table sizes for: an L40S-class 48 GB card and an H100 80 GB (GiB as torch sees them).
+# The cards the preset table sizes for, in GiB as torch sees them.
 CARDS = (("48 GB", 44.4), ("80 GB", 79.1))
 
 
 def preset_table() -> str:
-    """MAINTAINERS.md's preset table (markdown): one row per architecture and preset settings."""
+    """MAINTAINERS.md's preset table: one row per architecture and preset settings."""
     groups: Dict[Tuple[Architecture, float, int], list] = {}
     for name, preset in PRESETS.items():
         groups.setdefault((preset.architecture, preset.weights_gib, preset.max_model_len), []).append(name)

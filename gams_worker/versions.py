@@ -1,7 +1,4 @@
-"""Version strings, read in one place: a release without its build tag, major.minor, a +cuNNN tag.
-
-Standard library only: the image's drift-guard step and scripts/ import it without the rest.
-"""
+"""Version strings, read in one place; standard library only (the image's drift guard and scripts/ import it)."""
 
 from __future__ import annotations
 

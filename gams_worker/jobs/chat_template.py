@@ -1,21 +1,7 @@
-"""What the model's chat template does, learned once at start-up by rendering it.
-
-Two facts decide how chat jobs (plain ``messages``, OpenAI chat, Responses) are served:
-
-- **end of turn**: the special token the template writes right after an assistant message
-  (Gemma: ``<end_of_turn>``, id 107 in Gemma 2, 106 in Gemma 3). Chat jobs stop there whatever
-  generation_config.json lists, because a repo, fine-tune or local copy whose generation config
-  lacks it would otherwise run past the turn into text nobody asked for. Plain ``prompt`` jobs
-  and /v1/completions keep the model's own EOS ids. ``ignore_eos`` turns this stop off too, as it
-  does for the generation config's EOS ids.
-- **system role**: whether the template renders a system message. Where it raises (Gemma 2) or
-  drops the text, a leading system message is folded into the first user turn; where it renders
-  it (Gemma 3), the system message goes to the template as is.
-
-It also keeps the text of the tokenizer's control tokens (its special tokens: ``<bos>``,
-``<start_of_turn>``, ``<end_of_turn>``, ...): the rendered template is tokenized as a whole, so
-such text inside a message would become the real token and let a user write turns of their own.
-Chat jobs refuse it by field (gams_worker/jobs/chat.py).
+"""What the model's chat template does, learned once at start-up by rendering it: the special token that
+ends an assistant turn (chat jobs stop there whatever generation_config.json lists), whether it renders
+a system message, and the control tokens' text that chat messages may not carry (MAINTAINERS.md,
+"Stop at the end of the turn" and "The input contract").
 """
 
 from __future__ import annotations
@@ -27,9 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-# Text that no template writes by itself, so it can be found in the rendered probes.
-PROBE_TEXT = "GAMSWORKERPROBE"
-# Where a chat job's stop tokens are described for the log and the docs.
+PROBE_TEXT = "GAMSWORKERPROBE"  # text no template writes by itself, found again in the rendered probes
 CHAT_JOBS = "chat jobs (messages, OpenAI chat, Responses)"
 
 
@@ -91,22 +75,15 @@ def _special_ids(tokenizer: Any) -> set:
 
 
 def stop_at_end_of_turn(params: Any, facts: ChatTemplateFacts, model_eos_id: Optional[int]) -> Any:
-    """Make vLLM SamplingParams of a chat request stop at the template's end-of-turn token.
-
-    Merged the way vLLM merges generation_config.json's EOS ids, so ``min_tokens`` holds it
-    back like any EOS and ``ignore_eos`` leaves it out. Changes ``params`` in place (every
-    request builds its own) and returns it.
-    """
+    """Make a chat request's SamplingParams (changed in place, and returned) stop at the end-of-turn token,
+    merged as vLLM merges generation_config.json's EOS ids: ``min_tokens`` and ``ignore_eos`` apply to it."""
     if facts.end_of_turn_id is not None:
         params.update_from_generation_config({"eos_token_id": [facts.end_of_turn_id]}, model_eos_id)
     return params
 
 
 class EndOfTurnEngine:
-    """The shared engine as vLLM's chat serving layers see it: chat requests stop at the end of turn.
-
-    Everything but ``generate`` is the engine itself.
-    """
+    """The shared engine as vLLM's chat serving layers see it: its requests stop at the end of turn."""
 
     def __init__(self, engine: Any, facts: ChatTemplateFacts, model_eos_id: Optional[int]):
         self._engine = engine

@@ -1,12 +1,6 @@
-"""Graph-mode fallback: start the engine, and when start-up fails, let the cause decide.
-
-The ladder is full -> piecewise -> eager. Each attempt's output is captured
-(gams_worker/startup/output_capture.py: vLLM's engine core prints the root cause of a failed start
-itself, its parent only "See root cause above"), and the classifier
-(gams_worker/startup/start_failure.py) reads it with the exception: a failed CUDA-graph capture
-retries one rung lower, a cause no graph mode fixes ends the start at once, and a warm compile
-cache whose content broke the start is set aside for one more try in the same mode with an empty
-folder: a truncated kernel must cost one compile, not every start, and no graph mode.
+"""Graph-mode fallback: start the engine down the ladder full -> piecewise -> eager, each attempt's output
+captured and classified (start_failure.py): a failed capture retries lower, a cause no mode fixes ends
+the start, and a warm compile cache that broke it is set aside for one more try in the same mode.
 """
 
 from __future__ import annotations
@@ -14,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import traceback
 from typing import Any, Callable, FrozenSet, List, Optional, Tuple, Union
 
 from gams_worker.config import WorkerConfig
@@ -22,7 +17,7 @@ from gams_worker.startup.compile_cache import CompileCache
 from gams_worker.startup.engine import GRAPH_MODES
 from gams_worker.startup.liveness import StartDeadline, child_pids, wait_for_children_gone
 from gams_worker.startup.output_capture import OutputCapture
-from gams_worker.startup.start_failure import FATAL, RETRY_EMPTY_CACHE, classify_start_failure, exception_text
+from gams_worker.startup.start_failure import FATAL, RETRY_EMPTY_CACHE, classify_start_failure
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +32,13 @@ class StartedEngine:
     process_ids: FrozenSet[int] = frozenset()  # the engine's processes (its core and workers)
 
 
-def start_with_fallback(
-    config: WorkerConfig,
-    first_mode: str,
-    first_reason: str,
-    start: Callable[[str], Any],
-    on_output_line: Optional[Callable[[str, float], None]] = None,
-    compile_cache: Optional[CompileCache] = None,
-    deadline: Optional[StartDeadline] = None,
-) -> StartedEngine:
-    """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow.
-
-    ``on_output_line`` sees each line the engine prints, with its arrival time (the start-up
-    timeline marks vLLM's phases from them). ``compile_cache``: the folder vLLM reads, set aside
-    once if its content breaks a start. ``deadline``: ENGINE_START_TIMEOUT_S over every attempt.
-    Raises EngineStartError with one plain-words line when start-up cannot succeed.
-    """
+def start_with_fallback(config: WorkerConfig, first_mode: str, first_reason: str, start: Callable[[str], Any],
+                        on_output_line: Optional[Callable[[str, float], None]] = None,
+                        compile_cache: Optional[CompileCache] = None,
+                        deadline: Optional[StartDeadline] = None) -> StartedEngine:
+    """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow; raises
+    EngineStartError with one plain-words line when it cannot. ``on_output_line`` sees each line the engine
+    prints with its arrival time; ``deadline`` (ENGINE_START_TIMEOUT_S) spans every attempt."""
     try:
         return _Ladder(config, start, on_output_line, compile_cache, deadline).climb(first_mode, first_reason)
     finally:
@@ -67,19 +53,17 @@ class _FailedAttempt:
     spent_s: float
 
 
+@dataclasses.dataclass
 class _Ladder:
     """One engine start down the ladder: the modes that failed so far, and the compile cache they read."""
 
-    def __init__(self, config: WorkerConfig, start: Callable[[str], Any],
-                 on_output_line: Optional[Callable[[str, float], None]], compile_cache: Optional[CompileCache],
-                 deadline: Optional[StartDeadline]):
-        self.config = config
-        self.start = start
-        self.on_output_line = on_output_line
-        self.compile_cache = compile_cache
-        self.deadline = deadline
-        self.failed_modes: List[str] = []
-        self.cache_emptied = False  # at most once per start
+    config: WorkerConfig
+    start: Callable[[str], Any]
+    on_output_line: Optional[Callable[[str, float], None]]
+    compile_cache: Optional[CompileCache]
+    deadline: Optional[StartDeadline]
+    failed_modes: List[str] = dataclasses.field(default_factory=list)
+    cache_emptied: bool = False  # at most once per start
 
     def climb(self, mode: str, reason: str) -> StartedEngine:
         while True:
@@ -114,11 +98,11 @@ class _Ladder:
                              frozenset(child_pids() - children_before))
 
     def _next_rung(self, mode: str, reason: str, attempt: _FailedAttempt) -> Tuple[str, str]:
-        """The mode to try next, and why, as the failure's cause allows: the same one with the compile
-        cache set aside, a lower rung, or none (EngineStartError)."""
+        """The mode to try next and why: the same with the compile cache set aside, a lower rung, or none."""
         cache = self.compile_cache
         warm = cache is not None and not self.cache_emptied and cache.before.compiled > 0
-        diagnosis = classify_start_failure(attempt.output + "\n" + exception_text(attempt.failure), mode,
+        failure_text = "".join(traceback.format_exception(attempt.failure))  # with its chain of causes
+        diagnosis = classify_start_failure(attempt.output + "\n" + failure_text, mode,
                                            warm_cache=cache.path if warm else None)
         log.error("engine start in %s mode failed after %.1f s; cause: %s; evidence: %s",
                   mode, attempt.spent_s, diagnosis.cause, diagnosis.evidence or "(none)")

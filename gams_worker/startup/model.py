@@ -1,25 +1,6 @@
-"""The one model locator: where the worker gets the model's files, in a fixed order.
-
-The doctor reads the model's size from the copy already on this machine (``find_local_model``,
-which downloads nothing) and the engine starts from the copy ``resolve_model`` finds or downloads.
-
-MODEL_NAME that is a local path is served as it is (a directory must hold a whole model).
-A hub repo id is looked for in:
-
-1. the copy baked into the image (the manifest written by builder/download_model.py);
-2. RunPod's model cache, which is also where a network volume keeps downloads
-   (``<volume>/huggingface-cache/hub``, the Hugging Face cache layout);
-3. the Hugging Face cache of this machine (HF_HUB_CACHE);
-4. the hub itself, downloaded with progress into the volume's cache when a volume is
-   mounted and writable (gams_worker/startup/volume.py; else one warning line), else into the
-   machine's cache. Skipped when HF_HUB_OFFLINE is set.
-
-Each copy must be whole (gams_worker.startup.model_files: every shard, sound safetensors
-headers, the tokenizer, a chat model's template) to be used; a partial or damaged copy, or
-one that cannot be read, is passed over for the next place. When none is whole, the
-ModelNotFoundError names every place searched and why it was passed over. A download whose
-result is not whole (a damaged copy already in the volume's cache, which the hub client does
-not fetch again) is tried once more in the machine's cache.
+"""The one model locator: where the model's files come from, in README's order (local path, baked copy,
+RunPod's cache or the volume, the machine's Hugging Face cache, the hub). Only a whole copy is used
+(model_files.find_problems); when none is, ModelNotFoundError names every place searched and why.
 """
 
 from __future__ import annotations
@@ -59,10 +40,8 @@ def volume_cache_dir(config: WorkerConfig) -> Path:
 
 
 def copy_problems(config: WorkerConfig, model_dir: Path, expected_sizes: Optional[Dict[str, int]] = None) -> List[str]:
-    """What keeps ``model_dir`` from being a whole copy of the model ``config`` serves.
-
-    The tokenizer is checked unless TOKENIZER_NAME names another; the chat template for the
-    GaMS chat models (every preset is one)."""
+    """What keeps ``model_dir`` from being a whole copy: the tokenizer unless TOKENIZER_NAME names another,
+    the chat template for the GaMS chat models (every preset is one)."""
     return find_problems(model_dir, expected_sizes, tokenizer=config.tokenizer_name is None,
                          chat_template=preset_for(config.model_preset or config.model_name) is not None)
 
@@ -88,17 +67,10 @@ def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedM
             raise IncompleteModelError(name, problems)
         return ResolvedModel(str(Path(name).resolve()), LOCAL)
     if name.startswith(("/", "./", "../")):
-        # A path, not a repo id: nothing to search. vLLM's start fails on it with a
-        # classified "model not found" error (gams_worker/startup/start_failure.py).
+        # A missing path: vLLM's start fails on it with a classified "model not found".
         return ResolvedModel(name, LOCAL)
-    found = _baked(config, searched)
-    if found:
-        return found
-    for source, cache_dir in ((RUNPOD_CACHE, volume_cache_dir(config)), (MACHINE_CACHE, Path(config.hf_hub_cache))):
-        found = _cached(config, source, cache_dir, searched)
-        if found:
-            return found
-    return None
+    return (_baked(config, searched) or _cached(config, RUNPOD_CACHE, volume_cache_dir(config), searched)
+            or _cached(config, MACHINE_CACHE, Path(config.hf_hub_cache), searched))
 
 
 def _baked(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
@@ -125,11 +97,8 @@ def _baked(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]
 
 
 def cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Path) -> Optional[Path]:
-    """The snapshot folder of ``repo_id`` at ``revision`` in a Hugging Face cache, if present.
-
-    Without a revision: the one ``main`` points to, or the only snapshot there (RunPod's
-    model cache may hold a snapshot without refs).
-    """
+    """The snapshot of ``repo_id`` at ``revision`` in a Hugging Face cache; without a revision, the one
+    ``main`` points to or the only one there (RunPod's model cache may hold one without refs)."""
     repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
     snapshots = repo_dir / "snapshots"
     if not snapshots.is_dir():
@@ -200,14 +169,9 @@ def _fetch(config: WorkerConfig, cache_dir: Path, searched: List[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(
-            config.model_name,
-            revision=config.model_revision,
-            cache_dir=str(cache_dir),
-            endpoint=config.hf_endpoint,
-            allow_patterns=ALLOW_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
-        ))
+        return Path(snapshot_download(config.model_name, revision=config.model_revision, cache_dir=str(cache_dir),
+                                      endpoint=config.hf_endpoint, allow_patterns=ALLOW_PATTERNS,
+                                      ignore_patterns=IGNORE_PATTERNS))
     except Exception as exc:  # the hub client's errors differ by version; all mean "not fetched"
         searched.append(f"the hub: {type(exc).__name__}: {exc}")
         raise ModelNotFoundError(config.model_name, searched) from exc

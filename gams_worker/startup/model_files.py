@@ -1,41 +1,22 @@
 """Which files of a hub repo make a servable model, how to tell a copy is whole, and the bake manifest.
 
-Shared by the image's bake step (builder/download_model.py) and the worker's start-up
-(gams_worker/startup/model.py), so both fetch and accept exactly the same files. This module
-imports only the standard library: the Dockerfile copies it into the bake stage alone, so code
-changes elsewhere do not re-download the weights.
+Shared by the bake step (builder/download_model.py) and start-up, so both accept the same files.
+Standard library only: the Dockerfile copies it alone into the bake stage, so code changes do not re-download.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import struct
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-# What vLLM and the tokenizer read: safetensors weights, configs, tokenizer files, the chat
-# template. Everything else in a repo (.bin/.pth duplicates of the weights, GGUF, ONNX,
-# original/ checkpoints) is left out.
-ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.json",
-    "*.jinja",
-    "tokenizer.model",
-    "*.tiktoken",
-    "*.txt",
-]
-IGNORE_PATTERNS = [
-    "original/*",
-    "*.bin",
-    "*.pth",
-    "*.pt",
-    "*.gguf",
-    "*.onnx",
-    "*.msgpack",
-    "*.h5",
-]
+# What vLLM and the tokenizer read; duplicates of the weights in other formats are left out.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+IGNORE_PATTERNS = ["original/*", "*.bin", "*.pth", "*.pt", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,17 +24,13 @@ MANIFEST_NAME = "manifest.json"
 
 @dataclasses.dataclass(frozen=True)
 class BakedManifest:
-    """What the bake step wrote: which repo and commit, and where the files lie.
-
-    ``model_dir`` is stored relative to the manifest's folder so the image can be moved.
-    ``files`` maps each file's path in the repo to its size in bytes.
-    """
+    """What the bake step wrote: which repo and commit, and where the files lie."""
 
     repo_id: str
     revision: str  # the revision asked for (branch, tag or commit)
     commit: str  # the commit it resolved to
-    model_dir: str
-    files: Dict[str, int]
+    model_dir: str  # relative to the manifest's folder, so the image can be moved
+    files: Dict[str, int]  # path in the repo -> size in bytes
     format: int = MANIFEST_FORMAT
 
     def model_path(self, manifest_path: Path) -> Path:
@@ -77,25 +54,18 @@ def read_manifest(path: Path) -> BakedManifest:
     data = json.loads(path.read_text())
     if data.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
-    return BakedManifest(
-        repo_id=data["repo_id"],
-        revision=data["revision"],
-        commit=data["commit"],
-        model_dir=data["model_dir"],
-        files={str(k): int(v) for k, v in data["files"].items()},
-    )
+    return BakedManifest(data["repo_id"], data["revision"], data["commit"], data["model_dir"],
+                         {str(k): int(v) for k, v in data["files"].items()})
 
 
-# Bytes per element of each safetensors dtype (its format spec); a header naming another dtype
-# is checked for its byte ranges but not against its shape.
+# Bytes per element of each safetensors dtype; another dtype is checked for its byte ranges, not its shape.
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                 "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
-# Sharded weights without an index: "model-00002-of-00004.safetensors" says four shards exist.
+# Without an index, "model-00002-of-00004.safetensors" says four shards exist.
 _NUMBERED_SHARD = re.compile(r"^(?P<stem>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.safetensors$")
-# A tokenizer needs its config and at least one vocabulary file (or a *.tiktoken file).
 TOKENIZER_CONFIG = "tokenizer_config.json"
-VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them, or *.tiktoken
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
@@ -104,12 +74,8 @@ class DamagedFileError(ValueError):
 
 
 def safetensors_header(path: Path) -> Dict[str, Any]:
-    """The tensors of a .safetensors file (name -> dtype, shape, data_offsets), once the file is
-    known to be whole; raises DamagedFileError (truncated, bad header) or OSError (unreadable).
-
-    The format is an 8-byte little-endian header length, a JSON header whose tensors give
-    their byte ranges, then the data: a whole file ends exactly where the last tensor ends.
-    """
+    """The tensors of a .safetensors file (name -> dtype, shape, data_offsets) once it is known whole: it ends
+    exactly where its header's last tensor ends. Raises DamagedFileError, or OSError when unreadable."""
     size = path.stat().st_size
     if size < 8:
         raise DamagedFileError(f"{path.name} is truncated ({size} bytes)")
@@ -150,12 +116,9 @@ def _tensor_entry_problem(entry: Any) -> Optional[str]:
         return f"has shape {shape!r}"
     if not isinstance(dtype, str):
         return f"has dtype {dtype!r}"
-    if dtype in _DTYPE_BYTES:
-        elements = 1
-        for dimension in shape:
-            elements *= dimension
-        if offsets[1] - offsets[0] != elements * _DTYPE_BYTES[dtype]:
-            return f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs {elements * _DTYPE_BYTES[dtype]}"
+    needed = math.prod(shape) * _DTYPE_BYTES[dtype] if dtype in _DTYPE_BYTES else None
+    if needed is not None and offsets[1] - offsets[0] != needed:
+        return f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {dtype} needs {needed}"
     return None
 
 
@@ -182,9 +145,7 @@ def index_weight_map(model_dir: Path) -> Optional[Dict[str, str]]:
 
 
 def weight_shards(model_dir: Path) -> List[str]:
-    """The names of the weight files vLLM loads: those the safetensors index names, else all *.safetensors.
-
-    Raises DamagedFileError when the index is damaged (find_problems reports it)."""
+    """The weight files vLLM loads: those the safetensors index names, else all *.safetensors."""
     weight_map = index_weight_map(model_dir)
     if weight_map is not None:
         return sorted(set(weight_map.values()))
@@ -206,16 +167,8 @@ def missing_numbered_shards(names: List[str]) -> List[str]:
 
 def find_problems(model_dir: Path, expected_sizes: Optional[Dict[str, int]] = None, *,
                   tokenizer: bool = True, chat_template: bool = False) -> List[str]:
-    """Everything missing or damaged in ``model_dir``; an empty list means the copy is whole.
-
-    Never raises: an unreadable or damaged file is one of the problems. Checks: no broken
-    links (a Hugging Face cache snapshot links each file to a blob); config.json present and
-    JSON; the weights present: every shard the safetensors index names, or without an index
-    every shard the "-of-N" naming says exists; each safetensors file whole, its header sound,
-    and holding every tensor the index places in it; with ``tokenizer``, the tokenizer's config
-    and a vocabulary file; with ``chat_template`` (a chat model), its chat template; and (when
-    given) each file's size as expected.
-    """
+    """Everything missing or damaged in ``model_dir`` (MAINTAINERS.md, "The bake step and the model locator");
+    an empty list means the copy is whole. Never raises: an unreadable file is one of the problems."""
     try:
         problems = _find_problems(model_dir, expected_sizes or {}, tokenizer, chat_template)
     except OSError as exc:  # the folder itself cannot be listed or read

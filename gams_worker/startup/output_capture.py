@@ -1,9 +1,6 @@
-"""Capture of the engine's output while it starts, at the file-descriptor level.
-
-vLLM's engine core is a child process that inherits file descriptors 1 and 2 and prints
-its log and the root cause of a failed start there; Python's sys.stdout never sees it.
-So an attempt tees fds 1 and 2 into a bounded buffer, which the failure classifier
-(gams_worker/startup/start_failure.py) and the start-up timeline read.
+"""Capture of the engine's output while it starts, at the file-descriptor level: vLLM's engine core is a
+child process that prints the root cause of a failed start to the inherited fds 1 and 2, which
+Python's sys.stdout never sees.
 """
 
 from __future__ import annotations
@@ -14,17 +11,12 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-# What the buffer keeps: the root cause is near the end.
-CAPTURE_LIMIT_BYTES = 256 * 1024  # a GPU start logs ~50 KiB; the timeline reads all of it
+CAPTURE_LIMIT_BYTES = 256 * 1024  # the last bytes, where the root cause is; a whole GPU start's log fits
 
 
 class OutputCapture:
-    """While active, copies what this process and its children write to fds 1 and 2 into a buffer.
-
-    Output still reaches the original destination. Children started while active keep
-    writing into the pipe after ``stop()``; the reader threads forward that for as long
-    as they live, keeping the buffer's last ``limit_bytes`` bytes.
-    """
+    """While active, tees what this process and its children write to fds 1 and 2 into a buffer; children
+    started meanwhile write into the pipe after ``stop()`` too, still forwarded and buffered."""
 
     def __init__(self, limit_bytes: int = CAPTURE_LIMIT_BYTES, fds: Sequence[int] = (1, 2),
                  on_line: Optional[Callable[[str, float], None]] = None):

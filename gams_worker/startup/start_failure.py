@@ -1,18 +1,13 @@
 """What a failed engine start means, from what it printed and raised: the fallback ladder's classifier.
 
-Failures while capturing CUDA graphs (unsupported PTX, stream-capture errors, out of memory during
-capture) retry one rung lower; failures that no graph mode fixes (model not found, bad config, out
-of memory while loading weights, unsupported architecture) end the start-up at once, with a remedy.
-A start that read a warm compile cache and failed the way damaged compiled files make it fail (a
-worker process killed by SIGBUS, a load error naming a file in the cache) retries once in the same
-mode with the folder set aside (gams_worker/startup/ladder.py).
+A failed CUDA-graph capture retries one rung lower; a cause no graph mode fixes ends the start with a
+remedy; damaged files in a warm compile cache retry once in the same mode with the folder set aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import traceback
 from typing import Optional, Sequence, Tuple
 
 from gams_worker.startup.engine import GRAPH_MODES
@@ -42,6 +37,7 @@ _STAGE_MARKERS: Sequence[Tuple[str, "re.Pattern[str]"]] = (
     ("capture", re.compile(r"in (capture_model|_capture_cudagraphs|capture_graph|_warmup_and_capture)\b"
                            r"|Capturing CUDA graph|cudagraph capture|CUDA graph capture", re.IGNORECASE)),
 )
+_STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compile": "compiling the model"}
 # The last "Capturing CUDA graphs (..., FULL|PIECEWISE)" progress line names the capture that broke.
 _CAPTURE_PROGRESS = re.compile(r"Capturing CUDA graphs \(([^)]*?),\s*(FULL|PIECEWISE)\)")
 
@@ -77,13 +73,8 @@ _STREAM_CAPTURE = re.compile(
 )
 _OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|cudaErrorMemoryAllocation")
 _COMPILE_FAILED = re.compile(r"BackendCompilerFailed|InductorError|torch\._dynamo\.exc\.\w+Error")
-# How damaged compiled files break a start (read only when the cache was warm). A truncated
-# kernel (.so) is memory-mapped and kills the process that runs it with SIGBUS: seen on vLLM's
-# CPU build as "Worker proc VllmWorker-0 died unexpectedly (exit code: -7)", or "(exit code:
-# None)" when vLLM looked before the process was reaped; where the model runs in the engine core
-# itself, as "Failed core proc(s): {'EngineCore_DP0': -7}". SIGSEGV (-11) is what damaged code
-# does; SIGKILL (-9, the OOM killer's) and other exits are left out. Truncated pickles and
-# shared objects that fail to load say so.
+# How damaged compiled files break a start, read only when the cache was warm: a truncated kernel
+# dies of SIGBUS (-7) or SIGSEGV (-11), never SIGKILL (-9, the OOM killer's); MAINTAINERS.md has the forms.
 _DAMAGED_ARTIFACT = re.compile(
     r"died unexpectedly \(exit code: (?:-7|-11|None)\)|Failed core proc\(s\): \{[^}]*: -(?:7|11)\b"
     r"|\bBus error\b|SIGBUS|pickle data was truncated|UnpicklingError|EOFError: Ran out of input"
@@ -107,38 +98,52 @@ _NO_GRAPH_MODE_FIXES: Sequence[Tuple["re.Pattern[str]", str, str]] = (
 
 
 def classify_start_failure(text: str, failed_mode: str, warm_cache: Optional[str] = None) -> Diagnosis:
-    """Decide what a start-up failure in ``failed_mode`` means, from its output and exception text.
+    """What a start-up failure in ``failed_mode`` means, from its output and exception text.
 
     ``warm_cache``: the compile cache folder, when it held compiled files before this attempt.
     """
     if failed_mode not in GRAPH_MODES:
         raise ValueError(f"unknown graph mode {failed_mode!r}")
     lines = text.replace("\r", "\n").splitlines()
+    stage = _failure_stage(lines)
+    return (_no_graph_mode_fixes(text, lines, stage) or _damaged_cache(lines, warm_cache, failed_mode)
+            or _lower_rung(text, lines, stage, failed_mode))
 
-    def fatal(cause: str, remedy: str, pattern: "re.Pattern[str]") -> Diagnosis:
-        return Diagnosis(FATAL, cause, remedy, _evidence(lines, pattern))
 
+def _no_graph_mode_fixes(text: str, lines: Sequence[str], stage: Optional[str]) -> Optional[Diagnosis]:
     for pattern, cause, remedy in _NO_GRAPH_MODE_FIXES:
         if pattern.search(text):
-            return fatal(cause, remedy, pattern)
-
-    stage = _failure_stage(lines)
+            return Diagnosis(FATAL, cause, remedy, _evidence(lines, pattern))
     if _OUT_OF_MEMORY.search(text) and stage != "capture":
-        return fatal(f"out of GPU memory while {_STAGE_WORDS.get(stage, 'starting the engine')}",
-                     "use a GPU with more memory, a quantized model or TENSOR_PARALLEL_SIZE=2; "
-                     "lowering MAX_MODEL_LEN or GPU_MEMORY_UTILIZATION does not shrink the weights",
-                     _OUT_OF_MEMORY)
+        return Diagnosis(FATAL, f"out of GPU memory while {_STAGE_WORDS.get(stage, 'starting the engine')}",
+                         "use a GPU with more memory, a quantized model or TENSOR_PARALLEL_SIZE=2; lowering "
+                         "MAX_MODEL_LEN or GPU_MEMORY_UTILIZATION does not shrink the weights",
+                         _evidence(lines, _OUT_OF_MEMORY))
+    return None
 
-    if warm_cache:
-        evidence = _damaged_cache_evidence(lines, warm_cache)
-        if evidence:
-            return Diagnosis(RETRY_EMPTY_CACHE, "the compile cache looks damaged", "", evidence, failed_mode)
 
+def _damaged_cache(lines: Sequence[str], warm_cache: Optional[str], failed_mode: str) -> Optional[Diagnosis]:
+    """A retry with the cache set aside where its files broke the start: a damaged artifact's error, or an
+    error or traceback frame naming a file in ``warm_cache``."""
+    if not warm_cache:
+        return None
+    evidence = _evidence(lines, _DAMAGED_ARTIFACT)
+    if not evidence:
+        folder = warm_cache.rstrip("/") + "/"
+        naming = [line for line in lines if folder in line and (_EXCEPTION_LINE.search(line) or 'File "' in line)]
+        evidence = _short(naming[-1]) if naming else ""
+    if not evidence:
+        return None
+    return Diagnosis(RETRY_EMPTY_CACHE, "the compile cache looks damaged", "", evidence, failed_mode)
+
+
+def _lower_rung(text: str, lines: Sequence[str], stage: Optional[str], failed_mode: str) -> Diagnosis:
+    """A retry one rung lower for a failed capture or compile; FATAL for anything else."""
     broken_capture = _broken_capture(lines)
     if _UNSUPPORTED_PTX.search(text):
         if stage == "load":
-            return fatal("unsupported PTX while loading the model (driver older than the CUDA toolkit)",
-                         _NEWER_DRIVER, _UNSUPPORTED_PTX)
+            return Diagnosis(FATAL, "unsupported PTX while loading the model (driver older than the CUDA toolkit)",
+                             _NEWER_DRIVER, _evidence(lines, _UNSUPPORTED_PTX))
         cause = "unsupported PTX (driver older than the CUDA toolkit)"
         return _retry(failed_mode, broken_capture, cause, _evidence(lines, _UNSUPPORTED_PTX))
     if _STREAM_CAPTURE.search(text):
@@ -158,20 +163,6 @@ def classify_start_failure(text: str, failed_mode: str, warm_cache: Optional[str
                      "read the evidence and the log above it", _last_error_line(lines))
 
 
-_STAGE_WORDS = {"load": "loading weights", "profile": "profiling memory", "compile": "compiling the model"}
-
-
-def _damaged_cache_evidence(lines: Sequence[str], cache_path: str) -> str:
-    """The line showing that compiled files in ``cache_path`` broke the start, or "": an error
-    from loading a damaged artifact, or an error or traceback frame naming a file in the folder."""
-    evidence = _evidence(lines, _DAMAGED_ARTIFACT)
-    if evidence:
-        return evidence
-    folder = cache_path.rstrip("/") + "/"
-    naming = [line for line in lines if folder in line and (_EXCEPTION_LINE.search(line) or 'File "' in line)]
-    return _short(naming[-1]) if naming else ""
-
-
 def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence: str) -> Diagnosis:
     """Retry below ``failed_mode``; a broken PIECEWISE capture skips the piecewise rung."""
     if broken_capture == "PIECEWISE" or failed_mode == "piecewise":
@@ -180,11 +171,11 @@ def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence
         next_mode = "piecewise"
     else:
         next_mode = None
-    graph = f"{broken_capture} CUDA-graph capture failed: " if broken_capture else "CUDA-graph capture failed: "
     if next_mode is None:
         return Diagnosis(FATAL, f"{cause} in eager mode, the lowest rung", "read the evidence and the log "
                          "above it; this is not a graph-mode problem", evidence)
-    return Diagnosis(RETRY_LOWER_RUNG, graph + cause, "", evidence, next_mode)
+    graph = f"{broken_capture} " if broken_capture else ""
+    return Diagnosis(RETRY_LOWER_RUNG, f"{graph}CUDA-graph capture failed: {cause}", "", evidence, next_mode)
 
 
 def _failure_stage(lines: Sequence[str]) -> Optional[str]:
@@ -230,8 +221,3 @@ def _short(line: str, limit: int = 300) -> str:
     line = re.sub(r"^\([\w ]+pid=\d+\)\s*", "", line.strip())
     line = re.sub(r"^(ERROR|WARNING|INFO) \d\d-\d\d [\d:.]+ \[[^\]]*\]\s*", "", line)
     return line[:limit]
-
-
-def exception_text(exc: BaseException) -> str:
-    """The exception and its chain of causes, formatted as Python prints them."""
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -1,11 +1,6 @@
-"""Whether a folder can take what the worker writes there: writable, and with room to spare.
-
-A network volume can be mounted read-only or be full. ``os.makedirs`` passes on a read-only
-volume where the folder already exists, and vLLM, unable to save what it compiles, fails its
-start in a way the fallback ladder reads as a compile failure: it would drive the engine to
-eager mode in silence. So a folder is probed the way vLLM will use it (a small file written,
-synced and removed) before it is chosen, and a folder that fails is passed over with one
-warning line naming why.
+"""Whether a folder can take what the worker writes there, probed the way vLLM will write (a file written,
+synced and removed): makedirs passes on a read-only volume, and vLLM's failure to save would read as a
+compile failure to the fallback ladder.
 """
 
 from __future__ import annotations
@@ -18,10 +13,7 @@ PROBE_PREFIX = ".gams-worker-write-probe"
 
 
 def folder_problem(path: str, min_free_bytes: int = 0) -> Optional[str]:
-    """Why ``path`` cannot be written to (or lacks ``min_free_bytes`` of free space), or None.
-
-    Creates the folder if it is missing; leaves nothing else behind.
-    """
+    """Why ``path`` cannot be written to (or lacks ``min_free_bytes``), or None; creates the folder if missing."""
     probe = os.path.join(path, f"{PROBE_PREFIX}-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -36,9 +28,5 @@ def folder_problem(path: str, min_free_bytes: int = 0) -> Optional[str]:
     except OSError as exc:
         return f"{path} is not writable ({exc.strerror or exc})"
     if free < min_free_bytes:
-        return f"{path} has {_mib(free)} MiB free, less than the {_mib(min_free_bytes)} MiB it needs"
+        return f"{path} has {free // 2**20} MiB free, less than the {min_free_bytes // 2**20} MiB it needs"
     return None
-
-
-def _mib(count: int) -> int:
-    return count // 2**20
