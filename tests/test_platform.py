@@ -419,9 +419,13 @@ def restarted(tiny_model_dir, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("worker-restart")
     x = start_platform_worker(emulator, tiny_model_dir, cwd, "worker-x", MAX_CONCURRENCY="1")
     wait_for_first_take(emulator, x)
-    in_flight = emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(3500), "stream": True})
+    in_flight = "job-killed-in-flight"
+    # Its posts are held, so it is still in flight at the kill however fast the engine is.
+    emulator.hold_stream_posts(in_flight)
+    emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(3500), "stream": True}, job_id=in_flight)
     emulator.wait_chunks(in_flight, 1, 120)
     x.kill_group()  # as a container is killed: no clean-up of any kind
+    emulator.release_stream_posts(in_flight)
     takes_before_y = len(emulator.takes)
     y = start_platform_worker(emulator, tiny_model_dir, cwd, "worker-y", MAX_CONCURRENCY="1")
     first_take = wait_for_first_take(emulator, y, since=takes_before_y)
@@ -444,10 +448,14 @@ def test_a_fresh_worker_after_sigkill_takes_the_next_job(restarted):
 @pytest.mark.engine
 def test_sigterm_lets_in_flight_jobs_finish_and_the_worker_exits_0(restarted):
     emulator, y, _, _ = restarted
-    job_id = emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(2000), "stream": True})
+    job_id = "job-in-flight-at-sigterm"
+    # Its posts are held till the signal is sent, so it is in flight then however fast the engine is.
+    emulator.hold_stream_posts(job_id)
+    emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(2000), "stream": True}, job_id=job_id)
     emulator.wait_chunks(job_id, 1, 120)
     sent_at = time.monotonic()
     y.proc.send_signal(signal.SIGTERM)
+    emulator.release_stream_posts(job_id)
     returncode = y.proc.wait(120)
     exit_s = time.monotonic() - sent_at
     record = emulator.jobs[job_id]
