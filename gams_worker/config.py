@@ -39,11 +39,10 @@ class _Env:
         self.given: set = set()
 
     def raw(self, name: str) -> Optional[str]:
-        value = self._environ.get(name)
-        if value is None or value.strip() == "":
-            return None
-        self.given.add(name)
-        return value.strip()
+        value = (self._environ.get(name) or "").strip()
+        if value:
+            self.given.add(name)
+        return value or None
 
     def parse(self, name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
         raw = self.raw(name)
@@ -89,7 +88,7 @@ def _checked(parse: Callable[[str], T], accept: Callable[[T], bool], allowed: st
     return lambda env, name, default: env.parse(name, default, parse_accepted, allowed)
 
 
-def read_text(env: _Env, name: str, default: Optional[str]) -> Optional[str]:
+def read_str(env: _Env, name: str, default: Optional[str]) -> Optional[str]:
     return env.raw(name) or default
 
 
@@ -179,13 +178,11 @@ class InputLimits:
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
     # Model
-    model_name: str = setting("cjvt/GaMS-9B-Instruct", "MODEL_NAME", read_text,
+    model_name: str = setting("cjvt/GaMS-9B-Instruct", "MODEL_NAME", read_str,
                               "Hugging Face repo id or local directory")
-    model_revision: Optional[str] = setting(None, "MODEL_REVISION", read_text,
-                                            "branch, tag or commit of the model repo")
-    tokenizer_name: Optional[str] = setting(None, "TOKENIZER_NAME", read_text,
-                                            "another tokenizer (unset: the model's)")
-    served_model_name: Optional[str] = setting(None, "SERVED_MODEL_NAME", read_text,
+    model_revision: Optional[str] = setting(None, "MODEL_REVISION", read_str, "branch, tag or commit of the model repo")
+    tokenizer_name: Optional[str] = setting(None, "TOKENIZER_NAME", read_str, "another tokenizer (unset: the model's)")
+    served_model_name: Optional[str] = setting(None, "SERVED_MODEL_NAME", read_str,
                                                "model name in outputs and `/v1/models` (unset: `MODEL_NAME`)")
     model_preset: Optional[str] = setting(None, "MODEL_PRESET", read_choice(tuple(PRESETS)),
                                           "a GaMS repo id whose preset applies (unset: `MODEL_NAME`'s)")
@@ -221,8 +218,7 @@ class WorkerConfig:
     expected_tokens_per_job: int = setting(512, "EXPECTED_TOKENS_PER_JOB", read_int(1), "prompt + output tokens of a "
                                            "typical job, for both sizings (longer jobs run too: vLLM pages its cache)")
     default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", read_int(1), "`max_tokens` when a job gives none")
-    stream_batch_tokens: int = setting(16, "STREAM_BATCH_TOKENS", read_int(1), "flush a chunk after this many "
-                                       "tokens…")
+    stream_batch_tokens: int = setting(16, "STREAM_BATCH_TOKENS", read_int(1), "flush a chunk after this many tokens…")
     stream_batch_ms: int = setting(100, "STREAM_BATCH_MS", read_int(0), "…or this many milliseconds since the last")
     stream_posts_per_second: int = setting(500, "STREAM_POSTS_PER_SECOND", read_int(1), "stream POSTs a second over "
                                            "all streams (gams_worker/jobs/streaming.py): with more, chunks grow")
@@ -230,24 +226,23 @@ class WorkerConfig:
     status_port: Optional[int] = setting(None, "WORKER_STATUS_PORT", read_int(1, 65535),
                                          "serve `GET /status` (jobs, engine, aborts) on 127.0.0.1, for tests")
     # Where the model comes from (gams_worker/startup/model.py)
-    baked_model_manifest: str = setting("/models/manifest.json", "BAKED_MODEL_MANIFEST", read_text,
+    baked_model_manifest: str = setting("/models/manifest.json", "BAKED_MODEL_MANIFEST", read_str,
                                         "the manifest the image's bake step wrote")
-    network_volume_path: str = setting("/runpod-volume", "NETWORK_VOLUME_PATH", read_text,
+    network_volume_path: str = setting("/runpod-volume", "NETWORK_VOLUME_PATH", read_str,
                                        "a network volume: its `huggingface-cache` is searched and downloaded into")
     hf_hub_cache: str = setting(os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"), "HF_HUB_CACHE",
                                 _hf_hub_cache, "the Hugging Face cache, found as huggingface_hub finds it",
                                 ("HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"), "`~/.cache/huggingface/hub`")
     hub_offline: bool = setting(False, "HF_HUB_OFFLINE", read_bool, "never download the model from the hub")
-    hf_endpoint: Optional[str] = setting(None, "HF_ENDPOINT", read_text, "the hub's address (unset: huggingface.co)")
+    hf_endpoint: Optional[str] = setting(None, "HF_ENDPOINT", read_str, "the hub's address (unset: huggingface.co)")
     # Where vLLM's compiled graphs are kept (gams_worker/startup/compile_cache.py)
-    compile_cache_dir: Optional[str] = setting(None, "COMPILE_CACHE_DIR", read_text, "base folder of the compile "
+    compile_cache_dir: Optional[str] = setting(None, "COMPILE_CACHE_DIR", read_str, "base folder of the compile "
                                                "cache, keyed by model, versions and GPU (unset: the volume, or the "
                                                "container)")
-    vllm_cache_root: Optional[str] = setting(None, "VLLM_CACHE_ROOT", read_text,
-                                             "vLLM's own cache folder, used unkeyed")
+    vllm_cache_root: Optional[str] = setting(None, "VLLM_CACHE_ROOT", read_str, "vLLM's own cache folder, used unkeyed")
     compile_cache_on_volume: bool = setting(True, "COMPILE_CACHE_ON_VOLUME", read_bool, "`false` keeps the compile "
                                             "cache in the container: what it holds runs as code in the worker")
-    model_info_seed_dir: str = setting("/opt/gams-worker/model-info", "MODEL_INFO_SEED_DIR", read_text,
+    model_info_seed_dir: str = setting("/opt/gams-worker/model-info", "MODEL_INFO_SEED_DIR", read_str,
                                        "vLLM's model info for the GaMS classes, computed when the image was built")
     min_cuda_version: Optional[str] = setting(None, "RUNPOD_MIN_CUDA_VERSION", read_version, "the oldest CUDA the "
                                               "driver may support, as `13.0`: the doctor refuses older hosts")
@@ -261,7 +256,7 @@ class WorkerConfig:
                                           "start may take, every rung of the fallback ladder; else the worker exits 1")
     engine_stall_timeout_s: int = setting(180, "ENGINE_STALL_TIMEOUT_S", read_int(0), "with requests in flight, the "
                                           "engine must produce output at least this often (seconds); else it is hung")
-    inject_start_failure: Optional[str] = setting(None, "GAMS_TEST_INJECT_START_FAILURE", read_text,
+    inject_start_failure: Optional[str] = setting(None, "GAMS_TEST_INJECT_START_FAILURE", read_str,
                                                   "tests only: a file whose text the first engine start raises")
     log_level: str = setting("INFO", "LOG_LEVEL", read_choice(LOG_LEVELS, upper=True), ", ".join(LOG_LEVELS))
     on_runpod: bool = setting(False, "RUNPOD_WEBHOOK_GET_JOB", _present, "set by RunPod: the SDK's job loop, not a "

@@ -140,10 +140,12 @@ def contract_problems() -> List[str]:
         target = getattr(module, uses.name)
         problems += [f"{uses.module}.{uses.name}.{name}: missing" for name in uses.attributes
                      if not _has_attribute(target, name)]
-        missing = [k for k in uses.keywords if not _accepts_keyword(target, k)]
-        problems += [f"{uses.module}.{uses.name}(): no keyword {k!r}" for k in missing]
-    problems += _engine_argument_problems()
-    return problems
+        problems += [f"{uses.module}.{uses.name}(): no keyword {k!r}" for k in uses.keywords
+                     if not _accepts_keyword(target, k)]
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return problems + [f"AsyncEngineArgs: no argument {name!r}" for name in ENGINE_ARGUMENTS
+                       if not _accepts_keyword(AsyncEngineArgs, name)]
 
 
 def _has_attribute(target: object, name: str) -> bool:
@@ -167,13 +169,6 @@ def _accepts_keyword(target: object, keyword: str) -> bool:
     except (TypeError, ValueError):
         return False
     return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
-def _engine_argument_problems() -> List[str]:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    fields = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
-    return [f"AsyncEngineArgs: no argument {name!r}" for name in ENGINE_ARGUMENTS if name not in fields]
 
 
 def main() -> int:
