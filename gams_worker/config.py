@@ -1,22 +1,18 @@
-"""The worker's settings, read once from the environment into one typed object.
+"""The worker's settings, read once from the environment into one typed ``WorkerConfig``.
 
-This is the only module that touches ``os.environ``: it reads it once, and
-``export_to_engine`` adds what vLLM's engine process must read from its environment.
-Every other module receives a ``WorkerConfig``. A bad value raises ``ConfigError``
-with one line naming the variable, the value and what is allowed.
-
-Each setting is declared once, on its field: its variable, how it is read, its default and
-what it does. CONFIGURATION.md, the table of every setting, is generated from these declarations
-(``python -m gams_worker.config --markdown`` rewrites it; tests/test_config.py keeps it current).
+The only module that touches ``os.environ`` (``export_to_engine`` adds what vLLM's engine process
+inherits). Each setting is declared once, on its field; a bad value raises ``ConfigError`` naming the
+variable, the value and what is allowed. CONFIGURATION.md's table is generated from the declarations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
 
 from gams_worker.errors import ConfigError
 from gams_worker.presets import PRESETS
@@ -43,11 +39,10 @@ class _Env:
         self.given: set = set()
 
     def raw(self, name: str) -> Optional[str]:
-        value = self._environ.get(name)
-        if value is None or value.strip() == "":
-            return None
-        self.given.add(name)
-        return value.strip()
+        value = (self._environ.get(name) or "").strip()
+        if value:
+            self.given.add(name)
+        return value or None
 
     def parse(self, name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
         raw = self.raw(name)
@@ -82,65 +77,45 @@ def setting(default: Any, variable: str, read: Reader, description: str, also: T
 # --- readers: each raises ConfigError naming what is allowed ---------------------------
 
 
-def text(env: _Env, name: str, default: Optional[str]) -> Optional[str]:
+def _checked(parse: Callable[[str], T], accept: Callable[[T], bool], allowed: str) -> Reader:
+    """A reader of the values that ``parse`` makes of the text and ``accept`` accepts."""
+    def parse_accepted(raw: str) -> T:
+        value = parse(raw)
+        if not accept(value):
+            raise ValueError
+        return value
+
+    return lambda env, name, default: env.parse(name, default, parse_accepted, allowed)
+
+
+def read_str(env: _Env, name: str, default: Optional[str]) -> Optional[str]:
     return env.raw(name) or default
 
 
-def integer(minimum: int, maximum: Optional[int] = None) -> Reader:
-    def parse(raw: str) -> int:
-        value = int(raw)
-        if value < minimum or (maximum is not None and value > maximum):
-            raise ValueError
-        return value
-
-    allowed = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-    return lambda env, name, default: env.parse(name, default, parse, allowed)
+def read_int(minimum: int, maximum: Optional[int] = None) -> Reader:
+    if maximum is None:
+        return _checked(int, lambda value: value >= minimum, f"an integer >= {minimum}")
+    return _checked(int, lambda value: minimum <= value <= maximum, f"an integer >= {minimum} and <= {maximum}")
 
 
-def _number(check: Callable[[float], bool], allowed: str) -> Reader:
-    def parse(raw: str) -> float:
-        value = float(raw)
-        if not check(value):
-            raise ValueError
-        return value
-
-    return lambda env, name, default: env.parse(name, default, parse, allowed)
+def read_choice(choices: Tuple[str, ...], upper: bool = False) -> Reader:
+    return _checked(str.upper if upper else str.lower, lambda value: value in choices, "one of " + ", ".join(choices))
 
 
-fraction = _number(lambda value: 0.0 < value <= 1.0, "a number in (0, 1]")
-seconds = _number(lambda value: 0.0 <= value < float("inf"), "a number of seconds >= 0")
+read_fraction = _checked(float, lambda value: 0.0 < value <= 1.0, "a number in (0, 1]")
+read_seconds = _checked(float, lambda value: 0.0 <= value < float("inf"), "a number of seconds >= 0")
+read_version = _checked(str, is_major_minor, "a version such as 13.0")
+read_json_object = _checked(json.loads, lambda value: isinstance(value, dict), 'a JSON object, as {"seed": 1}')
 
 
 def _parse_boolean(raw: str) -> bool:
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise ValueError
+    if raw.lower() not in _TRUE + _FALSE:
+        raise ValueError
+    return raw.lower() in _TRUE
 
 
-def boolean(env: _Env, name: str, default: bool) -> bool:
+def read_bool(env: _Env, name: str, default: bool) -> bool:
     return env.parse(name, default, _parse_boolean, "true or false (also 1/0, yes/no, on/off)")
-
-
-def choice(choices: Tuple[str, ...], upper: bool = False) -> Reader:
-    def parse(raw: str) -> str:
-        value = raw.upper() if upper else raw.lower()
-        if value not in choices:
-            raise ValueError
-        return value
-
-    return lambda env, name, default: env.parse(name, default, parse, "one of " + ", ".join(choices))
-
-
-def version(env: _Env, name: str, default: Optional[str]) -> Optional[str]:
-    """A major.minor version such as "13.0"."""
-    def parse(raw: str) -> str:
-        if not is_major_minor(raw):
-            raise ValueError
-        return raw
-
-    return env.parse(name, default, parse, "a version such as 13.0")
 
 
 def _mega_aot(env: _Env, name: str, default: Optional[bool]) -> Optional[bool]:
@@ -172,108 +147,118 @@ def _present(env: _Env, name: str, default: bool) -> bool:
 class InputLimits:
     """The limits of a job's input, both dialects (gams_worker/jobs/input.py): a breach is an error naming the field."""
 
-    max_input_bytes: int = setting(1_048_576, "MAX_INPUT_BYTES", integer(1024), "largest job input (an OpenAI "
+    max_input_bytes: int = setting(1_048_576, "MAX_INPUT_BYTES", read_int(1024), "largest job input (an OpenAI "
                                    "job's body) as UTF-8 JSON, nested at most 100 levels: it bounds the memory")
-    max_prompt_chars: int = setting(200_000, "MAX_PROMPT_CHARS", integer(1), "longest prompt (a `/v1/completions` "
+    max_prompt_chars: int = setting(200_000, "MAX_PROMPT_CHARS", read_int(1), "longest prompt (a `/v1/completions` "
                                     "list's together) or chat text, every string of the messages together")
-    max_messages: int = setting(256, "MAX_MESSAGES", integer(1), "most messages (Responses: `input` items) in one job")
-    max_stop_strings: int = setting(16, "MAX_STOP_STRINGS", integer(0), "most stop strings, each checked at every step")
-    max_stop_length: int = setting(256, "MAX_STOP_LENGTH", integer(1), "longest stop string (and bad word)")
-    max_n: int = setting(16, "MAX_N", integer(1), "most choices (`n`) per prompt")
-    max_sequences: int = setting(16, "MAX_SEQUENCES", integer(1), "most sequences per job: prompts × `n` (a "
+    max_messages: int = setting(256, "MAX_MESSAGES", read_int(1), "most messages (Responses: `input` items) in one job")
+    max_stop_strings: int = setting(16, "MAX_STOP_STRINGS", read_int(0), "most stop strings, each checked at every "
+                                    "step")
+    max_stop_length: int = setting(256, "MAX_STOP_LENGTH", read_int(1), "longest stop string (and bad word)")
+    max_n: int = setting(16, "MAX_N", read_int(1), "most choices (`n`) per prompt")
+    max_sequences: int = setting(16, "MAX_SEQUENCES", read_int(1), "most sequences per job: prompts × `n` (a "
                                  "`/v1/completions` prompt list multiplies them; vLLM's own cap is 1024 prompts)")
-    max_stop_token_ids: int = setting(16, "MAX_STOP_TOKEN_IDS", integer(0), "most `stop_token_ids`, checked every step")
-    max_bad_words: int = setting(16, "MAX_BAD_WORDS", integer(0), "most `bad_words`, matched at every step")
-    max_logprobs: int = setting(20, "MAX_LOGPROBS", integer(0), "most `logprobs` / `top_logprobs` / "
+    max_stop_token_ids: int = setting(16, "MAX_STOP_TOKEN_IDS", read_int(0), "most `stop_token_ids`, checked every "
+                                      "step")
+    max_bad_words: int = setting(16, "MAX_BAD_WORDS", read_int(0), "most `bad_words`, matched at every step")
+    max_logprobs: int = setting(20, "MAX_LOGPROBS", read_int(0), "most `logprobs` / `top_logprobs` / "
                                 "`prompt_logprobs` per token (vLLM's default); `-1`, the whole vocabulary, is refused")
-    max_logit_bias: int = setting(300, "MAX_LOGIT_BIAS", integer(0), "most `logit_bias` entries, applied every step")
-    max_prompt_logprobs_tokens: int = setting(256, "MAX_PROMPT_LOGPROBS_TOKENS", integer(0), "`prompt_logprobs` (or "
+    max_logit_bias: int = setting(300, "MAX_LOGIT_BIAS", read_int(0), "most `logit_bias` entries, applied every step")
+    max_prompt_logprobs_tokens: int = setting(256, "MAX_PROMPT_LOGPROBS_TOKENS", read_int(0), "`prompt_logprobs` (or "
                                               "`echo`) only on prompts of at most this many tokens: each makes a "
                                               "vocabulary-wide row of logits (1 MiB) outside the memory vLLM profiled")
-    max_grammar_bytes: int = setting(32_768, "MAX_GRAMMAR_BYTES", integer(0), "largest structured-output constraint "
-                                     "(`response_format`, `structured_outputs`, Responses `text`) as JSON")
-    max_schema_depth: int = setting(32, "MAX_SCHEMA_DEPTH", integer(1, 64),  # vLLM 0.32 refuses deeper than 64 itself
-                                    "how deep a constraint's objects and arrays nest (at most 64, vLLM's own cap)")
-    grammar_compile_timeout_s: float = setting(10.0, "GRAMMAR_COMPILE_TIMEOUT_S", seconds, "a constraint must "
+    max_grammar_bytes: int = setting(32_768, "MAX_GRAMMAR_BYTES", read_int(0), "largest structured-output "
+                                     "constraint (`response_format`, `structured_outputs`, Responses `text`) as JSON")
+    max_schema_depth: int = setting(32, "MAX_SCHEMA_DEPTH", read_int(1, 64), "how deep a constraint's objects and "
+                                    "arrays nest (at most 64, vLLM's own cap)")
+    grammar_compile_timeout_s: float = setting(10.0, "GRAMMAR_COMPILE_TIMEOUT_S", read_seconds, "a constraint must "
                                                "compile within this, in the worker, before the engine has it; `0`: off")
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
     # Model
-    model_name: str = setting("cjvt/GaMS-9B-Instruct", "MODEL_NAME", text, "Hugging Face repo id or local directory")
-    model_revision: Optional[str] = setting(None, "MODEL_REVISION", text, "branch, tag or commit of the model repo")
-    tokenizer_name: Optional[str] = setting(None, "TOKENIZER_NAME", text, "another tokenizer (unset: the model's)")
-    served_model_name: Optional[str] = setting(None, "SERVED_MODEL_NAME", text,
+    model_name: str = setting("cjvt/GaMS-9B-Instruct", "MODEL_NAME", read_str,
+                              "Hugging Face repo id or local directory")
+    model_revision: Optional[str] = setting(None, "MODEL_REVISION", read_str, "branch, tag or commit of the model repo")
+    tokenizer_name: Optional[str] = setting(None, "TOKENIZER_NAME", read_str, "another tokenizer (unset: the model's)")
+    served_model_name: Optional[str] = setting(None, "SERVED_MODEL_NAME", read_str,
                                                "model name in outputs and `/v1/models` (unset: `MODEL_NAME`)")
-    model_preset: Optional[str] = setting(None, "MODEL_PRESET", choice(tuple(PRESETS)),
+    model_preset: Optional[str] = setting(None, "MODEL_PRESET", read_choice(tuple(PRESETS)),
                                           "a GaMS repo id whose preset applies (unset: `MODEL_NAME`'s)")
-    trust_remote_code: bool = setting(False, "TRUST_REMOTE_CODE", boolean, "let the model repo run its own code")
+    trust_remote_code: bool = setting(False, "TRUST_REMOTE_CODE", read_bool, "let the model repo run its own code")
     # Engine; a GaMS preset (gams_worker/presets.py) fills the first four where the environment leaves them unset.
-    max_model_len: int = setting(4096, "MAX_MODEL_LEN", integer(16), "prompt + output tokens (GaMS presets: 8192)")
-    dtype: str = setting("bfloat16", "DTYPE", choice(DTYPES), ", ".join(DTYPES))
-    gpu_memory_utilization: float = setting(0.90, "GPU_MEMORY_UTILIZATION", fraction,
+    max_model_len: int = setting(4096, "MAX_MODEL_LEN", read_int(16), "prompt + output tokens (GaMS presets: 8192)")
+    dtype: str = setting("bfloat16", "DTYPE", read_choice(DTYPES), ", ".join(DTYPES))
+    gpu_memory_utilization: float = setting(0.90, "GPU_MEMORY_UTILIZATION", read_fraction,
                                             "share of GPU memory vLLM may use; on CPU, of one NUMA node's RAM")
-    tensor_parallel_size: int = setting(1, "TENSOR_PARALLEL_SIZE", integer(1),
+    tensor_parallel_size: int = setting(1, "TENSOR_PARALLEL_SIZE", read_int(1),
                                         "GPUs the model is split across (GaMS presets: the fewest that hold it)")
-    enforce_eager: bool = setting(False, "ENFORCE_EAGER", boolean, "start in eager mode (no CUDA graphs)")
-    graph_fallback: bool = setting(True, "GRAPH_FALLBACK", boolean,
+    enforce_eager: bool = setting(False, "ENFORCE_EAGER", read_bool, "start in eager mode (no CUDA graphs)")
+    graph_fallback: bool = setting(True, "GRAPH_FALLBACK", read_bool,
                                    "on a CUDA-graph capture failure, retry in piecewise mode, then eager")
-    max_num_seqs: Optional[int] = setting(None, "MAX_NUM_SEQS", integer(1), "sequences vLLM batches; unset: the "
+    max_num_seqs: Optional[int] = setting(None, "MAX_NUM_SEQS", read_int(1), "sequences vLLM batches; unset: the "
                                           "`EXPECTED_TOKENS_PER_JOB` jobs whose KV cache fits beside the weights")
-    enable_prefix_caching: bool = setting(True, "ENABLE_PREFIX_CACHING", boolean, "reuse KV of shared prompt prefixes")
-    quantization: Optional[str] = setting(None, "QUANTIZATION", choice(QUANTIZATIONS),
+    enable_prefix_caching: bool = setting(True, "ENABLE_PREFIX_CACHING", read_bool,
+                                          "reuse KV of shared prompt prefixes")
+    quantization: Optional[str] = setting(None, "QUANTIZATION", read_choice(QUANTIZATIONS),
                                           "`fp8`: vLLM's online FP8 weights (compute capability ≥ 8.9)")
-    max_cudagraph_capture_size: Optional[int] = setting(None, "MAX_CUDAGRAPH_CAPTURE_SIZE", integer(1),
+    max_cudagraph_capture_size: Optional[int] = setting(None, "MAX_CUDAGRAPH_CAPTURE_SIZE", read_int(1),
                                                         "largest batch captured as a CUDA graph (unset: vLLM's 512)")
-    log_engine_stats: bool = setting(False, "LOG_ENGINE_STATS", boolean, "vLLM's per-step stats and its stats line "
-                                     "every 10 s (they cost the worker's main process ~4 % at 512 streams)")
+    log_engine_stats: bool = setting(False, "LOG_ENGINE_STATS", read_bool, "vLLM's per-step stats and its stats "
+                                     "line every 10 s (their cost to the main process: BENCHMARKS.md)")
+    # Not VLLM_-prefixed: vLLM warns of unknown VLLM_ variables (fail_on_environ_validation refuses them).
+    engine_args: Optional[Dict[str, Any]] = setting(None, "ENGINE_ARGS", read_json_object, "any other vLLM "
+                                                    "engine argument, as a JSON object (`{\"kv_cache_dtype\": "
+                                                    "\"fp8\"}`), checked by vLLM's `AsyncEngineArgs` at start; one "
+                                                    "that a setting above sets is refused, naming the setting")
     # Jobs
-    max_concurrency: Optional[int] = setting(None, "MAX_CONCURRENCY", integer(1), "jobs taken at once; unset: the "
+    max_concurrency: Optional[int] = setting(None, "MAX_CONCURRENCY", read_int(1), "jobs taken at once; unset: the "
                                              "engine's KV cache tokens / `EXPECTED_TOKENS_PER_JOB`, ≤ max_num_seqs")
-    expected_tokens_per_job: int = setting(512, "EXPECTED_TOKENS_PER_JOB", integer(1), "prompt + output tokens of a "
+    expected_tokens_per_job: int = setting(512, "EXPECTED_TOKENS_PER_JOB", read_int(1), "prompt + output tokens of a "
                                            "typical job, for both sizings (longer jobs run too: vLLM pages its cache)")
-    default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", integer(1), "`max_tokens` when a job gives none")
-    stream_batch_tokens: int = setting(16, "STREAM_BATCH_TOKENS", integer(1), "flush a chunk after this many tokens…")
-    stream_batch_ms: int = setting(100, "STREAM_BATCH_MS", integer(0), "…or this many milliseconds since the last")
-    stream_posts_per_second: int = setting(500, "STREAM_POSTS_PER_SECOND", integer(1), "stream POSTs a second over "
+    default_max_tokens: int = setting(512, "DEFAULT_MAX_TOKENS", read_int(1), "`max_tokens` when a job gives none")
+    stream_batch_tokens: int = setting(16, "STREAM_BATCH_TOKENS", read_int(1), "flush a chunk after this many tokens…")
+    stream_batch_ms: int = setting(100, "STREAM_BATCH_MS", read_int(0), "…or this many milliseconds since the last")
+    stream_posts_per_second: int = setting(500, "STREAM_POSTS_PER_SECOND", read_int(1), "stream POSTs a second over "
                                            "all streams (gams_worker/jobs/streaming.py): with more, chunks grow")
     input_limits: InputLimits = InputLimits()  # each breach is a job error naming the field
-    status_port: Optional[int] = setting(None, "WORKER_STATUS_PORT", integer(1, 65535),
+    status_port: Optional[int] = setting(None, "WORKER_STATUS_PORT", read_int(1, 65535),
                                          "serve `GET /status` (jobs, engine, aborts) on 127.0.0.1, for tests")
     # Where the model comes from (gams_worker/startup/model.py)
-    baked_model_manifest: str = setting("/models/manifest.json", "BAKED_MODEL_MANIFEST", text,
+    baked_model_manifest: str = setting("/models/manifest.json", "BAKED_MODEL_MANIFEST", read_str,
                                         "the manifest the image's bake step wrote")
-    network_volume_path: str = setting("/runpod-volume", "NETWORK_VOLUME_PATH", text,
+    network_volume_path: str = setting("/runpod-volume", "NETWORK_VOLUME_PATH", read_str,
                                        "a network volume: its `huggingface-cache` is searched and downloaded into")
     hf_hub_cache: str = setting(os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"), "HF_HUB_CACHE",
                                 _hf_hub_cache, "the Hugging Face cache, found as huggingface_hub finds it",
                                 ("HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"), "`~/.cache/huggingface/hub`")
-    hub_offline: bool = setting(False, "HF_HUB_OFFLINE", boolean, "never download the model from the hub")
-    hf_endpoint: Optional[str] = setting(None, "HF_ENDPOINT", text, "the hub's address (unset: huggingface.co)")
+    hub_offline: bool = setting(False, "HF_HUB_OFFLINE", read_bool, "never download the model from the hub")
+    hf_endpoint: Optional[str] = setting(None, "HF_ENDPOINT", read_str, "the hub's address (unset: huggingface.co)")
     # Where vLLM's compiled graphs are kept (gams_worker/startup/compile_cache.py)
-    compile_cache_dir: Optional[str] = setting(None, "COMPILE_CACHE_DIR", text, "base folder of the compile cache, "
-                                               "keyed by model, versions and GPU (unset: the volume, or the container)")
-    vllm_cache_root: Optional[str] = setting(None, "VLLM_CACHE_ROOT", text, "vLLM's own cache folder, used unkeyed")
-    compile_cache_on_volume: bool = setting(True, "COMPILE_CACHE_ON_VOLUME", boolean, "`false` keeps the compile "
+    compile_cache_dir: Optional[str] = setting(None, "COMPILE_CACHE_DIR", read_str, "base folder of the compile "
+                                               "cache, keyed by model, versions and GPU (unset: the volume, or the "
+                                               "container)")
+    vllm_cache_root: Optional[str] = setting(None, "VLLM_CACHE_ROOT", read_str, "vLLM's own cache folder, used unkeyed")
+    compile_cache_on_volume: bool = setting(True, "COMPILE_CACHE_ON_VOLUME", read_bool, "`false` keeps the compile "
                                             "cache in the container: what it holds runs as code in the worker")
-    model_info_seed_dir: str = setting("/opt/gams-worker/model-info", "MODEL_INFO_SEED_DIR", text,
+    model_info_seed_dir: str = setting("/opt/gams-worker/model-info", "MODEL_INFO_SEED_DIR", read_str,
                                        "vLLM's model info for the GaMS classes, computed when the image was built")
-    min_cuda_version: Optional[str] = setting(None, "RUNPOD_MIN_CUDA_VERSION", version, "the oldest CUDA the "
+    min_cuda_version: Optional[str] = setting(None, "RUNPOD_MIN_CUDA_VERSION", read_version, "the oldest CUDA the "
                                               "driver may support, as `13.0`: the doctor refuses older hosts")
     mega_aot_artifact: Optional[bool] = setting(None, "MEGA_AOT_ARTIFACT", _mega_aot, "vLLM's compiled graphs saved "
                                                 "and loaded as one piece; unset or `auto`: where torch ≥ 2.10 has it",
                                                 ("VLLM_USE_MEGA_AOT_ARTIFACT",))
-    prefetch_weights: str = setting("off", "PREFETCH_WEIGHTS", choice(PREFETCH_POINTS), "read the weights into the "
-                                    "page cache: `with-imports` (while torch and vLLM import) or `after-imports`")
+    prefetch_weights: str = setting("off", "PREFETCH_WEIGHTS", read_choice(PREFETCH_POINTS), "read the weights into "
+                                    "the page cache: `with-imports` (while torch and vLLM import) or `after-imports`")
     # Liveness (gams_worker/startup/liveness.py); 0 turns a deadline off.
-    engine_start_timeout_s: int = setting(1800, "ENGINE_START_TIMEOUT_S", integer(0), "seconds the whole engine "
+    engine_start_timeout_s: int = setting(1800, "ENGINE_START_TIMEOUT_S", read_int(0), "seconds the whole engine "
                                           "start may take, every rung of the fallback ladder; else the worker exits 1")
-    engine_stall_timeout_s: int = setting(180, "ENGINE_STALL_TIMEOUT_S", integer(0), "with requests in flight, the "
+    engine_stall_timeout_s: int = setting(180, "ENGINE_STALL_TIMEOUT_S", read_int(0), "with requests in flight, the "
                                           "engine must produce output at least this often (seconds); else it is hung")
-    inject_start_failure: Optional[str] = setting(None, "GAMS_TEST_INJECT_START_FAILURE", text,
+    inject_start_failure: Optional[str] = setting(None, "GAMS_TEST_INJECT_START_FAILURE", read_str,
                                                   "tests only: a file whose text the first engine start raises")
-    log_level: str = setting("INFO", "LOG_LEVEL", choice(LOG_LEVELS, upper=True), ", ".join(LOG_LEVELS))
+    log_level: str = setting("INFO", "LOG_LEVEL", read_choice(LOG_LEVELS, upper=True), ", ".join(LOG_LEVELS))
     on_runpod: bool = setting(False, "RUNPOD_WEBHOOK_GET_JOB", _present, "set by RunPod: the SDK's job loop, not a "
                               "local run of `test_input.json`", ("RUNPOD_REALTIME_PORT",), "–")
     # Names of the variables the environment set (presets fill only the others).

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
+import functools
+import json
 import logging
 import time
 from typing import Any, Dict, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
+from gams_worker.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,21 @@ class EngineStatsLog:
             await self._engine.do_log_stats()
 
 
+# The engine arguments the worker sets itself, and the setting of each: ENGINE_ARGS may not set them.
+WORKER_ARGUMENTS = {
+    "model": "MODEL_NAME", "tokenizer": "TOKENIZER_NAME", "revision": "MODEL_REVISION",
+    "served_model_name": "SERVED_MODEL_NAME", "trust_remote_code": "TRUST_REMOTE_CODE", "dtype": "DTYPE",
+    "max_model_len": "MAX_MODEL_LEN", "gpu_memory_utilization": "GPU_MEMORY_UTILIZATION",
+    "tensor_parallel_size": "TENSOR_PARALLEL_SIZE", "enable_prefix_caching": "ENABLE_PREFIX_CACHING",
+    "quantization": "QUANTIZATION", "enforce_eager": "ENFORCE_EAGER", "disable_log_stats": "LOG_ENGINE_STATS",
+    "max_num_seqs": "MAX_NUM_SEQS", "max_cudagraph_capture_size": "MAX_CUDAGRAPH_CAPTURE_SIZE",
+    "compilation_config": "the graph mode (ENFORCE_EAGER, GRAPH_FALLBACK)",
+    "worker_cls": "GAMS_TEST_INJECT_START_FAILURE", "additional_config": "GAMS_TEST_INJECT_START_FAILURE",
+}
+
+
 def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str, Any]:
-    """AsyncEngineArgs keyword arguments for ``config`` in graph ``mode``."""
+    """AsyncEngineArgs keyword arguments for ``config`` in graph ``mode``: ENGINE_ARGS and the worker's."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"unknown graph mode {mode!r}")
     kwargs: Dict[str, Any] = dict(
@@ -87,7 +104,33 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
     if config.inject_start_failure:  # test-only: the first start fails inside the engine process
         kwargs["worker_cls"] = FAILING_WORKER_CLS
         kwargs["additional_config"] = {INJECTED_FAILURE_KEY: config.inject_start_failure}
-    return kwargs
+    return {**(config.engine_args or {}), **kwargs}
+
+
+def with_checked_engine_args(config: WorkerConfig) -> WorkerConfig:
+    """``config`` with ENGINE_ARGS' values as vLLM's own types; a ConfigError names the first argument
+    that AsyncEngineArgs lacks, the worker sets itself, or whose value the argument's type refuses. Limits
+    no type states (a count below 1) vLLM checks as the engine starts."""
+    import pydantic
+
+    AsyncEngineArgs, _ = import_engine_classes()
+    types = {field.name: field.type for field in dataclasses.fields(AsyncEngineArgs)}
+    checked = {}
+    for name, value in (config.engine_args or {}).items():
+        refuse = functools.partial(ConfigError, "ENGINE_ARGS", json.dumps({name: value}))
+        if name in WORKER_ARGUMENTS:
+            raise refuse(f"only arguments the worker does not set: {name} is set by {WORKER_ARGUMENTS[name]}")
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            raise refuse("names of vLLM's AsyncEngineArgs" + (f" (did you mean {close[0]}?)" if close else ""))
+        try:
+            checked[name] = pydantic.TypeAdapter(types[name]).validate_python(value)
+        except pydantic.PydanticSchemaGenerationError:  # a type pydantic cannot read (torch.dtype): vLLM's to check
+            checked[name] = value
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            raise refuse(".".join(map(str, (name, *error["loc"]))) + ": " + error["msg"]) from None
+    return dataclasses.replace(config, engine_args=checked or None)
 
 
 def import_engine_classes() -> Tuple[Any, Any]:
@@ -103,7 +146,9 @@ def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
     """Create vLLM's async engine; raises whatever vLLM raises when start-up fails."""
     AsyncEngineArgs, AsyncLLM = import_engine_classes()
     kwargs = engine_kwargs(config, mode, model_path)
-    log.info("starting vLLM engine in %s mode: %s", mode, kwargs)
+    passed = config.engine_args or {}
+    log.info("starting vLLM engine in %s mode with the worker's arguments %s and ENGINE_ARGS %s", mode,
+             {name: value for name, value in kwargs.items() if name not in passed}, passed or "none")
     started = time.monotonic()
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
     log.info("vLLM engine started in %s mode in %.1f s", mode, time.monotonic() - started)

