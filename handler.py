@@ -12,10 +12,19 @@ import sys
 
 def _stop_during_startup(signum, frame):
     # Until the SDK's job loop installs its own handler (which lets jobs in flight finish), a
-    # SIGTERM ends the start-up at once: as PID 1 in a container, Python would ignore it.
-    # SystemExit unwinds the engine start, whose clean-up ends vLLM's engine process.
+    # SIGTERM ends the start-up at once: as PID 1 in a container, Python would ignore it. A start
+    # has nothing to save, so the engine's processes are killed rather than asked to stop (vLLM
+    # waits seconds for an engine process busy compiling; a damaged compile cache is set aside
+    # by the next start).
     print("gams-worker: SIGTERM during start-up: stopping", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:  # gone already
+            pass
+    os._exit(128 + signum)
 
 
 def _sigterm_as_default_in_child():
