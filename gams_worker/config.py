@@ -26,7 +26,6 @@ T = TypeVar("T")
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("fp8",)
-PREFETCH_POINTS = ("off", "with-imports", "after-imports")  # PREFETCH_WEIGHTS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -264,8 +263,6 @@ class WorkerConfig:
     mega_aot_artifact: Optional[bool] = setting(None, "MEGA_AOT_ARTIFACT", _mega_aot, "vLLM's compiled graphs saved "
                                                 "and loaded as one piece; unset or `auto`: where torch ≥ 2.10 has it",
                                                 ("VLLM_USE_MEGA_AOT_ARTIFACT",))
-    prefetch_weights: str = setting("off", "PREFETCH_WEIGHTS", choice(PREFETCH_POINTS), "read the weights into the "
-                                    "page cache: `with-imports` (while torch and vLLM import) or `after-imports`")
     # Liveness (gams_worker/startup/liveness.py); 0 turns a deadline off.
     engine_start_timeout_s: int = setting(1800, "ENGINE_START_TIMEOUT_S", integer(0), "seconds the whole engine "
                                           "start may take, every rung of the fallback ladder; else the worker exits 1")

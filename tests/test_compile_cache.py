@@ -157,13 +157,13 @@ def test_a_new_folder_gets_the_model_info_it_lacks_from_the_seed(tmp_path):
     assert choose_compile_cache(no_seed, GPU_HOST, VLLM_025).model_info_seeded == ()
 
 
-def start_once(model_dir: str, cache_dir: str, prefetch_weights: str, model_info_seed: str) -> dict:
+def start_once(model_dir: str, cache_dir: str, model_info_seed: str) -> dict:
     """`python handler.py` from process start to its first job; the job's start-up metadata and the log."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps({"input": {"prompt": "Ljubljana", "sampling_params": {"max_tokens": 4}}})],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir, PREFETCH_WEIGHTS=prefetch_weights,
+        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir,
                                          MODEL_INFO_SEED_DIR=model_info_seed)),
     )
     wall_s = time.monotonic() - started
@@ -185,8 +185,8 @@ def two_starts(tiny_model_dir, tmp_path_factory):
     seed_file = seed / "modelinfos" / "vllm-model_executor-models-gemma2-Gemma2ForCausalLM.json"
     os.utime(seed_file, (1e9, 1e9))
     cache_dir = str(tmp_path / "cache")
-    first = start_once(tiny_model_dir, cache_dir, prefetch_weights="with-imports", model_info_seed=str(seed))
-    second = start_once(tiny_model_dir, cache_dir, prefetch_weights="after-imports", model_info_seed=str(seed))
+    first = start_once(tiny_model_dir, cache_dir, model_info_seed=str(seed))
+    second = start_once(tiny_model_dir, cache_dir, model_info_seed=str(seed))
     return {"tmp_path": tmp_path, "seed": seed, "seed_file": seed_file, "cache_dir": cache_dir,
             "first": first, "second": second}
 
@@ -213,8 +213,6 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(two_starts
                      "vLLM: weights loaded", "vLLM: engine initialised", "engine started", "runpod imported"):
             assert step in marks, (step, marks)
         assert abs(sum(steps.values()) - marks["first job served"]) < 0.01 * len(steps)
-        assert run["weight_prefetch"]["outcome"] in ("read all 1 weight files",
-                                                     "stopped: vLLM started loading the weights"), run
     # Reported, not asserted: timings on a shared CI machine are not a test.
     times = {name: {"engine_started_s": run["since_process_start_s"]["engine started"],
                     "first_job_s": run["since_process_start_s"]["first job served"],
@@ -361,8 +359,7 @@ def test_a_truncated_kernel_in_the_cache_costs_one_compile_not_every_start(two_s
     assert kernels, folder
     for kernel in kernels:
         os.truncate(kernel, 1000)  # what a copy cut short leaves: the ELF header, no code
-    run = start_once(tiny_model_dir, two_starts["cache_dir"], prefetch_weights="off",
-                     model_info_seed=str(two_starts["seed"]))
+    run = start_once(tiny_model_dir, two_starts["cache_dir"], model_info_seed=str(two_starts["seed"]))
     log = run["log"]
     assert [line.split("engine start: ")[1] for line in log.splitlines() if "engine start: rung" in line] == [
         "rung 1/3, full mode (default)", "rung 1/3, full mode (default)"]  # the same mode, no rung dropped

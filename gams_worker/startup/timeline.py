@@ -70,7 +70,7 @@ class StartupTimeline:
         self.marks: List[Tuple[str, float]] = []
         self.engine_phases: Dict[str, float] = {}
         self.compile_cache: Optional[Dict[str, Any]] = None  # CompileCache.report() of this start
-        self.details: Dict[str, Any] = {}  # reports of other start-up work (weight prefetch, imports)
+        self.details: Dict[str, Any] = {}  # reports of other start-up work
         self._lock = threading.Lock()  # engine lines are marked from the output-tee threads
         self._engine_marks_seen: set = set()
         self._phase_rank: Dict[str, int] = {}  # phase -> index in ENGINE_PHASES of the pattern that gave it
