@@ -153,12 +153,13 @@ def bare_run(name: str, results: Path, tokens: int) -> Dict[str, Any]:
 
 def worker_engine_kwargs() -> Dict[str, Any]:
     """The engine arguments the worker would start with in this environment (and its environment for vLLM)."""
-    from gams_worker.config import load_config
+    from gams_worker.config import export_to_engine, load_config
     from gams_worker.startup.engine import engine_kwargs
     from gams_worker.startup.model import find_local_model
-    from gams_worker.startup.plan import plan_engine
+    from gams_worker.startup.plan import engine_ready_timeout, plan_engine
 
     config = load_config()
+    export_to_engine(engine_ready_timeout(config))  # a factor of vLLM's compile-cache hash: the worker's cache
     plan = plan_engine(config, find_local_model(config))
     return engine_kwargs(plan.config, plan.mode, plan.model_path)
 

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, NoReturn, Optional, Sequence
 
-from gams_worker.config import WorkerConfig
+from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template
 from gams_worker.jobs.openai import OpenAIJobs
 from gams_worker.jobs.plain import PlainJobs
@@ -31,7 +31,7 @@ from gams_worker.startup.host import platform_name
 from gams_worker.startup.ladder import StartedEngine, start_with_fallback
 from gams_worker.startup.liveness import EngineWatchdog, StartDeadline, StepClock
 from gams_worker.startup.model import ResolvedModel, find_local_model
-from gams_worker.startup.plan import EnginePlan, plan_engine
+from gams_worker.startup.plan import EnginePlan, engine_ready_timeout, plan_engine
 from gams_worker.startup.timeline import StartupTimeline
 from gams_worker.startup.while_engine_starts import WhileEngineStarts, freeze_startup_heap
 
@@ -114,6 +114,7 @@ def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str]
     started = time.monotonic()
     timeline = StartupTimeline()
     timeline.mark("config loaded")
+    export_to_engine(engine_ready_timeout(config))  # one start deadline: vLLM's wait reads it at import
     # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
     local_model = find_local_model(config)
     plan = _plan_after_imports(config, local_model, timeline)
