@@ -7,6 +7,7 @@ whose content broke a start, and reports hit or miss. vLLM's engine process inhe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -64,7 +65,7 @@ class CompileCache:
 
     def emptied(self) -> "CompileCache":
         """This folder moved aside unread (its content broke an engine start) and made anew, empty."""
-        aside = set_aside(self.path, "damaged")
+        aside = set_aside(self.path)
         fresh = _prepared(self.path, self.location, self.model_info_seed_dir)
         return dataclasses.replace(fresh, set_aside=self.set_aside + (aside,))
 
@@ -161,16 +162,14 @@ def _prepared(path: str, location: str, model_info_seed: str) -> CompileCache:
                         model_info_seed_dir=model_info_seed)
 
 
-def set_aside(path: str, kind: str) -> str:
-    """Move the folder ``path`` to a sibling named for ``kind`` and make ``path`` anew, empty; returns the
-    sibling. Only the newest sibling of a kind is kept: on a network volume they would pile up."""
+def set_aside(path: str) -> str:
+    """Move the folder ``path`` to a sibling ``<path>.damaged-<time>`` and make ``path`` anew, empty; returns the
+    sibling. Only the newest sibling is kept: on a network volume they would pile up."""
     parent, name = os.path.split(os.path.normpath(path))
-    for older in glob.glob(os.path.join(glob.escape(parent), f"{glob.escape(name)}.{kind}-*")):
+    for older in glob.glob(os.path.join(glob.escape(parent), f"{glob.escape(name)}.damaged-*")):
         shutil.rmtree(older, ignore_errors=True)
-    aside = os.path.join(parent, f"{name}.{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    try:
+    aside = os.path.join(parent, f"{name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):  # another worker moved it first
         os.rename(path, aside)
-    except FileNotFoundError:  # another worker moved it first
-        pass
     os.makedirs(path, exist_ok=True)
     return aside
