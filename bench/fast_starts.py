@@ -12,7 +12,7 @@
         One table of every run in DIR, and whether the bare runs' greedy outputs are equal.
 
 Each command writes DIR/NAME.json. ``VAR=value`` arguments set the run's environment
-(MEGA_AOT_ARTIFACT=false, PREFETCH_WEIGHTS=false, ...) on top of this process's.
+(VLLM_USE_MEGA_AOT_ARTIFACT=0, ...) on top of this process's.
 Numbers are printed, never asserted.
 """
 
@@ -137,7 +137,7 @@ def bare_run(name: str, results: Path, tokens: int) -> Dict[str, Any]:
     return {
         "kind": "bare",
         "name": name,
-        "env": {k: os.environ[k] for k in ("MEGA_AOT_ARTIFACT", "VLLM_USE_MEGA_AOT_ARTIFACT", "VLLM_CACHE_ROOT")
+        "env": {k: os.environ[k] for k in ("VLLM_USE_MEGA_AOT_ARTIFACT", "VLLM_CACHE_ROOT")
                 if k in os.environ},
         "python_start_s": round(started - process_start, 2),
         "import_torch_s": round(torch_at - started, 2),
@@ -153,12 +153,13 @@ def bare_run(name: str, results: Path, tokens: int) -> Dict[str, Any]:
 
 def worker_engine_kwargs() -> Dict[str, Any]:
     """The engine arguments the worker would start with in this environment (and its environment for vLLM)."""
-    from gams_worker.config import load_config
+    from gams_worker.config import export_to_engine, load_config
     from gams_worker.startup.engine import engine_kwargs
     from gams_worker.startup.model import find_local_model
-    from gams_worker.startup.plan import plan_engine
+    from gams_worker.startup.plan import engine_ready_timeout, plan_engine
 
     config = load_config()
+    export_to_engine(engine_ready_timeout(config))  # a factor of vLLM's compile-cache hash: the worker's cache
     plan = plan_engine(config, find_local_model(config))
     return engine_kwargs(plan.config, plan.mode, plan.model_path)
 
@@ -204,13 +205,12 @@ def table(results: Path) -> str:
     if workers:
         lines += ["Worker, process start → first chunk at the emulator, split into parts that add up to it (s)", "",
                   "| run | first chunk | Python + handler | imports: torch + vLLM classes | our steps | engine start "
-                  "| engine started → first chunk | vLLM: weights / compile / graphs / KV+warm-up | weight prefetch |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| engine started → first chunk | vLLM: weights / compile / graphs / KV+warm-up |",
+                  "|---|---|---|---|---|---|---|---|"]
         for run in workers:
             startup = run.get("startup") or {}
             marks = startup.get("since_process_start_s", {})
             phases = startup.get("engine_phases_s", {})
-            prefetch = startup.get("weight_prefetch")
             at = {name: marks.get(name, 0.0) for name in (
                 "config loaded", "vLLM engine classes imported", "compile cache checked", "engine started")}
             # The imports follow the config (and the local model lookup, a few stat calls); our steps
@@ -223,8 +223,6 @@ def table(results: Path) -> str:
             cells = [run["name"], _s(run["first_chunk_s"])] + [_s(part) for part in parts]
             cells.append(" / ".join(_s(phases.get(p)) for p in ("weights_loaded_s", "compiled_s", "graphs_captured_s",
                                                                 "kv_allocated_and_warmed_s")))
-            cells.append(f"{prefetch['read_bytes'] / 1e9:.1f} of {prefetch['bytes'] / 1e9:.1f} GB, {prefetch['outcome']}"
-                         if prefetch else "off")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Each worker's steps (seconds since the mark before):"]
         for run in workers:

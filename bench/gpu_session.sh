@@ -24,11 +24,10 @@
 #                                            # bursts 1/8/32/64, Poisson at 90 %
 #   bash bench/gpu_session.sh openai         # one /v1/responses job (and its stream) and one chat job through
 #                                            # the worker under the SDK loop, openai client, GaMS-9B preset (8192)
-#   bash bench/gpu_session.sh faststarts cold|warm|pagecache|table   # issue 17, each step < 10 min:
+#   bash bench/gpu_session.sh faststarts cold|warm|table   # issue 17, each step < 10 min:
 #       cold       empty compile cache, one worker start per artifact form (fills both cache folders)
 #       warm       (a) warm worker starts through the platform, mega AOT artifact off/on, twice each;
 #                  (b)+(c) bare processes (import torch + AsyncLLM, create it), greedy outputs, b1/c64
-#       pagecache  (d) warm compile cache, page cache dropped, weight prefetch with/after imports, off
 #       seed       cold starts without and with the image's model info (builder/seed_model_info.py)
 #       table      the table of every run so far (each step also prints it)
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
@@ -84,19 +83,6 @@ spied_worker_run() {  # name, then env assignments
 
 FAST=${FAST:-/tmp/faststarts}  # fast-start results, kept on the machine between steps (each $OUT is new)
 
-# Empty the page cache: all of it where permitted, else (a container) the files a start reads.
-# PAGE_CACHE_DROP=evict skips drop_caches (a shared machine).
-drop_page_cache() {
-  sync
-  if [ "${PAGE_CACHE_DROP:-}" != evict ] && (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; then
-    echo "page cache dropped: echo 3 > /proc/sys/vm/drop_caches"
-  else
-    echo "drop_caches not permitted: evicting with posix_fadvise(DONTNEED) the model, the kit, the volume, the stdlib"
-    python3 -m tests.harness.page_cache evict $MODEL /tmp/site $VOLUME \
-      "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"
-  fi
-}
-
 # One fast-start run (worker or bare), its output in $FAST/NAME.out; prints its summary line.
 fast() {
   local kind=$1 name=$2; shift 2
@@ -114,22 +100,16 @@ case ${1:-} in
         # In the GPU image on the CPU machine, the import floor took 8.2 s of CPU with it, 22.4 s without.
         python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1; echo "kit byte-compiled (as in the image)"
         rm -rf $VOLUME ~/.cache/vllm ~/.triton ~/.cache/gams-worker $FAST; mkdir -p $VOLUME $FAST
-        fast worker cold-mega-off "${common[@]}" MEGA_AOT_ARTIFACT=false
-        fast worker cold-mega-on "${common[@]}" MEGA_AOT_ARTIFACT=true
+        fast worker cold-mega-off "${common[@]}" VLLM_USE_MEGA_AOT_ARTIFACT=0
+        fast worker cold-mega-on "${common[@]}" VLLM_USE_MEGA_AOT_ARTIFACT=1
         ;;
       warm)
         for round in 1 2; do  # alternated, so both forms meet the same host state
-          fast worker warm-mega-off-$round "${common[@]}" MEGA_AOT_ARTIFACT=false
-          fast worker warm-mega-on-$round "${common[@]}" MEGA_AOT_ARTIFACT=true
+          fast worker warm-mega-off-$round "${common[@]}" VLLM_USE_MEGA_AOT_ARTIFACT=0
+          fast worker warm-mega-on-$round "${common[@]}" VLLM_USE_MEGA_AOT_ARTIFACT=1
         done
-        fast bare bare-mega-off "${common[@]}" MEGA_AOT_ARTIFACT=false
-        fast bare bare-mega-on "${common[@]}" MEGA_AOT_ARTIFACT=true
-        ;;
-      pagecache)
-        for when in with-imports after-imports off; do
-          drop_page_cache
-          fast worker dropped-prefetch-$when "${common[@]}" MEGA_AOT_ARTIFACT=true PREFETCH_WEIGHTS=$when
-        done
+        fast bare bare-mega-off "${common[@]}" VLLM_USE_MEGA_AOT_ARTIFACT=0
+        fast bare bare-mega-on "${common[@]}" VLLM_USE_MEGA_AOT_ARTIFACT=1
         ;;
       seed)
         # Cold starts (empty compile cache) without and with the model info the image computes at build time.

@@ -22,7 +22,6 @@ T = TypeVar("T")
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("fp8",)
-PREFETCH_POINTS = ("off", "with-imports", "after-imports")  # PREFETCH_WEIGHTS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -118,13 +117,6 @@ def read_bool(env: _Env, name: str, default: bool) -> bool:
     return env.parse(name, default, _parse_boolean, "true or false (also 1/0, yes/no, on/off)")
 
 
-def _mega_aot(env: _Env, name: str, default: Optional[bool]) -> Optional[bool]:
-    """True, False, or None where unset or "auto" (the worker decides). vLLM's own variable counts
-    when ours is unset, read as vLLM reads it ("1" is on): a user who set it gets what they set."""
-    ours = env.parse(name, None, lambda raw: None if raw.lower() == "auto" else _parse_boolean(raw),
-                     "true, false or auto (also 1/0, yes/no, on/off)")
-    vllms = env.raw("VLLM_USE_MEGA_AOT_ARTIFACT")
-    return ours if ours is not None else (None if vllms is None else vllms == "1")
 
 
 def _hf_hub_cache(env: _Env, name: str, default: str) -> str:
@@ -236,24 +228,19 @@ class WorkerConfig:
     hub_offline: bool = setting(False, "HF_HUB_OFFLINE", read_bool, "never download the model from the hub")
     hf_endpoint: Optional[str] = setting(None, "HF_ENDPOINT", read_str, "the hub's address (unset: huggingface.co)")
     # Where vLLM's compiled graphs are kept (gams_worker/startup/compile_cache.py)
-    compile_cache_dir: Optional[str] = setting(None, "COMPILE_CACHE_DIR", read_str, "base folder of the compile "
-                                               "cache, keyed by model, versions and GPU (unset: the volume, or the "
-                                               "container)")
-    vllm_cache_root: Optional[str] = setting(None, "VLLM_CACHE_ROOT", read_str, "vLLM's own cache folder, used unkeyed")
+    compile_cache_dir: Optional[str] = setting(None, "COMPILE_CACHE_DIR", read_str, "folder of the compile cache "
+                                               "(unset: the volume, or the container)")
+    vllm_cache_root: Optional[str] = setting(None, "VLLM_CACHE_ROOT", read_str, "vLLM's own cache folder, used as it is")
     compile_cache_on_volume: bool = setting(True, "COMPILE_CACHE_ON_VOLUME", read_bool, "`false` keeps the compile "
                                             "cache in the container: what it holds runs as code in the worker")
     model_info_seed_dir: str = setting("/opt/gams-worker/model-info", "MODEL_INFO_SEED_DIR", read_str,
                                        "vLLM's model info for the GaMS classes, computed when the image was built")
     min_cuda_version: Optional[str] = setting(None, "RUNPOD_MIN_CUDA_VERSION", read_version, "the oldest CUDA the "
                                               "driver may support, as `13.0`: the doctor refuses older hosts")
-    mega_aot_artifact: Optional[bool] = setting(None, "MEGA_AOT_ARTIFACT", _mega_aot, "vLLM's compiled graphs saved "
-                                                "and loaded as one piece; unset or `auto`: where torch ≥ 2.10 has it",
-                                                ("VLLM_USE_MEGA_AOT_ARTIFACT",))
-    prefetch_weights: str = setting("off", "PREFETCH_WEIGHTS", read_choice(PREFETCH_POINTS), "read the weights into "
-                                    "the page cache: `with-imports` (while torch and vLLM import) or `after-imports`")
     # Liveness (gams_worker/startup/liveness.py); 0 turns a deadline off.
     engine_start_timeout_s: int = setting(1800, "ENGINE_START_TIMEOUT_S", read_int(0), "seconds the whole engine "
-                                          "start may take, every rung of the fallback ladder; else the worker exits 1")
+                                          "start may take, every rung of the fallback ladder; else the worker exits 1 "
+                                          "(vLLM gets it as `VLLM_ENGINE_READY_TIMEOUT_S`)")
     engine_stall_timeout_s: int = setting(180, "ENGINE_STALL_TIMEOUT_S", read_int(0), "with requests in flight, the "
                                           "engine must produce output at least this often (seconds); else it is hung")
     inject_start_failure: Optional[str] = setting(None, "GAMS_TEST_INJECT_START_FAILURE", read_str,

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, NoReturn, Optional, Sequence
 
-from gams_worker.config import WorkerConfig
+from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template
 from gams_worker.jobs.openai import OpenAIJobs
 from gams_worker.jobs.plain import PlainJobs
@@ -31,9 +31,8 @@ from gams_worker.startup.host import platform_name
 from gams_worker.startup.ladder import StartedEngine, start_with_fallback
 from gams_worker.startup.liveness import EngineWatchdog, StartDeadline, StepClock
 from gams_worker.startup.model import ResolvedModel, find_local_model
-from gams_worker.startup.plan import EnginePlan, plan_engine
-from gams_worker.startup.timeline import WEIGHTS_LOADING, StartupTimeline
-from gams_worker.startup.weight_prefetch import WeightPrefetch, plan_weight_prefetch
+from gams_worker.startup.plan import EnginePlan, engine_ready_timeout, plan_engine
+from gams_worker.startup.timeline import StartupTimeline
 from gams_worker.startup.while_engine_starts import WhileEngineStarts, freeze_startup_heap
 
 log = logging.getLogger(__name__)
@@ -115,16 +114,11 @@ def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str]
     started = time.monotonic()
     timeline = StartupTimeline()
     timeline.mark("config loaded")
+    export_to_engine(engine_ready_timeout(config))  # one start deadline: vLLM's wait reads it at import
     # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
     local_model = find_local_model(config)
-    prefetch = plan_weight_prefetch(config, local_model.path) if local_model else None
-    if prefetch is not None and config.prefetch_weights == "with-imports":
-        prefetch.start()
-    try:
-        plan = _plan_after_imports(config, local_model, timeline, prefetch)
-        engine = _start_engine(plan, timeline, prefetch, import_while_engine_starts)
-    finally:
-        _end_prefetch(prefetch, timeline)  # done already unless the start failed
+    plan = _plan_after_imports(config, local_model, timeline)
+    engine = _start_engine(plan, timeline, import_while_engine_starts)
     _read_engine_start(engine, plan, timeline)
     step_clock = StepClock()  # stamped by the engine's output, read by the watchdog
     step_clock.watch(engine.engine)
@@ -137,8 +131,8 @@ def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str]
     return worker
 
 
-def _plan_after_imports(config: WorkerConfig, local_model: Optional[ResolvedModel], timeline: StartupTimeline,
-                        prefetch: Optional[WeightPrefetch]) -> EnginePlan:
+def _plan_after_imports(config: WorkerConfig, local_model: Optional[ResolvedModel],
+                        timeline: StartupTimeline) -> EnginePlan:
     """torch and vLLM's engine classes take most of the time before the engine can start: each
     is a step of its own, and the engine plan after them (its doctor) finds them imported."""
     import torch  # noqa: F401
@@ -146,34 +140,25 @@ def _plan_after_imports(config: WorkerConfig, local_model: Optional[ResolvedMode
     timeline.mark("torch imported")
     import_engine_classes()
     timeline.mark("vLLM engine classes imported")
-    if prefetch is not None and config.prefetch_weights == "after-imports":
-        prefetch.start()
     return plan_engine(config, local_model, timeline.mark)
 
 
-def _start_engine(plan: EnginePlan, timeline: StartupTimeline, prefetch: Optional[WeightPrefetch],
+def _start_engine(plan: EnginePlan, timeline: StartupTimeline,
                   import_while_engine_starts: Sequence[str]) -> StartedEngine:
     """The engine, started down the fallback ladder within ENGINE_START_TIMEOUT_S, while this
     process imports what the caller asked for and collects its start-up garbage."""
     config = plan.config
-
-    def watch_engine_line(line: str, arrived_at: float) -> None:
-        if timeline.watch_engine_line(line, arrived_at) == WEIGHTS_LOADING and prefetch is not None:
-            prefetch.stop("vLLM started loading the weights")  # from here on vLLM reads them itself
-
     background = WhileEngineStarts(
         [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in import_while_engine_starts]
         + [("start-up garbage collected", gc.collect)], timeline)
     try:
         engine = start_with_fallback(
             config, plan.mode, plan.reason, lambda mode: start_engine(config, mode, plan.model_path),
-            on_output_line=watch_engine_line, compile_cache=plan.compile_cache,
+            on_output_line=timeline.watch_engine_line, compile_cache=plan.compile_cache,
             deadline=StartDeadline(config.engine_start_timeout_s))
     except BaseException:
         background.finish(run_the_rest=False)
         raise
-    finally:
-        _end_prefetch(prefetch, timeline)
     timeline.mark("engine started")
     timeline.stop_watching()
     background.finish()  # done by now unless the engine started in under a second or two
@@ -187,10 +172,3 @@ def _read_engine_start(engine: StartedEngine, plan: EnginePlan, timeline: Startu
     timeline.compile_cache = (engine.compile_cache or plan.compile_cache).report(engine.output)
     timeline.mark("compile cache counted")
 
-
-def _end_prefetch(prefetch: Optional[WeightPrefetch], timeline: StartupTimeline) -> None:
-    if prefetch is None or "weight_prefetch" in timeline.details:
-        return
-    prefetch.stop("the engine start ended")
-    prefetch.wait(timeout=5.0)  # at most one chunk is still being read
-    timeline.details["weight_prefetch"] = prefetch.report()

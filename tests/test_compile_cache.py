@@ -1,4 +1,4 @@
-"""vLLM's compile cache: a keyed folder on the network volume or in the container, hit or miss."""
+"""vLLM's compile cache: its folder on the network volume or in the container, hit or miss."""
 
 import json
 import os
@@ -9,80 +9,26 @@ import time
 import pytest
 
 from gams_worker.startup import compile_cache
-from gams_worker.startup.compile_cache import (ArtifactCount, CompileCache, MegaAot, VllmAotSupport, cache_key,
-                                               choose_compile_cache, decide_mega_aot)
+from gams_worker.startup.compile_cache import ArtifactCount, CompileCache, choose_compile_cache
 from gams_worker.config import load_config
-from gams_worker.startup.host import GpuFacts, HostFacts
 from tests.harness.worker_process import ROOT, engine_env, subprocess_env
-
-H100 = GpuFacts(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", total_bytes=None, free_bytes=None)
-GPU_HOST = HostFacts(platform="cuda", gpus=(H100,), torch_version="2.11.0+cu130", vllm_version="0.25.0")
-CPU_HOST = HostFacts(platform="cpu", torch_version="2.13.0+cpu", vllm_version="0.32.0+cpu")
-VLLM_025 = VllmAotSupport(knows_mega_aot=True, aot_compile=True, standalone_compile=True)  # its defaults, torch 2.11
-ON = MegaAot(True, "test")
-
-
-def test_mega_aot_artifact_is_on_where_torch_and_vllm_support_it():
-    assert decide_mega_aot(None, "2.11.0+cu130", VLLM_025).on is True  # vLLM's own default: off before 2.12
-    assert decide_mega_aot(None, "2.13.0+cpu", VLLM_025).on is True
-    assert decide_mega_aot(False, "2.11.0+cu130", VLLM_025) == MegaAot(False, "turned off by MEGA_AOT_ARTIFACT")
-    too_old = decide_mega_aot(True, "2.9.1+cu128", VLLM_025)
-    assert too_old == MegaAot(False, "torch 2.9.1+cu128 is older than 2.10")
-    assert decide_mega_aot(None, "unknown", VLLM_025).on is False
-    without = {
-        "this vLLM has no mega AOT artifact": VllmAotSupport(False, True, True),
-        "vLLM's AOT compile is off (VLLM_USE_AOT_COMPILE or VLLM_DISABLE_COMPILE_CACHE)": VllmAotSupport(True, False, True),
-        "VLLM_USE_STANDALONE_COMPILE is off": VllmAotSupport(True, True, False),  # vLLM would assert
-    }
-    for reason, support in without.items():
-        assert decide_mega_aot(True, "2.11.0+cu130", support) == MegaAot(False, reason)
-
-
-def test_the_engine_gets_the_setting_and_each_setting_has_its_own_folder(tmp_path):
-    on = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(tmp_path)}), GPU_HOST, VLLM_025)
-    off = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(tmp_path), "MEGA_AOT_ARTIFACT": "false"}),
-                               GPU_HOST, VLLM_025)
-    assert on.engine_environment()["VLLM_USE_MEGA_AOT_ARTIFACT"] == "1"
-    assert off.engine_environment()["VLLM_USE_MEGA_AOT_ARTIFACT"] == "0"
-    assert (os.path.basename(on.path), os.path.basename(off.path)) == ("mega-aot-on", "mega-aot-off")
-    assert os.path.dirname(on.path) == os.path.dirname(off.path)
-    # A user who set vLLM's own variable gets what they set, in its own folder.
-    users = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(tmp_path), "VLLM_USE_MEGA_AOT_ARTIFACT": "0"}),
-                                 GPU_HOST, VLLM_025)
-    assert users.path == off.path and users.mega_aot.reason == "turned off by MEGA_AOT_ARTIFACT"
-
-
-def test_the_key_names_model_versions_and_gpu_readably():
-    key = cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), GPU_HOST, ON)
-    assert key == os.path.join("cjvt--GaMS-9B-Instruct", "vllm-0.25.0_torch-2.11.0+cu130",
-                               "1xNVIDIA-H100-80GB-HBM3_sm9.0", "mega-aot-on")
-    keys = {
-        key,
-        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct", "MODEL_REVISION": "v2"}), GPU_HOST, ON),
-        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-27B-Instruct"}), GPU_HOST, ON),
-        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), CPU_HOST, ON),
-        cache_key(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}), GPU_HOST, MegaAot(False, "test")),
-    }
-    assert len(keys) == 5
-
 
 def test_network_volume_when_mounted_else_container(tmp_path, monkeypatch):
     monkeypatch.setattr(compile_cache, "CONTAINER_DIR", str(tmp_path / "container"))
     volume = tmp_path / "runpod-volume"
     config = load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct", "NETWORK_VOLUME_PATH": str(volume)})
 
-    cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    cache = choose_compile_cache(config)
     assert cache.location == "container"
-    assert cache.path == str(tmp_path / "container" / cache_key(config, GPU_HOST, ON))
+    assert cache.path == str(tmp_path / "container")
 
     volume.mkdir()
-    cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    cache = choose_compile_cache(config)
     assert cache.location == "network volume"
-    assert cache.path == str(volume / "gams-worker" / "compile-cache" / cache_key(config, GPU_HOST, ON))
+    assert cache.path == str(volume / "gams-worker" / "compile-cache")
     assert os.path.isdir(cache.path) and cache.before == ArtifactCount(0, 0)
     assert cache.engine_environment() == {"VLLM_CACHE_ROOT": cache.path,
-                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton"),
-                                          "VLLM_USE_MEGA_AOT_ARTIFACT": "1"}
+                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton")}
 
 
 def test_an_unusable_volume_falls_back_to_the_container(tmp_path, monkeypatch):
@@ -91,26 +37,26 @@ def test_an_unusable_volume_falls_back_to_the_container(tmp_path, monkeypatch):
     volume.mkdir()
     (volume / "gams-worker").write_text("a file where the cache folder should be")
     config = load_config({"NETWORK_VOLUME_PATH": str(volume)})
-    assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
+    assert choose_compile_cache(config).location == "container"
 
 
 def test_explicit_folders_win(tmp_path):
     config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cc"), "NETWORK_VOLUME_PATH": str(tmp_path)})
-    cache = choose_compile_cache(config, CPU_HOST, VLLM_025)
-    assert (cache.location, cache.path) == ("COMPILE_CACHE_DIR", str(tmp_path / "cc" / cache_key(config, CPU_HOST, ON)))
+    cache = choose_compile_cache(config)
+    assert (cache.location, cache.path) == ("COMPILE_CACHE_DIR", str(tmp_path / "cc"))
     config = load_config({"VLLM_CACHE_ROOT": str(tmp_path / "mine"), "COMPILE_CACHE_DIR": str(tmp_path / "cc")})
-    assert choose_compile_cache(config, CPU_HOST, VLLM_025).path == str(tmp_path / "mine")  # the user's, unkeyed
+    assert choose_compile_cache(config).path == str(tmp_path / "mine")  # the user's
 
 
 def test_hit_means_compiled_code_was_there_and_nothing_new_was_compiled(tmp_path):
     kernels = tmp_path / "torch_compile_cache" / "abc" / "inductor_cache" / "xy"
-    empty = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(0, 0), mega_aot=ON)
+    empty = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(0, 0))
     kernels.mkdir(parents=True)
     (kernels / "kernel.so").write_bytes(b"\x7fELF")
     miss = empty.report("torch.compile took 20.1 s in total")
-    assert (miss["hit"], miss["new_artifacts"], miss["mega_aot_artifact"]) == (False, 1, True)
+    assert (miss["hit"], miss["new_artifacts"]) == (False, 1)
 
-    warm = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(1, 0), mega_aot=ON)
+    warm = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(1, 0))
     assert warm.report("")["hit"] is True
     (kernels / "another.so").write_bytes(b"\x7fELF")
     assert warm.report("")["hit"] is False  # it had to compile something
@@ -126,7 +72,7 @@ def test_triton_kernels_are_counted_apart(tmp_path):
     graphs = tmp_path / "torch_compile_cache" / "abc"
     graphs.mkdir(parents=True)
     (graphs / "model").write_bytes(b"x")
-    cache = choose_compile_cache(load_config({"VLLM_CACHE_ROOT": str(tmp_path)}), GPU_HOST, VLLM_025)
+    cache = choose_compile_cache(load_config({"VLLM_CACHE_ROOT": str(tmp_path)}))
     assert cache.before == ArtifactCount(compiled=5, triton=4)
     (triton.parent / "GHIJ").mkdir()
     (triton.parent / "GHIJ" / "kernel.cubin").write_text("x")
@@ -141,7 +87,7 @@ def test_a_new_folder_gets_the_model_info_it_lacks_from_the_seed(tmp_path):
     for name in ("gemma2.json", "gemma3.json"):
         (seed / name).write_text(f'{{"hash": "{name}"}}')
     config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cache"), "MODEL_INFO_SEED_DIR": str(tmp_path / "seed")})
-    first = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    first = choose_compile_cache(config)
     assert first.model_info_seeded == ("gemma2.json", "gemma3.json")
     assert (tmp_path / "cache").joinpath(first.path, "modelinfos", "gemma2.json").read_text() == '{"hash": "gemma2.json"}'
     assert first.before == ArtifactCount(0, 0)  # model facts, not compiled code: the folder is still cold
@@ -149,21 +95,21 @@ def test_a_new_folder_gets_the_model_info_it_lacks_from_the_seed(tmp_path):
     with open(own, "w") as handle:
         handle.write('{"hash": "written by vLLM"}')
     os.remove(os.path.join(first.path, "modelinfos", "gemma2.json"))
-    again = choose_compile_cache(config, GPU_HOST, VLLM_025)
+    again = choose_compile_cache(config)
     assert again.model_info_seeded == ("gemma2.json",)  # what vLLM wrote itself stays
     assert open(own).read() == '{"hash": "written by vLLM"}'
     assert again.report("")["model_info_seeded"] == ["gemma2.json"]
     no_seed = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "other"), "MODEL_INFO_SEED_DIR": str(tmp_path / "none")})
-    assert choose_compile_cache(no_seed, GPU_HOST, VLLM_025).model_info_seeded == ()
+    assert choose_compile_cache(no_seed).model_info_seeded == ()
 
 
-def start_once(model_dir: str, cache_dir: str, prefetch_weights: str, model_info_seed: str) -> dict:
+def start_once(model_dir: str, cache_dir: str, model_info_seed: str) -> dict:
     """`python handler.py` from process start to its first job; the job's start-up metadata and the log."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps({"input": {"prompt": "Ljubljana", "sampling_params": {"max_tokens": 4}}})],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir, PREFETCH_WEIGHTS=prefetch_weights,
+        env=subprocess_env(**engine_env(model_dir, COMPILE_CACHE_DIR=cache_dir,
                                          MODEL_INFO_SEED_DIR=model_info_seed)),
     )
     wall_s = time.monotonic() - started
@@ -185,8 +131,8 @@ def two_starts(tiny_model_dir, tmp_path_factory):
     seed_file = seed / "modelinfos" / "vllm-model_executor-models-gemma2-Gemma2ForCausalLM.json"
     os.utime(seed_file, (1e9, 1e9))
     cache_dir = str(tmp_path / "cache")
-    first = start_once(tiny_model_dir, cache_dir, prefetch_weights="with-imports", model_info_seed=str(seed))
-    second = start_once(tiny_model_dir, cache_dir, prefetch_weights="after-imports", model_info_seed=str(seed))
+    first = start_once(tiny_model_dir, cache_dir, model_info_seed=str(seed))
+    second = start_once(tiny_model_dir, cache_dir, model_info_seed=str(seed))
     return {"tmp_path": tmp_path, "seed": seed, "seed_file": seed_file, "cache_dir": cache_dir,
             "first": first, "second": second}
 
@@ -205,16 +151,12 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(two_starts
     assert (first_cache["hit"], first_cache["artifacts_before"]) == (False, 0)
     assert first_cache["new_artifacts"] > 0
     assert second_cache["hit"] is True, second_cache
-    assert first_cache["mega_aot_artifact"] is second_cache["mega_aot_artifact"] is True  # torch 2.13 here
-    assert first_cache["path"].endswith("mega-aot-on")
     for run in (first, second):  # every second of the start belongs to a named step
         marks, steps = run["since_process_start_s"], run["step_s"]
         for step in ("torch imported", "vLLM engine classes imported", "vLLM: engine process started",
                      "vLLM: weights loaded", "vLLM: engine initialised", "engine started", "runpod imported"):
             assert step in marks, (step, marks)
         assert abs(sum(steps.values()) - marks["first job served"]) < 0.01 * len(steps)
-        assert run["weight_prefetch"]["outcome"] in ("read all 1 weight files",
-                                                     "stopped: vLLM started loading the weights"), run
     # Reported, not asserted: timings on a shared CI machine are not a test.
     times = {name: {"engine_started_s": run["since_process_start_s"]["engine started"],
                     "first_job_s": run["since_process_start_s"]["first job served"],
@@ -228,59 +170,26 @@ def test_a_second_start_with_the_same_cache_hits_it_and_starts_faster(two_starts
         print(f"{name} start, seconds per step: {json.dumps(run['step_s'])}")
 
 
-# --- what wrote a folder, and folders that cannot be written -----------------------------
+# --- damaged folders, and folders that cannot be written ------------------------------
 
 
-def test_a_new_folder_gets_a_manifest_and_a_folder_of_another_release_or_model_is_set_aside_unread(tmp_path, caplog):
-    config = load_config({"COMPILE_CACHE_DIR": str(tmp_path), "MODEL_NAME": "cjvt/GaMS-9B-Instruct"})
-    cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
-    manifest = json.loads(open(os.path.join(cache.path, compile_cache.MANIFEST_NAME)).read())
-    assert manifest == {"format": 1, "model": "cjvt/GaMS-9B-Instruct", "vllm": "0.25.0", "torch": "2.11.0+cu130",
-                        "device": "1xNVIDIA H100 80GB HBM3_sm9.0", "mega_aot_artifact": True}
-    kernel = os.path.join(cache.path, "torch_compile_cache", "k.so")
-    os.makedirs(os.path.dirname(kernel))
-    open(kernel, "wb").write(b"\x7fELF")
-    again = choose_compile_cache(config, GPU_HOST, VLLM_025)
-    assert again.before.compiled == 1 and again.set_aside == ()  # its own folder: used as it is
-
-    # Another vLLM wrote it (a folder copied in, or two keys that slug alike): never loaded.
-    with open(os.path.join(cache.path, compile_cache.MANIFEST_NAME), "w") as handle:
-        json.dump({**manifest, "vllm": "0.25.1"}, handle)
-    foreign = choose_compile_cache(config, GPU_HOST, VLLM_025)
-    assert foreign.before.compiled == 0 and not os.path.exists(kernel)
-    (aside,) = foreign.set_aside
-    assert os.path.exists(os.path.join(aside, "torch_compile_cache", "k.so"))
-    assert "was written for vllm '0.25.1' (this worker: '0.25.0'): moved it to" in caplog.text
-    assert json.loads(open(os.path.join(cache.path, compile_cache.MANIFEST_NAME)).read()) == manifest
-
-    # Files without a manifest (an older worker, or by hand): not proven, so not loaded either.
-    os.remove(os.path.join(cache.path, compile_cache.MANIFEST_NAME))
-    open(os.path.join(cache.path, "stray.py"), "w").write("import os\n")
-    unproven = choose_compile_cache(config, GPU_HOST, VLLM_025)
-    assert unproven.before.compiled == 0 and "holds files but no manifest" in caplog.text
-    siblings = [name for name in os.listdir(os.path.dirname(cache.path)) if ".foreign-" in name]
-    assert len(siblings) == 1  # one set-aside folder of a kind is kept: on a volume they would pile up
-    assert os.listdir(unproven.set_aside[0]) == ["stray.py"]
-    assert unproven.report("")["set_aside"] == list(unproven.set_aside)
-
-
-def test_a_damaged_folder_is_emptied_and_keeps_its_manifest_and_model_info(tmp_path):
+def test_a_damaged_folder_is_emptied_and_keeps_its_model_info(tmp_path):
     seed = tmp_path / "seed" / "modelinfos"
     seed.mkdir(parents=True)
     (seed / "gemma2.json").write_text("{}")
     config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cc"), "MODEL_INFO_SEED_DIR": str(tmp_path / "seed")})
-    cache = choose_compile_cache(config, CPU_HOST, VLLM_025)
+    cache = choose_compile_cache(config)
     open(os.path.join(cache.path, "broken.so"), "wb").write(b"\x7f")
-    cache = choose_compile_cache(config, CPU_HOST, VLLM_025)
+    cache = choose_compile_cache(config)
     emptied = cache.emptied()
     assert (emptied.path, emptied.before.compiled) == (cache.path, 0)
-    assert sorted(os.listdir(emptied.path)) == [compile_cache.MANIFEST_NAME, "modelinfos"]
+    assert sorted(os.listdir(emptied.path)) == ["modelinfos"]
     assert os.listdir(emptied.set_aside[0]) and "broken.so" in os.listdir(emptied.set_aside[0])
-    assert choose_compile_cache(config, CPU_HOST, VLLM_025).set_aside == ()  # the new folder is its own
+    assert choose_compile_cache(config).set_aside == ()
 
 
 def test_vllm_tracing_its_graphs_again_after_a_load_failure_is_reported(tmp_path):
-    warm = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(3, 0), mega_aot=ON)
+    warm = CompileCache(path=str(tmp_path), location="container", before=ArtifactCount(3, 0))
     output = ("WARNING [decorators.py:333] [backbone] Compiling model again due to a load failure from "
               "/c/rank_0_0/model, reason: pickle data was truncated")
     assert warm.report(output)["vllm_recompiled_after_load_failure"] is True
@@ -291,7 +200,7 @@ def test_compile_cache_on_volume_false_keeps_it_in_the_container(tmp_path, monke
     monkeypatch.setattr(compile_cache, "CONTAINER_DIR", str(tmp_path / "container"))
     (tmp_path / "volume").mkdir()
     config = load_config({"NETWORK_VOLUME_PATH": str(tmp_path / "volume"), "COMPILE_CACHE_ON_VOLUME": "false"})
-    assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
+    assert choose_compile_cache(config).location == "container"
     assert not (tmp_path / "volume" / "gams-worker").exists()
 
 
@@ -307,11 +216,11 @@ def test_a_read_only_volume_where_the_folder_exists_is_warned_about_and_the_cont
     volume = tmp_path / "volume"
     config = load_config({"NETWORK_VOLUME_PATH": str(volume)})
     with tmpfs(volume, 4 << 30):
-        on_volume = choose_compile_cache(config, GPU_HOST, VLLM_025)  # the folder and its manifest exist
+        on_volume = choose_compile_cache(config)  # the folder exists
         assert on_volume.location == "network volume"
         remount_read_only(volume)  # os.makedirs(exist_ok=True) still passes on it
         caplog.clear()
-        cache = choose_compile_cache(config, GPU_HOST, VLLM_025)
+        cache = choose_compile_cache(config)
     assert cache.location == "container" and cache.path.startswith(str(tmp_path / "container"))
     (warning,) = volume_warnings(caplog)
     assert warning.startswith(f"compile cache: cannot use the network volume folder: {on_volume.path} is not "
@@ -325,13 +234,13 @@ def test_a_full_or_nearly_full_volume_is_warned_about_and_the_container_used(tmp
     volume = tmp_path / "volume"
     config = load_config({"NETWORK_VOLUME_PATH": str(volume)})
     with tmpfs(volume, 16 << 20):  # writable, but under MIN_FREE_BYTES
-        assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
+        assert choose_compile_cache(config).location == "container"
         (warning,) = volume_warnings(caplog)
         assert "MiB free, less than the 1024 MiB it needs" in warning
         caplog.clear()
         monkeypatch.setattr(compile_cache, "MIN_FREE_BYTES", 0)
         fill(volume)  # full: the probe's write itself fails
-        assert choose_compile_cache(config, GPU_HOST, VLLM_025).location == "container"
+        assert choose_compile_cache(config).location == "container"
         (warning,) = volume_warnings(caplog)
         assert "is not writable (No space left on device)" in warning
         assert [name for name in os.listdir(volume) if name.startswith(".gams-worker-write-probe")] == []
@@ -342,7 +251,7 @@ def test_with_no_writable_folder_vllm_is_told_to_save_nothing(tmp_path, monkeypa
     blocker.write_text("not a folder")
     monkeypatch.setattr(compile_cache, "CONTAINER_DIR", str(blocker / "container"))
     monkeypatch.setattr(compile_cache, "TEMPORARY_DIR", str(blocker / "tmp"))
-    cache = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(blocker / "cc")}), GPU_HOST, VLLM_025)
+    cache = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(blocker / "cc")}))
     assert cache.disabled and cache.engine_environment()["VLLM_DISABLE_COMPILE_CACHE"] == "1"
     (warning,) = volume_warnings(caplog)
     assert warning.endswith("vLLM compiles every start and saves nothing")
@@ -361,8 +270,7 @@ def test_a_truncated_kernel_in_the_cache_costs_one_compile_not_every_start(two_s
     assert kernels, folder
     for kernel in kernels:
         os.truncate(kernel, 1000)  # what a copy cut short leaves: the ELF header, no code
-    run = start_once(tiny_model_dir, two_starts["cache_dir"], prefetch_weights="off",
-                     model_info_seed=str(two_starts["seed"]))
+    run = start_once(tiny_model_dir, two_starts["cache_dir"], model_info_seed=str(two_starts["seed"]))
     log = run["log"]
     assert [line.split("engine start: ")[1] for line in log.splitlines() if "engine start: rung" in line] == [
         "rung 1/3, full mode (default)", "rung 1/3, full mode (default)"]  # the same mode, no rung dropped

@@ -84,17 +84,6 @@ def test_compile_cache_settings():
     assert (load_config({}).compile_cache_dir, load_config({}).vllm_cache_root) == (None, None)
 
 
-def test_fast_start_settings():
-    assert (load_config({}).mega_aot_artifact, load_config({}).prefetch_weights) == (None, "off")  # None: auto
-    assert load_config({"MEGA_AOT_ARTIFACT": "auto"}).mega_aot_artifact is None
-    assert load_config({"MEGA_AOT_ARTIFACT": "off"}).mega_aot_artifact is False
-    assert load_config({"PREFETCH_WEIGHTS": "After-Imports"}).prefetch_weights == "after-imports"
-    # vLLM's own variable counts, read as vLLM reads it, unless ours is set.
-    assert load_config({"VLLM_USE_MEGA_AOT_ARTIFACT": "1"}).mega_aot_artifact is True
-    assert load_config({"VLLM_USE_MEGA_AOT_ARTIFACT": "true"}).mega_aot_artifact is False
-    assert load_config({"VLLM_USE_MEGA_AOT_ARTIFACT": "0", "MEGA_AOT_ARTIFACT": "on"}).mega_aot_artifact is True
-
-
 @pytest.mark.parametrize(
     "name, value, allowed",
     [
@@ -107,8 +96,6 @@ def test_fast_start_settings():
         ("MAX_NUM_SEQS", "-1", "an integer >= 1"),
         ("STREAM_BATCH_MS", "-5", "an integer >= 0"),
         ("MAX_CUDAGRAPH_CAPTURE_SIZE", "0", "an integer >= 1"),
-        ("MEGA_AOT_ARTIFACT", "sometimes", "true, false or auto"),
-        ("PREFETCH_WEIGHTS", "true", "one of off, with-imports, after-imports"),
     ],
 )
 def test_bad_value_names_variable_value_and_what_is_allowed(name, value, allowed):

@@ -10,7 +10,6 @@ from gams_worker.memory import ENGINE_OVERHEAD_BYTES, GIB, memory_from_config
 from gams_worker.presets import GEMMA2_9B
 from gams_worker.startup.doctor import diagnose, run_doctor
 from gams_worker.startup.host import GpuFacts, HostFacts
-from gams_worker.versions import cuda_from_version_tag
 
 # GaMS-9B-Instruct's config.json (a Gemma 2 9B), the fields the estimate reads.
 GAMS_9B_CONFIG = {
@@ -35,7 +34,7 @@ def h100(free_gib: float = 79.0, driver_cuda: str = "13.0") -> HostFacts:
         platform="cuda",
         gpus=(GpuFacts("NVIDIA H100 80GB HBM3", "9.0", int(79.6 * GIB), int(free_gib * GIB)),),
         driver_version="580.82.07", driver_cuda=driver_cuda,
-        torch_version="2.11.0+cu130", torch_cuda="13.0", vllm_version="0.25.0", vllm_cuda="13.0",
+        torch_version="2.11.0+cu130", torch_cuda="13.0", vllm_version="0.25.0",
     )
 
 
@@ -64,7 +63,7 @@ def test_healthy_h100_has_no_verdicts_and_starts_in_the_default_rung():
     text = "\n".join(report.lines)
     assert "NVIDIA H100 80GB HBM3, compute capability 9.0" in text
     assert "driver 580.82.07, supports CUDA up to 13.0" in text
-    assert "torch 2.11.0+cu130 built for CUDA 13.0; vLLM 0.25.0 built for CUDA 13.0" in text
+    assert "torch 2.11.0+cu130 built for CUDA 13.0; vLLM 0.25.0" in text
 
 
 def test_driver_older_than_the_toolkit_names_the_remedy_and_starts_at_piecewise():
@@ -146,8 +145,8 @@ def test_run_doctor_on_this_machine_reports_and_continues(tiny_model_dir, caplog
     assert any("model needs ~" in line for line in report.lines)
 
 
-def test_probes_without_nvml_or_libcuda_report_unknown_instead_of_crashing(monkeypatch):
-    # This machine has neither libnvidia-ml nor libcuda: the GPU probes must fall back quietly.
+def test_probes_without_nvml_report_unknown_instead_of_crashing(monkeypatch):
+    # This machine has no libnvidia-ml and a CPU build of vLLM: the GPU probes must fall back quietly.
     monkeypatch.setattr(host, "platform_name", lambda: "cuda")
     facts = host.collect_host_facts()
     assert facts.platform == "cuda"
@@ -164,17 +163,6 @@ def test_doctor_survives_a_probe_that_raises(monkeypatch):
     report = run_doctor(WorkerConfig(model_name="/nonexistent"), host.host_facts(), "/nonexistent")
     assert report.facts.platform == host.UNKNOWN
     assert any("model memory: unknown" in line for line in report.lines)
-
-
-def test_vllm_cuda_version_from_its_version_tag_or_linked_cudart(tmp_path):
-    assert cuda_from_version_tag("0.25.0+cu130") == "13.0"
-    assert cuda_from_version_tag("0.9.2+cu126") == "12.6"
-    assert cuda_from_version_tag("0.25.0") is None
-    extension = tmp_path / "_C.abi3.so"
-    extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0libcudart.so.13\0libc.so.6\0")
-    assert host._linked_cudart_major(str(extension)) == "13"
-    extension.write_bytes(b"\x7fELF" + b"\0" * 100 + b"libtorch.so\0")
-    assert host._linked_cudart_major(str(extension)) is None
 
 
 def test_no_gpu_and_no_cpu_build_is_a_blocking_plain_verdict():
@@ -195,3 +183,39 @@ def test_a_driver_older_than_runpod_min_cuda_version_blocks_the_start():
     # Without the setting, an old driver only moves the start to piecewise (the fallback ladder).
     unset = diagnose(h100(driver_cuda="12.8"), gams_memory(WorkerConfig()), WorkerConfig())
     assert unset.blocking == () and unset.start_mode == "piecewise"
+
+
+def test_gpu_facts_come_from_vllms_platform_and_nvml(monkeypatch):
+    """What host.py asks of vLLM's CUDA platform and NVML, on a stand-in for both (this machine has no GPU)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import vllm.platforms
+
+    class CudaPlatform:
+        def is_cuda(self):
+            return True
+
+        def device_count(self):
+            return 2
+
+        def get_device_capability(self, index):
+            return SimpleNamespace(major=9, minor=0)
+
+        def get_device_name(self, index):
+            return "NVIDIA H100 80GB HBM3"
+
+        def device_id_to_physical_device_id(self, index):
+            return (3, 5)[index]  # CUDA_VISIBLE_DEVICES=3,5
+
+    nvml = SimpleNamespace(
+        nvmlDeviceGetHandleByIndex=lambda physical: physical,
+        nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(total=80 * GIB, free=(70 + handle) * GIB),
+        nvmlSystemGetCudaDriverVersion_v2=lambda: 13000,
+        nvmlSystemGetDriverVersion=lambda: "580.82.07")
+    monkeypatch.setattr(vllm.platforms, "current_platform", CudaPlatform())
+    monkeypatch.setattr(host, "_nvml", lambda: contextlib.nullcontext(nvml))
+    facts = host.collect_host_facts()
+    assert facts.gpus == (GpuFacts("NVIDIA H100 80GB HBM3", "9.0", 80 * GIB, 73 * GIB),
+                          GpuFacts("NVIDIA H100 80GB HBM3", "9.0", 80 * GIB, 75 * GIB))
+    assert (facts.platform, facts.driver_version, facts.driver_cuda) == ("cuda", "580.82.07", "13.0")

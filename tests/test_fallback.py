@@ -331,15 +331,13 @@ class SequencedStarts:
 def warm_cache(tmp_path):
     from gams_worker.config import load_config
     from gams_worker.startup.compile_cache import choose_compile_cache
-    from gams_worker.startup.host import HostFacts
 
     config = load_config({"COMPILE_CACHE_DIR": str(tmp_path / "cc")})
-    host = HostFacts(platform="cpu", torch_version="2.13.0+cpu", vllm_version="0.32.0+cpu")
-    cold = choose_compile_cache(config, host)
+    cold = choose_compile_cache(config)
     kernel = tmp_path / "cc" / cold.path / "torch_compile_cache" / "ab" / "kernel.so"
     kernel.parent.mkdir(parents=True)
     kernel.write_bytes(b"\x7fELF truncated")
-    return choose_compile_cache(config, host)
+    return choose_compile_cache(config)
 
 
 def test_a_damaged_cache_is_set_aside_and_the_start_retried_once_in_the_same_mode(tmp_path, caplog):

@@ -1,14 +1,19 @@
-"""Start-up order: work that holds the GIL (the SDK's import, the garbage collection) waits for vLLM's engine process."""
+"""Start-up order: work that holds the GIL (the SDK's import, the garbage collection) waits for vLLM's engine process;
+the start deadline reaches vLLM before its engine classes are imported."""
 
 import functools
 import importlib
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
 
+import pytest
+
 from gams_worker.startup.timeline import StartupTimeline
 from gams_worker.startup.while_engine_starts import WhileEngineStarts
+from tests.harness.worker_process import ROOT, subprocess_env
 
 
 def stand_in_module(tmp_path, monkeypatch, name: str) -> str:
@@ -57,3 +62,37 @@ def test_after_a_failed_start_the_rest_is_skipped(tmp_path, monkeypatch):
                                    StartupTimeline())
     background.finish(run_the_rest=False)  # the worker exits with the start's error, without waiting
     assert name not in sys.modules
+
+
+class EngineClassesImported(Exception):
+    pass
+
+
+def test_the_start_deadline_is_handed_to_vllm_before_its_engine_classes_are_imported(monkeypatch):
+    """vLLM's own wait for its engine process (VLLM_ENGINE_READY_TIMEOUT_S, 600 s by default) is read
+    when its engine classes are imported: set from ENGINE_START_TIMEOUT_S before, it never ends a start first."""
+    from gams_worker import worker
+    from gams_worker.config import load_config
+    from gams_worker.startup.plan import NO_DEADLINE_S
+
+    seen = []
+
+    def import_engine_classes():
+        seen.append(os.environ.get("VLLM_ENGINE_READY_TIMEOUT_S"))
+        raise EngineClassesImported
+
+    monkeypatch.setattr(worker, "import_engine_classes", import_engine_classes)
+    for timeout, handed in (("2400", "2400"), ("0", str(NO_DEADLINE_S))):  # 0: no deadline, for vLLM too
+        monkeypatch.setenv("VLLM_ENGINE_READY_TIMEOUT_S", "600")  # restored after the test
+        with pytest.raises(EngineClassesImported):
+            worker.start_worker(load_config({"MODEL_NAME": "/nonexistent", "ENGINE_START_TIMEOUT_S": timeout}))
+    assert seen == ["2400", str(NO_DEADLINE_S)]
+
+
+def test_vllm_waits_for_its_engine_process_as_long_as_it_was_told():
+    code = ("import os; from gams_worker.config import load_config; from gams_worker.startup.plan import "
+            "engine_ready_timeout; os.environ.update(engine_ready_timeout(load_config({'ENGINE_START_TIMEOUT_S': "
+            "'2400'}))); from vllm.v1.engine import core_client; print(core_client.VLLM_ENGINE_READY_TIMEOUT_S)")
+    printed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env=subprocess_env(), check=True).stdout
+    assert printed.strip().splitlines()[-1] == "2400"

@@ -1,10 +1,6 @@
-"""The CUDA doctor: verdicts on the host before the engine starts, with remedies.
-
-From the host's facts (gams_worker/startup/host.py) and the memory the model needs, it
-says in plain words what is wrong and what to do. A verdict may choose the fallback
-ladder's starting rung: a driver older than the CUDA toolkit cannot JIT the toolkit's PTX,
-which breaks FULL CUDA-graph capture, so the engine starts at piecewise. The doctor never
-raises: what it cannot tell it reports as "unknown".
+"""The CUDA doctor: verdicts on the host (host.py) and the model's memory before the engine starts,
+each with its remedy; a verdict may choose the fallback ladder's first rung, and some block the start.
+It never raises: what it cannot tell it reports as "unknown".
 """
 
 from __future__ import annotations
@@ -46,26 +42,9 @@ def run_doctor(config: WorkerConfig, facts: HostFacts, model_dir: Optional[str])
     return report
 
 
-# --- verdicts ----------------------------------------------------------------------
-
-
 def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConfig) -> DoctorReport:
     """The report and verdicts for ``facts``; pure, so tests can feed it any host."""
-    lines = [f"platform: {facts.platform}"]
-    for index, gpu in enumerate(facts.gpus):
-        lines.append(f"GPU {index}: {gpu.name}, compute capability {gpu.compute_capability}, "
-                     f"{_gib(gpu.free_bytes)} free of {_gib(gpu.total_bytes)} GiB")
-    if facts.platform == "cuda" or facts.gpus:
-        lines.append(f"driver {facts.driver_version}, supports CUDA up to {facts.driver_cuda}")
-    lines.append(f"torch {facts.torch_version} built for CUDA {facts.torch_cuda}; "
-                 f"vLLM {facts.vllm_version} built for CUDA {facts.vllm_cuda}")
-    if memory is not None:
-        lines.append(f"model needs ~{_gib(memory.weight_bytes)} GiB of weights per GPU ({memory.source}) "
-                     f"+ ~{_gib(memory.kv_bytes(config.max_model_len))} GiB KV cache for "
-                     f"MAX_MODEL_LEN={config.max_model_len}")
-    else:
-        lines.append("model memory: unknown (the model's config.json is not on this machine)")
-
+    lines = _report_lines(facts, memory, config)
     if facts.platform == "cpu":
         lines.append("CPU backend: vLLM captures no CUDA graphs here; GPU checks skipped")
         return DoctorReport(facts, tuple(lines), ())
@@ -75,7 +54,6 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
                    "and this image runs only on NVIDIA GPUs: give the endpoint a GPU, or run the container with "
                    "the NVIDIA runtime (docker --gpus all, podman --device nvidia.com/gpu=all)")
         return DoctorReport(facts, tuple(lines), (problem,), blocking=(problem,))
-
     verdicts: List[str] = []
     start_mode, start_reason = None, ""
     driver_verdict = _driver_verdict(facts)
@@ -94,9 +72,25 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
         verdicts.append(memory_verdict)
     blocking = _gpu_requirement_problems(facts, config)
     if facts.gpus and not config.quantization and all(_supports_fp8(g) for g in facts.gpus):
-        lines.append("FP8 available on this GPU: QUANTIZATION=fp8 (vLLM's online FP8 weights) ran GaMS-9B-shaped "
-                     "weights 1.5x faster at batch 1 on an H100; the default stays bf16")
+        lines.append("FP8 available on this GPU: QUANTIZATION=fp8 (vLLM's online FP8 weights); the default stays bf16")
     return DoctorReport(facts, tuple(lines), tuple(verdicts + blocking), start_mode, start_reason, tuple(blocking))
+
+
+def _report_lines(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConfig) -> List[str]:
+    lines = [f"platform: {facts.platform}"]
+    for index, gpu in enumerate(facts.gpus):
+        lines.append(f"GPU {index}: {gpu.name}, compute capability {gpu.compute_capability}, "
+                     f"{_gib(gpu.free_bytes)} free of {_gib(gpu.total_bytes)} GiB")
+    if facts.platform == "cuda" or facts.gpus:
+        lines.append(f"driver {facts.driver_version}, supports CUDA up to {facts.driver_cuda}")
+    lines.append(f"torch {facts.torch_version} built for CUDA {facts.torch_cuda}; vLLM {facts.vllm_version}")
+    if memory is None:
+        lines.append("model memory: unknown (the model's config.json is not on this machine)")
+    else:
+        lines.append(f"model needs ~{_gib(memory.weight_bytes)} GiB of weights per GPU ({memory.source}) "
+                     f"+ ~{_gib(memory.kv_bytes(config.max_model_len))} GiB KV cache for "
+                     f"MAX_MODEL_LEN={config.max_model_len}")
+    return lines
 
 
 def _supports_fp8(gpu: GpuFacts) -> bool:
@@ -126,9 +120,7 @@ def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[st
 
 
 def _driver_verdict(facts: HostFacts) -> Optional[str]:
-    driver = major_minor(facts.driver_cuda)
-    needed = max((v for v in (major_minor(facts.torch_cuda), major_minor(facts.vllm_cuda)) if v),
-                 default=None)
+    driver, needed = major_minor(facts.driver_cuda), major_minor(facts.torch_cuda)
     if not driver or not needed or driver >= needed:
         return None
     needed_text = ".".join(str(part) for part in needed)
@@ -141,8 +133,7 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
         return None
     gpu = min(facts.gpus[: config.tensor_parallel_size], key=lambda g: g.total_bytes or 0)
     budget = int(gpu.total_bytes * config.gpu_memory_utilization)
-    kv_bytes = memory.kv_bytes(config.max_model_len)
-    needed = memory.weight_bytes + kv_bytes + memory.overhead_bytes
+    needed = memory.weight_bytes + memory.kv_bytes(config.max_model_len) + memory.overhead_bytes
     if needed <= budget:
         if gpu.free_bytes is not None and gpu.free_bytes < budget:
             fraction = math.floor(gpu.free_bytes / gpu.total_bytes * 100) / 100
@@ -156,8 +147,7 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
     if fixed >= budget or memory.kv_bytes_per_layer_token == 0:
         return f"{prefix}: the weights alone do not fit: quantize or TENSOR_PARALLEL_SIZE={next_tp}"
     fitting_len = memory.longest_sequence(budget - fixed) // 256 * 256
-    return (f"{prefix}: lower MAX_MODEL_LEN to {fitting_len} / quantize / "
-            f"TENSOR_PARALLEL_SIZE={next_tp}")
+    return f"{prefix}: lower MAX_MODEL_LEN to {fitting_len} / quantize / TENSOR_PARALLEL_SIZE={next_tp}"
 
 
 def _gib(value: Optional[int]) -> str:

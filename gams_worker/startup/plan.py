@@ -1,6 +1,6 @@
-"""What the engine starts with, decided before it starts: the preset under the environment, the
-doctor's verdicts and the first rung of the fallback ladder, the model, max_num_seqs and the
-compile cache (``plan_engine``), and the environment vLLM's engine process inherits.
+"""What the engine starts with, decided before it starts (``plan_engine``): the preset under the environment,
+the doctor's verdicts and the ladder's first rung, the model, max_num_seqs, the compile cache, and the
+environment vLLM's engine process inherits.
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ from gams_worker.startup.model import BAKED, ResolvedModel, resolve_model
 log = logging.getLogger(__name__)
 
 BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
 PRESET_SETTINGS = ("max_model_len", "dtype", "gpu_memory_utilization", "tensor_parallel_size")  # what a preset fills
+# vLLM's wait for its engine process has no "off": a year stands for ENGINE_START_TIMEOUT_S=0.
+NO_DEADLINE_S = 365 * 24 * 3600
+
+
+def engine_ready_timeout(config: WorkerConfig) -> Dict[str, str]:
+    """ENGINE_START_TIMEOUT_S handed to vLLM too, so its own 600 s default never ends a start first.
+    vLLM reads it when its engine classes are imported: export it before."""
+    return {"VLLM_ENGINE_READY_TIMEOUT_S": str(config.engine_start_timeout_s or NO_DEADLINE_S)}
 
 
 def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]
@@ -100,14 +107,13 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
     model = resolve_model(config)  # baked copy, then caches, then the hub
     if model.source == BAKED:
         # A baked copy is whole: nothing may reach for the hub (RunPod's worker-vllm sets the same).
-        # vLLM's engine process, which loads the model, inherits them.
         export_to_engine(BAKED_MODEL_OFFLINE)
         log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
     mark("model resolved")
     # The doctor read the model's memory where it was here already; a download is read now.
     memory = report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size)
     config = with_max_num_seqs(config, facts, memory)
-    compile_cache = choose_compile_cache(config, facts)
+    compile_cache = choose_compile_cache(config)
     export_to_engine(compile_cache.engine_environment())
     mark("compile cache checked")
     return EnginePlan(config, mode, reason, model.path, compile_cache)

@@ -1,12 +1,8 @@
 """The start-up timeline: where a cold start's seconds go, from process start to the first job.
 
-Our own steps are marked as they happen. vLLM's phases (its engine process started, weights
-loading and loaded, torch.compile, KV cache, CUDA-graph capture) happen mostly inside its
-engine process, so they are marked when their log lines reach this process: the engine
-start tees the engine's output (gams_worker/startup/output_capture.py) and hands each line to
-``watch_engine_line``, which stamps it on arrival. The durations vLLM itself logs are kept
-apart, in ``engine_phases_s``. Together with ``step_s`` (the seconds each mark took after
-the one before), every second of a start belongs to a named step.
+Our steps are marked as they happen; vLLM's phases when their lines of the engine's output arrive
+(``watch_engine_line``). ``step_s`` gives each mark's seconds since the one before, so every second
+of a start belongs to a named step; the durations vLLM logs itself are kept in ``engine_phases_s``.
 """
 
 from __future__ import annotations
@@ -32,8 +28,7 @@ ENGINE_PHASES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
 
 ENGINE_PROCESS_STARTED = "vLLM: engine process started"
 WEIGHTS_LOADING = "vLLM: weights loading"
-# (mark, pattern): the lines that end each of vLLM's start-up phases, as vLLM 0.32 logs them,
-# in the order they come. Each is marked once per engine process.
+# The lines that end each of vLLM's start-up phases, in order; each is marked once per engine process.
 ENGINE_MARKS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ("vLLM: model config read", re.compile(r"Resolved architecture")),
     (ENGINE_PROCESS_STARTED, re.compile(r"Initializing a V1 LLM engine")),
@@ -49,11 +44,8 @@ ENGINE_MARKS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
 
 
 def process_start_time() -> float:
-    """When this process started (epoch seconds): a container's start, for `python handler.py`.
-
-    From the kernel's start time in clock ticks since boot, set against the boot-time clock
-    now: exact to a tick (10 ms). (psutil's create_time adds the boot time, which /proc gives
-    in whole seconds, so it can be off by up to a second.)"""
+    """When this process started (epoch seconds), exact to a clock tick: psutil's create_time can be
+    a second off (it adds the boot time, which /proc gives in whole seconds)."""
     try:
         with open("/proc/self/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
@@ -70,7 +62,6 @@ class StartupTimeline:
         self.marks: List[Tuple[str, float]] = []
         self.engine_phases: Dict[str, float] = {}
         self.compile_cache: Optional[Dict[str, Any]] = None  # CompileCache.report() of this start
-        self.details: Dict[str, Any] = {}  # reports of other start-up work (weight prefetch, imports)
         self._lock = threading.Lock()  # engine lines are marked from the output-tee threads
         self._engine_marks_seen: set = set()
         self._phase_rank: Dict[str, int] = {}  # phase -> index in ENGINE_PHASES of the pattern that gave it
@@ -78,8 +69,7 @@ class StartupTimeline:
 
     def mark(self, step: str, at: Optional[float] = None, log_it: bool = True) -> float:
         """Record that ``step`` is done (now, or at epoch time ``at``); returns seconds since process start.
-
-        A step marked again (an engine started twice by the fallback ladder) gets " #2", " #3"."""
+        A step marked again (a second engine start) gets " #2", " #3"."""
         seconds = round((time.time() if at is None else at) - self.started_at, 2)
         with self._lock:
             names = {name for name, _ in self.marks}
@@ -93,11 +83,10 @@ class StartupTimeline:
         return seconds
 
     def watch_engine_line(self, line: str, at: Optional[float] = None) -> Optional[str]:
-        """Mark the vLLM phase that ``line`` ends, stamped with its arrival time; return that
-        phase's mark (ENGINE_MARKS), or None."""
+        """Mark the vLLM phase that ``line`` ends, at its arrival; return the mark (ENGINE_MARKS), or None."""
         if not self._watching:
             return None
-        self._read_phases(line)
+        self.read_engine_output(line)
         for step, pattern in ENGINE_MARKS:
             if pattern.search(line):
                 if step == ENGINE_PROCESS_STARTED:  # a new engine process: its phases start over
@@ -105,9 +94,7 @@ class StartupTimeline:
                 if step in self._engine_marks_seen:
                     return None
                 self._engine_marks_seen.add(step)
-                # Not logged: this runs in the thread that drains the engine's output pipe, and a
-                # log line written into that same pipe could block it for good once it is full.
-                # vLLM's own line is in the log, and "worker ready" logs the whole timeline.
+                # Not logged: a log line written into the pipe this thread drains could block it for good.
                 self.mark(step, at, log_it=False)
                 return step
         return None
@@ -117,11 +104,8 @@ class StartupTimeline:
         self._watching = False
 
     def read_engine_output(self, text: str) -> None:
-        """Pick the engine's inner phase durations out of its captured log lines."""
-        self._read_phases(text)
-
-    def _read_phases(self, text: str) -> None:
-        # Where two patterns give one phase, the earlier pattern wins, whichever line came first.
+        """Pick the engine's inner phase durations out of its log lines; of two patterns of one phase,
+        the earlier in ENGINE_PHASES wins, whichever line came first."""
         for rank, (phase, pattern) in enumerate(ENGINE_PHASES):
             if self._phase_rank.get(phase, len(ENGINE_PHASES)) <= rank:
                 continue
@@ -137,10 +121,6 @@ class StartupTimeline:
         for name, seconds in marks:
             steps[name] = round(seconds - previous, 2)
             previous = seconds
-        return {
-            "since_process_start_s": dict(marks),
-            "step_s": steps,  # seconds from the mark before (or process start) to this one
-            "engine_phases_s": dict(self.engine_phases),
-            "compile_cache": self.compile_cache,
-            **self.details,
-        }
+        # step_s: seconds from the mark before (or process start) to this one
+        return {"since_process_start_s": dict(marks), "step_s": steps, "engine_phases_s": dict(self.engine_phases),
+                "compile_cache": self.compile_cache}

@@ -20,9 +20,9 @@ from tests.harness.runpod_emulator import RunPodEmulator
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT_S = 240  # engine starts take 30-90 s on this 2-core machine beside other engines
-# Set in this process by an in-process worker for its engine (gams_worker/startup/compile_cache.py);
+# Set in this process by an in-process worker for its engine (gams_worker/startup/plan.py);
 # a worker subprocess must choose its own.
-ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "VLLM_USE_MEGA_AOT_ARTIFACT")
+ENGINE_EXPORTS = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "VLLM_ENGINE_READY_TIMEOUT_S")
 
 
 def engine_env(model_dir: str, **overrides: str) -> Dict[str, str]:
