@@ -6,7 +6,6 @@ import re
 from typing import Optional, Tuple
 
 _LEADING_MAJOR_MINOR = re.compile(r"^(\d+)(?:\.(\d+))?")
-_CUDA_TAG = re.compile(r"\+cu(\d+)(\d)\b")
 
 
 def release(version: str) -> str:
@@ -24,8 +23,3 @@ def is_major_minor(text: str) -> bool:
     """Exactly major.minor, as "13.0" (RUNPOD_MIN_CUDA_VERSION's form)."""
     return re.fullmatch(r"\d+\.\d+", text) is not None
 
-
-def cuda_from_version_tag(version: str) -> Optional[str]:
-    """ "0.25.0+cu130" -> "13.0"; None without a +cuNNN tag."""
-    tag = _CUDA_TAG.search(version)
-    return f"{tag.group(1)}.{tag.group(2)}" if tag else None

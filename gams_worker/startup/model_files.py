@@ -144,9 +144,8 @@ def index_weight_map(model_dir: Path) -> Optional[Dict[str, str]]:
     return weight_map
 
 
-def weight_shards(model_dir: Path) -> List[str]:
+def weight_shards(model_dir: Path, weight_map: Optional[Dict[str, str]]) -> List[str]:
     """The weight files vLLM loads: those the safetensors index names, else all *.safetensors."""
-    weight_map = index_weight_map(model_dir)
     if weight_map is not None:
         return sorted(set(weight_map.values()))
     return sorted(p.name for p in model_dir.glob("*.safetensors"))
@@ -190,7 +189,7 @@ def _find_problems(model_dir: Path, expected_sizes: Dict[str, int], tokenizer: b
         return problems + [str(exc)]  # which shards the copy needs is unknown
     except OSError as exc:
         return problems + [f"{SAFETENSORS_INDEX} cannot be read ({exc.strerror or exc})"]
-    shards = weight_shards(model_dir)
+    shards = weight_shards(model_dir, weight_map)
     if not shards:
         problems.append("no .safetensors weights")
     if weight_map is None:
