@@ -34,7 +34,7 @@ from gams_worker.platform.cancellation import close_when_cancelled  # noqa: E402
 from gams_worker.config import load_config  # noqa: E402
 from gams_worker.errors import ConfigError, WorkerError  # noqa: E402
 
-jobs = None  # the process's JobRouter (gams_worker/jobs/route.py), set in main()
+jobs = None  # the process's Worker (gams_worker/worker.py), set in serve()
 
 
 async def handler(job):
@@ -51,10 +51,11 @@ def main() -> int:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from gams_worker.worker import exit_quietly, setup_logging
+    from gams_worker.processes import end_process
+    from gams_worker.worker import setup_logging
 
     setup_logging(config)
-    exit_quietly(serve(config))
+    end_process(serve(config), run_exit_handlers=True)
 
 
 def serve(config) -> int:
@@ -75,7 +76,7 @@ def serve(config) -> int:
     except WorkerError as exc:  # that vLLM or SDK, an engine start failed for a classified cause, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
-    jobs = worker.jobs
+    jobs = worker
     import runpod
     try:
         if local_run:

@@ -266,7 +266,7 @@ class WorkerConfig:
                                                 ("VLLM_USE_MEGA_AOT_ARTIFACT",))
     prefetch_weights: str = setting("off", "PREFETCH_WEIGHTS", choice(PREFETCH_POINTS), "read the weights into the "
                                     "page cache: `with-imports` (while torch and vLLM import) or `after-imports`")
-    # Liveness (gams_worker/startup/liveness.py); 0 turns a deadline off.
+    # Liveness (gams_worker/serving/watchdog.py, startup/start_deadline.py); 0 turns a deadline off.
     engine_start_timeout_s: int = setting(1800, "ENGINE_START_TIMEOUT_S", integer(0), "seconds the whole engine "
                                           "start may take, every rung of the fallback ladder; else the worker exits 1")
     engine_stall_timeout_s: int = setting(180, "ENGINE_STALL_TIMEOUT_S", integer(0), "with requests in flight, the "

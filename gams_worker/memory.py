@@ -1,7 +1,7 @@
 """The one memory model of the GPUs serving the model: weights, KV cache per sequence, engine overhead.
 
 The presets (gams_worker/presets.py), the doctor (gams_worker/startup/doctor.py) and the sizing of
-max_num_seqs (gams_worker/startup/concurrency.py) all count with it, per GPU:
+max_num_seqs (gams_worker/startup/max_num_seqs.py) all count with it, per GPU:
 
     KV budget = GPU memory x GPU_MEMORY_UTILIZATION - weights / TP - engine overhead
 

@@ -59,7 +59,7 @@ CONTRACT: Tuple[Uses, ...] = (
          ("from_engine_args", "generate", "abort", "errored", "get_tokenizer", "shutdown", "model_config",
           "vllm_config", "renderer", "output_processor", "do_log_stats")),
     Uses("vllm.config", "VllmConfig", ("speculative_config", "structured_outputs_config")),
-    # The engine watchdog stamps its step clock in this per-message call (gams_worker/startup/liveness.py).
+    # The engine watchdog stamps its step clock in this per-message call (gams_worker/serving/watchdog.py).
     Uses("vllm.v1.engine.output_processor", "OutputProcessor", ("update_scheduler_stats", "get_num_unfinished_requests")),
     Uses("vllm.config", "CacheConfig", ("kv_cache_size_tokens", "num_gpu_blocks", "block_size")),
     Uses("vllm.config", "SchedulerConfig", ("max_num_seqs",)),
