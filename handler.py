@@ -1,9 +1,5 @@
-"""RunPod serverless worker for the Slovene LLM GaMS, served by vLLM.
-
-One vLLM engine per process, created before the job loop and shared by all jobs.
-Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
-child process that re-imports this file.
-"""
+"""RunPod serverless worker for the Slovene LLM GaMS, served by vLLM: one engine per process, shared
+by all jobs, created under the __main__ guard (vLLM's engine core re-imports this file)."""
 
 import os
 import signal
@@ -11,18 +7,15 @@ import sys
 
 
 def _stop_during_startup(signum, frame):
-    # Until the SDK's job loop installs its own handler (which lets jobs in flight finish), a
-    # SIGTERM ends the start-up at once: as PID 1 in a container, Python would ignore it.
-    # SystemExit unwinds the engine start, whose clean-up ends vLLM's engine process.
+    # Until the SDK's job loop installs its own handler, a SIGTERM ends the start-up at once (as PID 1,
+    # Python would ignore it); SystemExit unwinds the engine start, whose clean-up ends vLLM's engine.
     print("gams-worker: SIGTERM during start-up: stopping", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
 
 
 def _sigterm_as_default_in_child():
-    # Processes forked from this one do not inherit the start-up handler: the SDK forks its
-    # heartbeat process before its job loop installs its own handler, and at the worker's exit
-    # multiprocessing ends that process with SIGTERM, which printed the line above after every
-    # served run as if the start-up had been interrupted.
+    # The SDK forks its heartbeat process before its job loop installs its own handler, and ends it
+    # with SIGTERM at the worker's exit: it must not print the start-up's stop line.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -73,7 +66,7 @@ def serve(config) -> int:
             check_sdk_version()  # refuse an SDK the job loop was not written for before the engine starts
         # The job loop's SDK takes seconds to import: done while this process waits for vLLM's engine.
         worker = start_worker(config, import_while_engine_starts=("runpod",))
-    except WorkerError as exc:  # that vLLM or SDK, an engine start failed for a classified cause, or no model
+    except WorkerError as exc:  # the wrong vLLM or SDK, a classified start failure, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
     jobs = worker
