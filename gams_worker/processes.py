@@ -42,8 +42,7 @@ def kill_processes(pids: Iterable[int]) -> None:
 
 
 def wait_for_engine_gone(before: Set[int], timeout_s: float = CHILD_EXIT_TIMEOUT_S) -> None:
-    """Wait for the engine processes started since ``before`` to exit (a failed attempt's, with
-    its GPU memory, must be gone before the next); kill those that don't."""
+    """Wait for the engine processes started since ``before`` (a failed attempt's) to exit; kill the rest."""
     import psutil
 
     new = [psutil.Process(pid) for pid in engine_pids() - before if psutil.pid_exists(pid)]

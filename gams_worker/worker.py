@@ -1,8 +1,5 @@
-"""The composition root: the one place that builds the worker process from startup/, serving/, jobs/ and platform/.
-
-``start_worker`` starts the process's one engine and hands it to a ``Worker``, which builds the jobs of
-both dialects and the serving-time parts on it; handler.py runs the SDK's job loop over ``Worker.run``.
-"""
+"""The composition root, the one place that builds the worker from startup/, serving/, jobs/ and platform/:
+``start_worker`` starts the engine and hands it to a ``Worker``; handler.py serves jobs with ``Worker.run``."""
 
 from __future__ import annotations
 
@@ -79,8 +76,7 @@ class Worker:
         self.status_server = StatusServer(self.status, config.status_port) if config.status_port else None
 
     def run(self, job: Dict[str, Any]) -> AsyncIterator[Any]:
-        """One job's outputs (JobRouter.run). Serving begins with the first job, in the loop that runs
-        them all: the stats log starts there."""
+        """One job's outputs; serving begins with the first, in the loop that runs them all (the stats log's)."""
         if self.stats_log is not None:
             self.stats_log.start()
         return self.jobs.run(job)

@@ -8,8 +8,7 @@ from typing import Any, Optional
 
 
 class EngineStatsLog:
-    """Asks ``engine`` to log its stats every ``interval_s``, in the loop that runs the jobs (where vLLM
-    records them)."""
+    """Asks ``engine`` to log its stats every ``interval_s``, in the loop where vLLM records them."""
 
     def __init__(self, engine: Any, interval_s: float = 10.0):
         self._engine = engine
