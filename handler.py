@@ -1,9 +1,5 @@
-"""RunPod serverless worker for the Slovene LLM GaMS, served by vLLM.
-
-One vLLM engine per process, created before the job loop and shared by all jobs.
-Engine creation stays under the __main__ guard: vLLM spawns its engine core as a
-child process that re-imports this file.
-"""
+"""RunPod serverless worker for the Slovene LLM GaMS, served by vLLM: one engine per process, shared
+by all jobs, created under the __main__ guard (vLLM's engine core re-imports this file)."""
 
 import os
 import signal
@@ -11,11 +7,10 @@ import sys
 
 
 def _stop_during_startup(signum, frame):
-    # Until the SDK's job loop installs its own handler (which lets jobs in flight finish), a
-    # SIGTERM ends the start-up at once: as PID 1 in a container, Python would ignore it. A start
-    # has nothing to save, so the engine's processes are killed rather than asked to stop (vLLM
-    # waits seconds for an engine process busy compiling; a damaged compile cache is set aside
-    # by the next start).
+    # Until the SDK's job loop installs its own handler, a SIGTERM ends the start-up at once (as PID 1,
+    # Python would ignore it). A start has nothing to save: the engine's processes are killed rather
+    # than asked to stop (vLLM waits seconds for one busy compiling); the next start sets aside a
+    # damaged compile cache.
     print("gams-worker: SIGTERM during start-up: stopping", file=sys.stderr, flush=True)
     import psutil
 
@@ -28,10 +23,8 @@ def _stop_during_startup(signum, frame):
 
 
 def _sigterm_as_default_in_child():
-    # Processes forked from this one do not inherit the start-up handler: the SDK forks its
-    # heartbeat process before its job loop installs its own handler, and at the worker's exit
-    # multiprocessing ends that process with SIGTERM, which printed the line above after every
-    # served run as if the start-up had been interrupted.
+    # The SDK forks its heartbeat process before its job loop installs its own handler, and ends it
+    # with SIGTERM at the worker's exit: it must not print the start-up's stop line.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -43,7 +36,7 @@ from gams_worker.platform.cancellation import close_when_cancelled  # noqa: E402
 from gams_worker.config import load_config  # noqa: E402
 from gams_worker.errors import ConfigError, WorkerError  # noqa: E402
 
-jobs = None  # the process's JobRouter (gams_worker/jobs/route.py), set in main()
+jobs = None  # the process's Worker (gams_worker/worker.py), set in serve()
 
 
 async def handler(job):
@@ -60,10 +53,11 @@ def main() -> int:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from gams_worker.worker import exit_quietly, setup_logging
+    from gams_worker.processes import end_process
+    from gams_worker.worker import setup_logging
 
     setup_logging(config)
-    exit_quietly(serve(config))
+    end_process(serve(config), run_exit_handlers=True)
 
 
 def serve(config) -> int:
@@ -80,11 +74,11 @@ def serve(config) -> int:
         if not local_run:
             check_sdk_version()  # refuse an SDK the job loop was not written for before the engine starts
         # The job loop's SDK takes seconds to import: done while this process waits for vLLM's engine.
-        worker = start_worker(config, import_while_engine_starts=("runpod",))
-    except WorkerError as exc:  # that vLLM or SDK, an engine start failed for a classified cause, or no model
+        worker = start_worker(config, imports_during_start=("runpod",))
+    except WorkerError as exc:  # the wrong vLLM or SDK, a classified start failure, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
-    jobs = worker.jobs
+    jobs = worker
     import runpod
     try:
         if local_run:

@@ -103,7 +103,8 @@ async def sweep(worker, args):
 
 def run(args) -> None:
     from gams_worker.config import load_config
-    from gams_worker.startup.engine import EngineInfo, start_engine
+    from gams_worker.engine_info import EngineInfo
+    from gams_worker.startup.engine import start_engine
     from gams_worker.startup.host import platform_name
     from gams_worker.worker import Worker, setup_logging
 

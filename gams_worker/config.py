@@ -237,7 +237,7 @@ class WorkerConfig:
                                        "vLLM's model info for the GaMS classes, computed when the image was built")
     min_cuda_version: Optional[str] = setting(None, "RUNPOD_MIN_CUDA_VERSION", read_version, "the oldest CUDA the "
                                               "driver may support, as `13.0`: the doctor refuses older hosts")
-    # Liveness (gams_worker/startup/liveness.py); 0 turns a deadline off.
+    # Liveness (gams_worker/serving/watchdog.py, startup/start_deadline.py); 0 turns a deadline off.
     engine_start_timeout_s: int = setting(1800, "ENGINE_START_TIMEOUT_S", read_int(0), "seconds the whole engine "
                                           "start may take, every rung of the fallback ladder; else the worker exits 1 "
                                           "(vLLM gets it as `VLLM_ENGINE_READY_TIMEOUT_S`)")

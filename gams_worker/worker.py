@@ -1,39 +1,36 @@
-"""The composition root: the one place that builds the worker process from startup/, jobs/ and platform/.
-
-``start_worker`` starts the process's one engine and hands it to a ``Worker``, which builds the jobs
-of both dialects, the watchdog and the status endpoint on it; handler.py runs the SDK's job loop over
-``Worker.jobs``. Nothing else builds these parts or reaches into them (tests/test_layout.py).
-"""
+"""The composition root, the one place that builds the worker from startup/, serving/, jobs/ and platform/:
+``start_worker`` starts the engine and hands it to a ``Worker``; handler.py serves jobs with ``Worker.run``."""
 
 from __future__ import annotations
 
-import atexit
 import copy
 import functools
 import gc
 import importlib
 import logging
-import os
 import sys
 import time
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, AsyncIterator, Dict, Optional, Sequence
 
 from gams_worker.config import WorkerConfig, export_to_engine
+from gams_worker.engine_info import EngineInfo
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template
 from gams_worker.jobs.openai import OpenAIJobs
 from gams_worker.jobs.plain import PlainJobs
 from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.streaming import FlushPolicy
-from gams_worker.platform.status import StatusServer, worker_status
-from gams_worker.startup.concurrency import job_concurrency
-from gams_worker.startup.engine import EngineInfo, EngineStatsLog, import_engine_classes, start_engine
+from gams_worker.serving.concurrency import job_concurrency
+from gams_worker.serving.stats_log import EngineStatsLog
+from gams_worker.serving.status import StatusServer, worker_status
+from gams_worker.serving.watchdog import EngineWatchdog, StepClock
+from gams_worker.startup.deferred_work import DeferredWork, freeze_startup_heap
+from gams_worker.startup.engine import import_engine_classes, start_engine
 from gams_worker.startup.host import platform_name
 from gams_worker.startup.ladder import StartedEngine, start_with_fallback
-from gams_worker.startup.liveness import EngineWatchdog, StartDeadline, StepClock
 from gams_worker.startup.model import ResolvedModel, find_local_model
 from gams_worker.startup.plan import EnginePlan, engine_ready_timeout, plan_engine
+from gams_worker.startup.start_deadline import StartDeadline
 from gams_worker.startup.timeline import StartupTimeline
-from gams_worker.startup.while_engine_starts import WhileEngineStarts, freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -47,55 +44,44 @@ def setup_logging(config: WorkerConfig) -> None:
     )
 
 
-def exit_quietly(status: int) -> NoReturn:
-    """End the process once the worker is closed: run the exit handlers, skip the interpreter's teardown.
-
-    The teardown adds only noise to a clean end: vLLM's AsyncLLM.__del__ calls its shutdown
-    again once module globals are gone ("Exception ignored in ... TypeError"), and Triton's
-    nanobind extension lists every object still alive as "leaked" (about 60 lines). What
-    exiting does that matters (flushing the logs, ending the runpod SDK's heartbeat process)
-    is done by the atexit handlers, run here as Python would run them.
-    """
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 class Worker:
-    """The process's engine and its model's facts, the jobs on it (both dialects), and the watchdog over them."""
+    """The process's engine and its model's facts, the jobs on it (both dialects), and the serving-time
+    parts over them: job concurrency, watchdog, stats log, status endpoint."""
 
-    def __init__(self, engine: Any, config: WorkerConfig, engine_info: EngineInfo, concurrency: int,
-                 startup: Optional[StartupTimeline] = None, step_clock: Optional[StepClock] = None,
-                 engine_pids: Sequence[int] = ()):
+    def __init__(self, engine: Any, config: WorkerConfig, engine_info: EngineInfo,
+                 startup: Optional[StartupTimeline] = None, engine_pids: Sequence[int] = ()):
         self.engine = engine
         self.config = config  # with the preset applied and max_num_seqs sized
-        self.engine_info = engine_info  # reported with every plain job
-        self.concurrency = concurrency  # jobs RunPod may send at once (concurrency_modifier)
+        self.concurrency = job_concurrency(config, engine)  # jobs RunPod may send at once
+        clock = StepClock()  # stamped by the engine's output from its first request on, read by the watchdog
+        clock.watch(engine)
         self.tokenizer = engine.get_tokenizer()  # the engine's own: loading it again would cost seconds
-        # What the chat template does (end-of-turn token, system role), for both dialects.
-        self.chat_template = probe_chat_template(self.tokenizer)
+        self.chat_template = probe_chat_template(self.tokenizer)  # end of turn, system role: both dialects
         log_chat_template(engine, self.tokenizer, self.chat_template)
-        # The worker's own input work (plain jobs' prompts, grammar compiles) uses a tokenizer of its
-        # own, in threads of its own: vLLM's serving layer tokenizes OpenAI jobs in its threads with the
-        # engine's tokenizer, changing its truncation settings per call, which a concurrent use of the
-        # same tokenizer must not meet ("Already borrowed").
+        # Plain jobs' prompts and grammar compiles use a copy, in threads of their own: vLLM's serving
+        # layer changes the engine's tokenizer's truncation per call, in its threads ("Already borrowed").
         self.input_tokenizer = copy.deepcopy(self.tokenizer)
-        # The one flush policy of all streams, plain and OpenAI: its POST budget is the worker's.
         self.flush_policy = FlushPolicy(config.stream_batch_tokens, config.stream_batch_ms,
-                                        config.stream_posts_per_second)
+                                        config.stream_posts_per_second)  # one for all streams, both dialects
         log.info(self.flush_policy.summary())
         eos_token_id = self.tokenizer.eos_token_id
         plain = PlainJobs(engine, config, self.input_tokenizer, self.chat_template, eos_token_id, self.flush_policy,
                           engine_info, startup)
         openai = OpenAIJobs(engine, config, self.chat_template, self.flush_policy, self.input_tokenizer, eos_token_id)
         self.aborted = plain.aborted  # the latest plain jobs whose engine request was aborted
-        self.jobs = JobRouter(plain, openai, EngineStatsLog(engine) if config.log_engine_stats else None)
-        self.watchdog = EngineWatchdog(engine, step_clock, config.engine_stall_timeout_s, engine_pids)
+        self.jobs = JobRouter(plain, openai)
+        self.stats_log = EngineStatsLog(engine) if config.log_engine_stats else None
+        self.watchdog = EngineWatchdog(engine, clock, config.engine_stall_timeout_s, engine_pids)
         self.status_server = StatusServer(self.status, config.status_port) if config.status_port else None
 
+    def run(self, job: Dict[str, Any]) -> AsyncIterator[Any]:
+        """One job's outputs; serving begins with the first, in the loop that runs them all (the stats log's)."""
+        if self.stats_log is not None:
+            self.stats_log.start()
+        return self.jobs.run(job)
+
     def status(self) -> dict:
-        """What the status endpoint reports (gams_worker/platform/status.py)."""
+        """What the status endpoint reports (gams_worker/serving/status.py)."""
         return worker_status(self.engine, self.jobs.running_jobs, self.aborted)
 
     def close(self) -> None:
@@ -105,11 +91,11 @@ class Worker:
         self.engine.shutdown()
 
 
-def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str] = ()) -> Worker:
+def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ()) -> Worker:
     """Start the one engine of this process and the worker that runs jobs on it.
 
-    ``import_while_engine_starts``: modules the caller needs after the start (the job loop's
-    SDK), imported while this process only waits for vLLM's engine process (WhileEngineStarts).
+    ``imports_during_start``: modules the caller needs after the start (the job loop's
+    SDK), imported while this process only waits for vLLM's engine process (DeferredWork).
     """
     started = time.monotonic()
     timeline = StartupTimeline()
@@ -118,14 +104,11 @@ def start_worker(config: WorkerConfig, import_while_engine_starts: Sequence[str]
     # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
     local_model = find_local_model(config)
     plan = _plan_after_imports(config, local_model, timeline)
-    engine = _start_engine(plan, timeline, import_while_engine_starts)
+    engine = _start_engine(plan, timeline, imports_during_start)
     _read_engine_start(engine, plan, timeline)
-    step_clock = StepClock()  # stamped by the engine's output, read by the watchdog
-    step_clock.watch(engine.engine)
     info = EngineInfo(mode=engine.mode, reason=engine.reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2))
-    worker = Worker(engine.engine, plan.config, info, job_concurrency(plan.config, engine.engine), timeline,
-                    step_clock, sorted(engine.process_ids))
+    worker = Worker(engine.engine, plan.config, info, timeline, sorted(engine.process_ids))
     timeline.mark("ready for jobs")
     log.info("worker ready: model %s, engine %s, start-up %s", plan.config.model_label, info, timeline.to_output())
     return worker
@@ -144,12 +127,12 @@ def _plan_after_imports(config: WorkerConfig, local_model: Optional[ResolvedMode
 
 
 def _start_engine(plan: EnginePlan, timeline: StartupTimeline,
-                  import_while_engine_starts: Sequence[str]) -> StartedEngine:
+                  imports_during_start: Sequence[str]) -> StartedEngine:
     """The engine, started down the fallback ladder within ENGINE_START_TIMEOUT_S, while this
     process imports what the caller asked for and collects its start-up garbage."""
     config = plan.config
-    background = WhileEngineStarts(
-        [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in import_while_engine_starts]
+    background = DeferredWork(
+        [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in imports_during_start]
         + [("start-up garbage collected", gc.collect)], timeline)
     try:
         engine = start_with_fallback(

@@ -50,8 +50,12 @@ def test_capture_size_limit_reaches_the_engine_except_in_eager_mode():
 def test_engine_stats_are_off_unless_asked_for_and_logged_every_interval_when_on():
     import asyncio
 
+    from types import SimpleNamespace
+
     from gams_worker.jobs.route import JobRouter
-    from gams_worker.startup.engine import EngineStatsLog, engine_kwargs
+    from gams_worker.serving.stats_log import EngineStatsLog
+    from gams_worker.startup.engine import engine_kwargs
+    from gams_worker.worker import Worker
 
     assert engine_kwargs(load_config({}), "full", "/m")["disable_log_stats"] is True
     assert engine_kwargs(load_config({"LOG_ENGINE_STATS": "true"}), "full", "/m")["disable_log_stats"] is False
@@ -67,11 +71,12 @@ def test_engine_stats_are_off_unless_asked_for_and_logged_every_interval_when_on
             yield {"choices": []}
 
     engine = Engine()
-    jobs = JobRouter(Plain(), openai=None, stats_log=EngineStatsLog(engine, interval_s=0.05))
+    # The parts of a Worker that its run(job) uses, without an engine to build the rest.
+    worker = SimpleNamespace(jobs=JobRouter(Plain(), openai=None), stats_log=EngineStatsLog(engine, interval_s=0.05))
 
     async def scenario():
         for _ in range(3):  # the first job starts it, once
-            assert [output async for output in jobs.run({"id": "j", "input": {}})] == [{"choices": []}]
+            assert [output async for output in Worker.run(worker, {"id": "j", "input": {}})] == [{"choices": []}]
         await asyncio.sleep(0.28)
 
     asyncio.run(scenario())

@@ -133,7 +133,7 @@ def test_bad_input_gets_structured_error_and_next_job_succeeds(run_job, bad_inpu
 def test_with_vllm_stats_off_the_kv_cache_figures_are_still_read(worker):
     """LOG_ENGINE_STATS is off by default: the KV cache size the concurrency is sized from comes from
     the engine's start-up handshake, not from its stats."""
-    from gams_worker.startup.concurrency import kv_capacity
+    from gams_worker.serving.concurrency import kv_capacity
 
     engine = worker.engine
     assert engine.log_stats is False and engine.logger_manager is None

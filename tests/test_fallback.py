@@ -363,7 +363,7 @@ def test_a_damaged_cache_is_set_aside_and_the_start_retried_once_in_the_same_mod
 
 
 def test_a_start_past_its_deadline_is_not_retried():
-    from gams_worker.startup.liveness import StartDeadline
+    from gams_worker.startup.start_deadline import StartDeadline
 
     deadline = StartDeadline(0)  # no thread: the test says when it expired
     deadline.expired = True

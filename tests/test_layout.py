@@ -1,10 +1,11 @@
 """The package's import graph, computed from its source: no circles, and no arrow that runs up.
 
 The layers (../shared/design/layout.md): at the bottom what every part shares (the config and
-its data, the error contract, the memory model, the version parser); above it, side by side,
-start-up (startup/) and the job path (jobs/), which receives what it needs and never imports
-start-up; then the platform's adaptations (platform/), the only part that knows the runpod SDK;
-at the top the composition root (gams_worker/worker.py), the one module that builds the worker.
+its data, the error contract, the memory model, the engine's facts, its processes, the version
+parser); above it, side by side, start-up (startup/: before ready), serving (serving/: while
+serving) and the job path (jobs/), which receives what it needs and imports neither; then the
+platform's adaptations (platform/), the only part that knows the runpod SDK; at the top the
+composition root (gams_worker/worker.py), the one module that builds the worker.
 Imports inside functions and under TYPE_CHECKING count: each is an arrow a reader follows.
 """
 
@@ -16,19 +17,21 @@ from typing import Dict, Iterator, List, Set, Tuple
 from tests.harness.worker_process import ROOT
 
 PACKAGE = ROOT / "gams_worker"
-BOTTOM = {"config", "errors", "memory", "presets", "versions"}
+BOTTOM = {"config", "engine_info", "errors", "memory", "presets", "processes", "versions"}
 # The parts each part may import from, besides itself.
 MAY_IMPORT = {
     "bottom": {"bottom"},
     "startup": {"bottom"},
+    "serving": {"bottom"},
     "jobs": {"bottom"},
     "platform": {"bottom", "jobs"},
-    "worker": {"bottom", "startup", "jobs", "platform"},
+    "worker": {"bottom", "startup", "serving", "jobs", "platform"},
 }
 # Arrows forbidden inside a part: chat rules depend on input validation, never the reverse.
 FORBIDDEN = {("jobs.input", "jobs.chat")}
 # The parts of the worker that only the composition root builds.
-BUILT_BY_THE_ROOT = {"PlainJobs", "OpenAIJobs", "JobRouter", "EngineWatchdog", "StatusServer", "Worker"}
+BUILT_BY_THE_ROOT = {"PlainJobs", "OpenAIJobs", "JobRouter", "EngineWatchdog", "EngineStatsLog", "StatusServer",
+                     "Worker"}
 
 
 def modules() -> Iterator[Tuple[str, ast.Module]]:
@@ -84,7 +87,7 @@ def circles(graph: Dict[str, Set[str]]) -> List[List[str]]:
 
 def test_the_graph_sees_the_package():
     graph = import_graph()
-    assert {"config", "worker", "jobs.plain", "startup.ladder", "platform.job_loop"} <= set(graph)
+    assert {"config", "worker", "jobs.plain", "startup.ladder", "serving.watchdog", "platform.job_loop"} <= set(graph)
     assert "startup.ladder" in graph["worker"] and "jobs.input" in graph["jobs.chat"]
     assert "jobs.openai" in graph["jobs.route"]  # from gams_worker.jobs.openai import ...
 

@@ -22,7 +22,8 @@ from typing import Any, List
 import psutil
 import pytest
 
-from gams_worker.startup.liveness import EngineWatchdog, StartDeadline, StepClock
+from gams_worker.serving.watchdog import EngineWatchdog, StepClock
+from gams_worker.startup.start_deadline import StartDeadline
 from tests.harness.fault_injection import HANG
 from tests.harness.runpod_emulator import RunPodEmulator
 from tests.harness.worker_process import (ROOT, engine_env, start_platform_worker, subprocess_env,

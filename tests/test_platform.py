@@ -566,7 +566,7 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
 
 def test_status_endpoint_reports_the_job_counters():
     from gams_worker.jobs.route import JobRouter
-    from gams_worker.platform.status import StatusServer, worker_status
+    from gams_worker.serving.status import StatusServer, worker_status
 
     service = FakeService()
     jobs = JobRouter(service, openai=None)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gams_worker.startup.concurrency import KvCapacity, derive_concurrency, kv_capacity
+from gams_worker.serving.concurrency import KvCapacity, derive_concurrency, kv_capacity
 from gams_worker.config import load_config
 from gams_worker.startup.doctor import diagnose
 from gams_worker.startup.host import GpuFacts, HostFacts
@@ -168,7 +168,7 @@ def gams_9b_memory(config):
     ("L40S", 1024, 64, 64),    # 66: fewer than vLLM's default of 128
 ])
 def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name, expected_tokens, low, high, caplog):
-    from gams_worker.startup.concurrency import with_max_num_seqs
+    from gams_worker.startup.max_num_seqs import with_max_num_seqs
 
     config = load_config({"EXPECTED_TOKENS_PER_JOB": str(expected_tokens)})
     memory = gams_9b_memory(config)
@@ -190,7 +190,7 @@ def test_max_num_seqs_is_what_the_kv_cache_holds_at_expected_tokens_per_job(name
 
 
 def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(caplog):
-    from gams_worker.startup.concurrency import with_max_num_seqs
+    from gams_worker.startup.max_num_seqs import with_max_num_seqs
 
     config = load_config({"MAX_NUM_SEQS": "48"})
     with caplog.at_level("INFO"):
@@ -205,7 +205,7 @@ def test_max_num_seqs_from_the_environment_wins_and_without_facts_vllm_decides(c
 
 
 def test_max_num_seqs_per_gpu_with_tensor_parallelism():
-    from gams_worker.startup.concurrency import with_max_num_seqs
+    from gams_worker.startup.max_num_seqs import with_max_num_seqs
 
     one = load_config({})
     two = load_config({"TENSOR_PARALLEL_SIZE": "2"})
@@ -215,7 +215,7 @@ def test_max_num_seqs_per_gpu_with_tensor_parallelism():
 
 
 def test_the_concurrency_line_says_which_bound_set_it():
-    from gams_worker.startup.concurrency import concurrency_bound
+    from gams_worker.serving.concurrency import concurrency_bound
 
     assert concurrency_bound(KvCapacity(166_882, 128), 1024) == "max_num_seqs set it (the KV cache holds 162 such jobs)"
     assert concurrency_bound(KvCapacity(166_882, 512), 1024) == "the KV cache set it"

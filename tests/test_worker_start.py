@@ -12,7 +12,7 @@ import time
 import pytest
 
 from gams_worker.startup.timeline import StartupTimeline
-from gams_worker.startup.while_engine_starts import WhileEngineStarts
+from gams_worker.startup.deferred_work import DeferredWork
 from tests.harness.worker_process import ROOT, subprocess_env
 
 
@@ -26,7 +26,7 @@ def stand_in_module(tmp_path, monkeypatch, name: str) -> str:
 def test_imports_wait_for_the_engine_process(tmp_path, monkeypatch):
     name = stand_in_module(tmp_path, monkeypatch, "sdk_stand_in_engine")
     timeline = StartupTimeline()
-    background = WhileEngineStarts([(f"{name} imported", functools.partial(importlib.import_module, name))], timeline)
+    background = DeferredWork([(f"{name} imported", functools.partial(importlib.import_module, name))], timeline)
     time.sleep(0.5)
     assert name not in sys.modules  # no engine process yet: the import would compete with vLLM's set-up
     # A subprocess of another kind (vLLM inspects the model in one) is not the engine.
@@ -50,7 +50,7 @@ def test_without_an_engine_process_the_imports_happen_when_the_start_ends(tmp_pa
     name = stand_in_module(tmp_path, monkeypatch, "sdk_stand_in_no_engine")
     tasks = [(f"{module} imported", functools.partial(importlib.import_module, module))
              for module in ("no_such_module_here", name)]
-    background = WhileEngineStarts(tasks, StartupTimeline())
+    background = DeferredWork(tasks, StartupTimeline())
     assert name not in sys.modules
     background.finish()  # e.g. vLLM ran its engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     assert name in sys.modules  # after a task that failed
@@ -58,7 +58,7 @@ def test_without_an_engine_process_the_imports_happen_when_the_start_ends(tmp_pa
 
 def test_after_a_failed_start_the_rest_is_skipped(tmp_path, monkeypatch):
     name = stand_in_module(tmp_path, monkeypatch, "sdk_stand_in_failed_start")
-    background = WhileEngineStarts([(f"{name} imported", functools.partial(importlib.import_module, name))],
+    background = DeferredWork([(f"{name} imported", functools.partial(importlib.import_module, name))],
                                    StartupTimeline())
     background.finish(run_the_rest=False)  # the worker exits with the start's error, without waiting
     assert name not in sys.modules

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
+from gams_worker.engine_info import EngineInfo, StartupReport
 from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
 from gams_worker.jobs.chat import PreparedPrompt, prepare_prompt
 from gams_worker.jobs.chat_template import ChatTemplateFacts, stop_at_end_of_turn
@@ -36,15 +37,16 @@ class PlainJobs:
     """
 
     def __init__(self, engine: Any, config: WorkerConfig, input_tokenizer: Any, chat_template: ChatTemplateFacts,
-                 eos_token_id: Optional[int], flush_policy: FlushPolicy, engine_info: Any, startup: Any = None):
+                 eos_token_id: Optional[int], flush_policy: FlushPolicy, engine_info: EngineInfo,
+                 startup: Optional[StartupReport] = None):
         self.engine = engine
         self.config = config
         self.input_tokenizer = input_tokenizer
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
         self.eos_token_id = eos_token_id
         self.flush_policy = flush_policy  # the worker's one, shared with OpenAI jobs
-        self.engine_info = engine_info  # startup.engine.EngineInfo, reported with every job
-        self.startup = startup  # startup.timeline.StartupTimeline, reported once, with the first job served
+        self.engine_info = engine_info  # reported with every job
+        self.startup = startup  # reported once, with the first job served
         # (job id, time.monotonic()) of the latest requests aborted before they finished: a
         # stopped job's abort time, measured where it happens (the status endpoint reports it).
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)

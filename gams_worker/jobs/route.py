@@ -40,10 +40,9 @@ def worker_error_output(job_input: Any, message: str) -> Dict[str, str]:
 class JobRouter:
     """Runs each job in its dialect; counts the jobs in flight."""
 
-    def __init__(self, plain: PlainJobs, openai: OpenAIJobs, stats_log: Any = None):
+    def __init__(self, plain: PlainJobs, openai: OpenAIJobs):
         self.plain = plain
         self.openai = openai
-        self.stats_log = stats_log  # startup.engine.EngineStatsLog (LOG_ENGINE_STATS), started by the first job
         self.running_jobs = 0  # the status endpoint and tests read it
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Any]:
@@ -52,8 +51,6 @@ class JobRouter:
         if UNREADABLE_JOB in job:
             yield error_output(INVALID_INPUT, job[UNREADABLE_JOB], "input")
             return
-        if self.stats_log is not None:
-            self.stats_log.start()
         job_input = job.get("input")
         outputs = self.openai.run(job_input) if is_openai_job(job_input) else self.plain.run(job)
         self.running_jobs += 1

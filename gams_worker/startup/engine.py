@@ -7,14 +7,13 @@ only PIECEWISE graphs, ``eager`` captures none.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import difflib
 import functools
 import json
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import ConfigError
@@ -26,41 +25,6 @@ GRAPH_MODES = ("full", "piecewise", "eager")
 # named here so that the parent process need not import vLLM's worker classes.
 FAILING_WORKER_CLS = "tests.harness.fault_injection.FailingStartWorker"
 INJECTED_FAILURE_KEY = "gams_inject_start_failure"  # in vLLM's additional_config
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineInfo:
-    """What a job's metadata reports about the engine serving it."""
-
-    mode: str  # one of GRAPH_MODES
-    reason: str  # why the engine runs in this mode, in plain words
-    platform: str  # "cuda" or "cpu"
-    start_seconds: float
-
-    def to_output(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class EngineStatsLog:
-    """vLLM's stats line (throughput, KV cache usage, prefix cache hits) every ``interval_s``, as
-    `vllm serve` logs it, where LOG_ENGINE_STATS turns vLLM's stats on; an in-process engine
-    collects them but logs them only when asked. vLLM records them in the loop that runs the jobs,
-    so this runs there too, from the first job on (``start``)."""
-
-    def __init__(self, engine: Any, interval_s: float = 10.0):
-        self._engine = engine
-        self._interval_s = interval_s
-        self._task: Optional[asyncio.Task] = None
-
-    def start(self) -> None:
-        """Start logging in the running loop, once."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._log_every_interval())
-
-    async def _log_every_interval(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            await self._engine.do_log_stats()
 
 
 # The engine arguments the worker sets itself, and the setting of each: ENGINE_ARGS may not set them.

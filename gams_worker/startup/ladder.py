@@ -13,10 +13,11 @@ from typing import Any, Callable, FrozenSet, List, Optional, Tuple, Union
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import EngineStartError
+from gams_worker.processes import engine_pids, wait_for_engine_gone
 from gams_worker.startup.compile_cache import CompileCache
 from gams_worker.startup.engine import GRAPH_MODES
-from gams_worker.startup.liveness import StartDeadline, child_pids, wait_for_children_gone
 from gams_worker.startup.output_capture import OutputCapture
+from gams_worker.startup.start_deadline import StartDeadline
 from gams_worker.startup.start_failure import FATAL, RETRY_EMPTY_CACHE, classify_start_failure
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class _Ladder:
 
     def _attempt(self, mode: str, reason: str) -> Union[StartedEngine, _FailedAttempt]:
         """One start in ``mode``, its output captured; a failed one's processes are gone when it returns."""
-        children_before = child_pids()
+        children_before = engine_pids()
         started = time.monotonic()
         capture = OutputCapture(on_line=self.on_output_line).start()
         try:
@@ -84,7 +85,7 @@ class _Ladder:
         except Exception as exc:  # vLLM raises many types; the classifier reads them all
             capture.stop()
             spent = time.monotonic() - started
-            wait_for_children_gone(children_before)
+            wait_for_engine_gone(children_before)
             if self.deadline is not None and self.deadline.expired:
                 raise EngineStartError(self.deadline.message(mode), "engine start timed out") from exc
             return _FailedAttempt(exc, capture.text(), spent)
@@ -95,7 +96,7 @@ class _Ladder:
             engine.shutdown()
             raise EngineStartError(self.deadline.message(mode), "engine start timed out")
         return StartedEngine(engine, mode, reason, capture.text(settle_s=0.1, max_wait_s=1.0), self.compile_cache,
-                             frozenset(child_pids() - children_before))
+                             frozenset(engine_pids() - children_before))
 
     def _next_rung(self, mode: str, reason: str, attempt: _FailedAttempt) -> Tuple[str, str]:
         """The mode to try next and why: the same with the compile cache set aside, a lower rung, or none."""

@@ -14,10 +14,10 @@ from gams_worker.errors import EngineStartError
 from gams_worker.memory import model_memory
 from gams_worker.presets import choose_tensor_parallel, full_length_sequences, preset_for
 from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
-from gams_worker.startup.concurrency import with_max_num_seqs
 from gams_worker.startup.doctor import DoctorReport, run_doctor
 from gams_worker.startup.engine import with_checked_engine_args
 from gams_worker.startup.host import host_facts
+from gams_worker.startup.max_num_seqs import with_max_num_seqs
 from gams_worker.startup.model import BAKED, ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)

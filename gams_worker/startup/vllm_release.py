@@ -48,7 +48,7 @@ CONTRACT: Tuple[Uses, ...] = (
          ("from_engine_args", "generate", "abort", "errored", "get_tokenizer", "shutdown", "model_config",
           "vllm_config", "renderer", "output_processor", "do_log_stats")),
     Uses("vllm.config", "VllmConfig", ("speculative_config", "structured_outputs_config")),
-    # The engine watchdog stamps its step clock in this per-message call (gams_worker/startup/liveness.py).
+    # The engine watchdog stamps its step clock in this per-message call (gams_worker/serving/watchdog.py).
     Uses("vllm.v1.engine.output_processor", "OutputProcessor", ("update_scheduler_stats", "get_num_unfinished_requests")),
     Uses("vllm.config", "CacheConfig", ("kv_cache_size_tokens", "num_gpu_blocks", "block_size")),
     Uses("vllm.config", "SchedulerConfig", ("max_num_seqs",)),
@@ -60,10 +60,10 @@ CONTRACT: Tuple[Uses, ...] = (
          ("vllm_config", "tokenizer", "vocab_size")),
     Uses("vllm.v1.structured_output.backend_guidance", "GuidanceBackend", ("compile_grammar",),
          ("vllm_config", "tokenizer", "vocab_size")),
-    Uses("vllm.platforms", "current_platform", ("is_cuda", "device_type")),
-    Uses("vllm.envs", "environment_variables"),
-    Uses("vllm.envs", "VLLM_USE_AOT_COMPILE"),
-    Uses("vllm.envs", "VLLM_USE_STANDALONE_COMPILE"),
+    # The host's GPUs (gams_worker/startup/host.py).
+    Uses("vllm.platforms", "current_platform", ("is_cuda", "device_type", "device_count", "get_device_capability",
+                                                "get_device_name", "device_id_to_physical_device_id")),
+    Uses("vllm.utils.import_utils", "import_pynvml"),
     Uses("vllm.config", "ModelConfig", ("try_get_generation_config", "get_vocab_size")),
     # The OpenAI serving layer (gams_worker/jobs/openai.py).
     Uses("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest",

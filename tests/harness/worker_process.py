@@ -49,7 +49,7 @@ def subprocess_env(**env: str) -> Dict[str, str]:
 
 
 # What Python's interpreter teardown printed after vLLM and Triton before the worker ended
-# its process itself (gams_worker/worker.py, exit_quietly).
+# its process itself (gams_worker/processes.py, end_process).
 EXIT_NOISE = ("Traceback", "Exception ignored", "nanobind", "leaked")
 
 
