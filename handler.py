@@ -30,16 +30,15 @@ if __name__ == "__main__":  # not in vLLM's engine process, which imports this f
     signal.signal(signal.SIGTERM, _stop_during_startup)  # first, before the slow imports below
     os.register_at_fork(after_in_child=_sigterm_as_default_in_child)
 
-from gams_worker.platform.cancellation import close_when_cancelled  # noqa: E402
 from gams_worker.config import load_config  # noqa: E402
 from gams_worker.errors import ConfigError, WorkerError  # noqa: E402
+from gams_worker.platform.unreadable import UnreadableJob  # noqa: E402
 
-jobs = None  # the process's JobRouter (gams_worker/jobs/route.py), set in main()
+jobs = None  # the process's JobDispatch (gams_worker/jobs/dialects.py), set in main()
 
 
 async def handler(job):
-    outputs = jobs.run(job)
-    close_when_cancelled(outputs)  # a stopped job frees its engine request at once
+    outputs = job.outputs() if isinstance(job, UnreadableJob) else jobs.run(job)
     async for output in outputs:
         yield output
 

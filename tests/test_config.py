@@ -50,7 +50,7 @@ def test_capture_size_limit_reaches_the_engine_except_in_eager_mode():
 def test_engine_stats_are_off_unless_asked_for_and_logged_every_interval_when_on():
     import asyncio
 
-    from gams_worker.jobs.route import JobRouter
+    from gams_worker.jobs.dialects import JobDispatch
     from gams_worker.startup.engine import EngineStatsLog, engine_kwargs
 
     assert engine_kwargs(load_config({}), "full", "/m")["disable_log_stats"] is True
@@ -67,7 +67,7 @@ def test_engine_stats_are_off_unless_asked_for_and_logged_every_interval_when_on
             yield {"choices": []}
 
     engine = Engine()
-    jobs = JobRouter(Plain(), openai=None, stats_log=EngineStatsLog(engine, interval_s=0.05))
+    jobs = JobDispatch(Plain(), openai=None, stats_log=EngineStatsLog(engine, interval_s=0.05))
 
     async def scenario():
         for _ in range(3):  # the first job starts it, once

@@ -21,7 +21,7 @@ from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, JobInputError
 from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
 from gams_worker.config import InputLimits
-from gams_worker.jobs.chat import prepare_prompt
+from gams_worker.jobs.input import prepare_prompt
 
 # Small limits, so that generated inputs reach every one of them often.
 SMALL = InputLimits(max_input_bytes=4096, max_prompt_chars=600, max_messages=6, max_stop_strings=3,

@@ -524,10 +524,10 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
     import asyncio
 
     import handler as handler_module
-    from gams_worker.jobs.route import JobRouter
+    from gams_worker.jobs.dialects import JobDispatch
 
     service = FakeService()
-    jobs = JobRouter(service, openai=None)
+    jobs = JobDispatch(service, openai=None)
     monkeypatch.setattr(handler_module, "jobs", jobs)
     posting = asyncio.Event()
     still_referenced = []  # as the SDK's frames and task keep the generator alive
@@ -557,11 +557,11 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
 
 
 def test_status_endpoint_reports_the_job_counters():
-    from gams_worker.jobs.route import JobRouter
+    from gams_worker.jobs.dialects import JobDispatch
     from gams_worker.platform.status import StatusServer, worker_status
 
     service = FakeService()
-    jobs = JobRouter(service, openai=None)
+    jobs = JobDispatch(service, openai=None)
     jobs.running_jobs = 3
     service.aborted.append(("job-1", 12.5))
     # As the Worker wires it (gams_worker/worker.py): the router's count, the engine, the plain jobs' aborts.

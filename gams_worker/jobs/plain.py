@@ -20,20 +20,16 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
-from gams_worker.jobs.chat import PreparedPrompt, prepare_prompt
 from gams_worker.jobs.chat_template import ChatTemplateFacts, stop_at_end_of_turn
-from gams_worker.jobs.input import JobInput, parse_job_input
+from gams_worker.jobs.input import JobInput, PreparedPrompt, parse_job_input, prepare_prompt
 from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher, text_by_choice
 
 log = logging.getLogger(__name__)
 
 
 class PlainJobs:
-    """Runs plain jobs (a prompt or chat messages, gams_worker/jobs/input.py) on the worker's engine.
-
-    ``input_tokenizer``: the worker's own copy of the engine's tokenizer (gams_worker/worker.py),
-    used in a thread of its own: plain jobs are prepared there one at a time, off the event loop.
-    """
+    """Runs plain jobs on the worker's engine; each is prepared (validated, tokenized with the
+    worker's own copy of the tokenizer) in a thread of its own, off the event loop."""
 
     def __init__(self, engine: Any, config: WorkerConfig, input_tokenizer: Any, chat_template: ChatTemplateFacts,
                  eos_token_id: Optional[int], flush_policy: FlushPolicy, engine_info: Any, startup: Any = None):
@@ -45,8 +41,7 @@ class PlainJobs:
         self.flush_policy = flush_policy  # the worker's one, shared with OpenAI jobs
         self.engine_info = engine_info  # startup.engine.EngineInfo, reported with every job
         self.startup = startup  # startup.timeline.StartupTimeline, reported once, with the first job served
-        # (job id, time.monotonic()) of the latest requests aborted before they finished: a
-        # stopped job's abort time, measured where it happens (the status endpoint reports it).
+        # (job id, time.monotonic()) of the latest requests aborted before they finished (the status endpoint).
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plain-job-input")
 
@@ -55,8 +50,7 @@ class PlainJobs:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            # Validation, the chat template and tokenization take up to ~0.5 s for the longest
-            # prompts: in a thread, so that no other job's stream waits for them.
+            # Up to ~0.5 s for the longest prompts: in a thread, so that no other job's stream waits.
             job_input, prompt, params = await asyncio.get_running_loop().run_in_executor(
                 self._prepare_thread, self._prepare, job.get("input"))
         except JobInputError as exc:

@@ -1,29 +1,20 @@
-"""Which dialect a job speaks, decided once: RunPod's OpenAI passthrough or a plain job.
-
-A job whose input holds ``openai_route`` came from RunPod's ``/openai/v1`` surface and goes
-to vLLM's OpenAI serving layer (gams_worker/jobs/openai.py); every other job is a plain job
-(gams_worker/jobs/plain.py). An exception that escapes either (a bug) still ends the job
-with an error of its dialect, so that every job error a client sees is JSON (gams_worker/errors.py).
-
-A job whose take the worker could not read (gams_worker/platform/job_loop.py: nested too deep
-for Python's JSON parser, or not JSON) carries only its id and why; it fails with an
-``invalid_input`` error naming ``input``, in the plain shape, since its dialect is unknown.
+"""A job's dialect, decided once (``openai_route`` in its input: vLLM's OpenAI layer; else a plain
+job), and the one place a job's stream is closed. An exception that escapes a dialect (a bug)
+still ends the job with a JSON error of that dialect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Dict, Mapping
+from typing import Any, AsyncGenerator, Dict, Mapping, Set
 
-from gams_worker.errors import INVALID_INPUT, WORKER_ERROR, OpenAIRequestError, error_output
+from gams_worker.errors import WORKER_ERROR, OpenAIRequestError, error_output
 from gams_worker.jobs.openai import OpenAIJobs
 from gams_worker.jobs.plain import PlainJobs
 
 log = logging.getLogger(__name__)
-
-# The key of a job whose take could not be read: why, in plain words (set by the job loop's take).
-UNREADABLE_JOB = "gams_worker_unreadable"
 
 
 def is_openai_job(job_input: Any) -> bool:
@@ -37,7 +28,7 @@ def worker_error_output(job_input: Any, message: str) -> Dict[str, str]:
     return error_output(WORKER_ERROR, message)
 
 
-class JobRouter:
+class JobDispatch:
     """Runs each job in its dialect; counts the jobs in flight."""
 
     def __init__(self, plain: PlainJobs, openai: OpenAIJobs, stats_log: Any = None):
@@ -45,13 +36,27 @@ class JobRouter:
         self.openai = openai
         self.stats_log = stats_log  # startup.engine.EngineStatsLog (LOG_ENGINE_STATS), started by the first job
         self.running_jobs = 0  # the status endpoint and tests read it
+        self._closing: Set[asyncio.Future] = set()  # streams of cancelled jobs being closed
 
-    async def run(self, job: Dict[str, Any]) -> AsyncIterator[Any]:
-        """Yield the job's outputs; closing this generator closes the dialect's at once (a
-        stopped job's engine request is aborted in its ``finally``)."""
-        if UNREADABLE_JOB in job:
-            yield error_output(INVALID_INPUT, job[UNREADABLE_JOB], "input")
-            return
+    def run(self, job: Dict[str, Any]) -> AsyncGenerator[Any, None]:
+        """The job's outputs, closed at once when the job's task is cancelled: the SDK may keep a
+        stopped job's generator referenced for seconds, and closing it frees its engine request."""
+        outputs = self._outputs(job)
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: nothing can cancel it
+            task = None
+        if task is not None:
+            task.add_done_callback(lambda done: self._close(outputs) if done.cancelled() else None)
+        return outputs
+
+    def _close(self, outputs: AsyncGenerator) -> None:
+        closing = asyncio.ensure_future(outputs.aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _outputs(self, job: Dict[str, Any]) -> AsyncGenerator[Any, None]:
+        """The dialect's outputs; its stream is closed when this one ends or is closed."""
         if self.stats_log is not None:
             self.stats_log.start()
         job_input = job.get("input")
