@@ -1,21 +1,6 @@
-"""What the model's chat template does, learned once at start-up by rendering it.
-
-Two facts decide how chat jobs (plain ``messages``, OpenAI chat, Responses) are served:
-
-- **end of turn**: the special token the template writes right after an assistant message
-  (Gemma: ``<end_of_turn>``, id 107 in Gemma 2, 106 in Gemma 3). Chat jobs stop there whatever
-  generation_config.json lists, because a repo, fine-tune or local copy whose generation config
-  lacks it would otherwise run past the turn into text nobody asked for. Plain ``prompt`` jobs
-  and /v1/completions keep the model's own EOS ids. ``ignore_eos`` turns this stop off too, as it
-  does for the generation config's EOS ids.
-- **system role**: whether the template renders a system message. Where it raises (Gemma 2) or
-  drops the text, a leading system message is folded into the first user turn; where it renders
-  it (Gemma 3), the system message goes to the template as is.
-
-It also keeps the text of the tokenizer's control tokens (its special tokens: ``<bos>``,
-``<start_of_turn>``, ``<end_of_turn>``, ...): the rendered template is tokenized as a whole, so
-such text inside a message would become the real token and let a user write turns of their own.
-Chat jobs refuse it by field (gams_worker/jobs/chat.py).
+"""What the model's chat template does, learned once at start-up by rendering it: the token that ends
+a turn (chat jobs stop there whatever generation_config.json lists), whether it renders a system
+role, and the control tokens chat text may not hold (MAINTAINERS.md, "Stop at the end of the turn").
 """
 
 from __future__ import annotations

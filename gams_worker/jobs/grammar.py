@@ -1,22 +1,6 @@
-"""Structured-output grammars compiled in the worker, with a deadline, before the engine gets them.
-
-vLLM 0.32 compiles a request's grammar in its engine core (xgrammar, or guidance where xgrammar
-refuses the schema), in a thread pool, while the request waits; a grammar that fails to compile
-fails only its own request there, but nothing limits how long a compile runs: a grammar that
-takes minutes holds its job that long and burns the engine core's CPU beside every other job.
-
-So an OpenAI job's constraint (``response_format``, ``structured_outputs``, Responses ``text``)
-is compiled here first, the way the engine will compile it: vLLM's own validation
-(``SamplingParams.verify``, which picks the backend and converts the schema), then vLLM's own
-backend class of that name, in a worker thread within GRAMMAR_COMPILE_TIMEOUT_S. xgrammar and
-guidance release the GIL while they compile, so the event loop and every other job's stream go
-on meanwhile. A constraint that does not compile, or not in time, is refused naming its field;
-only one that compiled reaches the engine, which compiles it again (its process has its own
-cache): a structured job pays its compile twice, the price of the deadline.
-
-A compile past its deadline cannot be stopped (it is native code): it finishes in its thread.
-At most COMPILES_AT_ONCE run at a time and the rest wait their turn within their own deadline,
-so runaway grammars can delay other grammars, never other jobs.
+"""Structured-output grammars compiled in the worker, the way the engine will compile them, within
+GRAMMAR_COMPILE_TIMEOUT_S, before the engine gets them: vLLM's engine core compiles without a time
+limit. A runaway compile delays other grammars, never other jobs (MAINTAINERS.md, "The OpenAI layer").
 """
 
 from __future__ import annotations

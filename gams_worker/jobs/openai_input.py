@@ -239,10 +239,7 @@ def _token_ids(field: str, value: Any) -> List[int]:
 def _strings(field: str, value: Any) -> List[str]:
     if not isinstance(value, list):
         raise JobInputError("must be a list of strings", field)
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or item == "":
-            raise JobInputError("must be a non-empty string", f"{field}[{i}]")
-    return value
+    return SAMPLING_FIELDS["stop"](field, value)  # each a non-empty string
 
 
 def _logprob_count(field: str, value: Any, limits: InputLimits) -> None:

@@ -1,11 +1,5 @@
-"""Plain jobs on the shared engine: validate, generate, stream, report.
-
-Output shapes (every job ends with exactly one item carrying ``usage``, or one error):
-
-    stream:     {"choices": [{"index": 0, "text": "..."}]} ...
-                last: {"choices": [{"index", "text", "finish_reason"}], "usage": {...}, "engine": {...}}
-    non-stream: one item shaped like the last chunk, with the whole text
-    error:      {"error": "<JSON of {"type", "message", "field"?}>"} (gams_worker/errors.py)
+"""Plain jobs on the shared engine: validate, generate, stream, report. Every job ends with exactly one
+item carrying ``usage`` (stream chunks ``{"choices": [{"index", "text"}]}`` before it), or one error.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
-"""One flush policy for every stream: plain jobs' text deltas and OpenAI jobs' SSE events.
-
-Every item a job yields becomes one HTTP POST on RunPod, so the pieces of a stream are
-gathered and flushed when ``batch_tokens`` tokens have gathered or ``batch_ms`` have passed
-since the last flush, whichever comes first. The first piece with text is flushed at once
-so the user sees the first words as early as possible. The engine hands over ``str``
-deltas from its incremental detokenizer, which holds back incomplete UTF-8 sequences, so
-a flush never splits a character.
-
-Under load the POSTs, not the GPU, become the limit: each costs the worker's one event loop
-~0.13-0.3 ms of CPU, and at 512 streams that cadence asked for ~4000 POSTs a second, which
-held an H200 to 0.2-0.3 x what vLLM served alone (issue 23). So the worker has a budget of
-``posts_per_s`` stream POSTs a second over all its streams: with ``n`` streams flushing,
-a stream flushes at most once every ``n / posts_per_s`` seconds. Below
-``posts_per_s * batch_ms / 1000`` streams that floor is under ``batch_ms`` and changes
-nothing; above, chunks grow with the load and the total stays within the budget. First chunks
-are never held (one per job), nor the last (it carries the job's end).
+"""One flush policy for every stream (plain jobs' text deltas, OpenAI jobs' SSE events): the first text
+at once, then every ``batch_tokens`` tokens or ``batch_ms``, and at most ``posts_per_s`` stream POSTs a
+second over all streams (MAINTAINERS.md, "Chunk batching and the POST budget").
 """
 
 from __future__ import annotations
