@@ -112,8 +112,9 @@ def import_vllm_openai() -> VllmOpenAI:
     return VllmOpenAI(
         chat_request=_stop_cap_of_the_worker(ChatCompletionRequest),
         completion_request=_stop_cap_of_the_worker(CompletionRequest),
-        responses_request=_stop_cap_of_the_worker(ChatTemplatedResponsesRequest), tokenize_chat_request=TokenizeChatRequest,
-        tokenize_completion_request=TokenizeCompletionRequest, detokenize_request=DetokenizeRequest,
+        responses_request=_stop_cap_of_the_worker(ChatTemplatedResponsesRequest),
+        tokenize_chat_request=TokenizeChatRequest, tokenize_completion_request=TokenizeCompletionRequest,
+        detokenize_request=DetokenizeRequest,
         responses_response=ResponsesResponse,
         whole_responses=(ChatCompletionResponse, CompletionResponse, TokenizeResponse, DetokenizeResponse),
         error_response=ErrorResponse, create_error_response=create_error_response)
@@ -243,7 +244,7 @@ class OpenAIJobs:
             yield error
 
     def _parse(self, job_input: Any, vllm: VllmOpenAI) -> Tuple[str, Dict[str, Any], Any]:
-        """(route, body, vLLM's request) of a job; OpenAIRequestError naming the field at fault."""
+        """(route, body, vLLM's request) of a job; OpenAIRequestError or JobInputError naming the field at fault."""
         route, body = self._parse_job(job_input)
         if route == MODELS_ROUTE:
             return route, {}, None
@@ -252,11 +253,9 @@ class OpenAIJobs:
     def _parse_job(self, job_input: Any) -> Tuple[str, Any]:
         if not isinstance(job_input, Mapping):
             raise OpenAIRequestError("must be an object with openai_route and openai_input", "input")
-        try:  # before anything of the input is echoed in an error (an unknown key, a value)
-            encoded_json(job_input.get("openai_input"), "openai_input")
-            encoded_json({key: value for key, value in job_input.items() if key != "openai_input"}, "input")
-        except JobInputError as exc:
-            raise OpenAIRequestError(exc.message, exc.field) from None
+        # Before anything of the input is echoed in an error (an unknown key, a value).
+        encoded_json(job_input.get("openai_input"), "openai_input")
+        encoded_json({key: value for key, value in job_input.items() if key != "openai_input"}, "input")
         for key in job_input:
             if key not in JOB_FIELDS:
                 raise OpenAIRequestError(f"unknown field; allowed: {', '.join(JOB_FIELDS)}", key)
@@ -273,13 +272,9 @@ class OpenAIJobs:
 
     def _parse_request(self, route: str, body: Dict[str, Any], vllm: VllmOpenAI) -> Any:
         request_class = ROUTE_TABLE[route].request_class(vllm, body)
-        known = set(request_class.model_fields) | {
-            field.alias for field in request_class.model_fields.values() if field.alias
-        }
-        try:
-            check_openai_body(route, body, known, self.config.input_limits, self.chat_template)
-        except JobInputError as exc:
-            raise OpenAIRequestError(exc.message, exc.field) from None
+        fields = request_class.model_fields
+        known = set(fields) | {field.alias for field in fields.values() if field.alias}
+        check_openai_body(route, body, known, self.config.input_limits, self.chat_template)
         body.setdefault("model", self.config.model_label)
         try:
             # Strict, as plain jobs check types: "17" or 17.0 is not an integer, "true" not a boolean.
