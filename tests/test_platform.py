@@ -277,7 +277,7 @@ def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_strea
     # The tiny model is fast and the engine runs ahead of the posts: only very long jobs are
     # surely still generating when the stop comes. The stopped job's first post is left
     # unanswered, so the stop always finds its task waiting on the post and its generator
-    # paused at ``yield`` (see gams_worker/platform/cancellation.py), not inside the engine loop.
+    # paused at ``yield`` (see gams_worker/jobs/dialects.py), not inside the engine loop.
     long_id = "job-to-stop"
     emulator.hold_stream_posts(long_id)
     emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(8000), "stream": True}, job_id=long_id)

@@ -222,7 +222,8 @@ class PreparedPrompt:
     sampling: Dict[str, Any]  # with max_tokens fitted to the model length
 
 
-def plain_chat_messages(messages: Tuple[Dict[str, str], ...], template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
+def plain_chat_messages(messages: Tuple[Dict[str, str], ...],
+                        template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
     """A plain job's validated messages as the template gets them: control tokens refused, chat rules applied."""
     for i, message in enumerate(messages):
         refuse_control_tokens(message["content"], f"messages[{i}].content", template)
