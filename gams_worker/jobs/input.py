@@ -49,16 +49,13 @@ def check_input_size(raw: Any, limits: InputLimits, field: str) -> None:
     """The whole input, serialized as the platform sent it, must fit ``max_input_bytes``."""
     encoded = encoded_json(raw, field)
     if len(encoded) > limits.max_input_bytes:
-        raise JobInputError(
-            f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most {limits.max_input_bytes}", field
-        )
+        raise JobInputError(f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most "
+                            f"{limits.max_input_bytes}", field)
 
 
 def check_prompt_chars(chars: int, field: str, limits: InputLimits) -> None:
     if chars > limits.max_prompt_chars:
-        raise JobInputError(
-            f"is {chars} characters; MAX_PROMPT_CHARS allows at most {limits.max_prompt_chars}", field
-        )
+        raise JobInputError(f"is {chars} characters; MAX_PROMPT_CHARS allows at most {limits.max_prompt_chars}", field)
 
 
 def check_count(count: int, maximum: int, variable: str, what: str, field: str) -> None:
@@ -184,20 +181,13 @@ def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple
     if not isinstance(value, Mapping):
         raise JobInputError("must be an object", "sampling_params")
     _reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
-    sampling = {
-        key: SAMPLING_FIELDS[key](f"sampling_params.{key}", item)
-        for key, item in value.items()
-        if item is not None
-    }
-    _check_sampling_limits(sampling, limits)
+    sampling = {key: SAMPLING_FIELDS[key](f"sampling_params.{key}", item) for key, item in value.items()
+                if item is not None}
+    check_sequences(sampling.get("n", 1), 1, limits, "sampling_params.n")
+    check_stop_strings(sampling.get("stop", []), limits, "sampling_params.stop")
     max_tokens_given = "max_tokens" in sampling
     sampling.setdefault("max_tokens", default_max_tokens)  # min_tokens <= max_tokens: see prepare_prompt
     return sampling, max_tokens_given
-
-
-def _check_sampling_limits(sampling: Dict[str, Any], limits: InputLimits) -> None:
-    check_sequences(sampling.get("n", 1), 1, limits, "sampling_params.n")
-    check_stop_strings(sampling.get("stop", []), limits, "sampling_params.stop")
 
 
 def check_sequences(n: int, prompts: int, limits: InputLimits, n_field: str, prompts_field: str = "") -> None:
@@ -237,17 +227,13 @@ def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
     token_ids = _token_ids(job, tokenizer, template)
     room = max_model_len - len(token_ids)
     if room < 1:
-        raise JobInputError(
-            f"is {len(token_ids)} tokens; MAX_MODEL_LEN is {max_model_len}, leaving no room to generate", field
-        )
+        raise JobInputError(f"is {len(token_ids)} tokens; MAX_MODEL_LEN is {max_model_len}, leaving no room to "
+                            "generate", field)
     sampling = dict(job.sampling)
     if sampling["max_tokens"] > room:
         if job.max_tokens_given:
-            raise JobInputError(
-                f"is {sampling['max_tokens']} but the prompt is {len(token_ids)} tokens and MAX_MODEL_LEN is "
-                f"{max_model_len}: at most {room}",
-                "sampling_params.max_tokens",
-            )
+            raise JobInputError(f"is {sampling['max_tokens']} but the prompt is {len(token_ids)} tokens and "
+                                f"MAX_MODEL_LEN is {max_model_len}: at most {room}", "sampling_params.max_tokens")
         sampling["max_tokens"] = room  # the default shrinks to fit; an explicit value is never cut
     if sampling.get("min_tokens", 0) > sampling["max_tokens"]:
         raise JobInputError(f"must not exceed max_tokens ({sampling['max_tokens']})", "sampling_params.min_tokens")
