@@ -32,16 +32,15 @@ if __name__ == "__main__":  # not in vLLM's engine process, which imports this f
     signal.signal(signal.SIGTERM, _stop_during_startup)  # first, before the slow imports below
     os.register_at_fork(after_in_child=_sigterm_as_default_in_child)
 
-from gams_worker.platform.cancellation import close_when_cancelled  # noqa: E402
 from gams_worker.config import load_config  # noqa: E402
 from gams_worker.errors import ConfigError, WorkerError  # noqa: E402
+from gams_worker.platform.unreadable import UnreadableJob  # noqa: E402
 
-jobs = None  # the process's Worker (gams_worker/worker.py), set in serve()
+worker = None  # the process's Worker (gams_worker/worker.py), set in serve()
 
 
 async def handler(job):
-    outputs = jobs.run(job)
-    close_when_cancelled(outputs)  # a stopped job frees its engine request at once
+    outputs = job.outputs() if isinstance(job, UnreadableJob) else worker.run(job)
     async for output in outputs:
         yield output
 
@@ -62,7 +61,7 @@ def main() -> int:
 
 def serve(config) -> int:
     """Start the engine, then run the SDK's job loop (or one local job); return the exit status."""
-    global jobs
+    global worker
     from gams_worker.platform.local_run import run_local, wants_local_run
     from gams_worker.platform.sdk_version import check_sdk_version
     from gams_worker.startup.vllm_release import check_vllm_release
@@ -78,7 +77,6 @@ def serve(config) -> int:
     except WorkerError as exc:  # the wrong vLLM or SDK, a classified start failure, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
-    jobs = worker
     import runpod
     try:
         if local_run:

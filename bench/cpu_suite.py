@@ -374,7 +374,7 @@ async def run_suite(args, log_dir: Path, base_env: Dict[str, str]) -> Dict[str, 
             finally:
                 AsyncLLM.from_engine_args = original
             cold["raw_engine_init_s"] = round(init_times[-1], 2)
-            handler.jobs = worker.jobs
+            handler.worker = worker
             prompt_ids = [worker.tokenizer.encode(p) for p in PROMPTS]  # what the handler passes
             meter.add("in_process", in_process_groups())
             print(f"in-process engine: AsyncLLM.from_engine_args {cold['raw_engine_init_s']} s, "

@@ -73,7 +73,7 @@ async def sweep(worker, args):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    handler.jobs = worker.jobs
+    handler.worker = worker
     prompt_ids = worker.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench input-blocking [--streams 32] [--prompt-chars 200000] [--model DIR]
 
-One worker in this process (the tiny model unless ``--model``), jobs run through its JobRouter as
+One worker in this process (the tiny model unless ``--model``), jobs run through its JobDispatch as
 the handler runs them. ``--streams`` plain streaming jobs generate; once every one streams, a plain
 job with a long prompt arrives (``--prompt-chars`` characters of Slovene, MAX_PROMPT_CHARS by
 default: the longest the defaults allow; it has more tokens than MAX_MODEL_LEN, so its job ends as

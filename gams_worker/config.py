@@ -144,16 +144,18 @@ class InputLimits:
     max_prompt_chars: int = setting(200_000, "MAX_PROMPT_CHARS", read_int(1), "longest prompt (a `/v1/completions` "
                                     "list's together) or chat text, every string of the messages together")
     max_messages: int = setting(256, "MAX_MESSAGES", read_int(1), "most messages (Responses: `input` items) in one job")
-    max_stop_strings: int = setting(16, "MAX_STOP_STRINGS", read_int(0), "most stop strings, each checked at every "
-                                    "step")
+    max_stop_strings: int = setting(16, "MAX_STOP_STRINGS", read_int(0), "most stop strings, each checked at every step")
     max_stop_length: int = setting(256, "MAX_STOP_LENGTH", read_int(1), "longest stop string (and bad word)")
-    max_n: int = setting(16, "MAX_N", read_int(1), "most choices (`n`) per prompt")
-    max_sequences: int = setting(16, "MAX_SEQUENCES", read_int(1), "most sequences per job: prompts × `n` (a "
+    max_n: int = setting(16, "MAX_N", read_int(1, 16384),  # vLLM: VLLM_MAX_N_SEQUENCES
+                         "most choices (`n`) per prompt")
+    max_sequences: int = setting(16, "MAX_SEQUENCES", read_int(1, 1024),  # vLLM: VLLM_MAX_COMPLETION_PROMPTS
+                                 "most sequences per job: prompts × `n` (a "
                                  "`/v1/completions` prompt list multiplies them; vLLM's own cap is 1024 prompts)")
-    max_stop_token_ids: int = setting(16, "MAX_STOP_TOKEN_IDS", read_int(0), "most `stop_token_ids`, checked every "
-                                      "step")
-    max_bad_words: int = setting(16, "MAX_BAD_WORDS", read_int(0), "most `bad_words`, matched at every step")
-    max_logprobs: int = setting(20, "MAX_LOGPROBS", read_int(0), "most `logprobs` / `top_logprobs` / "
+    max_stop_token_ids: int = setting(16, "MAX_STOP_TOKEN_IDS", read_int(0), "most `stop_token_ids`, checked every step")
+    max_bad_words: int = setting(16, "MAX_BAD_WORDS", read_int(0, 64),  # vLLM: 2 per word <= VLLM_MAX_NUM_BAD_WORDS
+                                 "most `bad_words`, matched at every step")
+    max_logprobs: int = setting(20, "MAX_LOGPROBS", read_int(0, 20),  # vLLM: the engine's max_logprobs
+                                "most `logprobs` / `top_logprobs` / "
                                 "`prompt_logprobs` per token (vLLM's default); `-1`, the whole vocabulary, is refused")
     max_logit_bias: int = setting(300, "MAX_LOGIT_BIAS", read_int(0), "most `logit_bias` entries, applied every step")
     max_prompt_logprobs_tokens: int = setting(256, "MAX_PROMPT_LOGPROBS_TOKENS", read_int(0), "`prompt_logprobs` (or "

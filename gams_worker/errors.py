@@ -1,14 +1,6 @@
-"""The worker's errors, and the one shape in which a job reports one.
-
-A failed job yields one output ``{"error": "<JSON text>"}``. The runpod SDK turns a
-yielded error into the job's error with ``str()`` (runpod 1.12, rp_job.handle_job), so a
-dict would reach clients as a Python literal; JSON text passes unchanged, and a client
-reads the error with ``json.loads``. The object in it is
-
-- plain jobs: ``{"type", "message", "field"?}``; ``field`` is the dotted path of the input
-  field at fault, ``type`` one of the four below;
-- OpenAI jobs: OpenAI's error object ``{"message", "type", "param", "code"}``, ``code``
-  being the HTTP status (400, 404, 500...).
+"""The worker's errors, the one shape a failed job reports (one output ``{"error": "<JSON text>"}``:
+plain ``{"type", "message", "field"?}``, OpenAI ``{"message", "type", "param", "code"}``), and the
+one JSON encoder for text that must reach the platform as UTF-8 (MAINTAINERS.md, "Errors that always post").
 """
 
 from __future__ import annotations
@@ -68,7 +60,7 @@ class OpenAIRequestError(WorkerError):
 
 class EngineStartError(WorkerError):
     """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis``
-    of the failed attempt (None when the doctor stopped the start before any attempt)."""
+    (None when the doctor stopped the start before any attempt)."""
 
     def __init__(self, message: str, cause: str, diagnosis: Any = None):  # a startup.start_failure.Diagnosis
         self.cause = cause
@@ -95,19 +87,24 @@ class IncompleteModelError(WorkerError):
         super().__init__(f"model files in {path} are incomplete: " + "; ".join(problems))
 
 
-def job_error_output(error: Dict[str, Any]) -> Dict[str, str]:
-    """What a failed job yields: its error object as JSON text (see the module docstring).
+def utf8_json(value: Any, **options: Any) -> bytes:
+    """``value`` as UTF-8 JSON; UnicodeEncodeError for a lone surrogate, TypeError or ValueError
+    for what JSON cannot hold."""
+    return json.dumps(value, ensure_ascii=False, **options).encode("utf-8")
 
-    The text is always valid UTF-8: the SDK posts it encoded, and a lone surrogate echoed
-    from the input (a field name, a value) would make that post fail and the job's result
-    never arrive. Such text is written with JSON's ASCII escapes (``\\ud800``) instead.
-    """
-    text = json.dumps(error, ensure_ascii=False, default=str)
+
+def sendable_json(value: Any, **options: Any) -> str:
+    """``value`` as JSON text UTF-8 can always carry: a lone surrogate (echoed from a job's input)
+    is written as JSON's ASCII escape (``\\ud800``) instead of failing the post that sends it."""
     try:
-        text.encode("utf-8")
+        return utf8_json(value, **options).decode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(error, ensure_ascii=True, default=str)
-    return {"error": text}
+        return json.dumps(value, ensure_ascii=True, **options)
+
+
+def job_error_output(error: Dict[str, Any]) -> Dict[str, str]:
+    """What a failed job yields: its error object as JSON text."""
+    return {"error": sendable_json(error, default=str)}
 
 
 def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[str, str]:

@@ -15,9 +15,9 @@ from typing import Any, AsyncIterator, Dict, Optional, Sequence
 from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.engine_info import EngineInfo
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template
+from gams_worker.jobs.dialects import JobDispatch
 from gams_worker.jobs.openai import OpenAIJobs
 from gams_worker.jobs.plain import PlainJobs
-from gams_worker.jobs.route import JobRouter
 from gams_worker.jobs.streaming import FlushPolicy
 from gams_worker.serving.concurrency import job_concurrency
 from gams_worker.serving.stats_log import EngineStatsLog
@@ -69,7 +69,7 @@ class Worker:
                           engine_info, startup)
         openai = OpenAIJobs(engine, config, self.chat_template, self.flush_policy, self.input_tokenizer, eos_token_id)
         self.aborted = plain.aborted  # the latest plain jobs whose engine request was aborted
-        self.jobs = JobRouter(plain, openai)
+        self.jobs = JobDispatch(plain, openai)
         self.stats_log = EngineStatsLog(engine) if config.log_engine_stats else None
         self.watchdog = EngineWatchdog(engine, clock, config.engine_stall_timeout_s, engine_pids)
         self.status_server = StatusServer(self.status, config.status_port) if config.status_port else None

@@ -52,7 +52,7 @@ def test_engine_stats_are_off_unless_asked_for_and_logged_every_interval_when_on
 
     from types import SimpleNamespace
 
-    from gams_worker.jobs.route import JobRouter
+    from gams_worker.jobs.dialects import JobDispatch
     from gams_worker.serving.stats_log import EngineStatsLog
     from gams_worker.startup.engine import engine_kwargs
     from gams_worker.worker import Worker
@@ -72,7 +72,7 @@ def test_engine_stats_are_off_unless_asked_for_and_logged_every_interval_when_on
 
     engine = Engine()
     # The parts of a Worker that its run(job) uses, without an engine to build the rest.
-    worker = SimpleNamespace(jobs=JobRouter(Plain(), openai=None), stats_log=EngineStatsLog(engine, interval_s=0.05))
+    worker = SimpleNamespace(jobs=JobDispatch(Plain(), openai=None), stats_log=EngineStatsLog(engine, interval_s=0.05))
 
     async def scenario():
         for _ in range(3):  # the first job starts it, once

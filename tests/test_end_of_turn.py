@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
 from builder import end_of_turn_model, tiny_model
-from gams_worker.jobs.chat import prepare_prompt
+from gams_worker.jobs.input import prepare_prompt
 from gams_worker.jobs.chat_template import (
     ChatTemplateFacts, accepts_system_role, find_end_of_turn, probe_chat_template, report_stop_tokens,
     stop_at_end_of_turn,

@@ -21,7 +21,7 @@ from gams_worker.config import load_config
 from gams_worker.errors import ConfigError, JobInputError
 from gams_worker.jobs.input import INPUT_FIELDS, SAMPLING_FIELDS, parse_job_input
 from gams_worker.config import InputLimits
-from gams_worker.jobs.chat import prepare_prompt
+from gams_worker.jobs.input import prepare_prompt
 
 # Small limits, so that generated inputs reach every one of them often.
 SMALL = InputLimits(max_input_bytes=4096, max_prompt_chars=600, max_messages=6, max_stop_strings=3,
@@ -227,6 +227,39 @@ def test_limits_come_from_the_environment_with_documented_defaults():
         with pytest.raises(ConfigError) as info:
             load_config({variable: value})
         assert variable in str(info.value) and repr(value) in str(info.value)
+
+
+def test_every_limit_holds_the_same_in_both_dialects_up_to_vllms_own_caps():
+    """A job at every declared limit passes both dialects (vLLM's request models and SamplingParams
+    included: vLLM alone caps OpenAI stop lists at 4), and no limit can be set above a cap of vLLM's."""
+    from vllm import SamplingParams
+
+    from gams_worker.config import WorkerConfig
+    from gams_worker.jobs import openai as openai_jobs
+    from gams_worker.jobs.chat_template import ChatTemplateFacts
+    from gams_worker.jobs.openai_input import CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE
+    from gams_worker.jobs.streaming import FlushPolicy
+
+    config = WorkerConfig()
+    limits = config.input_limits
+    stop = [f"s{i}" for i in range(limits.max_stop_strings)]
+    plain = parse_job_input({"prompt": "Bled", "sampling_params": {"stop": stop, "n": limits.max_n}}, 16, limits)
+    assert SamplingParams(**plain.sampling).stop == stop
+    routes = openai_jobs.OpenAIJobs(None, config, ChatTemplateFacts(None, None, False), FlushPolicy(1, 1, 1.0),
+                                    None, None)
+    vllm = openai_jobs.import_vllm_openai()
+    at_limits = {"stop": stop, "bad_words": ["b"] * limits.max_bad_words}
+    for route, body in [(CHAT_ROUTE, {"messages": [{"role": "user", "content": "a"}], "n": limits.max_n,
+                                      "top_logprobs": limits.max_logprobs, "logprobs": True, **at_limits}),
+                        (COMPLETIONS_ROUTE, {"prompt": ["a"] * limits.max_sequences, "logprobs": limits.max_logprobs,
+                                             **at_limits}),
+                        (RESPONSES_ROUTE, {"input": "a", "stop": stop})]:
+        _, _, request = routes._parse({"openai_route": route, "openai_input": body}, vllm)
+        assert request.stop == stop, route
+    for variable, above_vllms_cap in [("MAX_N", "16385"), ("MAX_SEQUENCES", "1025"), ("MAX_BAD_WORDS", "65"),
+                                      ("MAX_LOGPROBS", "21")]:
+        with pytest.raises(ConfigError, match=variable):
+            load_config({variable: above_vllms_cap})
 
 
 def test_trust_remote_code_is_off_unless_set():

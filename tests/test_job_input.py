@@ -6,7 +6,8 @@ import pytest
 
 from builder import tiny_model
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.chat import fold_system_message, prepare_prompt
+from gams_worker.jobs.input import prepare_prompt
+from gams_worker.jobs.messages import fold_system_message
 from gams_worker.jobs.input import parse_job_input
 
 

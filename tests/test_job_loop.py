@@ -397,7 +397,7 @@ def test_jobs_go_through_the_workers_result_path_where_it_serves_the_config():
 
 # --------------------------------------------------------------------------- takes the SDK could not parse
 def test_a_take_too_deep_for_json_fails_its_jobs_instead_of_dropping_them():
-    from gams_worker.jobs.route import UNREADABLE_JOB, JobRouter
+    import handler as handler_module
     from gams_worker.platform.job_loop import read_take
 
     deep = "[" * 5000 + "]" * 5000
@@ -406,16 +406,16 @@ def test_a_take_too_deep_for_json_fails_its_jobs_instead_of_dropping_them():
     batch = f'[{{"input": {deep}, "id": "job-a"}}, {{"id": "job-b", "input": {{"prompt": "a\\"}}"}}}}]'
     jobs = asyncio.run(read_take(batch))
     assert [job["id"] for job in jobs] == ["job-a", "job-b"]
-    assert all("nests deeper" in job[UNREADABLE_JOB] for job in jobs)
+    assert all("nests deeper" in job.why for job in jobs)
 
     async def outputs(job):
-        return [output async for output in JobRouter(None, None).run(job)]
+        return [output async for output in handler_module.handler(job)]
 
     (output,) = asyncio.run(outputs(jobs[0]))
     error = json.loads(output["error"])
     assert error["type"] == "invalid_input" and error["field"] == "input" and "nests deeper" in error["message"]
     (job,) = asyncio.run(read_take('{"id": "job-c", "input": {"prompt": "a",}}'))  # not JSON: the SDK drops it
-    assert job["id"] == "job-c" and "not valid JSON" in job[UNREADABLE_JOB]
+    assert job["id"] == "job-c" and "not valid JSON" in job.why
 
 
 def test_a_take_that_parses_is_the_sdks_jobs_and_jobs_without_an_id_are_left_out():

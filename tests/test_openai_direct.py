@@ -190,6 +190,21 @@ def test_stop_and_max_completion_tokens(openai_job, model):
 
 
 @pytest.mark.engine
+def test_max_stop_strings_hold_in_both_dialects(openai_job, run_job, model):
+    """MAX_STOP_STRINGS (16) holds for OpenAI jobs too: vLLM alone caps their stop lists at 4."""
+    body = greedy(model, messages=QUESTION, max_tokens=30, ignore_eos=True)
+    text = ChatCompletion.model_validate(openai_job(CHAT, body)[0]).choices[0].message.content
+    stop = [f"\u0444{i}" for i in range(15)] + [text[len(text) // 2:len(text) // 2 + 3]]
+    stopped = ChatCompletion.model_validate(openai_job(CHAT, {**body, "stop": stop})[0]).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.message.content == text[:text.index(stop[-1])]
+    completion = openai_job(COMPLETIONS, greedy(model, prompt="Ljubljana je", stop=stop))[0]
+    assert Completion.model_validate(completion).choices[0].finish_reason in ("stop", "length")
+    plain = run_job({"messages": QUESTION, "sampling_params": {"temperature": 0, "seed": 7, "max_tokens": 30,
+                                                               "ignore_eos": True, "stop": stop}})[-1]
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["choices"][0]["text"] == stopped.message.content
+
+
+@pytest.mark.engine
 @pytest.mark.parametrize(
     "route, body, status, param",
     [

@@ -277,7 +277,7 @@ def test_stopping_a_stream_frees_its_engine_request_within_1s_while_others_strea
     # The tiny model is fast and the engine runs ahead of the posts: only very long jobs are
     # surely still generating when the stop comes. The stopped job's first post is left
     # unanswered, so the stop always finds its task waiting on the post and its generator
-    # paused at ``yield`` (see gams_worker/platform/cancellation.py), not inside the engine loop.
+    # paused at ``yield`` (see gams_worker/jobs/dialects.py), not inside the engine loop.
     long_id = "job-to-stop"
     emulator.hold_stream_posts(long_id)
     emulator.submit({"prompt": SLOVENE, "sampling_params": greedy(8000), "stream": True}, job_id=long_id)
@@ -532,11 +532,11 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
     import asyncio
 
     import handler as handler_module
-    from gams_worker.jobs.route import JobRouter
+    from gams_worker.jobs.dialects import JobDispatch
 
     service = FakeService()
-    jobs = JobRouter(service, openai=None)
-    monkeypatch.setattr(handler_module, "jobs", jobs)
+    jobs = JobDispatch(service, openai=None)
+    monkeypatch.setattr(handler_module, "worker", jobs)  # what the handler runs jobs on
     posting = asyncio.Event()
     still_referenced = []  # as the SDK's frames and task keep the generator alive
 
@@ -565,11 +565,11 @@ def test_a_cancelled_job_task_closes_the_service_generator_at_once(monkeypatch):
 
 
 def test_status_endpoint_reports_the_job_counters():
-    from gams_worker.jobs.route import JobRouter
+    from gams_worker.jobs.dialects import JobDispatch
     from gams_worker.serving.status import StatusServer, worker_status
 
     service = FakeService()
-    jobs = JobRouter(service, openai=None)
+    jobs = JobDispatch(service, openai=None)
     jobs.running_jobs = 3
     service.aborted.append(("job-1", 12.5))
     # As the Worker wires it (gams_worker/worker.py): the router's count, the engine, the plain jobs' aborts.

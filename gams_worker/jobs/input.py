@@ -1,40 +1,22 @@
-"""Validation of a job's input: a plain job into a typed ``JobInput``, and the input limits that
-both dialects share (gams_worker/jobs/openai_input.py holds an OpenAI job's request contract).
-
-A plain job's accepted shape (every other field is rejected by name)::
-
-    {"prompt": "..."}  or  {"messages": [{"role": "user", "content": "..."}, ...]}
-    "sampling_params": {...}   optional, see SAMPLING_FIELDS
-    "stream": false            optional; true streams chunks as they are generated
-
-Errors raise ``JobInputError`` with the dotted path of the field at fault.
-
-Every count that costs the engine or the worker has a limit (``InputLimits``, declared with its
-variable, default and reason in gams_worker/config.py), checked before any tokenization or engine
-work, the same in both dialects wherever the dialect has the field; a job over one gets an error
-naming the field, and no limit ever truncates. The input may nest objects and lists at most
-MAX_JSON_DEPTH (100) levels: deeper than Python's own JSON handling goes.
-
-``max_tokens`` is bounded by MAX_MODEL_LEN minus the prompt's tokens (gams_worker/jobs/chat.py).
+"""A plain job's input validated into a typed ``JobInput`` and tokenized, and the input limits both
+dialects share (``InputLimits``, gams_worker/config.py): checked before any tokenization or engine
+work, a breach is a JobInputError naming the field; no limit ever truncates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.config import InputLimits
-from gams_worker.errors import JobInputError
+from gams_worker.errors import JobInputError, utf8_json
+from gams_worker.jobs.chat_template import ChatTemplateFacts
+from gams_worker.jobs.messages import check_message, join_text_parts, key_path, refuse_control_tokens, template_messages
 
-# "developer" is what OpenAI clients now send for instructions: a system message (chat.template_messages).
-ROLES = ("system", "developer", "user", "assistant")
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
-
-# How deep a job's input may nest objects and lists: Python's JSON encoder and decoder recurse
-# once per level and fail near 1000, which a job must never reach inside the worker.
+# Python's JSON encoder and decoder recurse once per level and fail near 1000 levels.
 MAX_JSON_DEPTH = 100
 
 
@@ -51,15 +33,12 @@ def nests_deeper_than(value: Any, limit: int) -> bool:
 
 
 def encoded_json(raw: Any, field: str) -> bytes:
-    """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode.
-
-    A lone surrogate must be refused here, before anything echoes the input back: the error
-    that names it would otherwise be text that cannot be sent (gams_worker/errors.py).
-    """
+    """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode (a lone
+    surrogate is refused before anything echoes it)."""
     if nests_deeper_than(raw, MAX_JSON_DEPTH):
         raise JobInputError(f"nests objects and lists more than {MAX_JSON_DEPTH} levels deep", field)
     try:
-        return json.dumps(raw, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return utf8_json(raw, allow_nan=False)
     except UnicodeEncodeError:
         raise JobInputError("contains a lone surrogate (text that is not valid Unicode)", field) from None
     except (TypeError, ValueError, RecursionError):
@@ -70,60 +49,18 @@ def check_input_size(raw: Any, limits: InputLimits, field: str) -> None:
     """The whole input, serialized as the platform sent it, must fit ``max_input_bytes``."""
     encoded = encoded_json(raw, field)
     if len(encoded) > limits.max_input_bytes:
-        raise JobInputError(
-            f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most {limits.max_input_bytes}", field
-        )
+        raise JobInputError(f"is {len(encoded)} bytes as JSON; MAX_INPUT_BYTES allows at most "
+                            f"{limits.max_input_bytes}", field)
 
 
 def check_prompt_chars(chars: int, field: str, limits: InputLimits) -> None:
     if chars > limits.max_prompt_chars:
-        raise JobInputError(
-            f"is {chars} characters; MAX_PROMPT_CHARS allows at most {limits.max_prompt_chars}", field
-        )
+        raise JobInputError(f"is {chars} characters; MAX_PROMPT_CHARS allows at most {limits.max_prompt_chars}", field)
 
 
 def check_count(count: int, maximum: int, variable: str, what: str, field: str) -> None:
     if count > maximum:
         raise JobInputError(f"has {count} {what}; {variable} allows at most {maximum}", field)
-
-
-TEXT_PART_TYPES = ("text", "input_text", "output_text")  # chat's, and Responses' input and output text
-
-
-def join_text_parts(content: Any, field: str) -> str:
-    """A string, or OpenAI-style text parts [{"type": "text", "text": "..."}] joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and content:
-        texts = []
-        for i, part in enumerate(content):
-            if not (isinstance(part, Mapping) and part.get("type") in TEXT_PART_TYPES
-                    and isinstance(part.get("text"), str)):
-                raise JobInputError("only text parts {type: 'text', text: '...'} are supported", f"{field}[{i}]")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise JobInputError("must be a string or a list of text parts", field)
-
-
-def key_path(prefix: str, key: Any) -> str:
-    """``prefix`` + key; a key that is empty or holds . [ ] or " is quoted: ``input[""]``."""
-    if isinstance(key, str) and key and not any(c in key for c in '.[]"'):
-        return f"{prefix}{key}"
-    return f"{prefix.rstrip('.') or 'input'}[{json.dumps(str(key), ensure_ascii=False)}]"
-
-
-def strings_in(value: Any, field: str) -> Iterator[Tuple[str, str]]:
-    """(path, text) of every string inside ``value`` (a message, its parts, a list of items), in
-    order, without recursion; object keys are not texts, their values are."""
-    stack: List[Tuple[str, Any]] = [(field, value)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, str):
-            yield path, node
-        elif isinstance(node, Mapping):
-            stack.extend(reversed([(key_path(path + ".", key), child) for key, child in node.items()]))
-        elif isinstance(node, list):
-            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,14 +172,8 @@ def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:
     check_count(len(value), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
     out = []
     for i, item in enumerate(value):
-        field = f"messages[{i}]"
-        if not isinstance(item, Mapping):
-            raise JobInputError("must be an object with 'role' and 'content'", field)
-        _reject_unknown(item, ("role", "content"), field + ".")
-        role = item.get("role")
-        if role not in ROLES:
-            raise JobInputError(f"must be one of {', '.join(ROLES)}", field + ".role")
-        out.append({"role": role, "content": join_text_parts(item.get("content"), field + ".content")})
+        check_message(item, f"messages[{i}]", plain=True)
+        out.append({"role": item["role"], "content": join_text_parts(item.get("content"), f"messages[{i}].content")})
     return tuple(out)
 
 
@@ -250,20 +181,13 @@ def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple
     if not isinstance(value, Mapping):
         raise JobInputError("must be an object", "sampling_params")
     _reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
-    sampling = {
-        key: SAMPLING_FIELDS[key](f"sampling_params.{key}", item)
-        for key, item in value.items()
-        if item is not None
-    }
-    _check_sampling_limits(sampling, limits)
+    sampling = {key: SAMPLING_FIELDS[key](f"sampling_params.{key}", item) for key, item in value.items()
+                if item is not None}
+    check_sequences(sampling.get("n", 1), 1, limits, "sampling_params.n")
+    check_stop_strings(sampling.get("stop", []), limits, "sampling_params.stop")
     max_tokens_given = "max_tokens" in sampling
     sampling.setdefault("max_tokens", default_max_tokens)  # min_tokens <= max_tokens: see prepare_prompt
     return sampling, max_tokens_given
-
-
-def _check_sampling_limits(sampling: Dict[str, Any], limits: InputLimits) -> None:
-    check_sequences(sampling.get("n", 1), 1, limits, "sampling_params.n")
-    check_stop_strings(sampling.get("stop", []), limits, "sampling_params.stop")
 
 
 def check_sequences(n: int, prompts: int, limits: InputLimits, n_field: str, prompts_field: str = "") -> None:
@@ -280,3 +204,48 @@ def check_stop_strings(stop: List[str], limits: InputLimits, field: str) -> None
     check_count(len(stop), limits.max_stop_strings, "MAX_STOP_STRINGS", "stop strings", field)
     for i, item in enumerate(stop):
         check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"{field}[{i}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedPrompt:
+    token_ids: List[int]
+    sampling: Dict[str, Any]  # with max_tokens fitted to the model length
+
+
+def plain_chat_messages(messages: Tuple[Dict[str, str], ...],
+                        template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
+    """A plain job's validated messages as the template gets them: control tokens refused, chat rules applied."""
+    for i, message in enumerate(messages):
+        refuse_control_tokens(message["content"], f"messages[{i}].content", template)
+    return template_messages(messages, template)
+
+
+def prepare_prompt(job: JobInput, tokenizer: Any, max_model_len: int,
+                   template: Optional[ChatTemplateFacts] = None) -> PreparedPrompt:
+    """Tokenize the prompt (through the chat template for messages) and fit max_tokens."""
+    field = "prompt" if job.messages is None else "messages"
+    token_ids = _token_ids(job, tokenizer, template)
+    room = max_model_len - len(token_ids)
+    if room < 1:
+        raise JobInputError(f"is {len(token_ids)} tokens; MAX_MODEL_LEN is {max_model_len}, leaving no room to "
+                            "generate", field)
+    sampling = dict(job.sampling)
+    if sampling["max_tokens"] > room:
+        if job.max_tokens_given:
+            raise JobInputError(f"is {sampling['max_tokens']} but the prompt is {len(token_ids)} tokens and "
+                                f"MAX_MODEL_LEN is {max_model_len}: at most {room}", "sampling_params.max_tokens")
+        sampling["max_tokens"] = room  # the default shrinks to fit; an explicit value is never cut
+    if sampling.get("min_tokens", 0) > sampling["max_tokens"]:
+        raise JobInputError(f"must not exceed max_tokens ({sampling['max_tokens']})", "sampling_params.min_tokens")
+    return PreparedPrompt(token_ids, sampling)
+
+
+def _token_ids(job: JobInput, tokenizer: Any, template: Optional[ChatTemplateFacts]) -> List[int]:
+    if job.messages is None:
+        return tokenizer.encode(job.prompt, add_special_tokens=True)
+    chat = plain_chat_messages(job.messages, template)
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template's own raise_exception, or a Jinja error
+        raise JobInputError(f"the model's chat template refused these messages: {exc}", "messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)  # the template already wrote <bos>

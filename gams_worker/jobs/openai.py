@@ -1,33 +1,8 @@
-"""OpenAI-compatible jobs: RunPod's /openai/v1 passthrough, served by vLLM's own OpenAI layer.
-
-RunPod turns a call to ``https://api.runpod.ai/v2/<endpoint>/openai/v1/...`` into a job
-``{"openai_route": "/v1/chat/completions", "openai_input": {...}}`` and relays what the
-job yields. The outputs match runpod-workers/worker-vllm:
-
-    non-stream:  one dict, the ChatCompletion / Completion / model list JSON
-    stream:      strings, each a concatenation of whole SSE events ``data: {json}\\n\\n``;
-                 the last one ends with ``data: [DONE]\\n\\n``
-    error:       {"error": "<JSON of {"message", "type", "param", "code"}>"}, where ``code``
-                 is the HTTP status (400, 404, 500...) the platform should answer with
-
-Requests are run by vLLM's OpenAIServingChat / OpenAIServingCompletion / OpenAIServingModels /
-OpenAIServingResponses / ServingTokenization on the worker's one engine, so templating,
-sampling, logprobs, n, structured output and usage are vLLM's, exactly as ``vllm serve`` does
-them. The worker adds: Gemma's chat rules (gams_worker/jobs/chat.py; a leading system or
-developer message folded where the template refuses a system role, Responses ``instructions``
-too, control tokens in chat text refused), chat and Responses requests stopped at the
-template's end of turn (gams_worker/jobs/chat_template.py), the request contract and input
-limits of plain jobs (gams_worker/jobs/openai_input.py, checked in a worker thread, then the
-body's types checked strictly by vLLM's request model), prompt logprobs bounded by the prompt's
-tokens and grammars compiled with a deadline before the engine gets them
-(gams_worker/jobs/grammar.py), and batching of stream events (gams_worker/jobs/streaming.py).
-
-A stream that fails (vLLM ends it with an error event, or raises) ends the job with that error,
-after the text already streamed: RunPod reports the job FAILED, never COMPLETED.
-
-/v1/responses streams SSE events as ``vllm serve`` writes them (``event: <type>\ndata: {json}``,
-no ``[DONE]``); /v1/tokenize takes ``prompt`` or ``messages`` and /v1/detokenize ``tokens``,
-answering one dict each, as vLLM's /tokenize and /detokenize do.
+"""OpenAI-compatible jobs (RunPod's /openai/v1 passthrough: ``{"openai_route", "openai_input"}``), served
+by vLLM's own serving classes on the worker's engine, with Gemma's chat rules, the end of turn, the input
+contract and the stream batching added. Outputs match runpod-workers/worker-vllm: a dict, or SSE strings
+(the last ending ``data: [DONE]``), or one error whose ``code`` is the HTTP status; a stream that fails
+ends with its error after what it streamed (MAINTAINERS.md, "The OpenAI layer").
 """
 
 from __future__ import annotations
@@ -37,14 +12,14 @@ import dataclasses
 import json
 import logging
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from gams_worker.config import InputLimits, WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
-from gams_worker.jobs.chat import template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
 from gams_worker.jobs.grammar import GrammarGate
 from gams_worker.jobs.input import encoded_json
+from gams_worker.jobs.messages import template_messages
 from gams_worker.jobs.openai_input import (
     CHAT_ROUTE, COMPLETIONS_ROUTE, DETOKENIZE_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE,
     check_openai_body, constraint_field,
@@ -135,20 +110,28 @@ def import_vllm_openai() -> VllmOpenAI:
             return dataclasses.replace(super().build_tok_params(model_config), add_special_tokens=False)
 
     return VllmOpenAI(
-        chat_request=ChatCompletionRequest, completion_request=CompletionRequest,
-        responses_request=ChatTemplatedResponsesRequest, tokenize_chat_request=TokenizeChatRequest,
-        tokenize_completion_request=TokenizeCompletionRequest, detokenize_request=DetokenizeRequest,
+        chat_request=_stop_cap_of_the_worker(ChatCompletionRequest),
+        completion_request=_stop_cap_of_the_worker(CompletionRequest),
+        responses_request=_stop_cap_of_the_worker(ChatTemplatedResponsesRequest),
+        tokenize_chat_request=TokenizeChatRequest, tokenize_completion_request=TokenizeCompletionRequest,
+        detokenize_request=DetokenizeRequest,
         responses_response=ResponsesResponse,
         whole_responses=(ChatCompletionResponse, CompletionResponse, TokenizeResponse, DetokenizeResponse),
         error_response=ErrorResponse, create_error_response=create_error_response)
 
 
-class OpenAIJobs:
-    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer.
+def _stop_cap_of_the_worker(request_class: Any) -> Any:
+    """``request_class`` without vLLM's cap on ``stop`` lists (VLLM_MAX_STOP_STRINGS, 4, fixed when its
+    protocol module is imported): MAX_STOP_STRINGS, checked first (openai_input.py), is the one cap."""
+    import pydantic
 
-    ``input_tokenizer``: the worker's own copy of the engine's tokenizer (gams_worker/worker.py), for
-    grammar compiles; ``flush_policy``: the worker's one, shared with plain jobs.
-    """
+    return pydantic.create_model(request_class.__name__, __base__=request_class,
+                                 stop=(Optional[Union[str, List[str]]], []))
+
+
+class OpenAIJobs:
+    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer
+    (``input_tokenizer``: the worker's own copy of the engine's, for grammar compiles)."""
 
     def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
                  flush_policy: FlushPolicy, input_tokenizer: Any, eos_token_id: Optional[int]):
@@ -185,9 +168,7 @@ class OpenAIJobs:
         renderer = _chat_rules_renderer(OnlineRenderer, self.chat_template)(
             model_config=self.engine.model_config, renderer=self.engine.renderer, request_logger=None,
             chat_template=None, chat_template_content_format="auto")  # the model's own template
-        # Prompt logprobs bounded by the prompt's tokens; chat and Responses requests stop at the
-        # template's end of turn.
-        engine = PromptLogprobsLimit(self.engine, self.config.input_limits)
+        engine = PromptLogprobsBoundEngine(self.engine, self.config.input_limits)
         chat_engine = EndOfTurnEngine(engine, self.chat_template, self.eos_token_id)
         template = dict(chat_template=None, chat_template_content_format="auto")  # the model's own template
         serving = Serving(
@@ -263,7 +244,7 @@ class OpenAIJobs:
             yield error
 
     def _parse(self, job_input: Any, vllm: VllmOpenAI) -> Tuple[str, Dict[str, Any], Any]:
-        """(route, body, vLLM's request) of a job; OpenAIRequestError naming the field at fault."""
+        """(route, body, vLLM's request) of a job; OpenAIRequestError or JobInputError naming the field at fault."""
         route, body = self._parse_job(job_input)
         if route == MODELS_ROUTE:
             return route, {}, None
@@ -272,11 +253,9 @@ class OpenAIJobs:
     def _parse_job(self, job_input: Any) -> Tuple[str, Any]:
         if not isinstance(job_input, Mapping):
             raise OpenAIRequestError("must be an object with openai_route and openai_input", "input")
-        try:  # before anything of the input is echoed in an error (an unknown key, a value)
-            encoded_json(job_input.get("openai_input"), "openai_input")
-            encoded_json({key: value for key, value in job_input.items() if key != "openai_input"}, "input")
-        except JobInputError as exc:
-            raise OpenAIRequestError(exc.message, exc.field) from None
+        # Before anything of the input is echoed in an error (an unknown key, a value).
+        encoded_json(job_input.get("openai_input"), "openai_input")
+        encoded_json({key: value for key, value in job_input.items() if key != "openai_input"}, "input")
         for key in job_input:
             if key not in JOB_FIELDS:
                 raise OpenAIRequestError(f"unknown field; allowed: {', '.join(JOB_FIELDS)}", key)
@@ -293,13 +272,9 @@ class OpenAIJobs:
 
     def _parse_request(self, route: str, body: Dict[str, Any], vllm: VllmOpenAI) -> Any:
         request_class = ROUTE_TABLE[route].request_class(vllm, body)
-        known = set(request_class.model_fields) | {
-            field.alias for field in request_class.model_fields.values() if field.alias
-        }
-        try:
-            check_openai_body(route, body, known, self.config.input_limits, self.chat_template)
-        except JobInputError as exc:
-            raise OpenAIRequestError(exc.message, exc.field) from None
+        fields = request_class.model_fields
+        known = set(fields) | {field.alias for field in fields.values() if field.alias}
+        check_openai_body(route, body, known, self.config.input_limits, self.chat_template)
         body.setdefault("model", self.config.model_label)
         try:
             # Strict, as plain jobs check types: "17" or 17.0 is not an integer, "true" not a boolean.
@@ -326,15 +301,10 @@ def _whole_answer(result: Any, vllm: VllmOpenAI) -> Optional[Dict[str, Any]]:
     return None
 
 
-class PromptLogprobsLimit:
-    """The shared engine as vLLM's serving layers see it: a request for prompt logprobs
-    (``prompt_logprobs``, or ``echo``, which makes vLLM compute them: with ``logprobs`` on
-    /v1/completions, always on chat) over a prompt longer than MAX_PROMPT_LOGPROBS_TOKENS is
-    refused before the engine gets it. Only here is the prompt's token count known: vLLM's
-    serving layer has just rendered and tokenized it.
-
-    Everything but ``generate`` is the engine itself.
-    """
+class PromptLogprobsBoundEngine:
+    """The engine as vLLM's serving layers see it: prompt logprobs (``prompt_logprobs``, or ``echo``)
+    over a prompt longer than MAX_PROMPT_LOGPROBS_TOKENS are refused, here where the prompt's tokens
+    are first known. Everything but ``generate`` is the engine itself."""
 
     def __init__(self, engine: Any, limits: InputLimits):
         self._engine = engine
@@ -382,12 +352,8 @@ async def _responses_sse_events(events: AsyncIterator[Any]) -> AsyncIterator[Tup
 
 
 def _chat_rules_renderer(online_renderer_class: Any, chat_template: ChatTemplateFacts) -> Any:
-    """vLLM's OnlineRenderer, applying Gemma's chat rules (chat.template_messages) before the
-    chat template sees the messages.
-
-    Every chat-templated route (chat, Responses, tokenize) renders through ``preprocess_chat``,
-    so this is the one place where OpenAI jobs meet those rules.
-    """
+    """vLLM's OnlineRenderer applying Gemma's chat rules (messages.template_messages): every
+    chat-templated route (chat, Responses, tokenize) renders through ``preprocess_chat``."""
 
     class ChatRulesRenderer(online_renderer_class):
         async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:

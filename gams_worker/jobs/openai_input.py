@@ -1,21 +1,6 @@
-"""The request contract of OpenAI jobs: what a body may hold on each route, checked before vLLM
-sees it, under the same limits as plain jobs (gams_worker/jobs/input.py), named by the body's
-own fields.
-
-Each route accepts the parameters listed in ``ROUTE_FIELDS`` and refuses every other by name:
-an unknown one (vLLM would log and ignore it), and vLLM's own parameters that this worker does
-not serve (tools, beam search, a chat template sent with the request, request ids, KV
-transfer...), with the reason where there is one. Every accepted parameter that costs the
-engine is measured here, its type checked first as plain jobs check types (``"n": "17"`` and
-``17.0`` are not integers); the types of the rest are then checked strictly by vLLM's own
-request model (gams_worker/jobs/openai.py). Two checks need what only vLLM's serving layer
-knows and run just before the engine gets the request: the prompt's token count for prompt
-logprobs, and the grammar compile (gams_worker/jobs/grammar.py).
-
-Chat text (``messages``, Responses ``input`` and ``instructions``) counts every string in it
-(contents, text and refusal parts, names...) against MAX_PROMPT_CHARS and may not hold the
-tokenizer's control tokens (gams_worker/jobs/chat.py); message roles are those of plain jobs
-(``developer`` is a system message; ``tool`` and ``function`` are refused).
+"""The request contract of OpenAI jobs, checked before vLLM sees a body: what each route accepts
+(every other field refused by name, with the reason where there is one), and every parameter that
+costs the engine measured under the limits of plain jobs (MAINTAINERS.md, "The OpenAI layer").
 """
 
 from __future__ import annotations
@@ -25,11 +10,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError
-from gams_worker.jobs.chat import refuse_control_tokens, template_messages
 from gams_worker.jobs.chat_template import ChatTemplateFacts
 from gams_worker.jobs.input import (
-    SAMPLING_FIELDS, check_count, check_input_size, check_prompt_chars, check_sequences,
-    check_stop_strings, nests_deeper_than, strings_in,
+    SAMPLING_FIELDS, check_count, check_input_size, check_prompt_chars, check_sequences, check_stop_strings,
+    nests_deeper_than,
+)
+from gams_worker.jobs.messages import (
+    check_message, check_openai_content, refuse_control_tokens, strings_in, template_messages,
 )
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -81,9 +68,6 @@ REFUSED_BECAUSE = {
     "truncate_prompt_tokens": "prompts are never cut: a prompt that does not fit is an error",
 }
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "text")  # what gets a grammar
-# Content parts that are text (vLLM reads a bare string in a part list as text too).
-TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
-MESSAGE_ROLES = ("system", "developer", "user", "assistant")
 
 
 def check_openai_body(route: str, body: Mapping[str, Any], known: Any, limits: InputLimits,
@@ -97,28 +81,8 @@ def check_openai_body(route: str, body: Mapping[str, Any], known: Any, limits: I
     accepted = _accepted_fields(route, body, known)
     given = {key: value for key, value in body.items() if value is not None}
     prompts = _check_text(route, given, limits, template)
-    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        if key in given:
-            SAMPLING_FIELDS["max_tokens"](key, given[key])
-    if "min_tokens" in given:
-        SAMPLING_FIELDS["min_tokens"]("min_tokens", given["min_tokens"])
-    n = SAMPLING_FIELDS["n"]("n", given["n"]) if "n" in given else 1
-    check_sequences(n, prompts, limits, "n", "prompt")
-    if "stop" in given:
-        check_stop_strings(SAMPLING_FIELDS["stop"]("stop", given["stop"]), limits, "stop")
-    if "stop_token_ids" in given:
-        ids = _token_ids("stop_token_ids", given["stop_token_ids"])
-        check_count(len(ids), limits.max_stop_token_ids, "MAX_STOP_TOKEN_IDS", "stop token ids", "stop_token_ids")
-    if "bad_words" in given:
-        words = _strings("bad_words", given["bad_words"])
-        check_count(len(words), limits.max_bad_words, "MAX_BAD_WORDS", "bad words", "bad_words")
-        for i, word in enumerate(words):
-            check_count(len(word), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"bad_words[{i}]")
-    if "logit_bias" in given:
-        bias = given["logit_bias"]
-        if not isinstance(bias, Mapping):
-            raise JobInputError("must be an object of token id -> bias", "logit_bias")
-        check_count(len(bias), limits.max_logit_bias, "MAX_LOGIT_BIAS", "entries", "logit_bias")
+    _check_sampling(given, prompts, limits)
+    _check_token_lists(given, limits)
     # logprobs is a count on /v1/completions and true/false on chat (top_logprobs is the count there).
     counts = ("top_logprobs", "prompt_logprobs") + (("logprobs",) if route == COMPLETIONS_ROUTE else ())
     for key in counts:
@@ -134,6 +98,36 @@ def check_openai_body(route: str, body: Mapping[str, Any], known: Any, limits: I
         raise JobInputError(REFUSED_BECAUSE["tools"], "tools")
     if route == DETOKENIZE_ROUTE and "tokens" in given:
         _token_ids("tokens", given["tokens"])
+
+
+def _check_sampling(given: Mapping[str, Any], prompts: int, limits: InputLimits) -> None:
+    """Types and limits of the sampling parameters plain jobs have too."""
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if key in given:
+            SAMPLING_FIELDS["max_tokens"](key, given[key])
+    if "min_tokens" in given:
+        SAMPLING_FIELDS["min_tokens"]("min_tokens", given["min_tokens"])
+    n = SAMPLING_FIELDS["n"]("n", given["n"]) if "n" in given else 1
+    check_sequences(n, prompts, limits, "n", "prompt")
+    if "stop" in given:
+        check_stop_strings(SAMPLING_FIELDS["stop"]("stop", given["stop"]), limits, "stop")
+
+
+def _check_token_lists(given: Mapping[str, Any], limits: InputLimits) -> None:
+    """stop_token_ids, bad_words and logit_bias: each checked at every step of the request."""
+    if "stop_token_ids" in given:
+        ids = _token_ids("stop_token_ids", given["stop_token_ids"])
+        check_count(len(ids), limits.max_stop_token_ids, "MAX_STOP_TOKEN_IDS", "stop token ids", "stop_token_ids")
+    if "bad_words" in given:
+        words = _strings("bad_words", given["bad_words"])
+        check_count(len(words), limits.max_bad_words, "MAX_BAD_WORDS", "bad words", "bad_words")
+        for i, word in enumerate(words):
+            check_count(len(word), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"bad_words[{i}]")
+    if "logit_bias" in given:
+        bias = given["logit_bias"]
+        if not isinstance(bias, Mapping):
+            raise JobInputError("must be an object of token id -> bias", "logit_bias")
+        check_count(len(bias), limits.max_logit_bias, "MAX_LOGIT_BIAS", "entries", "logit_bias")
 
 
 def _accepted_fields(route: str, body: Mapping[str, Any], known: Any) -> Tuple[str, ...]:
@@ -175,28 +169,8 @@ def _check_text(route: str, body: Mapping[str, Any], limits: InputLimits,
 
 
 def _check_message(message: Any, field: str) -> None:
-    if not isinstance(message, Mapping):
-        raise JobInputError("must be an object with 'role' and 'content'", field)
-    role = message.get("role")
-    if role not in MESSAGE_ROLES:
-        raise JobInputError(f"role {role!r} is not served: roles are {', '.join(MESSAGE_ROLES)} "
-                            "(GaMS's chat template has no tool turns)", f"{field}.role")
-    _check_content(message.get("content"), f"{field}.content")
-
-
-def _check_content(content: Any, field: str) -> None:
-    """A string, or a list of text parts (GaMS reads text only)."""
-    if content is None or isinstance(content, str):
-        return
-    if not isinstance(content, list):
-        raise JobInputError("must be a string or a list of text parts", field)
-    for i, part in enumerate(content):
-        if isinstance(part, str):
-            continue
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in TEXT_PARTS or not isinstance(part.get(TEXT_PARTS[kind]), str):
-            raise JobInputError(f"only text parts are served ({', '.join(TEXT_PARTS)}, each with its text): "
-                                "GaMS reads text only", f"{field}[{i}]")
+    check_message(message, field, plain=False)
+    check_openai_content(message.get("content"), f"{field}.content")
 
 
 def _check_chat_text(value: Any, field: str, limits: InputLimits, template: Optional[ChatTemplateFacts],
@@ -265,10 +239,7 @@ def _token_ids(field: str, value: Any) -> List[int]:
 def _strings(field: str, value: Any) -> List[str]:
     if not isinstance(value, list):
         raise JobInputError("must be a list of strings", field)
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or item == "":
-            raise JobInputError("must be a non-empty string", f"{field}[{i}]")
-    return value
+    return SAMPLING_FIELDS["stop"](field, value)  # each a non-empty string
 
 
 def _logprob_count(field: str, value: Any, limits: InputLimits) -> None:

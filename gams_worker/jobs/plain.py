@@ -1,11 +1,5 @@
-"""Plain jobs on the shared engine: validate, generate, stream, report.
-
-Output shapes (every job ends with exactly one item carrying ``usage``, or one error):
-
-    stream:     {"choices": [{"index": 0, "text": "..."}]} ...
-                last: {"choices": [{"index", "text", "finish_reason"}], "usage": {...}, "engine": {...}}
-    non-stream: one item shaped like the last chunk, with the whole text
-    error:      {"error": "<JSON of {"type", "message", "field"?}>"} (gams_worker/errors.py)
+"""Plain jobs on the shared engine: validate, generate, stream, report. Every job ends with exactly one
+item carrying ``usage`` (stream chunks ``{"choices": [{"index", "text"}]}`` before it), or one error.
 """
 
 from __future__ import annotations
@@ -21,20 +15,16 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 from gams_worker.config import WorkerConfig
 from gams_worker.engine_info import EngineInfo, StartupReport
 from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
-from gams_worker.jobs.chat import PreparedPrompt, prepare_prompt
 from gams_worker.jobs.chat_template import ChatTemplateFacts, stop_at_end_of_turn
-from gams_worker.jobs.input import JobInput, parse_job_input
+from gams_worker.jobs.input import JobInput, PreparedPrompt, parse_job_input, prepare_prompt
 from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher, text_by_choice
 
 log = logging.getLogger(__name__)
 
 
 class PlainJobs:
-    """Runs plain jobs (a prompt or chat messages, gams_worker/jobs/input.py) on the worker's engine.
-
-    ``input_tokenizer``: the worker's own copy of the engine's tokenizer (gams_worker/worker.py),
-    used in a thread of its own: plain jobs are prepared there one at a time, off the event loop.
-    """
+    """Runs plain jobs on the worker's engine; each is prepared (validated, tokenized with the
+    worker's own copy of the tokenizer) in a thread of its own, off the event loop."""
 
     def __init__(self, engine: Any, config: WorkerConfig, input_tokenizer: Any, chat_template: ChatTemplateFacts,
                  eos_token_id: Optional[int], flush_policy: FlushPolicy, engine_info: EngineInfo,
@@ -57,8 +47,7 @@ class PlainJobs:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            # Validation, the chat template and tokenization take up to ~0.5 s for the longest
-            # prompts: in a thread, so that no other job's stream waits for them.
+            # Up to ~0.5 s for the longest prompts: in a thread, so that no other job's stream waits.
             job_input, prompt, params = await asyncio.get_running_loop().run_in_executor(
                 self._prepare_thread, self._prepare, job.get("input"))
         except JobInputError as exc:

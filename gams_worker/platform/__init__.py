@@ -1,1 +1,1 @@
-"""Where the RunPod SDK is bent to our needs: job loop, cancellation, local runs, status."""
+"""Where the RunPod SDK is bent to our needs: job loop, result posts, local runs, status."""

@@ -1,45 +1,7 @@
-"""The runpod SDK's job loop (runpod 1.12.0, serverless/modules/rp_scale.py), with its waits replaced.
-
-Two loops of the SDK's ``JobScaler`` decide how fast a job reaches the handler:
-
-- ``get_jobs`` takes jobs from RunPod. It counts the jobs it holds as ``jobs_queue.qsize() +
-  job_progress.get_job_count()``, but every taken job is in both until ``run_jobs`` picks it
-  up, so after a take it believes it is fuller than it is; when it believes it is full it
-  sleeps 1 s. A burst of 64 at ``MAX_CONCURRENCY=64`` had half its jobs wait 1 s on the
-  platform (issue 14), and under steady load each freed slot waited up to 1 s for a refill.
-- ``run_jobs`` starts a task per taken job, but looks at its queue only every 100 ms.
-
-``JobLoop`` counts each job once, from its take to the end of its task, and both loops wait
-on events instead of sleeping: ``get_jobs`` takes again the moment a job ends, ``run_jobs``
-starts a job the moment it is taken. Everything else is the SDK's: ``set_scale`` and the
-``concurrency_modifier``, the stop-signal long-poll and ``stop_job``, ``handle_job`` (stream
-and result posts, the job progress set that pings report), the error handling around a take,
-and SIGTERM draining (stop taking, finish every taken job, then return). One change there: a
-job that the last take in flight brings in after SIGTERM is run too (the SDK's ``run_jobs`` may
-already have returned and left it unrun).
-
-Two more changes:
-
-- Each job's stream and result POSTs go through gams_worker/platform/poster.py (the same posts,
-  at a fraction of the SDK's cost per chunk) wherever it implements the options in use.
-- The stop-signal long-poll: after an empty poll the SDK sleeps 1 s before polling again, so
-  that a server answering at once cannot make it spin. A stop requested during that second
-  waited for it: with the emulator holding an empty poll 2 s, a third of the stops were picked up
-  0-1 s late (3 of 8 H200 runs, 0.56-0.99 s). ``monitor_stop_signals`` keeps the floor but counts
-  it from the poll's start, so a poll the server held for a second or more is renewed at once. It
-  also keeps polling while taken jobs drain after SIGTERM (they can still be stopped), and ends
-  its last poll once they have, instead of waiting out the server's hold before the process exits.
-
-The take itself is the SDK's ``get_job`` with the body parsed here (``take_jobs``): the SDK drops
-a take whose JSON it cannot parse (one nested deeper than ~950 levels raises ``RecursionError``
-in ``json.loads``; invalid JSON is logged at debug level), and with it every job of the take,
-which then never gets a result. Here each job of such a take is still handed to the handler,
-with its id read from the raw text and why it could not be read, and fails with an error
-(gams_worker/jobs/route.py, UNREADABLE_JOB).
-
-The SDK's ``runpod.serverless.start`` builds ``rp_scale.JobScaler(config)``; ``install_job_loop``
-points that name at ``JobLoop``, after ``check_sdk_version`` (gams_worker/platform/sdk_version.py)
-has made sure the installed SDK is the release this was written for.
+"""The runpod SDK's job loop (runpod 1.12.0, rp_scale.py), with its waits replaced by events: each job is
+counted once, from its take to the end of its task, so a take comes the moment a job ends and a job starts
+the moment it is taken. Stream and result posts go through poster.py; a take the SDK could not parse still
+fails each of its jobs; stop polls are renewed from the poll's start (MAINTAINERS.md, "The job loop").
 """
 
 from __future__ import annotations
@@ -53,17 +15,16 @@ from typing import Any, Dict, List, Optional, Set
 from runpod.http_client import TooManyRequests
 from runpod.serverless.modules import rp_http, rp_job, rp_scale
 
-from gams_worker.jobs.route import UNREADABLE_JOB
 from gams_worker.platform.poster import ResultPoster
 from gams_worker.platform.sdk_version import check_sdk_version
+from gams_worker.platform.unreadable import UnreadableJob
 
 log = rp_scale.log  # the SDK's logger: same format and RUNPOD_LOG_LEVEL as the rest of its loop
 EMPTY_POLL_FLOOR_S = 1.0  # the SDK's pause after an empty stop poll, here from the poll's start
 
 
 async def take_jobs(session, num_jobs: int = 1) -> Optional[List[Dict[str, Any]]]:
-    """The SDK's ``rp_job.get_job`` (runpod 1.12.0): the same request and answers to its
-    statuses, with the body parsed by ``read_take``."""
+    """The SDK's ``rp_job.get_job``, with the body parsed by ``read_take``."""
     async with session.get(rp_job._job_get_url(num_jobs)) as response:
         if response.status in (204, 400):  # no jobs; 400 is expected with FlashBoot (the SDK's words)
             return None
@@ -86,8 +47,7 @@ async def read_take(body: str) -> Optional[List[Dict[str, Any]]]:
                else f"is not valid JSON ({exc})")
         job_ids = await asyncio.to_thread(job_ids_in, body)  # a scan of up to RunPod's 20 MB
         log.error(f"JobLoop.take | a take of {len(body)} characters {why}: failing its jobs {job_ids}")
-        return [{"id": job_id, "input": None, UNREADABLE_JOB: f"the job could not be read: its JSON {why}"}
-                for job_id in job_ids] or None
+        return [UnreadableJob(job_id, why) for job_id in job_ids] or None
     jobs = [jobs] if isinstance(jobs, dict) else jobs if isinstance(jobs, list) else []
     answerable = [job for job in jobs if isinstance(job, dict) and isinstance(job.get("id"), str)]
     if len(answerable) < len(jobs):
@@ -100,9 +60,8 @@ _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
 
 
 def job_ids_in(body: str) -> List[str]:
-    """The string ``id`` of each job in a take's text, read without parsing the jobs' inputs:
-    a scan that follows how deep it is, so no nesting can make it fail. The jobs are the
-    top-level object (one job) or the objects of the top-level list (a batch)."""
+    """The string ``id`` of each job (the top-level object, or each of the top-level list) in a take's
+    text, by a scan that follows the depth without parsing, so no nesting can make it fail."""
     job_depth = 2 if body.lstrip().startswith("[") else 1
     depth, key, ids = 0, None, []
     for match in _JSON_TOKENS.finditer(body):
@@ -146,8 +105,7 @@ class JobLoop(rp_scale.JobScaler):
 
     def kill_worker(self):
         super().kill_worker()
-        # Called from the SIGTERM handler too: wake both loops through the loop's own wake-up
-        # pipe, since a plain Event.set() there would wait for the next network event.
+        # Called from the SIGTERM handler too: wake the loops through the event loop's wake-up pipe.
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake_both)
 
@@ -229,7 +187,8 @@ class JobLoop(rp_scale.JobScaler):
         self._drained.set()
 
     async def monitor_stop_signals(self, session):
-        """The SDK's loop over the stop channel (rp_scale.py), with the changes in the module docstring."""
+        """The SDK's loop over the stop channel; an empty poll's 1 s pause counts from the poll's start,
+        and polls go on while taken jobs drain after SIGTERM."""
         if self.stop_signals_fetcher is rp_job.get_stop_signals and rp_job._job_stop_url() is None:
             await super().monitor_stop_signals(session)  # warns that per-job stop is off, and returns
             return

@@ -1,9 +1,6 @@
-"""Local runs of one job with real streaming (``python handler.py``, off the platform).
-
-The runpod SDK's own local mode does not iterate a generator handler: it prints
-``{'output': <async_generator ...>}`` and reports success. This runs the job
-instead, prints each output as one JSON line as it arrives, then the aggregate,
-and exits non-zero when the job yields an error.
+"""Local runs of one job (``python handler.py``): each output printed as one JSON line as it arrives,
+then the aggregate; the exit status is 1 when the job yields an error. (The SDK's own local mode
+does not iterate a generator handler.)
 """
 
 from __future__ import annotations

@@ -1,47 +1,13 @@
-"""The stream and result POSTs of each job, in place of the runpod SDK's (runpod 1.12.0 ``rp_job.handle_job``,
-``run_job_generator``, ``rp_http.stream_result`` / ``send_result`` / ``_transmit``).
-
-Per chunk the SDK formats two debug messages of the whole output (even when DEBUG is off),
-builds a new aiohttp_retry ``RetryClient`` and ``FibonacciRetry``, sets the job's id on the
-session's shared default headers, and serialises the output once for the chunk and once more
-inside the final aggregate. At 512 streams on an H200 that path was ~40 % of the worker's main
-process. This module sends the same bytes to the same URLs, through the SDK's one keep-alive
-session (the one its job takes use), with each output serialised once.
-
-Kept from the SDK, as a client of RunPod sees it:
-
-- every output the handler yields is POSTed as ``{"output": ...}`` to the stream URL
-  (``&isStream=false``), one at a time and in order: the next output is taken from the handler
-  only once the POST before it is answered;
-- then the result ``{"output": [every output]}`` (``return_aggregate_stream``; ``{"output": []}``
-  without it) goes to the done URL (``&isStream=true``), after the last chunk;
-- an output ``{"error": ...}`` ends the job: it is not streamed, the result is
-  ``{"error": str(...)}``; an exception out of the handler ends it with the SDK's
-  ``{"error": "handler: ... \\ntraceback: ..."}``;
-- a POST answered 5xx is retried: 3 attempts, 2 s then 3 s apart (the SDK's
-  ``FibonacciRetry(attempts=3)``); one still failing, or answered 4xx, is logged with the SDK's
-  message and the job goes on (a chunk lost that way is still in the result's aggregate);
-- a stopped job (its task cancelled) posts nothing more; its "Finished." line is logged as the SDK's.
-
-Changed, where the SDK lost the job:
-
-- an output that cannot be sent as UTF-8 JSON (a lone surrogate in a string, an object JSON
-  cannot encode) ends the job with a ``worker_error`` result in its dialect naming the cause. The
-  SDK raised out of its loop there and posted nothing, so RunPod waited for the job until its timeout;
-- a POST that fails on the connection (a keep-alive connection the server closed, a reset) is
-  retried like a 5xx; the SDK dropped it, and with it the job's result.
-
-``JobLoop`` (gams_worker/platform/job_loop.py) runs jobs through ``ResultPoster.run_job`` when the
-handler is an async generator and no SDK option this path does not implement (``refresh_worker``,
-``--rp_debugger``) is set; otherwise through the SDK's own ``handle_job``. Both sit behind the
-same SDK-version guard (gams_worker/platform/sdk_version.py).
+"""The stream and result POSTs of each job, in place of the runpod SDK's (runpod 1.12.0
+``rp_job.handle_job``): the same bytes to the same URLs and the SDK's retries, through its one
+keep-alive session, each output serialised once; an output that cannot be sent and a POST that
+fails on the connection no longer lose the job (MAINTAINERS.md, "Errors that always post").
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import traceback
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -49,7 +15,8 @@ import aiohttp
 from runpod.serverless.modules import rp_scale
 from yarl import URL
 
-from gams_worker.jobs.route import worker_error_output
+from gams_worker.errors import sendable_json, utf8_json
+from gams_worker.jobs.dialects import worker_error_output
 
 log = rp_scale.log  # the SDK's logger: its format, its RUNPOD_LOG_LEVEL
 
@@ -64,29 +31,23 @@ class UnsendableOutput(Exception):
 
 
 def encode(value: Any) -> bytes:
-    """``value`` as the SDK serialises it (``json.dumps(..., ensure_ascii=False)``), in UTF-8."""
+    """``value`` as the SDK serialises it, in UTF-8."""
     try:
-        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return utf8_json(value)
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise UnsendableOutput(f"{type(exc).__name__}: {exc}") from None
 
 
 def encode_error(error: Any) -> bytes:
-    """A job's error result; one whose text holds a lone surrogate is sent with it escaped, so
-    that the job still ends with its error."""
-    body = {"error": str(error)}
-    try:
-        return encode(body)
-    except UnsendableOutput:
-        return json.dumps(body).encode("ascii")
+    """A job's error result, sent whatever its text holds."""
+    return sendable_json({"error": str(error)}).encode("utf-8")
 
 
 class ResultPoster:
     """Runs a job's handler and posts its outputs and result (see the module docstring)."""
 
     def __init__(self, stream_url: str, done_url: str, retry_waits_s=RETRY_WAITS_S):
-        # The SDK's URL templates (rp_http.JOB_STREAM_URL / JOB_DONE_URL): the worker id filled
-        # in, ``$ID`` standing for the job id.
+        # The SDK's URL templates (rp_http.JOB_STREAM_URL / JOB_DONE_URL), ``$ID`` standing for the job id.
         self.stream_url = stream_url
         self.done_url = done_url
         self.retry_waits_s = retry_waits_s

@@ -1,10 +1,5 @@
-"""The one guard over the runpod SDK version that gams_worker/platform/job_loop.py and poster.py were written for.
-
-job_loop.py replaces the SDK's ``get_jobs``, ``run_jobs`` and ``monitor_stop_signals`` with code read
-from one release's ``rp_scale.py``, and poster.py its ``rp_job.handle_job`` and ``rp_http`` posts. On
-any other release the rest (set_scale, handle_job, stop signals, what a post sends) may have changed
-under them, so the worker refuses to start instead of running a half-patched loop. This module reads the installed version from the package metadata without
-importing the SDK (seconds), so ``handler.py`` can refuse before the engine starts.
+"""The one guard over the runpod SDK release that job_loop.py and poster.py replace parts of: on any
+other the worker refuses to start. Read from package metadata, without importing the SDK.
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ def check_sdk_version(installed: Optional[str] = None) -> None:
             installed = "none"
     if installed != SDK_VERSION:
         raise SdkVersionError(
-            f"runpod {installed} is installed, but the job loop (gams_worker/platform/job_loop.py) replaces "
-            f"get_jobs and run_jobs of runpod {SDK_VERSION}; install runpod=={SDK_VERSION} "
-            f"(requirements-runpod.txt), or compare that release's serverless/modules/rp_scale.py, rp_job.py "
-            f"and rp_http.py with runpod {installed}'s, update job_loop.py, poster.py and SDK_VERSION")
+            f"runpod {installed} is installed, but gams_worker/platform/job_loop.py and poster.py replace parts of "
+            f"runpod {SDK_VERSION}: install runpod=={SDK_VERSION} (requirements-runpod.txt), or compare that "
+            f"release's rp_scale.py, rp_job.py and rp_http.py with {installed}'s and update them and SDK_VERSION")

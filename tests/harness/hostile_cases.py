@@ -8,7 +8,7 @@ as written), the field (plain jobs) or param (OpenAI jobs) its error must name, 
 worker refuses it:
 
 - ``contract``: the input contract, before vLLM sees the request (gams_worker/jobs/input.py,
-  openai_input.py, chat.py), checked against vLLM 0.32's own request models;
+  openai_input.py, messages.py), checked against vLLM 0.32's own request models;
 - ``engine``: only with the engine there: what needs the prompt's tokens (MAX_MODEL_LEN,
   MAX_PROMPT_LOGPROBS_TOKENS) or a grammar compile (GRAMMAR_COMPILE_TIMEOUT_S); the contract
   must let these through, the worker must refuse them;
@@ -271,10 +271,10 @@ def contract_checker(tokenizer_dir: Optional[str] = None):
     from gams_worker.config import WorkerConfig
     from gams_worker.errors import JobInputError, OpenAIRequestError
     from gams_worker.jobs import openai as openai_jobs
-    from gams_worker.jobs.chat import plain_chat_messages
+    from gams_worker.jobs.input import plain_chat_messages
     from gams_worker.jobs.chat_template import ChatTemplateFacts, probe_chat_template
     from gams_worker.jobs.input import parse_job_input
-    from gams_worker.jobs.route import JobRouter
+    from gams_worker.platform.unreadable import UnreadableJob
     from gams_worker.jobs.streaming import FlushPolicy
     from gams_worker.platform.job_loop import read_take
 
@@ -297,7 +297,8 @@ def contract_checker(tokenizer_dir: Optional[str] = None):
             (job,) = asyncio.run(read_take(text))
 
             async def outputs() -> List[Any]:
-                return [output async for output in JobRouter(None, None).run(job)]
+                assert isinstance(job, UnreadableJob)  # the platform fails it (handler.py)
+                return [output async for output in job.outputs()]
 
             (output,) = asyncio.run(outputs())
             return error_field(output)

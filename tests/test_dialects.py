@@ -1,11 +1,11 @@
-"""The job router, without the engine: one dialect per job, decided once; errors always JSON."""
+"""The job dispatch, without the engine: one dialect per job, decided once; errors always JSON."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-from gams_worker.jobs.route import JobRouter
+from gams_worker.jobs.dialects import JobDispatch
 
 
 class Dialect:
@@ -31,7 +31,7 @@ def outputs(router, job):
 
 def test_each_job_goes_to_its_dialect_once():
     plain, openai = Dialect(), Dialect()
-    router = JobRouter(plain, openai)
+    router = JobDispatch(plain, openai)
     outputs(router, {"id": "a", "input": {"prompt": "Bled"}})
     outputs(router, {"id": "b", "input": {"openai_route": "/v1/models"}})
     outputs(router, {"id": "c", "input": "openai_route"})  # not an object: a (bad) plain job
@@ -41,7 +41,7 @@ def test_each_job_goes_to_its_dialect_once():
 
 
 def test_a_bug_in_either_dialect_still_ends_the_job_with_a_json_error():
-    router = JobRouter(Dialect(fail=True), Dialect(fail=True))
+    router = JobDispatch(Dialect(fail=True), Dialect(fail=True))
     first, last = outputs(router, {"id": "a", "input": {"prompt": "Bled"}})
     assert first == {"ok": True}
     assert json.loads(last["error"]) == {"type": "worker_error",
