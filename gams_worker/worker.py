@@ -28,7 +28,7 @@ from gams_worker.startup.engine import import_engine_classes, start_engine
 from gams_worker.startup.host import platform_name
 from gams_worker.startup.ladder import StartedEngine, start_with_fallback
 from gams_worker.startup.model import ResolvedModel, find_local_model
-from gams_worker.startup.plan import EnginePlan, engine_ready_timeout, plan_engine
+from gams_worker.startup.plan import EnginePlan, bad_words_budget, engine_ready_timeout, plan_engine
 from gams_worker.startup.start_deadline import StartDeadline
 from gams_worker.startup.timeline import StartupTimeline
 
@@ -101,6 +101,7 @@ def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ())
     timeline = StartupTimeline()
     timeline.mark("config loaded")
     export_to_engine(engine_ready_timeout(config))  # one start deadline: vLLM's wait reads it at import
+    export_to_engine(bad_words_budget(config))
     # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
     local_model = find_local_model(config)
     plan = _plan_after_imports(config, local_model, timeline)

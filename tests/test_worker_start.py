@@ -96,3 +96,23 @@ def test_vllm_waits_for_its_engine_process_as_long_as_it_was_told():
     printed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env=subprocess_env(), check=True).stdout
     assert printed.strip().splitlines()[-1] == "2400"
+
+
+def test_every_bad_words_list_the_limits_allow_fits_vllms_token_budget(tiny_model_dir):
+    """vLLM's GPU model runner raises inside its engine (the engine dies) on bad words over
+    VLLM_MAX_BAD_WORDS_TOTAL_TOKENS: the budget the worker hands vLLM holds the worst list its limits allow,
+    tokenized as vLLM tokenizes it (byte-fallback tokens of 4-byte characters, with and without a space)."""
+    from vllm import SamplingParams
+    from vllm.tokenizers.registry import get_tokenizer
+
+    from gams_worker.config import load_config
+    from gams_worker.startup.plan import bad_words_budget
+
+    config = load_config({"MODEL_NAME": tiny_model_dir})
+    limits = config.input_limits
+    words = [chr(0x1D11E + i) * limits.max_stop_length for i in range(limits.max_bad_words)]
+    params = SamplingParams(bad_words=words)
+    params.update_from_tokenizer(get_tokenizer(tiny_model_dir))
+    tokens = sum(len(ids) for ids in params.bad_words_token_ids)
+    assert tokens > 1024  # over vLLM's default: the budget matters
+    assert tokens <= int(bad_words_budget(config)["VLLM_MAX_BAD_WORDS_TOTAL_TOKENS"])

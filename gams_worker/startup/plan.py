@@ -26,12 +26,22 @@ BAKED_MODEL_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PRESET_SETTINGS = ("max_model_len", "dtype", "gpu_memory_utilization", "tensor_parallel_size")  # what a preset fills
 # vLLM's wait for its engine process has no "off": a year stands for ENGINE_START_TIMEOUT_S=0.
 NO_DEADLINE_S = 365 * 24 * 3600
+VLLM_BAD_WORDS_TOTAL_TOKENS = 1024  # vLLM's default
 
 
 def engine_ready_timeout(config: WorkerConfig) -> Dict[str, str]:
     """ENGINE_START_TIMEOUT_S handed to vLLM too, so its own 600 s default never ends a start first.
     vLLM reads it when its engine classes are imported: export it before."""
     return {"VLLM_ENGINE_READY_TIMEOUT_S": str(config.engine_start_timeout_s or NO_DEADLINE_S)}
+
+
+def bad_words_budget(config: WorkerConfig) -> Dict[str, str]:
+    """vLLM's GPU model runner fails its engine on a request whose bad words tokenize to more than
+    VLLM_MAX_BAD_WORDS_TOTAL_TOKENS: sized so that every input the worker's limits allow fits (vLLM
+    tokenizes each word twice, with and without a leading space; a token covers at least one UTF-8 byte)."""
+    limits = config.input_limits
+    worst = limits.max_bad_words * 2 * (4 * limits.max_stop_length + 1)
+    return {"VLLM_MAX_BAD_WORDS_TOTAL_TOKENS": str(max(worst, VLLM_BAD_WORDS_TOTAL_TOKENS))}
 
 
 def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]
