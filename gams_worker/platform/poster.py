@@ -26,18 +26,6 @@ RETRY_WAITS_S = (2.0, 3.0)  # FibonacciRetry's waits after the first and the sec
 POST_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
 
 
-class UnsendableOutput(Exception):
-    """An output that cannot be sent as UTF-8 JSON."""
-
-
-def encode(value: Any) -> bytes:
-    """``value`` as the SDK serialises it, in UTF-8."""
-    try:
-        return utf8_json(value)
-    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        raise UnsendableOutput(f"{type(exc).__name__}: {exc}") from None
-
-
 def encode_error(error: Any) -> bytes:
     """A job's error result, sent whatever its text holds."""
     return sendable_json({"error": str(error)}).encode("utf-8")
@@ -87,11 +75,12 @@ class ResultPoster:
                 if isinstance(output, dict) and output.get("error"):
                     return encode_error(output["error"])
                 try:
-                    body = encode(output)
-                except UnsendableOutput as exc:
-                    log.error(f"Output cannot be sent as UTF-8 JSON: {exc}", job_id)
+                    body = utf8_json(output)  # as the SDK serialises it, in UTF-8
+                except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+                    problem = f"{type(exc).__name__}: {exc}"
+                    log.error(f"Output cannot be sent as UTF-8 JSON: {problem}", job_id)
                     return encode_error(worker_error_output(
-                        job.get("input"), f"the worker produced an output it cannot send as UTF-8 JSON ({exc})"
+                        job.get("input"), f"the worker produced an output it cannot send as UTF-8 JSON ({problem})"
                     )["error"])
                 if sent is not None:
                     sent.append(body)
