@@ -42,8 +42,6 @@ WORKER_ARGUMENTS = {
 
 def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str, Any]:
     """AsyncEngineArgs keyword arguments for ``config`` in graph ``mode``: ENGINE_ARGS and the worker's."""
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"unknown graph mode {mode!r}")
     kwargs: Dict[str, Any] = dict(
         model=model_path,
         tokenizer=config.tokenizer_name or model_path,

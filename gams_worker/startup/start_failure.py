@@ -10,8 +10,6 @@ import dataclasses
 import re
 from typing import Optional, Sequence, Tuple
 
-from gams_worker.startup.engine import GRAPH_MODES
-
 RETRY_LOWER_RUNG = "retry_lower_rung"
 RETRY_EMPTY_CACHE = "retry_empty_cache"  # same mode, the compile cache folder set aside
 FATAL = "fatal"
@@ -102,8 +100,6 @@ def classify_start_failure(text: str, failed_mode: str, warm_cache: Optional[str
 
     ``warm_cache``: the compile cache folder, when it held compiled files before this attempt.
     """
-    if failed_mode not in GRAPH_MODES:
-        raise ValueError(f"unknown graph mode {failed_mode!r}")
     lines = text.replace("\r", "\n").splitlines()
     stage = _failure_stage(lines)
     return (_no_graph_mode_fixes(text, lines, stage) or _damaged_cache(lines, warm_cache, failed_mode)
