@@ -17,8 +17,6 @@ FATAL = "fatal"
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
-    """What a failed start-up attempt means, and what to do next."""
-
     decision: str  # RETRY_LOWER_RUNG, RETRY_EMPTY_CACHE or FATAL
     cause: str  # the classified cause, in plain words
     remedy: str  # what a user can do about it ("" when the ladder handles it)
@@ -78,8 +76,6 @@ _DAMAGED_ARTIFACT = re.compile(
     r"|\bBus error\b|SIGBUS|pickle data was truncated|UnpicklingError|EOFError: Ran out of input"
     r"|invalid ELF header|file too short|ELF load command"
 )
-
-
 _NEWER_DRIVER = ("deploy on hosts whose driver supports this image's CUDA version (RunPod: allowedCudaVersions) "
                  "or use the CUDA-12 image")
 # Failures that no graph mode fixes, checked first (a capture may be in the log before them): (pattern, cause, remedy).
@@ -96,10 +92,7 @@ _NO_GRAPH_MODE_FIXES: Sequence[Tuple["re.Pattern[str]", str, str]] = (
 
 
 def classify_start_failure(text: str, failed_mode: str, warm_cache: Optional[str] = None) -> Diagnosis:
-    """What a start-up failure in ``failed_mode`` means, from its output and exception text.
-
-    ``warm_cache``: the compile cache folder, when it held compiled files before this attempt.
-    """
+    """``warm_cache``: the compile cache folder, when it held compiled files before this attempt."""
     lines = text.replace("\r", "\n").splitlines()
     stage = _failure_stage(lines)
     return (_no_graph_mode_fixes(text, lines, stage) or _damaged_cache(lines, warm_cache, failed_mode)
@@ -175,7 +168,6 @@ def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence
 
 
 def _failure_stage(lines: Sequence[str]) -> Optional[str]:
-    """The start-up stage of the last stage marker in the output, or None."""
     stage = None
     for line in lines:
         for name, pattern in _STAGE_MARKERS:
@@ -185,7 +177,7 @@ def _failure_stage(lines: Sequence[str]) -> Optional[str]:
 
 
 def _broken_capture(lines: Sequence[str]) -> Optional[str]:
-    """FULL or PIECEWISE: the kind of the last CUDA-graph capture the output shows started."""
+    """FULL or PIECEWISE: the last CUDA-graph capture the output shows started."""
     for line in reversed(lines):
         match = _CAPTURE_PROGRESS.search(line)
         if match:
