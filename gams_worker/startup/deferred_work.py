@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class DeferredWork:
-    """Runs start-up tasks in a thread once vLLM's engine process runs (looked for every 50 ms)."""
+    """Runs start-up tasks in a thread once vLLM's engine process runs."""
 
     POLL_S = 0.05
 
