@@ -1,9 +1,6 @@
-"""The one vLLM engine of the worker process: arguments, start-up, and its graph mode.
-
-Graph modes are the rungs of the fallback ladder: ``full`` is vLLM's default
-(FULL decode graphs plus PIECEWISE graphs for mixed batches), ``piecewise`` keeps
-only PIECEWISE graphs, ``eager`` captures none.
-"""
+"""The one vLLM engine of the worker process: arguments, start-up, and its graph mode. Graph modes are the
+rungs of the fallback ladder: ``full`` is vLLM's default (FULL decode graphs plus PIECEWISE graphs for mixed
+batches), ``piecewise`` keeps only PIECEWISE graphs, ``eager`` captures none."""
 
 from __future__ import annotations
 
@@ -105,7 +102,7 @@ def import_engine_classes() -> Tuple[Any, Any]:
 
 
 def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
-    """Create vLLM's async engine; raises whatever vLLM raises when start-up fails."""
+    """vLLM's async engine; raises whatever vLLM raises when start-up fails."""
     AsyncEngineArgs, AsyncLLM = import_engine_classes()
     kwargs = engine_kwargs(config, mode, model_path)
     passed = config.engine_args or {}
