@@ -1,7 +1,5 @@
-"""Local runs of one job (``python handler.py``): each output printed as one JSON line as it arrives,
-then the aggregate; the exit status is 1 when the job yields an error. (The SDK's own local mode
-does not iterate a generator handler.)
-"""
+"""Local runs of one job (``python handler.py``), as the SDK's local mode does not iterate a generator
+handler: each output printed as one JSON line as it arrives, then the aggregate; exit status 1 on an error."""
 
 from __future__ import annotations
 
@@ -42,7 +40,6 @@ async def run_job(handler: Callable, job: Dict[str, Any], out=None) -> List[Dict
 
 
 def run_local(handler: Callable, argv: Sequence[str]) -> int:
-    """Run the test job through ``handler``; the exit status is 1 if it yielded an error."""
     job = read_test_job(argv)
     print(f"--- local job {job['id']}: {json.dumps(job.get('input'), ensure_ascii=False)}", flush=True)
     outputs = asyncio.run(run_job(handler, job))

@@ -1,8 +1,6 @@
-"""The stream and result POSTs of each job, in place of the runpod SDK's (runpod 1.12.0
-``rp_job.handle_job``): the same bytes to the same URLs and the SDK's retries, through its one
-keep-alive session, each output serialised once; an output that cannot be sent and a POST that
-fails on the connection no longer lose the job (MAINTAINERS.md, "Errors that always post").
-"""
+"""The stream and result POSTs of each job in place of the runpod SDK's (runpod 1.12.0 ``rp_job.handle_job``):
+the same bytes to the same URLs with the SDK's retries, each output serialised once; an output that cannot be
+sent and a POST that fails on the connection no longer lose the job (MAINTAINERS.md, "Errors that always post")."""
 
 from __future__ import annotations
 
@@ -32,8 +30,6 @@ def encode_error(error: Any) -> bytes:
 
 
 class ResultPoster:
-    """Runs a job's handler and posts its outputs and result (see the module docstring)."""
-
     def __init__(self, stream_url: str, done_url: str, retry_waits_s=RETRY_WAITS_S):
         # The SDK's URL templates (rp_http.JOB_STREAM_URL / JOB_DONE_URL), ``$ID`` standing for the job id.
         self.stream_url = stream_url
@@ -42,7 +38,7 @@ class ResultPoster:
 
     @staticmethod
     def serves(config: Mapping[str, Any]) -> bool:
-        """Whether this path implements every option of the SDK config ``config`` uses."""
+        """Whether this path implements every option the SDK config ``config`` uses."""
         return (inspect.isasyncgenfunction(config.get("handler"))
                 and not config.get("refresh_worker", False)
                 and not config.get("rp_args", {}).get("rp_debugger", False))

@@ -12,10 +12,8 @@ from gams_worker.processes import end_process, kill_processes
 
 log = logging.getLogger(__name__)
 
-# Seconds a dead engine's in-flight jobs get to post their errors before the process exits.
-DEAD_ENGINE_GRACE_S = 1.0
-# Seconds vLLM gets, once a hung engine's processes are killed, to fail the requests in flight.
-HUNG_ENGINE_DEATH_WAIT_S = 10.0
+DEAD_ENGINE_GRACE_S = 1.0  # for a dead engine's jobs in flight to post their errors before the exit
+HUNG_ENGINE_DEATH_WAIT_S = 10.0  # for vLLM to fail the requests in flight once a hung engine's processes are killed
 
 
 def unfinished_requests(engine: Any) -> Optional[int]:
