@@ -104,11 +104,8 @@ class JobLoop(rp_scale.JobScaler):
     def kill_worker(self):  # from the SIGTERM handler too: the loops are woken through the event loop's pipe
         super().kill_worker()
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake_both)
-
-    def _wake_both(self) -> None:
-        self._slot_freed.set()
-        self._jobs_to_start.set()
+            self._loop.call_soon_threadsafe(self._slot_freed.set)
+            self._loop.call_soon_threadsafe(self._jobs_to_start.set)
 
     async def get_jobs(self, session):
         try:

@@ -30,12 +30,11 @@ def read_test_job(argv: Sequence[str]) -> Dict[str, Any]:
     return job
 
 
-async def run_job(handler: Callable, job: Dict[str, Any], out=None) -> List[Dict[str, Any]]:
-    out = out or sys.stdout
+async def run_job(handler: Callable, job: Dict[str, Any]) -> List[Dict[str, Any]]:
     outputs = []
     async for output in handler(job):
         outputs.append(output)
-        print(json.dumps(output, ensure_ascii=False), file=out, flush=True)
+        print(json.dumps(output, ensure_ascii=False), flush=True)
     return outputs
 
 

@@ -50,7 +50,6 @@ _UNSUPPORTED_ARCHITECTURE = re.compile(
 )
 _KV_CACHE_TOO_SMALL = re.compile(
     r"larger than the available KV cache memory|No available memory for the cache blocks"
-    r"|max seq len \(\d+\)[^\n]*is larger than the maximum number of tokens that can be stored in KV cache"
 )
 _BAD_CONFIG = re.compile(
     r"ValidationError: \d+ validation errors? for \w*Config|User-specified max_model_len"
