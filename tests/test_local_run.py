@@ -1,7 +1,6 @@
 """`python handler.py` off the platform really streams test_input.json through the engine."""
 
 import asyncio
-import io
 import json
 import re
 import subprocess
@@ -79,8 +78,7 @@ def test_each_output_is_printed_as_it_arrives_and_errors_exit_1(capsys):
         yield {"choices": [{"index": 0, "text": "Lju"}]}
         yield error_output("invalid_input", "bad", "prompt")
 
-    out = io.StringIO()
-    outputs = asyncio.run(run_job(handler, {"id": "j"}, out))
-    assert [json.loads(line) for line in out.getvalue().splitlines()] == outputs
+    outputs = asyncio.run(run_job(handler, {"id": "j"}))
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == outputs
     assert run_local(handler, ["handler.py", "--test_input", '{"input": {}}']) == 1
     assert "job failed" in capsys.readouterr().err

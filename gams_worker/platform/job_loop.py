@@ -1,8 +1,6 @@
-"""The runpod SDK's job loop (runpod 1.12.0, rp_scale.py), with its waits replaced by events: each job is
-counted once, from its take to the end of its task, so a take comes the moment a job ends and a job starts
-the moment it is taken. Stream and result posts go through poster.py; a take the SDK could not parse still
-fails each of its jobs; stop polls are renewed from the poll's start (MAINTAINERS.md, "The job loop").
-"""
+"""The runpod SDK's job loop (runpod 1.12.0, rp_scale.py) with its waits replaced by events, each job counted
+once from its take to the end of its task: a take comes the moment a job ends, a job starts the moment it is
+taken, and a take the SDK could not parse still fails each of its jobs (MAINTAINERS.md, "The job loop")."""
 
 from __future__ import annotations
 
@@ -103,15 +101,11 @@ class JobLoop(rp_scale.JobScaler):
         self._loop = asyncio.get_running_loop()
         await super().run()
 
-    def kill_worker(self):
+    def kill_worker(self):  # from the SIGTERM handler too: the loops are woken through the event loop's pipe
         super().kill_worker()
-        # Called from the SIGTERM handler too: wake the loops through the event loop's wake-up pipe.
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake_both)
-
-    def _wake_both(self) -> None:
-        self._slot_freed.set()
-        self._jobs_to_start.set()
+            self._loop.call_soon_threadsafe(self._slot_freed.set)
+            self._loop.call_soon_threadsafe(self._jobs_to_start.set)
 
     async def get_jobs(self, session):
         try:

@@ -1,7 +1,5 @@
-"""Local runs of one job (``python handler.py``): each output printed as one JSON line as it arrives,
-then the aggregate; the exit status is 1 when the job yields an error. (The SDK's own local mode
-does not iterate a generator handler.)
-"""
+"""Local runs of one job (``python handler.py``), as the SDK's local mode does not iterate a generator
+handler: each output printed as one JSON line as it arrives, then the aggregate; exit status 1 on an error."""
 
 from __future__ import annotations
 
@@ -32,17 +30,15 @@ def read_test_job(argv: Sequence[str]) -> Dict[str, Any]:
     return job
 
 
-async def run_job(handler: Callable, job: Dict[str, Any], out=None) -> List[Dict[str, Any]]:
-    out = out or sys.stdout
+async def run_job(handler: Callable, job: Dict[str, Any]) -> List[Dict[str, Any]]:
     outputs = []
     async for output in handler(job):
         outputs.append(output)
-        print(json.dumps(output, ensure_ascii=False), file=out, flush=True)
+        print(json.dumps(output, ensure_ascii=False), flush=True)
     return outputs
 
 
 def run_local(handler: Callable, argv: Sequence[str]) -> int:
-    """Run the test job through ``handler``; the exit status is 1 if it yielded an error."""
     job = read_test_job(argv)
     print(f"--- local job {job['id']}: {json.dumps(job.get('input'), ensure_ascii=False)}", flush=True)
     outputs = asyncio.run(run_job(handler, job))

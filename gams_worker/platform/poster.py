@@ -1,8 +1,6 @@
-"""The stream and result POSTs of each job, in place of the runpod SDK's (runpod 1.12.0
-``rp_job.handle_job``): the same bytes to the same URLs and the SDK's retries, through its one
-keep-alive session, each output serialised once; an output that cannot be sent and a POST that
-fails on the connection no longer lose the job (MAINTAINERS.md, "Errors that always post").
-"""
+"""The stream and result POSTs of each job in place of the runpod SDK's (runpod 1.12.0 ``rp_job.handle_job``):
+the same bytes to the same URLs with the SDK's retries, each output serialised once; an output that cannot be
+sent and a POST that fails on the connection no longer lose the job (MAINTAINERS.md, "Errors that always post")."""
 
 from __future__ import annotations
 
@@ -26,26 +24,12 @@ RETRY_WAITS_S = (2.0, 3.0)  # FibonacciRetry's waits after the first and the sec
 POST_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
 
 
-class UnsendableOutput(Exception):
-    """An output that cannot be sent as UTF-8 JSON."""
-
-
-def encode(value: Any) -> bytes:
-    """``value`` as the SDK serialises it, in UTF-8."""
-    try:
-        return utf8_json(value)
-    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        raise UnsendableOutput(f"{type(exc).__name__}: {exc}") from None
-
-
 def encode_error(error: Any) -> bytes:
     """A job's error result, sent whatever its text holds."""
     return sendable_json({"error": str(error)}).encode("utf-8")
 
 
 class ResultPoster:
-    """Runs a job's handler and posts its outputs and result (see the module docstring)."""
-
     def __init__(self, stream_url: str, done_url: str, retry_waits_s=RETRY_WAITS_S):
         # The SDK's URL templates (rp_http.JOB_STREAM_URL / JOB_DONE_URL), ``$ID`` standing for the job id.
         self.stream_url = stream_url
@@ -54,7 +38,7 @@ class ResultPoster:
 
     @staticmethod
     def serves(config: Mapping[str, Any]) -> bool:
-        """Whether this path implements every option of the SDK config ``config`` uses."""
+        """Whether this path implements every option the SDK config ``config`` uses."""
         return (inspect.isasyncgenfunction(config.get("handler"))
                 and not config.get("refresh_worker", False)
                 and not config.get("rp_args", {}).get("rp_debugger", False))
@@ -87,11 +71,12 @@ class ResultPoster:
                 if isinstance(output, dict) and output.get("error"):
                     return encode_error(output["error"])
                 try:
-                    body = encode(output)
-                except UnsendableOutput as exc:
-                    log.error(f"Output cannot be sent as UTF-8 JSON: {exc}", job_id)
+                    body = utf8_json(output)  # as the SDK serialises it, in UTF-8
+                except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+                    problem = f"{type(exc).__name__}: {exc}"
+                    log.error(f"Output cannot be sent as UTF-8 JSON: {problem}", job_id)
                     return encode_error(worker_error_output(
-                        job.get("input"), f"the worker produced an output it cannot send as UTF-8 JSON ({exc})"
+                        job.get("input"), f"the worker produced an output it cannot send as UTF-8 JSON ({problem})"
                     )["error"])
                 if sent is not None:
                     sent.append(body)

@@ -1,6 +1,5 @@
 """The one guard over the runpod SDK release that job_loop.py and poster.py replace parts of: on any
-other the worker refuses to start. Read from package metadata, without importing the SDK.
-"""
+other the worker refuses to start. Read from package metadata, without importing the SDK."""
 
 from __future__ import annotations
 

@@ -12,10 +12,8 @@ from gams_worker.processes import end_process, kill_processes
 
 log = logging.getLogger(__name__)
 
-# Seconds a dead engine's in-flight jobs get to post their errors before the process exits.
-DEAD_ENGINE_GRACE_S = 1.0
-# Seconds vLLM gets, once a hung engine's processes are killed, to fail the requests in flight.
-HUNG_ENGINE_DEATH_WAIT_S = 10.0
+DEAD_ENGINE_GRACE_S = 1.0  # for a dead engine's jobs in flight to post their errors before the exit
+HUNG_ENGINE_DEATH_WAIT_S = 10.0  # for vLLM to fail the requests in flight once a hung engine's processes are killed
 
 
 def unfinished_requests(engine: Any) -> Optional[int]:
@@ -48,13 +46,13 @@ class EngineWatchdog:
     and no output (``clock``) for ``stall_timeout_s`` (0: never) since the later of the last output and
     the first request after an idle time. ``stop()`` before a clean shutdown."""
 
-    def __init__(self, engine: Any, clock: Optional[StepClock] = None, stall_timeout_s: float = 0,
+    def __init__(self, engine: Any, clock: StepClock, stall_timeout_s: float = 0,
                  engine_pids: Iterable[int] = (), interval_s: float = 0.5,
                  kill: Callable[[Iterable[int]], Any] = kill_processes,
                  exit_process: Callable[[int], None] = end_process):
         self._engine = engine
         self._clock = clock
-        self._stall_timeout_s = stall_timeout_s if clock is not None else 0
+        self._stall_timeout_s = stall_timeout_s
         self._engine_pids = tuple(engine_pids)
         self._interval_s = interval_s
         self._kill = kill

@@ -1,9 +1,6 @@
-"""The folder where vLLM keeps what it compiles (graphs, Inductor and Triton kernels), so warm starts skip compiling.
-
-vLLM keys what it saves by its own hash (config, versions, environment); the worker only chooses the
-folder (the first writable one with room), gives it vLLM's model info from the image, sets aside one
-whose content broke a start, and reports hit or miss. vLLM's engine process inherits the choice.
-"""
+"""The folder where vLLM keeps what it compiles, so warm starts skip compiling. vLLM keys what it saves by
+its own hash; the worker only chooses the folder (the first writable one with room), seeds vLLM's model info
+from the image, sets aside one whose content broke a start, and reports hit or miss."""
 
 from __future__ import annotations
 
@@ -46,8 +43,6 @@ class ArtifactCount:
 
 @dataclasses.dataclass(frozen=True)
 class CompileCache:
-    """The folder of one engine start, and what it held before that start."""
-
     path: str
     location: str  # "network volume", "container", "COMPILE_CACHE_DIR", "VLLM_CACHE_ROOT" or "temporary folder"
     before: ArtifactCount
@@ -57,7 +52,6 @@ class CompileCache:
     disabled: bool = False  # no folder could be written: vLLM compiles without saving
 
     def engine_environment(self) -> Dict[str, str]:
-        """Variables vLLM's engine process must see to read and write this cache."""
         environment = {"VLLM_CACHE_ROOT": self.path, "TRITON_CACHE_DIR": os.path.join(self.path, TRITON_SUBDIR)}
         if self.disabled:
             environment["VLLM_DISABLE_COMPILE_CACHE"] = "1"

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class DeferredWork:
-    """Runs start-up tasks in a thread once vLLM's engine process runs (looked for every 50 ms)."""
+    """Runs start-up tasks in a thread once vLLM's engine process runs."""
 
     POLL_S = 0.05
 
@@ -27,15 +27,13 @@ class DeferredWork:
         self._released = threading.Event()  # set by finish(): run now, whatever runs
         self._skip_rest = False
         self._thread = threading.Thread(target=self._run, name="deferred-work", daemon=True)
-        if self.tasks:
-            self._thread.start()
+        self._thread.start()
 
     def finish(self, run_the_rest: bool = True) -> None:
         """The engine start ended: run what has not run (or skip it, after a failed start) and wait."""
         self._skip_rest = not run_the_rest
         self._released.set()
-        if self.tasks:
-            self._thread.join()
+        self._thread.join()
 
     def _run(self) -> None:
         while not self._released.wait(self.POLL_S):

@@ -1,9 +1,6 @@
-"""The one vLLM engine of the worker process: arguments, start-up, and its graph mode.
-
-Graph modes are the rungs of the fallback ladder: ``full`` is vLLM's default
-(FULL decode graphs plus PIECEWISE graphs for mixed batches), ``piecewise`` keeps
-only PIECEWISE graphs, ``eager`` captures none.
-"""
+"""The one vLLM engine of the worker process: arguments, start-up, and its graph mode. Graph modes are the
+rungs of the fallback ladder: ``full`` is vLLM's default (FULL decode graphs plus PIECEWISE graphs for mixed
+batches), ``piecewise`` keeps only PIECEWISE graphs, ``eager`` captures none."""
 
 from __future__ import annotations
 
@@ -42,8 +39,6 @@ WORKER_ARGUMENTS = {
 
 def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str, Any]:
     """AsyncEngineArgs keyword arguments for ``config`` in graph ``mode``: ENGINE_ARGS and the worker's."""
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"unknown graph mode {mode!r}")
     kwargs: Dict[str, Any] = dict(
         model=model_path,
         tokenizer=config.tokenizer_name or model_path,
@@ -107,7 +102,7 @@ def import_engine_classes() -> Tuple[Any, Any]:
 
 
 def start_engine(config: WorkerConfig, mode: str, model_path: str) -> Any:
-    """Create vLLM's async engine; raises whatever vLLM raises when start-up fails."""
+    """vLLM's async engine; raises whatever vLLM raises when start-up fails."""
     AsyncEngineArgs, AsyncLLM = import_engine_classes()
     kwargs = engine_kwargs(config, mode, model_path)
     passed = config.engine_args or {}

@@ -37,9 +37,8 @@ def start_with_fallback(config: WorkerConfig, first_mode: str, first_reason: str
                         on_output_line: Optional[Callable[[str, float], None]] = None,
                         compile_cache: Optional[CompileCache] = None,
                         deadline: Optional[StartDeadline] = None) -> StartedEngine:
-    """Start the engine with ``start(mode)`` from ``first_mode`` down the ladder as causes allow; raises
-    EngineStartError with one plain-words line when it cannot. ``on_output_line`` sees each line the engine
-    prints with its arrival time; ``deadline`` (ENGINE_START_TIMEOUT_S) spans every attempt."""
+    """``start(mode)`` from ``first_mode`` down the ladder as causes allow, else EngineStartError with one
+    plain-words line; ``on_output_line`` gets each line the engine prints and its arrival time."""
     try:
         return _Ladder(config, start, on_output_line, compile_cache, deadline).climb(first_mode, first_reason)
     finally:
@@ -56,8 +55,6 @@ class _FailedAttempt:
 
 @dataclasses.dataclass
 class _Ladder:
-    """One engine start down the ladder: the modes that failed so far, and the compile cache they read."""
-
     config: WorkerConfig
     start: Callable[[str], Any]
     on_output_line: Optional[Callable[[str, float], None]]

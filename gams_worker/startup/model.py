@@ -47,7 +47,6 @@ def copy_problems(config: WorkerConfig, model_dir: Path, expected_sizes: Optiona
 
 
 def resolve_model(config: WorkerConfig) -> ResolvedModel:
-    """Find or fetch the model named by ``config.model_name``; log and return where it is."""
     searched: List[str] = []
     resolved = _find_local(config, searched) or _download(config, searched)
     log.info("model %s: using the %s at %s", config.model_name, resolved.source, resolved.path)

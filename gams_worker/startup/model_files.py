@@ -1,8 +1,6 @@
-"""Which files of a hub repo make a servable model, how to tell a copy is whole, and the bake manifest.
-
-Shared by the bake step (builder/download_model.py) and start-up, so both accept the same files.
-Standard library only: the Dockerfile copies it alone into the bake stage, so code changes do not re-download.
-"""
+"""Which files of a hub repo make a servable model, how to tell a copy is whole, and the bake manifest:
+shared by the bake step (builder/download_model.py) and start-up, so both accept the same files. Standard
+library only: the Dockerfile copies it alone into the bake stage, so code changes do not re-download."""
 
 from __future__ import annotations
 
@@ -23,9 +21,7 @@ MANIFEST_NAME = "manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class BakedManifest:
-    """What the bake step wrote: which repo and commit, and where the files lie."""
-
+class BakedManifest:  # what the bake step wrote
     repo_id: str
     revision: str  # the revision asked for (branch, tag or commit)
     commit: str  # the commit it resolved to
@@ -50,7 +46,7 @@ def write_manifest(path: Path, manifest: BakedManifest) -> None:
 
 
 def read_manifest(path: Path) -> BakedManifest:
-    """Read a manifest; raises ValueError when it is not one this worker understands."""
+    """Raises ValueError on a manifest this worker does not understand."""
     data = json.loads(path.read_text())
     if data.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
@@ -105,7 +101,6 @@ def safetensors_header(path: Path) -> Dict[str, Any]:
 
 
 def _tensor_entry_problem(entry: Any) -> Optional[str]:
-    """Why one header entry cannot describe a tensor, or None."""
     if not isinstance(entry, dict):
         return "is not an object"
     offsets, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")

@@ -1,7 +1,5 @@
 """Capture of the engine's output while it starts, at the file-descriptor level: vLLM's engine core is a
-child process that prints the root cause of a failed start to the inherited fds 1 and 2, which
-Python's sys.stdout never sees.
-"""
+child process that prints the root cause of a failed start to the inherited fds 1 and 2."""
 
 from __future__ import annotations
 
@@ -42,7 +40,6 @@ class OutputCapture:
         return self
 
     def stop(self) -> None:
-        """Point fds 1 and 2 back at their original targets."""
         _flush_python_streams()
         for fd, original in self._saved:
             os.dup2(original, fd)

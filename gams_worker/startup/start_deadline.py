@@ -10,8 +10,7 @@ from gams_worker.processes import end_process, engine_pids, kill_processes
 
 log = logging.getLogger(__name__)
 
-# Seconds the start gets to end by itself after its processes were killed at the start deadline.
-START_KILL_GRACE_S = 15.0
+START_KILL_GRACE_S = 15.0  # for the start to end by itself once its processes were killed
 
 
 class StartDeadline:
@@ -32,8 +31,7 @@ class StartDeadline:
         if timeout_s:
             threading.Thread(target=self._watch, name="engine-start-deadline", daemon=True).start()
 
-    def done(self) -> None:
-        """The start ended (started, failed or stopped): the deadline no longer applies."""
+    def done(self) -> None:  # the start ended (started, failed or stopped)
         self._done.set()
 
     def message(self, mode: str) -> str:

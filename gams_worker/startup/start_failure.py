@@ -10,8 +10,6 @@ import dataclasses
 import re
 from typing import Optional, Sequence, Tuple
 
-from gams_worker.startup.engine import GRAPH_MODES
-
 RETRY_LOWER_RUNG = "retry_lower_rung"
 RETRY_EMPTY_CACHE = "retry_empty_cache"  # same mode, the compile cache folder set aside
 FATAL = "fatal"
@@ -19,8 +17,6 @@ FATAL = "fatal"
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
-    """What a failed start-up attempt means, and what to do next."""
-
     decision: str  # RETRY_LOWER_RUNG, RETRY_EMPTY_CACHE or FATAL
     cause: str  # the classified cause, in plain words
     remedy: str  # what a user can do about it ("" when the ladder handles it)
@@ -54,7 +50,6 @@ _UNSUPPORTED_ARCHITECTURE = re.compile(
 )
 _KV_CACHE_TOO_SMALL = re.compile(
     r"larger than the available KV cache memory|No available memory for the cache blocks"
-    r"|max seq len \(\d+\)[^\n]*is larger than the maximum number of tokens that can be stored in KV cache"
 )
 _BAD_CONFIG = re.compile(
     r"ValidationError: \d+ validation errors? for \w*Config|User-specified max_model_len"
@@ -80,8 +75,6 @@ _DAMAGED_ARTIFACT = re.compile(
     r"|\bBus error\b|SIGBUS|pickle data was truncated|UnpicklingError|EOFError: Ran out of input"
     r"|invalid ELF header|file too short|ELF load command"
 )
-
-
 _NEWER_DRIVER = ("deploy on hosts whose driver supports this image's CUDA version (RunPod: allowedCudaVersions) "
                  "or use the CUDA-12 image")
 # Failures that no graph mode fixes, checked first (a capture may be in the log before them): (pattern, cause, remedy).
@@ -98,12 +91,7 @@ _NO_GRAPH_MODE_FIXES: Sequence[Tuple["re.Pattern[str]", str, str]] = (
 
 
 def classify_start_failure(text: str, failed_mode: str, warm_cache: Optional[str] = None) -> Diagnosis:
-    """What a start-up failure in ``failed_mode`` means, from its output and exception text.
-
-    ``warm_cache``: the compile cache folder, when it held compiled files before this attempt.
-    """
-    if failed_mode not in GRAPH_MODES:
-        raise ValueError(f"unknown graph mode {failed_mode!r}")
+    """``warm_cache``: the compile cache folder, when it held compiled files before this attempt."""
     lines = text.replace("\r", "\n").splitlines()
     stage = _failure_stage(lines)
     return (_no_graph_mode_fixes(text, lines, stage) or _damaged_cache(lines, warm_cache, failed_mode)
@@ -179,7 +167,6 @@ def _retry(failed_mode: str, broken_capture: Optional[str], cause: str, evidence
 
 
 def _failure_stage(lines: Sequence[str]) -> Optional[str]:
-    """The start-up stage of the last stage marker in the output, or None."""
     stage = None
     for line in lines:
         for name, pattern in _STAGE_MARKERS:
@@ -189,7 +176,7 @@ def _failure_stage(lines: Sequence[str]) -> Optional[str]:
 
 
 def _broken_capture(lines: Sequence[str]) -> Optional[str]:
-    """FULL or PIECEWISE: the kind of the last CUDA-graph capture the output shows started."""
+    """FULL or PIECEWISE: the last CUDA-graph capture the output shows started."""
     for line in reversed(lines):
         match = _CAPTURE_PROGRESS.search(line)
         if match:

@@ -1,9 +1,6 @@
-"""The start-up timeline: where a cold start's seconds go, from process start to the first job.
-
-Our steps are marked as they happen; vLLM's phases when their lines of the engine's output arrive
-(``watch_engine_line``). ``step_s`` gives each mark's seconds since the one before, so every second
-of a start belongs to a named step; the durations vLLM logs itself are kept in ``engine_phases_s``.
-"""
+"""The start-up timeline: where a cold start's seconds go, from process start to the first job. Our steps
+are marked as they happen, vLLM's phases as their lines of the engine's output arrive; every second of a
+start belongs to a named step (``step_s``), and vLLM's own durations are kept in ``engine_phases_s``."""
 
 from __future__ import annotations
 
@@ -99,8 +96,7 @@ class StartupTimeline:
                 return step
         return None
 
-    def stop_watching(self) -> None:
-        """The engine is up: its later lines mark nothing."""
+    def stop_watching(self) -> None:  # the engine is up: its later lines mark nothing
         self._watching = False
 
     def read_engine_output(self, text: str) -> None:
@@ -121,6 +117,5 @@ class StartupTimeline:
         for name, seconds in marks:
             steps[name] = round(seconds - previous, 2)
             previous = seconds
-        # step_s: seconds from the mark before (or process start) to this one
         return {"since_process_start_s": dict(marks), "step_s": steps, "engine_phases_s": dict(self.engine_phases),
                 "compile_cache": self.compile_cache}

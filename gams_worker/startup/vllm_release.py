@@ -28,9 +28,7 @@ class VllmReleaseError(WorkerError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Uses:
-    """One name the worker takes from a vLLM module, and what it relies on of it."""
-
+class Uses:  # one name the worker takes from a vLLM module, and what it relies on of it
     module: str
     name: str
     attributes: Tuple[str, ...] = ()  # attributes or methods of the object (class or instance)
@@ -105,7 +103,7 @@ ENGINE_ARGUMENTS = tuple(WORKER_ARGUMENTS)
 
 
 def installed_release() -> str:
-    """The installed vLLM's version (its public part: "0.32.0"), from the package metadata; "none"."""
+    """The installed vLLM's public version ("0.32.0"), from the package metadata, or "none"."""
     for distribution in DISTRIBUTIONS:
         try:
             return release(metadata.version(distribution))
@@ -126,7 +124,7 @@ def check_vllm_release(installed: Optional[str] = None) -> None:
 
 
 def contract_problems() -> List[str]:
-    """What of CONTRACT and ENGINE_ARGUMENTS the installed vLLM lacks; empty when all is there."""
+    """What of CONTRACT and ENGINE_ARGUMENTS the installed vLLM lacks."""
     problems = []
     for uses in CONTRACT:
         try:
@@ -172,7 +170,6 @@ def _accepts_keyword(target: object, keyword: str) -> bool:
 
 
 def main() -> int:
-    """Check the installed vLLM: its release, then the contract; one line per problem."""
     try:
         check_vllm_release()
     except VllmReleaseError as exc:

@@ -1,7 +1,5 @@
 """Whether a folder can take what the worker writes there, probed the way vLLM will write (a file written,
-synced and removed): makedirs passes on a read-only volume, and vLLM's failure to save would read as a
-compile failure to the fallback ladder.
-"""
+synced and removed): makedirs passes on a read-only volume, where vLLM's failure to save reads as a compile failure."""
 
 from __future__ import annotations
 
