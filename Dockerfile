@@ -85,11 +85,6 @@ RUN --mount=type=cache,id=gams-pip,target=/root/.cache/pip \
 # pip check, less the conflicts accepted on purpose (runpod's fastapi declaration), each explained there.
 COPY builder/check_install.py /tmp/
 RUN python /tmp/check_install.py
-# The drift guard: this vLLM is the release the worker is tested on, and holds every name and engine
-# argument the worker uses (gams_worker/startup/vllm_release.py); a vLLM bump fails here, naming them.
-COPY gams_worker/__init__.py gams_worker/errors.py gams_worker/versions.py /tmp/guard/gams_worker/
-COPY gams_worker/startup/__init__.py gams_worker/startup/vllm_release.py /tmp/guard/gams_worker/startup/
-RUN PYTHONPATH=/tmp/guard python -m gams_worker.startup.vllm_release && rm -rf /tmp/guard
 # OS packages a variant needs at run time (the CPU image: libnuma1 for vLLM's CPU kernels); after
 # the package layer, so setting them rebuilds nothing above.
 ARG SYSTEM_PACKAGES=""
@@ -123,6 +118,9 @@ ENV MODEL_NAME=${MODEL_NAME} \
     RUNPOD_LOG_LEVEL=INFO
 COPY handler.py test_input.json ./
 COPY gams_worker/ gams_worker/
+# The drift guard: this vLLM is the release the worker is tested on, and holds every name and engine
+# argument the worker uses (gams_worker/startup/vllm_release.py); a vLLM bump fails here, naming them.
+RUN python -m gams_worker.startup.vllm_release
 # The input contract against this image's vLLM: every hostile case of the test suite refused by field
 # (or passed on) before vLLM sees it, with no GPU and no engine. The cases are mounted, not shipped.
 RUN --mount=type=bind,source=tests,target=/app/tests \
