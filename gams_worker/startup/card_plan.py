@@ -105,7 +105,7 @@ def plan_card(config: WorkerConfig, preset: Preset, card: Card) -> Optional[Card
         tp, memory = _memory(preset, card, step, utilization, config)
         sequences = memory.sequences_that_fit(card.total_bytes, utilization, length)
         if sequences >= MIN_SEQUENCES:
-            return CardPlan(*step, length, utilization, tp, sequences, _why(tried, "the first that holds them"))
+            return CardPlan(*step, length, utilization, tp, sequences, _why(tried))
         tried.append(f"{CardPlan(*step, length, utilization, tp, sequences, '').summary}: {sequences}")
     if _given(config, "max_model_len"):
         return CardPlan(*step, length, utilization, tp, sequences, _why(tried, "MAX_MODEL_LEN is set")) \
@@ -118,10 +118,10 @@ def plan_card(config: WorkerConfig, preset: Preset, card: Card) -> Optional[Card
                     _why(tried, "a shorter context"))
 
 
-def _why(tried: List[str], chosen: str) -> str:
+def _why(tried: List[str], chosen: str = "") -> str:
     if not tried:
-        return f"at least {MIN_SEQUENCES} sequences at the first choice"
-    return f"fewer than {MIN_SEQUENCES} sequences with " + "; ".join(tried) + f"; so {chosen}"
+        return f"the first choice holds at least {MIN_SEQUENCES}" + (f" ({chosen})" if chosen else "")
+    return f"fewer than {MIN_SEQUENCES} sequences with " + "; ".join(tried) + (f"; so {chosen}" if chosen else "")
 
 
 def refusal(config: WorkerConfig, preset: Preset, card: Card) -> str:
