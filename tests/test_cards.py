@@ -144,3 +144,33 @@ def test_readme_card_table_is_current():
     document = (ROOT / "README.md").read_text(encoding="utf-8")
     assert with_card_table(document) == document, "stale: python -m gams_worker.startup.card_table --markdown"
     assert card_table().count("\n") == len(CARD_CLASSES) + 1
+
+
+def test_the_sizing_counts_the_chosen_weights_and_kv_cache():
+    # Issue 31: with QUANTIZATION=fp8 the sizing still counted bf16 weights ("- 17.2 GiB weights" -> 12 jobs).
+    from gams_worker.memory import memory_from_config
+    from gams_worker.startup.max_num_seqs import size_max_num_seqs
+    from tests.test_doctor import GAMS_9B_CONFIG
+
+    total = int(79.65 * GIB)
+    bf16 = memory_from_config(GAMS_9B_CONFIG, "bfloat16", 1)
+    fp8 = memory_from_config(GAMS_9B_CONFIG, "bfloat16", 1, quantization="fp8")
+    both = memory_from_config(GAMS_9B_CONFIG, "bfloat16", 1, quantization="fp8", kv_cache_dtype="fp8")
+    sized = [size_max_num_seqs(memory, total, 0.26, 512)[0] for memory in (bf16, fp8, both)]
+    assert sized[0] < sized[1] < sized[2] and sized[1] >= 48
+    assert "- 9.5 GiB weights -" in size_max_num_seqs(fp8, total, 0.26, 512)[1]
+
+
+def test_plan_engine_refuses_before_the_engine_in_one_line(monkeypatch):
+    from gams_worker.startup import plan
+
+    monkeypatch.setattr(plan, "host_facts", lambda: host("NVIDIA L4", "8.9", 22.49, 22.0))
+    with pytest.raises(EngineStartError) as info:
+        plan.plan_engine(load_config({"MODEL_NAME": "cjvt/GaMS-27B-Instruct"}), None)
+    assert "\n" not in str(info.value) and "does not fit 1 x NVIDIA L4" in str(info.value)
+
+
+def test_a_card_older_than_the_build_gets_no_plan_and_the_doctors_refusal():
+    v100 = dataclasses.replace(host("Tesla V100-SXM2-16GB", "7.0", 15.77, 15.3), cuda_arches=(75, 80, 90))
+    config = load_config({})
+    assert apply_card_plan(config, v100) == (config, "")

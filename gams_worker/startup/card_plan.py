@@ -63,6 +63,8 @@ def card_of(facts: HostFacts) -> Optional[Card]:
     capability = major_minor(gpus[0].compute_capability) if gpus else None
     if not capability or any(g.total_bytes is None or g.free_bytes is None for g in gpus):
         return None
+    if facts.cuda_arches and capability[0] * 10 + capability[1] < min(facts.cuda_arches):
+        return None  # a card the image does not run: the doctor refuses it by name
     return Card(gpus[0].name, capability, min(g.total_bytes for g in gpus), min(g.free_bytes for g in gpus),
                 len(gpus))
 
