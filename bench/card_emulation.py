@@ -61,8 +61,8 @@ def serve(name: str, model: str, args: argparse.Namespace) -> Dict[str, Any]:
 
     emulator = RunPodEmulator(hold_s=1.0, stop_hold_s=2.0)
     emulator.start()
-    env = {**os.environ, "MODEL_NAME": model, "MODEL_PRESET": "cjvt/GaMS-9B-Instruct",
-           **emulator.worker_env()}
+    preset = {"MODEL_PRESET": args.preset} if args.preset else {}
+    env = {**os.environ, "MODEL_NAME": model, **preset, **emulator.worker_env()}
     log_path = Path(args.out).with_name(f"cards-{name}.log")
     row: Dict[str, Any] = {"card": name}
     with open(log_path, "wb") as log:
@@ -93,9 +93,10 @@ def serve(name: str, model: str, args: argparse.Namespace) -> Dict[str, Any]:
 def log_lines(log_path: Path) -> Dict[str, Optional[str]]:
     """The worker's plan, max_num_seqs and concurrency lines, and its last error line."""
     text = log_path.read_text(errors="replace").splitlines()
-    found = {key: next((line[line.find(key):][:400] for line in text if key in line), None)
-             for key in ("plan:", "max_num_seqs:", "concurrency:", "KV cache size")}
-    if not found["plan:"]:
+    # The worker's lines follow their logger's name ("gams_worker.startup.plan: plan: ..."), vLLM's do not.
+    found = {key.strip(": "): next((line[line.rfind(key):].lstrip(": ")[:400] for line in text if key in line), None)
+             for key in (": plan:", ": max_num_seqs:", ": concurrency:", "KV cache size")}
+    if not found["plan"]:
         found["last_lines"] = "\n".join(text[-5:])
     return found
 
@@ -106,10 +107,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cards", nargs="+", default=["24", "32", "full"], choices=["24", "32", "full"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--preset", default="cjvt/GaMS-9B-Instruct", help="MODEL_PRESET ('': none, for a CPU try)")
     parser.add_argument("--start-timeout", type=float, default=240)
     parser.add_argument("--out", default="/tmp/out/cards.json")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for card in args.cards:
         print(f"== card {card}", flush=True)
@@ -130,7 +133,7 @@ def table(rows: List[Dict[str, Any]], concurrency: List[int]) -> str:
     lines = [head, "|---" * (3 + len(concurrency)) + "|"]
     for row in rows:
         rates = " | ".join(str(row.get(f"tok_s_{c}", "–")) for c in concurrency)
-        lines.append(f"| {row['card']} | {row.get('start_s', '–')} | {rates} | {row.get('plan:') or row.get('error')} |")
+        lines.append(f"| {row['card']} | {row.get('start_s', '–')} | {rates} | {row.get('plan') or row.get('error')} |")
     return "\n".join(lines)
 
 
