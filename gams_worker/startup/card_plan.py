@@ -130,8 +130,9 @@ def refusal(config: WorkerConfig, preset: Preset, card: Card) -> str:
     """One line: why the card cannot serve the model as set, and what would."""
     given = [variable_of(name) for name in CARD_SETTINGS if _given(config, name)] + (
         ["ENGINE_ARGS kv_cache_dtype"] if _given_kv(config) else [])
+    shortest = config.max_model_len if _given(config, "max_model_len") else MIN_CONTEXT
     head = (f"{config.model_label} does not fit {card.count} x {card.name} ({card.free_bytes / GIB:.1f} GiB free): "
-            f"no {MIN_CONTEXT}-token sequence fits beside the weights")
+            f"no {shortest}-token sequence fits beside the weights")
     if given:
         free = dataclasses.replace(config, explicit=config.explicit - set(given), engine_args=None,
                                    max_model_len=preset.max_model_len, gpu_memory_utilization=0.90)
