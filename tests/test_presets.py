@@ -10,7 +10,7 @@ from gams_worker.startup.doctor import diagnose
 from gams_worker.startup.host import GpuFacts, HostFacts
 from gams_worker.errors import ConfigError
 from gams_worker.presets import (
-    GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, choose_tensor_parallel, full_length_sequences, preset_for,
+    GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, choose_tensor_parallel, preset_for,
     preset_table,
 )
 from gams_worker.startup.plan import apply_preset
@@ -115,16 +115,6 @@ def test_kv_cache_per_sequence_counts_the_sliding_window_once():
     assert GEMMA2_9B.kv_gib_per_sequence(8192) == (21 * 8192 + 21 * 4096) * 8 / 2**20  # 1.97 GiB, not 2.63
     assert GEMMA2_27B.kv_gib_per_sequence(8192) == (23 * 8192 + 23 * 4096) * 8 / 2**20
     assert GEMMA3_12B.kv_gib_per_sequence(8192) == (8 * 8192 + 40 * 1024) * 8 / 2**20  # 0.81 GiB
-
-
-@pytest.mark.parametrize("model, memory, expected", [
-    ("cjvt/GaMS-9B-Instruct", 79.1, (1, 26)),    # (0.9 x 79.1 - 17.2 - 2) / 1.97
-    ("cjvt/GaMS-9B-Instruct", 44.4, (1, 10)),
-    ("cjvt/GaMS-27B-Instruct", 79.1, (1, 8)),
-    ("cjvt/GaMS-27B-Instruct", 44.4, (2, 11)),   # two 48 GB cards hold 27B and 11 sequences of 8192
-])
-def test_full_length_sequences_that_fit(model, memory, expected):
-    assert full_length_sequences(preset_for(model), memory, gpu_count=2) == expected
 
 
 def test_every_preset_states_its_architecture_and_the_table_lists_it():
