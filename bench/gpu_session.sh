@@ -140,7 +140,7 @@ case ${1:-} in
     ;;
   cards)
     shift
-    [ -f "$MODEL/config.json" ] || "$0" model
+    [ -f "$MODEL/config.json" ] || bash "$0" model
     timeout 540 python3 -m bench.card_emulation --model $MODEL --out "$OUT/cards.json" "$@" 2>&1 | tee "$OUT/cards.txt"
     ;;
   importfloor)
