@@ -34,6 +34,9 @@
 #   bash bench/gpu_session.sh starts [VAR=value ...]  # the worker's cold start (empty compile cache on the
 #                                            # stand-in volume), then a warm one, default settings, each
 #                                            # process start -> first chunk through the SDK loop
+#   bash bench/gpu_session.sh cards [--cards 24 32 full]  # issue 31, < 9 min: 24 and 32 GB cards emulated
+#                                            # (another process holds the rest of the GPU), the worker through
+#                                            # the platform with default settings: plan line, start, tok/s 1/8/32
 #   SUITE_ARGS="--max-num-seqs 512 --concurrency 1 8 64" bash bench/gpu_session.sh suite MODE...  # options
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD:/tmp/spy PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
@@ -121,7 +124,7 @@ case ${1:-} in
         fast worker cold-seed-image "${common[@]}" MODEL_INFO_SEED_DIR=/tmp/model-info
         ;;
       table) ;;
-      *) sed -n 2,34p "$0"; exit 2 ;;
+      *) sed -n 2,40p "$0"; exit 2 ;;
     esac
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
@@ -134,6 +137,11 @@ case ${1:-} in
     fast worker warm MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$VOLUME "$@"
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/starts-table.md"
     cp $FAST/*.json $FAST/*.out "$OUT/" 2>/dev/null
+    ;;
+  cards)
+    shift
+    [ -f "$MODEL/config.json" ] || bash "$0" model
+    timeout 540 python3 -m bench.card_emulation --model $MODEL --out "$OUT/cards.json" "$@" 2>&1 | tee "$OUT/cards.txt"
     ;;
   importfloor)
     python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode as the image has it (see cold)
@@ -236,5 +244,5 @@ EOF_FAULT
     python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
       | tee "$OUT/openai-session.txt"
     ;;
-  *) sed -n 2,34p "$0"; exit 2 ;;
+  *) sed -n 2,40p "$0"; exit 2 ;;
 esac

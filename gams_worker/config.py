@@ -182,10 +182,11 @@ class WorkerConfig:
                                           "a GaMS repo id whose preset applies (unset: `MODEL_NAME`'s)")
     trust_remote_code: bool = setting(False, "TRUST_REMOTE_CODE", read_bool, "let the model repo run its own code")
     # Engine; a GaMS preset (gams_worker/presets.py) fills the first four where the environment leaves them unset.
-    max_model_len: int = setting(4096, "MAX_MODEL_LEN", read_int(16), "prompt + output tokens (GaMS presets: 8192)")
+    max_model_len: int = setting(4096, "MAX_MODEL_LEN", read_int(16), "prompt + output tokens (GaMS presets: 8192, "
+                                 "shorter where a card holds fewer than 4 such sequences)")
     dtype: str = setting("bfloat16", "DTYPE", read_choice(DTYPES), ", ".join(DTYPES))
-    gpu_memory_utilization: float = setting(0.90, "GPU_MEMORY_UTILIZATION", read_fraction,
-                                            "share of GPU memory vLLM may use; on CPU, of one NUMA node's RAM")
+    gpu_memory_utilization: float = setting(0.90, "GPU_MEMORY_UTILIZATION", read_fraction, "share of GPU memory "
+                                            "vLLM may use, lowered to what is free; on CPU, of one NUMA node's RAM")
     tensor_parallel_size: int = setting(1, "TENSOR_PARALLEL_SIZE", read_int(1),
                                         "GPUs the model is split across (GaMS presets: the fewest that hold it)")
     enforce_eager: bool = setting(False, "ENFORCE_EAGER", read_bool, "start in eager mode (no CUDA graphs)")
@@ -195,8 +196,10 @@ class WorkerConfig:
                                           "`EXPECTED_TOKENS_PER_JOB` jobs whose KV cache fits beside the weights")
     enable_prefix_caching: bool = setting(True, "ENABLE_PREFIX_CACHING", read_bool,
                                           "reuse KV of shared prompt prefixes")
-    quantization: Optional[str] = setting(None, "QUANTIZATION", read_choice(QUANTIZATIONS),
-                                          "`fp8`: vLLM's online FP8 weights (compute capability ≥ 8.9)")
+    quantization: Optional[str] = setting(None, "QUANTIZATION", read_choice(QUANTIZATIONS), "`fp8`: vLLM's online "
+                                          "FP8 weights (weight-only below compute capability 8.9); unset: GaMS "
+                                          "presets choose it where bf16 leaves too little KV cache (README's cards)")
+    kv_cache_dtype: str = "auto"  # the card plan's choice (startup/card_plan.py); ENGINE_ARGS' kv_cache_dtype wins
     max_cudagraph_capture_size: Optional[int] = setting(None, "MAX_CUDAGRAPH_CAPTURE_SIZE", read_int(1),
                                                         "largest batch captured as a CUDA graph (unset: vLLM's 512)")
     log_engine_stats: bool = setting(False, "LOG_ENGINE_STATS", read_bool, "vLLM's per-step stats and its stats "

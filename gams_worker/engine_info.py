@@ -14,6 +14,7 @@ class EngineInfo:
     reason: str  # why the engine runs in this mode, in plain words
     platform: str  # "cuda" or "cpu"
     start_seconds: float
+    plan: str = ""  # the card plan's line: what was chosen for this GPU, and why
 
     def to_output(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -20,6 +21,13 @@ ENGINE_OVERHEAD_BYTES = int(1.5 * GIB)  # on one GPU
 TP_ENGINE_OVERHEAD_BYTES = 2 * GIB  # on each GPU: tensor parallelism adds NCCL's buffers
 # Room beyond the weights for a GPU to be worth serving on: below it vLLM starts but serves almost nothing.
 HEADROOM_BYTES = 6 * GIB
+# vLLM's engine process makes its own CUDA context after the worker read the free memory: room kept for it.
+ENGINE_CONTEXT_BYTES = int(0.75 * GIB)
+
+
+def free_utilization(total_bytes: int, free_bytes: int) -> float:
+    """The highest GPU_MEMORY_UTILIZATION vLLM starts with: it refuses total x utilization above free memory."""
+    return max(math.floor((free_bytes - ENGINE_CONTEXT_BYTES) / total_bytes * 100) / 100, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +79,16 @@ class Architecture:
     sliding_window: int
     max_positions: Optional[int]  # max_position_embeddings; None where not known here
     source: str  # where these facts come from
+    embedding_params: int = 0  # vocabulary x hidden size: the (tied) embedding FP8 leaves in 16 bits
 
     def memory(self, weight_bytes: int, tensor_parallel_size: int = 1, element_bytes: int = 2,
-               source: str = "") -> ModelMemory:
-        """The model's memory per GPU: weights and each layer's keys and values split over the GPUs."""
-        per_layer_token = 2 * self.kv_heads * self.head_dim * element_bytes
+               source: str = "", quantization: Optional[str] = None, kv_cache_dtype: str = "auto") -> ModelMemory:
+        """The model's memory per GPU: weights and each layer's keys and values split over the GPUs.
+        ``weight_bytes`` are the 16-bit weights; ``quantization`` and ``kv_cache_dtype`` "fp8" shrink them."""
+        if quantization == "fp8":  # vLLM's online FP8 halves the linear layers only
+            embedding = self.embedding_params * element_bytes
+            weight_bytes = (weight_bytes - embedding) // 2 + embedding
+        per_layer_token = 2 * self.kv_heads * self.head_dim * (1 if kv_cache_dtype.startswith("fp8") else element_bytes)
         return ModelMemory(weight_bytes // tensor_parallel_size, per_layer_token // tensor_parallel_size,
                            self.layers - self.sliding_layers, self.sliding_layers, self.sliding_window,
                            source or self.source,
@@ -86,7 +99,8 @@ class Architecture:
         return self.memory(0).kv_bytes(tokens) / GIB
 
 
-def model_memory(model_dir: str, dtype: str, tensor_parallel_size: int) -> Optional[ModelMemory]:
+def model_memory(model_dir: str, dtype: str, tensor_parallel_size: int, quantization: Optional[str] = None,
+                 kv_cache_dtype: str = "auto") -> Optional[ModelMemory]:
     """The memory of the model in ``model_dir``; None (and a warning) where it cannot be read: never raises."""
     try:
         config_path = os.path.join(model_dir, "config.json")
@@ -95,14 +109,16 @@ def model_memory(model_dir: str, dtype: str, tensor_parallel_size: int) -> Optio
         with open(config_path, encoding="utf-8") as handle:
             model_config = json.load(handle)
         weight_files = sum(os.path.getsize(path) for path in glob.glob(os.path.join(model_dir, "*.safetensors")))
-        return memory_from_config(model_config, dtype, tensor_parallel_size, weight_files or None)
+        return memory_from_config(model_config, dtype, tensor_parallel_size, weight_files or None, quantization,
+                                  kv_cache_dtype)
     except Exception as exc:
         log.warning("doctor: could not estimate the model's memory: %r", exc)
         return None
 
 
 def memory_from_config(model_config: Dict[str, Any], dtype: str, tensor_parallel_size: int,
-                       weight_files_bytes: Optional[int] = None) -> ModelMemory:
+                       weight_files_bytes: Optional[int] = None, quantization: Optional[str] = None,
+                       kv_cache_dtype: str = "auto") -> ModelMemory:
     """The memory per GPU of a model served in ``dtype``: weights from its files, else estimated."""
     text = model_config.get("text_config") or model_config
     hidden = int(text["hidden_size"])
@@ -123,8 +139,9 @@ def memory_from_config(model_config: Dict[str, Any], dtype: str, tensor_parallel
         weights, source = (layers * (attention + mlp) + embeddings) * element_bytes, "estimated from config.json"
     sliding_layers, sliding_window = _sliding_layers(text, layers)
     architecture = Architecture(text.get("model_type") or "config.json", layers, sliding_layers, kv_heads, head_dim,
-                                sliding_window, text.get("max_position_embeddings"), "config.json")
-    return architecture.memory(weights, tensor_parallel_size, element_bytes, source)
+                                sliding_window, text.get("max_position_embeddings"), "config.json",
+                                int(text.get("vocab_size") or 0) * hidden)
+    return architecture.memory(weights, tensor_parallel_size, element_bytes, source, quantization, kv_cache_dtype)
 
 
 def _sliding_layers(text: Dict[str, Any], layers: int) -> Tuple[int, int]:

@@ -11,14 +11,16 @@ from typing import Dict, Optional, Tuple
 
 from gams_worker.memory import GIB, HEADROOM_BYTES, Architecture
 
-GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)")
-GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct")
-GEMMA2_27B = Architecture("Gemma 2 27B", 46, 23, 16, 128, 4096, 8192, "config.json of GaMS-27B-Instruct")
+GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)",
+                         256000 * 2304)
+GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct", 256000 * 3584)
+GEMMA2_27B = Architecture("Gemma 2 27B", 46, 23, 16, 128, 4096, 8192, "config.json of GaMS-27B-Instruct",
+                          256000 * 4608)
 # Assumed, not read (MAINTAINERS.md, "Facts read, facts assumed"): GaMS2-27B's layers and GaMS3's counts.
 GAMS2_27B = dataclasses.replace(GEMMA2_27B, max_positions=None,
                                 source="assumed: GaMS-27B's architecture (config.json not readable here)")
 GEMMA3_12B = Architecture("Gemma 3 12B (text)", 48, 40, 8, 256, 1024, 131072,
-                          "config.json of GaMS3-12B-Instruct / -Lex, partly assumed from Gemma 3 12B")
+                          "config.json of GaMS3-12B-Instruct / -Lex, partly assumed from Gemma 3 12B", 262208 * 3840)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,37 +64,18 @@ def choose_tensor_parallel(weights_gib: float, gpu_count: int, gpu_memory_gib: f
     return size
 
 
-def full_length_sequences(preset: Preset, gpu_memory_gib: float, gpu_count: int,
-                          max_model_len: Optional[int] = None) -> Tuple[int, int]:
-    """(tensor parallel size, sequences of ``max_model_len`` tokens whose KV cache fits) on these GPUs."""
-    tp = choose_tensor_parallel(preset.weights_gib, gpu_count, gpu_memory_gib, preset.gpu_memory_utilization)
-    memory = preset.architecture.memory(int(preset.weights_gib * GIB), tp)
-    return tp, memory.sequences_that_fit(gpu_memory_gib * GIB, preset.gpu_memory_utilization,
-                                         max_model_len or preset.max_model_len)
-
-
-# The cards the preset table sizes for, in GiB as torch sees them.
-CARDS = (("48 GB", 44.4), ("80 GB", 79.1))
-
-
 def preset_table() -> str:
-    """MAINTAINERS.md's preset table: one row per architecture and preset settings."""
+    """MAINTAINERS.md's preset table: one row per architecture and preset settings (per card: README's cards)."""
     groups: Dict[Tuple[Architecture, float, int], list] = {}
     for name, preset in PRESETS.items():
         groups.setdefault((preset.architecture, preset.weights_gib, preset.max_model_len), []).append(name)
     rows = ["| `MODEL_NAME` | Architecture (config.json) | bf16 weights | `MAX_MODEL_LEN` | KV cache per "
-            "full-length sequence | full-length sequences that fit: " + " / ".join(f"{c} cards" for c, _ in CARDS)
-            + " |", "|---|---|---|---|---|---|"]
+            "full-length sequence |", "|---|---|---|---|---|"]
     for (arch, weights, max_model_len), names in groups.items():
-        preset = PRESETS[names[0]]
-        fits = []
-        for _, gib in CARDS:
-            tp, sequences = full_length_sequences(preset, gib, gpu_count=8)
-            fits.append(f"{sequences}" + ("" if tp == 1 else f" (TP {tp})"))
         rows.append(f"| {', '.join(f'`{n}`' for n in names)} | {arch.name}: {arch.layers} layers "
                     f"({arch.sliding_layers} with a {arch.sliding_window}-token window), {arch.kv_heads} KV heads "
                     f"x {arch.head_dim}, {arch.max_positions or 'unknown'} positions | {weights} GiB | "
-                    f"{max_model_len} | {arch.kv_gib_per_sequence(max_model_len):.2f} GiB | {' / '.join(fits)} |")
+                    f"{max_model_len} | {arch.kv_gib_per_sequence(max_model_len):.2f} GiB |")
     return "\n".join(rows)
 
 

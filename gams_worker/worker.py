@@ -108,7 +108,7 @@ def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ())
     engine = _start_engine(plan, timeline, imports_during_start)
     _read_engine_start(engine, plan, timeline)
     info = EngineInfo(mode=engine.mode, reason=engine.reason, platform=platform_name(),
-                      start_seconds=round(time.monotonic() - started, 2))
+                      start_seconds=round(time.monotonic() - started, 2), plan=plan.card_plan)
     worker = Worker(engine.engine, plan.config, info, timeline, sorted(engine.process_ids))
     timeline.mark("ready for jobs")
     log.info("worker ready: model %s, engine %s, start-up %s", plan.config.model_label, info, timeline.to_output())

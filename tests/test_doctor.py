@@ -122,9 +122,12 @@ def test_weights_that_cannot_fit_ask_for_quantization_or_tensor_parallelism():
 
 def test_busy_gpu_suggests_a_lower_memory_utilization():
     config = WorkerConfig(gpu_memory_utilization=0.9)
-    [verdict] = diagnose(h100(free_gib=40.0), gams_memory(config), config).verdicts
+    report = diagnose(h100(free_gib=40.0), gams_memory(config), config)
+    [verdict] = report.verdicts
     assert "only 40.00 GiB of 79.60 GiB free" in verdict
-    assert "GPU_MEMORY_UTILIZATION to 0.50" in verdict
+    # Issue 31: vLLM refuses total x utilization above free memory, and its engine process makes its own
+    # CUDA context after the worker looked: 0.50 x 79.6 GiB would be refused. It blocks the start.
+    assert "GPU_MEMORY_UTILIZATION to 0.49" in verdict and report.blocking == (verdict,)
 
 
 def test_cpu_host_reports_the_cpu_backend_without_verdicts():

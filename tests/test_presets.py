@@ -10,10 +10,10 @@ from gams_worker.startup.doctor import diagnose
 from gams_worker.startup.host import GpuFacts, HostFacts
 from gams_worker.errors import ConfigError
 from gams_worker.presets import (
-    GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, choose_tensor_parallel, full_length_sequences, preset_for,
+    GEMMA2_9B, GEMMA2_27B, GEMMA3_12B, PRESETS, choose_tensor_parallel, preset_for,
     preset_table,
 )
-from gams_worker.startup.plan import apply_preset, kv_summary
+from gams_worker.startup.plan import apply_preset
 
 
 def test_presets_are_found_by_repo_id_in_any_case():
@@ -89,14 +89,15 @@ def gpu(name, capability):
     return GpuFacts(name=name, compute_capability=capability, total_bytes=80 * 2**30, free_bytes=79 * 2**30)
 
 
-def test_doctor_refuses_fp8_below_compute_capability_8_9_and_offers_it_above():
+def test_doctor_serves_fp8_weight_only_on_ampere_and_on_fp8_tensor_cores_from_ada():
+    # Issue 31: vLLM runs FP8 weights on Ampere through its Marlin kernel (weight-only), so the doctor no
+    # longer refuses QUANTIZATION=fp8 below 8.9; it says how FP8 runs on each architecture.
     a100 = HostFacts(platform="cuda", gpus=(gpu("NVIDIA A100-SXM4-80GB", "8.0"),))
     h100 = HostFacts(platform="cuda", gpus=(gpu("NVIDIA H100 80GB HBM3", "9.0"),))
-    refused = diagnose(a100, None, load_config({"QUANTIZATION": "fp8"}))
-    assert refused.blocking and "compute capability >= 8.9" in refused.blocking[0] and "8.0" in refused.blocking[0]
+    on_ampere = diagnose(a100, None, load_config({"QUANTIZATION": "fp8"}))
+    assert not on_ampere.blocking and any("weight-only" in line for line in on_ampere.lines)
     assert not diagnose(h100, None, load_config({"QUANTIZATION": "fp8"})).blocking
-    assert any("QUANTIZATION=fp8" in line for line in diagnose(h100, None, load_config({})).lines)
-    assert not any("QUANTIZATION=fp8" in line for line in diagnose(a100, None, load_config({})).lines)
+    assert any("FP8 tensor cores" in line for line in diagnose(h100, None, load_config({})).lines)
 
 
 def test_doctor_stops_tensor_parallel_beyond_the_gpus_present():
@@ -116,30 +117,12 @@ def test_kv_cache_per_sequence_counts_the_sliding_window_once():
     assert GEMMA3_12B.kv_gib_per_sequence(8192) == (8 * 8192 + 40 * 1024) * 8 / 2**20  # 0.81 GiB
 
 
-@pytest.mark.parametrize("model, memory, expected", [
-    ("cjvt/GaMS-9B-Instruct", 79.1, (1, 26)),    # (0.9 x 79.1 - 17.2 - 2) / 1.97
-    ("cjvt/GaMS-9B-Instruct", 44.4, (1, 10)),
-    ("cjvt/GaMS-27B-Instruct", 79.1, (1, 8)),
-    ("cjvt/GaMS-27B-Instruct", 44.4, (2, 11)),   # two 48 GB cards hold 27B and 11 sequences of 8192
-])
-def test_full_length_sequences_that_fit(model, memory, expected):
-    assert full_length_sequences(preset_for(model), memory, gpu_count=2) == expected
-
-
 def test_every_preset_states_its_architecture_and_the_table_lists_it():
     table = preset_table()
     for name, preset in PRESETS.items():
         assert preset.architecture is not None and preset.architecture.source
         assert f"`{name}`" in table
     assert "unknown positions" in table  # GaMS2-27B's context is not known here and the table says so
-
-
-def test_kv_summary_line_for_presets_only():
-    line = kv_summary(load_config({"MODEL_NAME": "cjvt/GaMS-9B-Instruct", "MAX_MODEL_LEN": "4096"}), 1, 79.1)
-    # The H100 run measured "GPU KV cache size: 166,882 tokens" = 40.7 sequences of 4096.
-    assert line == ("KV cache: 1.31 GiB per 4096-token sequence (Gemma 2 9B); about 39 full-length sequences "
-                    "fit on 1 x 79.1 GiB")
-    assert kv_summary(load_config({"MODEL_NAME": "/models/tiny"}), 1, 79.1) is None
 
 
 # --------------------------------------------------------------- max_num_seqs sized for the card

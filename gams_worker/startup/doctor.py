@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
-from gams_worker.memory import GIB, ModelMemory, model_memory
+from gams_worker.memory import GIB, ModelMemory, free_utilization, model_memory
 from gams_worker.startup.host import NO_PLATFORM, UNKNOWN, GpuFacts, HostFacts
 from gams_worker.versions import major_minor
 
@@ -32,7 +31,8 @@ class DoctorReport:
 def run_doctor(config: WorkerConfig, facts: HostFacts, model_dir: Optional[str]) -> DoctorReport:
     """Judge the host for the model in ``model_dir`` (None: not on this machine yet); log the
     report and return it. Never raises."""
-    memory = model_memory(model_dir, config.dtype, config.tensor_parallel_size) if model_dir else None
+    memory = model_memory(model_dir, config.dtype, config.tensor_parallel_size, config.quantization,
+                          config.kv_cache_dtype) if model_dir else None
     report = dataclasses.replace(diagnose(facts, memory, config), memory=memory)
     log.info("doctor report:\n  %s", "\n  ".join(report.lines))
     for verdict in report.verdicts:
@@ -71,8 +71,7 @@ def diagnose(facts: HostFacts, memory: Optional[ModelMemory], config: WorkerConf
     if memory_verdict:
         verdicts.append(memory_verdict)
     blocking = _gpu_requirement_problems(facts, config)
-    if facts.gpus and not config.quantization and all(_supports_fp8(g) for g in facts.gpus):
-        lines.append("FP8 available on this GPU: QUANTIZATION=fp8 (vLLM's online FP8 weights); the default stays bf16")
+    lines.extend(_architecture_lines(facts.gpus[0]) if facts.gpus else ())
     return DoctorReport(facts, tuple(lines), tuple(verdicts + blocking), start_mode, start_reason, tuple(blocking))
 
 
@@ -93,9 +92,40 @@ def _report_lines(facts: HostFacts, memory: Optional[ModelMemory], config: Worke
     return lines
 
 
-def _supports_fp8(gpu: GpuFacts) -> bool:
+def _architecture_lines(gpu: GpuFacts) -> List[str]:
+    """What the image's kernels serve on this architecture (MAINTAINERS.md, "Cards")."""
+    capability = major_minor(gpu.compute_capability) or (0, 0)
+    lines = ["FP8 weights: " + ("FP8 tensor cores" if capability >= (8, 9) else
+                                "weight-only (vLLM's Marlin kernel: FP8 in memory, 16-bit math)")]
+    if capability[0] != 9:
+        lines.append("an FP8 KV cache runs Triton attention (FlashAttention's FP8 KV cache is Hopper's FA3)")
+    if capability[0] >= 10:
+        lines.append("Blackwell: Gemma 2's soft-capped attention runs FlashAttention 2 (FA4's head-256 kernel "
+                     "has no soft-capping; FlashInfer is off in the image)")
+    return lines
+
+
+def _unsupported(gpu: GpuFacts, arches: Tuple[int, ...]) -> Optional[str]:
+    """A GPU older than every architecture the image's torch was built for, named."""
     capability = major_minor(gpu.compute_capability)
-    return capability is not None and capability >= (8, 9)
+    if not capability or not arches or capability[0] * 10 + capability[1] >= min(arches):
+        return None
+    oldest = min(arches)
+    return (f"{gpu.name} (compute capability {gpu.compute_capability}) is not supported by this image: its "
+            f"torch and vLLM are built for compute capability {oldest // 10}.{oldest % 10} "
+            f"and newer: deploy on Ampere or newer (RunPod: any class in README's card table)")
+
+
+def _free_memory_problem(gpu: GpuFacts, config: WorkerConfig) -> Optional[str]:
+    """vLLM refuses to start where total x GPU_MEMORY_UTILIZATION exceeds the free memory."""
+    if gpu.total_bytes is None or gpu.free_bytes is None:
+        return None
+    fraction = free_utilization(gpu.total_bytes, gpu.free_bytes)
+    if config.gpu_memory_utilization <= fraction:
+        return None
+    return (f"only {_gib(gpu.free_bytes)} GiB of {_gib(gpu.total_bytes)} GiB free (another process uses the "
+            f"GPU?): lower GPU_MEMORY_UTILIZATION to {fraction:.2f} (or unset it: the worker plans for free "
+            f"memory) or free the GPU")
 
 
 def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[str]:
@@ -110,12 +140,10 @@ def _gpu_requirement_problems(facts: HostFacts, config: WorkerConfig) -> List[st
     if config.tensor_parallel_size > len(facts.gpus):
         problems.append(f"TENSOR_PARALLEL_SIZE={config.tensor_parallel_size} but {len(facts.gpus)} GPU(s) visible: "
                         f"deploy with {config.tensor_parallel_size} GPUs per worker or lower TENSOR_PARALLEL_SIZE")
-    if config.quantization == "fp8":
-        unsupported = [g for g in facts.gpus if not _supports_fp8(g)]
-        if unsupported:
-            gpu = unsupported[0]
-            problems.append(f"QUANTIZATION=fp8 needs compute capability >= 8.9 (Ada, Hopper or newer); "
-                            f"{gpu.name} has {gpu.compute_capability}: unset QUANTIZATION")
+    for gpu in facts.gpus[: config.tensor_parallel_size]:
+        problem = _unsupported(gpu, facts.cuda_arches) or _free_memory_problem(gpu, config)
+        if problem:
+            return problems + [problem]
     return problems
 
 
@@ -135,10 +163,6 @@ def _memory_verdict(facts: HostFacts, memory: Optional[ModelMemory], config: Wor
     budget = int(gpu.total_bytes * config.gpu_memory_utilization)
     needed = memory.weight_bytes + memory.kv_bytes(config.max_model_len) + memory.overhead_bytes
     if needed <= budget:
-        if gpu.free_bytes is not None and gpu.free_bytes < budget:
-            fraction = math.floor(gpu.free_bytes / gpu.total_bytes * 100) / 100
-            return (f"only {_gib(gpu.free_bytes)} GiB of {_gib(gpu.total_bytes)} GiB free (another process "
-                    f"uses the GPU?): lower GPU_MEMORY_UTILIZATION to {fraction:.2f} or free the GPU")
         return None
     fixed = memory.weight_bytes + memory.overhead_bytes
     prefix = (f"model needs ~{_gib(needed)} GiB at MAX_MODEL_LEN={config.max_model_len}, GPU has "

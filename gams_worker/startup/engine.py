@@ -54,6 +54,8 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
         enforce_eager=mode == "eager",
         disable_log_stats=not config.log_engine_stats,
     )
+    if config.kv_cache_dtype != "auto":  # the card plan's (ENGINE_ARGS' own, where given)
+        kwargs["kv_cache_dtype"] = config.kv_cache_dtype
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
     if config.max_cudagraph_capture_size is not None and mode != "eager":

@@ -40,6 +40,7 @@ class HostFacts:
     torch_version: str = UNKNOWN
     torch_cuda: str = UNKNOWN  # the CUDA version torch (and so the lock's vLLM) was built for, "13.0"
     vllm_version: str = UNKNOWN
+    cuda_arches: Tuple[int, ...] = ()  # compute capabilities torch was built for (75 for sm_75); () unknown
 
 
 def host_facts() -> HostFacts:
@@ -57,7 +58,8 @@ def collect_host_facts() -> HostFacts:
     return HostFacts(platform, _guard(_gpus, ()), driver_version, driver_cuda,
                      torch_version=_guard(lambda: __import__("torch").__version__, UNKNOWN),
                      torch_cuda=_guard(lambda: __import__("torch").version.cuda or "none (CPU build)", UNKNOWN),
-                     vllm_version=_guard(lambda: __import__("vllm").__version__, UNKNOWN))
+                     vllm_version=_guard(lambda: __import__("vllm").__version__, UNKNOWN),
+                     cuda_arches=_guard(_cuda_arches, ()))
 
 
 def _guard(probe: Any, default: Any) -> Any:
@@ -109,6 +111,14 @@ def _memory(physical_index: int) -> Tuple[int, int]:
     with _nvml() as nvml:
         memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(physical_index))
         return int(memory.total), int(memory.free)
+
+
+def _cuda_arches() -> Tuple[int, ...]:
+    """The architectures torch's kernels were built for ("sm_75 sm_80 ..."); a constant: no CUDA context."""
+    import torch
+
+    flags = torch._C._cuda_getArchFlags() or ""
+    return tuple(sorted(int(flag[3:]) for flag in flags.split() if flag.startswith("sm_") and flag[3:].isdigit()))
 
 
 def _driver() -> Tuple[str, str]:

@@ -1,5 +1,5 @@
 """What the engine starts with, decided before it starts (``plan_engine``): the preset under the environment,
-the doctor's verdicts and the ladder's first rung, the model, max_num_seqs, the compile cache, and the
+the card plan, the doctor's verdicts and the ladder's first rung, the model, max_num_seqs, the compile cache, and the
 environment vLLM's engine process inherits.
 """
 
@@ -12,7 +12,8 @@ from typing import Callable, Dict, Optional, Tuple
 from gams_worker.config import WorkerConfig, export_to_engine, variable_of
 from gams_worker.errors import EngineStartError
 from gams_worker.memory import model_memory
-from gams_worker.presets import choose_tensor_parallel, full_length_sequences, preset_for
+from gams_worker.presets import choose_tensor_parallel, preset_for
+from gams_worker.startup.card_plan import apply_card_plan
 from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
 from gams_worker.startup.doctor import DoctorReport, run_doctor
 from gams_worker.startup.engine import with_checked_engine_args
@@ -65,17 +66,6 @@ def apply_preset(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[
     return dataclasses.replace(config, **changes), sources
 
 
-def kv_summary(config: WorkerConfig, gpu_count: int, gpu_memory_gib: Optional[float]) -> Optional[str]:
-    """A start-up line: the KV cache of one MAX_MODEL_LEN sequence and how many fit, for GaMS presets."""
-    preset = preset_for(config.model_preset or config.model_name)
-    if preset is None or not gpu_memory_gib:
-        return None
-    tp, sequences = full_length_sequences(preset, gpu_memory_gib, gpu_count, config.max_model_len)
-    return (f"KV cache: {preset.architecture.kv_gib_per_sequence(config.max_model_len):.2f} GiB per "
-            f"{config.max_model_len}-token sequence ({preset.architecture.name}); about {sequences} full-length "
-            f"sequences fit on {tp} x {gpu_memory_gib:.1f} GiB")
-
-
 def first_rung(config: WorkerConfig, report: DoctorReport) -> Tuple[str, str]:
     """The graph mode the engine starts in, and why."""
     if config.enforce_eager:
@@ -94,6 +84,7 @@ class EnginePlan:
     reason: str
     model_path: str
     compile_cache: CompileCache
+    card_plan: str = ""  # the card plan's line
 
 
 def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
@@ -105,9 +96,9 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
     gpu_memory_gib = facts.gpus[0].total_gib if facts.gpus else None
     config, sources = apply_preset(config, len(facts.gpus), gpu_memory_gib)
     log.info("settings: %s", ", ".join(f"{name}={getattr(config, name)} ({source})" for name, source in sources.items()))
-    kv_line = kv_summary(config, len(facts.gpus), gpu_memory_gib)  # GaMS presets only
-    if kv_line:
-        log.info(kv_line)
+    config, card_line = apply_card_plan(config, facts)  # a preset that cannot fit stops the start here
+    if card_line:
+        log.info(card_line)
     report = run_doctor(config, facts, local_model.path if local_model else None)
     if report.blocking:
         problems = "; ".join(report.blocking)
@@ -121,9 +112,10 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
         log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
     mark("model resolved")
     # The doctor read the model's memory where it was here already; a download is read now.
-    memory = report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size)
+    memory = report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size,
+                                           config.quantization, config.kv_cache_dtype)
     config = with_max_num_seqs(config, facts, memory)
     compile_cache = choose_compile_cache(config)
     export_to_engine(compile_cache.engine_environment())
     mark("compile cache checked")
-    return EnginePlan(config, mode, reason, model.path, compile_cache)
+    return EnginePlan(config, mode, reason, model.path, compile_cache, card_line)
