@@ -174,3 +174,15 @@ def test_a_card_older_than_the_build_gets_no_plan_and_the_doctors_refusal():
     v100 = dataclasses.replace(host("Tesla V100-SXM2-16GB", "7.0", 15.77, 15.3), cuda_arches=(75, 80, 90))
     config = load_config({})
     assert apply_card_plan(config, v100) == (config, "")
+
+
+def test_the_torch_cuda_arches_are_those_of_the_locks_torch():
+    """startup/host.py names the CUDA arches of the lock's torch build instead of asking torch, whose
+    answer initializes CUDA and breaks vLLM's forked engine process (seen on the H100): update both together."""
+    from pathlib import Path
+
+    from gams_worker.startup.host import TORCH_CUDA_ARCHES
+
+    root = Path(__file__).resolve().parent.parent
+    assert "torch==2.13.0\n" in (root / "requirements.lock").read_text()  # PyPI's build: CUDA 13.0
+    assert TORCH_CUDA_ARCHES == (75, 80, 86, 90, 100, 120)

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 NO_PLATFORM = "none"
+# The compute capabilities the lock's torch (2.13.0+cu130) has kernels for, a fact the lock fixes: asking
+# torch (_cuda_getArchFlags) initializes CUDA here, and vLLM's engine process, forked after, then fails.
+TORCH_CUDA_ARCHES = (75, 80, 86, 90, 100, 120)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,7 @@ def collect_host_facts() -> HostFacts:
                      torch_version=_guard(lambda: __import__("torch").__version__, UNKNOWN),
                      torch_cuda=_guard(lambda: __import__("torch").version.cuda or "none (CPU build)", UNKNOWN),
                      vllm_version=_guard(lambda: __import__("vllm").__version__, UNKNOWN),
-                     cuda_arches=_guard(_cuda_arches, ()))
+                     cuda_arches=TORCH_CUDA_ARCHES if platform == "cuda" else ())
 
 
 def _guard(probe: Any, default: Any) -> Any:
@@ -113,12 +116,7 @@ def _memory(physical_index: int) -> Tuple[int, int]:
         return int(memory.total), int(memory.free)
 
 
-def _cuda_arches() -> Tuple[int, ...]:
-    """The architectures torch's kernels were built for ("sm_75 sm_80 ..."); a constant: no CUDA context."""
-    import torch
 
-    flags = torch._C._cuda_getArchFlags() or ""
-    return tuple(sorted(int(flag[3:]) for flag in flags.split() if flag.startswith("sm_") and flag[3:].isdigit()))
 
 
 def _driver() -> Tuple[str, str]:
