@@ -24,7 +24,6 @@ class ConfigError(WorkerError):
 
     def __init__(self, variable: str, value: str, allowed: str):
         self.variable = variable
-        self.value = value
         self.allowed = allowed
         super().__init__(f"{variable}={value!r} is invalid: expected {allowed}")
 
@@ -72,18 +71,13 @@ class ModelNotFoundError(WorkerError):
     """No usable copy of the model was found; ``searched`` lists each place and why it failed."""
 
     def __init__(self, model: str, searched: List[str]):
-        self.model = model
-        self.searched = searched
-        places = "; ".join(searched)
-        super().__init__(f"model {model!r} was not found. Searched: {places}")
+        super().__init__(f"model {model!r} was not found. Searched: {'; '.join(searched)}")
 
 
 class IncompleteModelError(WorkerError):
     """A model directory lacks files or holds damaged ones; ``problems`` names each."""
 
     def __init__(self, path: str, problems: List[str]):
-        self.path = path
-        self.problems = problems
         super().__init__(f"model files in {path} are incomplete: " + "; ".join(problems))
 
 
@@ -108,7 +102,6 @@ def job_error_output(error: Dict[str, Any]) -> Dict[str, str]:
 
 
 def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[str, str]:
-    """A plain job's error output."""
     error: Dict[str, Any] = {"type": type_, "message": message}
     if field is not None:
         error["field"] = field

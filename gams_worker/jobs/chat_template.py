@@ -68,9 +68,8 @@ def accepts_system_role(tokenizer: Any) -> bool:
 
 
 def _special_ids(tokenizer: Any) -> set:
-    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    ids.update(token_id for token_id, token in decoder.items() if getattr(token, "special", False))
+    ids = set(tokenizer.all_special_ids)
+    ids.update(token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special)
     return ids
 
 
@@ -80,22 +79,6 @@ def stop_at_end_of_turn(params: Any, facts: ChatTemplateFacts, model_eos_id: Opt
     if facts.end_of_turn_id is not None:
         params.update_from_generation_config({"eos_token_id": [facts.end_of_turn_id]}, model_eos_id)
     return params
-
-
-class EndOfTurnEngine:
-    """The shared engine as vLLM's chat serving layers see it: its requests stop at the end of turn."""
-
-    def __init__(self, engine: Any, facts: ChatTemplateFacts, model_eos_id: Optional[int]):
-        self._engine = engine
-        self._facts = facts
-        self._model_eos_id = model_eos_id
-
-    def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
-        stop_at_end_of_turn(sampling_params, self._facts, self._model_eos_id)
-        return self._engine.generate(prompt, sampling_params, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +117,6 @@ def report_stop_tokens(facts: ChatTemplateFacts, tokenizer: Any, generation_conf
 
 
 def log_chat_template(engine: Any, tokenizer: Any, facts: ChatTemplateFacts) -> None:
-    """Log the stop tokens in force and the system-role rule, once at start-up."""
     model_config = engine.model_config
     model_dir = Path(model_config.model)
     file = "generation_config.json" if (model_dir / "generation_config.json").is_file() else \

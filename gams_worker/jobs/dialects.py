@@ -41,10 +41,7 @@ class JobDispatch:
         """The job's outputs, closed at once when the job's task is cancelled: the SDK may keep a
         stopped job's generator referenced for seconds, and closing it frees its engine request."""
         outputs = self._outputs(job)
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no event loop: nothing can cancel it
-            task = None
+        task = asyncio.current_task()
         if task is not None:
             task.add_done_callback(lambda done: self._close(outputs) if done.cancelled() else None)
         return outputs

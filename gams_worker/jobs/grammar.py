@@ -68,19 +68,17 @@ class GrammarGate:
 
     def _backend(self, name: str) -> Any:
         """vLLM's backend class of that name, built once (None: one this gate does not know)."""
+        from vllm.v1.structured_output.backend_guidance import GuidanceBackend
+        from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+
+        backend_classes = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}
         with self._backends_lock:
             if name not in self._backends:
-                self._backends[name] = _build_backend(name, self._engine, self._tokenizer)
+                backend_class, backend = backend_classes.get(name), None
+                if backend_class is None:  # outlines, lm-format-enforcer: only where an operator chose them
+                    log.warning("structured-output backend %r is compiled by the engine alone, without a deadline", name)
+                else:
+                    backend = backend_class(vllm_config=self._engine.vllm_config, tokenizer=self._tokenizer,
+                                            vocab_size=self._engine.model_config.get_vocab_size())
+                self._backends[name] = backend
             return self._backends[name]
-
-
-def _build_backend(name: str, engine: Any, tokenizer: Any) -> Any:
-    from vllm.v1.structured_output.backend_guidance import GuidanceBackend
-    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
-
-    backends = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}
-    if name not in backends:  # outlines, lm-format-enforcer: only where an operator chose them
-        log.warning("structured-output backend %r is compiled by the engine alone, without a deadline", name)
-        return None
-    return backends[name](vllm_config=engine.vllm_config, tokenizer=tokenizer,
-                          vocab_size=engine.model_config.get_vocab_size())

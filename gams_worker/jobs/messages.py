@@ -4,6 +4,7 @@ refusal of control tokens, each checked once (MAINTAINERS.md, "The input contrac
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -97,13 +98,9 @@ def refuse_control_tokens(value: Any, field: str, template: Optional[ChatTemplat
                 path)
 
 
-_patterns: Dict[Tuple[str, ...], "re.Pattern[str]"] = {}
-
-
+@functools.lru_cache(maxsize=None)  # one per tokenizer
 def _control_token_pattern(tokens: Tuple[str, ...]) -> "re.Pattern[str]":
-    if tokens not in _patterns:  # one per tokenizer, built once
-        _patterns[tokens] = re.compile("|".join(re.escape(token) for token in tokens))
-    return _patterns[tokens]
+    return re.compile("|".join(re.escape(token) for token in tokens))
 
 
 def chat_roles(messages: Sequence[Any]) -> List[Dict[str, Any]]:

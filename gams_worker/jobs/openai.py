@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping,
 
 from gams_worker.config import InputLimits, WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
-from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
+from gams_worker.jobs.chat_template import ChatTemplateFacts, stop_at_end_of_turn
 from gams_worker.jobs.grammar import GrammarGate
 from gams_worker.jobs.input import encoded_json
 from gams_worker.jobs.messages import template_messages
@@ -146,7 +146,6 @@ class OpenAIJobs:
         self.grammar: Optional[GrammarGate] = None  # built with the serving objects, on first use
 
     async def serving(self) -> Serving:
-        """vLLM's serving objects, built on first use, inside the job loop (they bind to it)."""
         async with self._init_lock:
             if self._serving is None:
                 self._serving = await self._build_serving(import_vllm_openai())
@@ -161,16 +160,13 @@ class OpenAIJobs:
         from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
         from vllm.renderers.online_renderer import OnlineRenderer
 
-        # The rest of the arguments keep vLLM's defaults.
         models = OpenAIServingModels(engine_client=self.engine, base_model_paths=[
             BaseModelPath(name=self.config.model_label, model_path=self.config.model_name)])
-        await models.init_static_loras()
-        renderer = _chat_rules_renderer(OnlineRenderer, self.chat_template)(
-            model_config=self.engine.model_config, renderer=self.engine.renderer, request_logger=None,
-            chat_template=None, chat_template_content_format="auto")  # the model's own template
-        engine = PromptLogprobsBoundEngine(self.engine, self.config.input_limits)
-        chat_engine = EndOfTurnEngine(engine, self.chat_template, self.eos_token_id)
         template = dict(chat_template=None, chat_template_content_format="auto")  # the model's own template
+        renderer = _chat_rules_renderer(OnlineRenderer, self.chat_template)(
+            model_config=self.engine.model_config, renderer=self.engine.renderer, request_logger=None, **template)
+        engine = ServingEngine(self.engine, self.config.input_limits)
+        chat_engine = ServingEngine(self.engine, self.config.input_limits, self.chat_template, self.eos_token_id)
         serving = Serving(
             vllm, models,
             chat=OpenAIServingChat(chat_engine, models, "assistant", online_renderer=renderer, request_logger=None,
@@ -184,7 +180,6 @@ class OpenAIJobs:
         return serving
 
     async def run(self, job_input: Mapping[str, Any]) -> AsyncIterator[Any]:
-        """Yield the outputs of one passthrough job (see the module docstring)."""
         try:
             serving = await self.serving()
             # The contract's checks walk and encode up to MAX_INPUT_BYTES: not on the event loop.
@@ -245,12 +240,6 @@ class OpenAIJobs:
 
     def _parse(self, job_input: Any, vllm: VllmOpenAI) -> Tuple[str, Dict[str, Any], Any]:
         """(route, body, vLLM's request) of a job; OpenAIRequestError or JobInputError naming the field at fault."""
-        route, body = self._parse_job(job_input)
-        if route == MODELS_ROUTE:
-            return route, {}, None
-        return route, body, self._parse_request(route, body, vllm)
-
-    def _parse_job(self, job_input: Any) -> Tuple[str, Any]:
         if not isinstance(job_input, Mapping):
             raise OpenAIRequestError("must be an object with openai_route and openai_input", "input")
         # Before anything of the input is echoed in an error (an unknown key, a value).
@@ -263,12 +252,13 @@ class OpenAIJobs:
         if route not in ROUTES:
             raise OpenAIRequestError(f"unknown route {route!r}; served: {', '.join(ROUTES)}",
                                      "openai_route", HTTPStatus.NOT_FOUND)
-        body = job_input.get("openai_input")
         if route == MODELS_ROUTE:
-            return route, body
+            return route, {}, None
+        body = job_input.get("openai_input")
         if not isinstance(body, Mapping):
             raise OpenAIRequestError("must be the request body, a JSON object", "openai_input")
-        return route, dict(body)
+        body = dict(body)
+        return route, body, self._parse_request(route, body, vllm)
 
     def _parse_request(self, route: str, body: Dict[str, Any], vllm: VllmOpenAI) -> Any:
         request_class = ROUTE_TABLE[route].request_class(vllm, body)
@@ -301,23 +291,28 @@ def _whole_answer(result: Any, vllm: VllmOpenAI) -> Optional[Dict[str, Any]]:
     return None
 
 
-class PromptLogprobsBoundEngine:
-    """The engine as vLLM's serving layers see it: prompt logprobs (``prompt_logprobs``, or ``echo``)
-    over a prompt longer than MAX_PROMPT_LOGPROBS_TOKENS are refused, here where the prompt's tokens
-    are first known. Everything but ``generate`` is the engine itself."""
+class ServingEngine:
+    """The engine as vLLM's serving layers see it: prompt logprobs (``prompt_logprobs``, or ``echo``) over a
+    prompt longer than MAX_PROMPT_LOGPROBS_TOKENS are refused, here where the prompt's tokens are first known;
+    with ``chat_template``, requests stop at the end of turn. Everything but ``generate`` is the engine itself."""
 
-    def __init__(self, engine: Any, limits: InputLimits):
+    def __init__(self, engine: Any, limits: InputLimits, chat_template: Optional[ChatTemplateFacts] = None,
+                 eos_token_id: Optional[int] = None):
         self._engine = engine
         self._limit = limits.max_prompt_logprobs_tokens
+        self._chat_template = chat_template
+        self._eos_token_id = eos_token_id
 
     def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
         tokens = len(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, Mapping) else 0
-        if getattr(sampling_params, "prompt_logprobs", None) is not None and tokens > self._limit:
+        if sampling_params.prompt_logprobs is not None and tokens > self._limit:
             from vllm.exceptions import VLLMValidationError  # vLLM's serving layer answers it as a 400
 
             raise VLLMValidationError(
                 f"asks for prompt logprobs (prompt_logprobs, or echo) over a prompt of {tokens} "
                 f"tokens; MAX_PROMPT_LOGPROBS_TOKENS allows at most {self._limit}", parameter="prompt_logprobs")
+        if self._chat_template is not None:
+            stop_at_end_of_turn(sampling_params, self._chat_template, self._eos_token_id)
         return self._engine.generate(prompt, sampling_params, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -48,12 +48,10 @@ ROUTE_FIELDS: Dict[str, Tuple[str, ...]] = {
 }
 # Why some of vLLM's parameters are not served (every other one: "not served by this worker").
 REFUSED_BECAUSE = {
-    "tools": "tool calling is not served: GaMS's chat template has no tools",
-    "functions": "tool calling is not served: GaMS's chat template has no tools",
-    "function_call": "tool calling is not served: GaMS's chat template has no tools",
-    "parallel_tool_calls": "tool calling is not served: GaMS's chat template has no tools",
-    "use_beam_search": "beam search is not served: it runs a batch of sequences per job outside the limits",
-    "length_penalty": "beam search is not served: it runs a batch of sequences per job outside the limits",
+    **dict.fromkeys(("tools", "functions", "function_call", "parallel_tool_calls"),
+                    "tool calling is not served: GaMS's chat template has no tools"),
+    **dict.fromkeys(("use_beam_search", "length_penalty"),
+                    "beam search is not served: it runs a batch of sequences per job outside the limits"),
     "chat_template": "the chat template is the model's own: a request cannot replace it",
     "chat_template_kwargs": "the chat template is the model's own: a request cannot configure it",
     "request_id": "request ids are the worker's own",
@@ -63,8 +61,7 @@ REFUSED_BECAUSE = {
     "prompt_embeds": "prompt embeddings are not served",
     "previous_response_id": "responses are not stored: send the conversation as input",
     "background": "responses are not stored, so they cannot run in the background",
-    "reasoning": "GaMS does not reason in a separate channel",
-    "reasoning_effort": "GaMS does not reason in a separate channel",
+    **dict.fromkeys(("reasoning", "reasoning_effort"), "GaMS does not reason in a separate channel"),
     "truncate_prompt_tokens": "prompts are never cut: a prompt that does not fit is an error",
 }
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "text")  # what gets a grammar

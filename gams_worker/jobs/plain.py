@@ -37,13 +37,11 @@ class PlainJobs:
         self.flush_policy = flush_policy  # the worker's one, shared with OpenAI jobs
         self.engine_info = engine_info  # reported with every job
         self.startup = startup  # reported once, with the first job served
-        # (job id, time.monotonic()) of the latest requests aborted before they finished: a
-        # stopped job's abort time, measured where it happens (the status endpoint reports it).
+        # (job id, time.monotonic()) of the latest requests aborted unfinished, for the status endpoint.
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plain-job-input")
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
-        """Yield the outputs of one job (see the module docstring for their shapes)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
@@ -103,7 +101,6 @@ class PlainJobs:
                      job_id, generation.completion_tokens)
 
     def _startup_metadata_once(self) -> Dict[str, Any]:
-        """The start-up timeline, in the first served job's output only."""
         if self.startup is None:
             return {}
         startup, self.startup = self.startup, None

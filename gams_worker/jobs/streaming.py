@@ -37,16 +37,12 @@ class FlushPolicy:
 
     def stream(self) -> "StreamBatcher":
         """A batcher for one stream; ``close()`` it when the stream ends."""
-        return StreamBatcher(self.batch_tokens, int(self.batch_s * 1000), clock=self.clock, policy=self)
+        return StreamBatcher(self)
 
 
 class StreamBatcher(Generic[Piece]):
-    def __init__(self, batch_tokens: int, batch_ms: int, clock: Callable[[], float] = time.monotonic,
-                 policy: Optional[FlushPolicy] = None):
-        self._batch_tokens = batch_tokens
-        self._batch_s = batch_ms / 1000.0
-        self._clock = clock
-        self._policy = policy  # None: no POST budget (a stream on its own)
+    def __init__(self, policy: FlushPolicy):
+        self._policy = policy
         self._pieces: List[Piece] = []
         self._tokens = 0
         self._has_text = False
@@ -60,21 +56,20 @@ class StreamBatcher(Generic[Piece]):
         self._has_text = self._has_text or has_text
         if not self._has_text:
             return None
-        now = self._clock()
+        now = self._policy.clock()
         if self._last_flush is not None:
             since = now - self._last_flush
-            if self._tokens < self._batch_tokens and since < self._batch_s:
+            if self._tokens < self._policy.batch_tokens and since < self._policy.batch_s:
                 return None
-            if self._policy is not None and since < self._policy.min_interval_s():
+            if since < self._policy.min_interval_s():
                 return None  # the worker's POST budget, shared by all its streams
-        elif self._policy is not None:
+        else:
             self._policy.streams += 1
             self._counted = True
         self._last_flush = now
         return self.drain()
 
     def drain(self) -> List[Piece]:
-        """The pieces gathered and not yet sent."""
         pieces, self._pieces, self._tokens, self._has_text = self._pieces, [], 0, False
         return pieces
 
