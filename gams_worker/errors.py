@@ -1,7 +1,6 @@
 """The worker's errors, the one shape a failed job reports (one output ``{"error": "<JSON text>"}``:
 plain ``{"type", "message", "field"?}``, OpenAI ``{"message", "type", "param", "code"}``), and the
-one JSON encoder for text that must reach the platform as UTF-8 (MAINTAINERS.md, "Errors that always post").
-"""
+one JSON encoder for text that must reach the platform as UTF-8 (MAINTAINERS.md, "Errors that always post")."""
 
 from __future__ import annotations
 
@@ -82,8 +81,7 @@ class IncompleteModelError(WorkerError):
 
 
 def utf8_json(value: Any, **options: Any) -> bytes:
-    """``value`` as UTF-8 JSON; UnicodeEncodeError for a lone surrogate, TypeError or ValueError
-    for what JSON cannot hold."""
+    """``value`` as UTF-8 JSON; UnicodeEncodeError for a lone surrogate."""
     return json.dumps(value, ensure_ascii=False, **options).encode("utf-8")
 
 

@@ -1,7 +1,6 @@
 """A job's dialect, decided once (``openai_route`` in its input: vLLM's OpenAI layer; else a plain
 job), and the one place a job's stream is closed. An exception that escapes a dialect (a bug)
-still ends the job with a JSON error of that dialect.
-"""
+still ends the job with a JSON error of that dialect."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Structured-output grammars compiled in the worker with vLLM's own backend, within a deadline, before the
-engine gets them: vLLM compiles them in its engine core with no time limit. A constraint that does not
-compile, or not in time, is refused naming its field; runaway compiles delay other grammars, never other
-jobs (MAINTAINERS.md, "The OpenAI layer").
-"""
+"""Structured-output grammars compiled with vLLM's own backend within a deadline, before the engine (which
+has none) gets them: a constraint that does not compile, or not in time, is refused naming its field;
+runaway compiles delay other grammars, never other jobs (MAINTAINERS.md, "The OpenAI layer")."""
 
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ class GrammarGate:
             threading.Thread(target=self._backend, args=("xgrammar",), name="grammar-backend", daemon=True).start()
 
     async def check(self, constraint: Any, field: str) -> None:
-        """JobInputError naming ``field`` unless ``constraint`` (vLLM's StructuredOutputsParams of
-        the request, or None) compiles within the deadline."""
+        """JobInputError naming ``field`` unless ``constraint`` (the request's, or None) compiles in time."""
         if constraint is None or self.timeout_s <= 0:
             return
         started = time.monotonic()
@@ -76,7 +73,8 @@ class GrammarGate:
             if name not in self._backends:
                 backend_class, backend = backend_classes.get(name), None
                 if backend_class is None:  # outlines, lm-format-enforcer: only where an operator chose them
-                    log.warning("structured-output backend %r is compiled by the engine alone, without a deadline", name)
+                    log.warning("structured-output backend %r is compiled by the engine alone, without a deadline",
+                                name)
                 else:
                     backend = backend_class(vllm_config=self._engine.vllm_config, tokenizer=self._tokenizer,
                                             vocab_size=self._engine.model_config.get_vocab_size())

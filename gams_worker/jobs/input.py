@@ -1,7 +1,6 @@
 """A plain job's input validated into a typed ``JobInput`` and tokenized, and the input limits both
 dialects share (``InputLimits``, gams_worker/config.py): checked before any tokenization or engine
-work, a breach is a JobInputError naming the field; no limit ever truncates.
-"""
+work, a breach is a JobInputError naming the field; no limit ever truncates."""
 
 from __future__ import annotations
 
@@ -12,7 +11,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError, utf8_json
 from gams_worker.jobs.chat_template import ChatTemplateFacts
-from gams_worker.jobs.messages import check_message, join_text_parts, key_path, refuse_control_tokens, template_messages
+from gams_worker.jobs.messages import (
+    check_message, join_text_parts, refuse_control_tokens, reject_unknown, template_messages,
+)
 
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
@@ -33,8 +34,7 @@ def nests_deeper_than(value: Any, limit: int) -> bool:
 
 
 def encoded_json(raw: Any, field: str) -> bytes:
-    """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode (a lone
-    surrogate is refused before anything echoes it)."""
+    """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode."""
     if nests_deeper_than(raw, MAX_JSON_DEPTH):
         raise JobInputError(f"nests objects and lists more than {MAX_JSON_DEPTH} levels deep", field)
     try:
@@ -139,7 +139,7 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
     if not isinstance(raw, Mapping):
         raise JobInputError("must be an object with 'prompt' or 'messages'", "input")
     check_input_size(raw, limits, "input")
-    _reject_unknown(raw, INPUT_FIELDS, "")
+    reject_unknown(raw, INPUT_FIELDS, "")
 
     has_prompt, has_messages = "prompt" in raw, "messages" in raw
     if has_prompt == has_messages:
@@ -160,12 +160,6 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
     return JobInput(prompt, messages, sampling, stream, max_tokens_given)
 
 
-def _reject_unknown(obj: Mapping, allowed: Tuple[str, ...], prefix: str) -> None:
-    for key in obj:
-        if key not in allowed:
-            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", key_path(prefix, key))
-
-
 def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:
     if not isinstance(value, list) or not value:
         raise JobInputError("must be a non-empty list of {role, content} objects", "messages")
@@ -180,7 +174,7 @@ def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:
 def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple[Dict[str, Any], bool]:
     if not isinstance(value, Mapping):
         raise JobInputError("must be an object", "sampling_params")
-    _reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
+    reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
     sampling = {key: SAMPLING_FIELDS[key](f"sampling_params.{key}", item) for key, item in value.items()
                 if item is not None}
     check_sequences(sampling.get("n", 1), 1, limits, "sampling_params.n")
@@ -215,8 +209,7 @@ class PreparedPrompt:
 def plain_chat_messages(messages: Tuple[Dict[str, str], ...],
                         template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
     """A plain job's validated messages as the template gets them: control tokens refused, chat rules applied."""
-    for i, message in enumerate(messages):
-        refuse_control_tokens(message["content"], f"messages[{i}].content", template)
+    refuse_control_tokens(list(messages), "messages", template)  # roles are ROLES: only contents can hold one
     return template_messages(messages, template)
 
 

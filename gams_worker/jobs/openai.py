@@ -2,8 +2,7 @@
 by vLLM's own serving classes on the worker's engine, with Gemma's chat rules, the end of turn, the input
 contract and the stream batching added. Outputs match runpod-workers/worker-vllm: a dict, or SSE strings
 (the last ending ``data: [DONE]``), or one error whose ``code`` is the HTTP status; a stream that fails
-ends with its error after what it streamed (MAINTAINERS.md, "The OpenAI layer").
-"""
+ends with its error after what it streamed (MAINTAINERS.md, "The OpenAI layer")."""
 
 from __future__ import annotations
 
@@ -130,8 +129,7 @@ def _stop_cap_of_the_worker(request_class: Any) -> Any:
 
 
 class OpenAIJobs:
-    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer
-    (``input_tokenizer``: the worker's own copy of the engine's, for grammar compiles)."""
+    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
     def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
                  flush_policy: FlushPolicy, input_tokenizer: Any, eos_token_id: Optional[int]):
@@ -139,7 +137,7 @@ class OpenAIJobs:
         self.config = config
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
         self.flush_policy = flush_policy
-        self.input_tokenizer = input_tokenizer
+        self.input_tokenizer = input_tokenizer  # the worker's own copy of the engine's, for grammar compiles
         self.eos_token_id = eos_token_id
         self._serving: Optional[Serving] = None
         self._init_lock = asyncio.Lock()
@@ -292,9 +290,8 @@ def _whole_answer(result: Any, vllm: VllmOpenAI) -> Optional[Dict[str, Any]]:
 
 
 class ServingEngine:
-    """The engine as vLLM's serving layers see it: prompt logprobs (``prompt_logprobs``, or ``echo``) over a
-    prompt longer than MAX_PROMPT_LOGPROBS_TOKENS are refused, here where the prompt's tokens are first known;
-    with ``chat_template``, requests stop at the end of turn. Everything but ``generate`` is the engine itself."""
+    """The engine as vLLM's serving layers see it: prompt logprobs over more than MAX_PROMPT_LOGPROBS_TOKENS
+    refused where a prompt's tokens are first known; with ``chat_template``, stops at the end of turn."""
 
     def __init__(self, engine: Any, limits: InputLimits, chat_template: Optional[ChatTemplateFacts] = None,
                  eos_token_id: Optional[int] = None):

@@ -1,7 +1,6 @@
 """The request contract of OpenAI jobs, checked before vLLM sees a body: what each route accepts
 (every other field refused by name, with the reason where there is one), and every parameter that
-costs the engine measured under the limits of plain jobs (MAINTAINERS.md, "The OpenAI layer").
-"""
+costs the engine measured under the limits of plain jobs (MAINTAINERS.md, "The OpenAI layer")."""
 
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ from gams_worker.jobs.input import (
     SAMPLING_FIELDS, check_count, check_input_size, check_prompt_chars, check_sequences, check_stop_strings,
     nests_deeper_than,
 )
-from gams_worker.jobs.messages import (
-    check_message, check_openai_content, refuse_control_tokens, strings_in, template_messages,
-)
+from gams_worker.jobs.messages import check_message, refuse_control_tokens, strings_in, template_messages
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -69,11 +66,8 @@ CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "text")  # what ge
 
 def check_openai_body(route: str, body: Mapping[str, Any], known: Any, limits: InputLimits,
                       template: Optional[ChatTemplateFacts]) -> None:
-    """Refuse, naming the field, what the route does not accept or what breaks a limit.
-
-    ``known``: the fields of vLLM's request model for this route (to tell vLLM's own parameters
-    that are not served from unknown ones).
-    """
+    """Refuse, naming the field, what the route does not accept or what breaks a limit (``known``: the
+    fields of vLLM's request model for the route, to tell its parameters not served from unknown ones)."""
     check_input_size(body, limits, "openai_input")
     accepted = _accepted_fields(route, body, known)
     given = {key: value for key, value in body.items() if value is not None}
@@ -154,7 +148,7 @@ def _check_text(route: str, body: Mapping[str, Any], limits: InputLimits,
             raise JobInputError("must be a non-empty list of {role, content} messages", "messages")
         check_count(len(messages), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
         for i, message in enumerate(messages):
-            _check_message(message, f"messages[{i}]")
+            check_message(message, f"messages[{i}]", plain=False)
         _check_chat_text(messages, "messages", limits, template)
         template_messages(messages, template)  # a system or developer message only first, where Gemma 2 folds it
         return 1
@@ -163,11 +157,6 @@ def _check_text(route: str, body: Mapping[str, Any], limits: InputLimits,
     if "prompt" in body:  # completions, tokenize: raw prompts, the caller's own (special tokens too)
         return _check_prompts(body["prompt"], limits)
     return 1
-
-
-def _check_message(message: Any, field: str) -> None:
-    check_message(message, field, plain=False)
-    check_openai_content(message.get("content"), f"{field}.content")
 
 
 def _check_chat_text(value: Any, field: str, limits: InputLimits, template: Optional[ChatTemplateFacts],
@@ -192,7 +181,7 @@ def _check_responses_input(body: Mapping[str, Any], limits: InputLimits,
             if not isinstance(item, Mapping) or item.get("type", "message") != "message":
                 raise JobInputError("only message items {role, content} are served (GaMS has no tools or "
                                     "reasoning items)", f"input[{i}]")
-            _check_message(item, f"input[{i}]")
+            check_message(item, f"input[{i}]", plain=False)
     elif not isinstance(items, str):
         raise JobInputError("must be a string or a list of message items", "input")
     _check_chat_text(items, "input", limits, template, extra_chars=len(instructions))

@@ -1,6 +1,5 @@
 """Plain jobs on the shared engine: validate, generate, stream, report. Every job ends with exactly one
-item carrying ``usage`` (stream chunks ``{"choices": [{"index", "text"}]}`` before it), or one error.
-"""
+item carrying ``usage`` (stream chunks ``{"choices": [{"index", "text"}]}`` before it), or one error."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class PlainJobs:
-    """Runs plain jobs on the worker's engine; each is prepared (validated, tokenized with the
-    worker's own copy of the tokenizer) in a thread of its own, off the event loop."""
+    """Runs plain jobs on the worker's engine, each prepared (validated, tokenized) in a thread off the event loop."""
 
     def __init__(self, engine: Any, config: WorkerConfig, input_tokenizer: Any, chat_template: ChatTemplateFacts,
                  eos_token_id: Optional[int], flush_policy: FlushPolicy, engine_info: EngineInfo,
@@ -91,8 +89,7 @@ class PlainJobs:
         return job_input, prompt, params
 
     async def _end_request(self, job_id: Any, request_id: str, generation: "Generation") -> None:
-        """The job's stream ended: a request that did not finish (cancelled or failed) is aborted,
-        which frees its KV cache and batch slot now."""
+        """Abort a request that did not finish (cancelled or failed), freeing its KV cache and batch slot now."""
         generation.batcher.close()
         if not generation.finished:
             await self.engine.abort(request_id)

@@ -1,8 +1,6 @@
-"""One flush policy for every stream (plain jobs' text deltas, OpenAI jobs' SSE events): a stream flushes
-its first text at once, then every ``batch_tokens`` tokens or ``batch_ms``, and never more often than
-``streams / posts_per_s`` seconds, so all streams together stay within the POST budget
-(MAINTAINERS.md, "Chunk batching and the POST budget").
-"""
+"""One flush policy for every stream (plain text deltas, OpenAI SSE events): a stream flushes its first text
+at once, then every ``batch_tokens`` tokens or ``batch_ms``, never more often than ``streams / posts_per_s``
+seconds, so all streams stay within the POST budget (MAINTAINERS.md, "Chunk batching and the POST budget")."""
 
 from __future__ import annotations
 
