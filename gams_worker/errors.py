@@ -57,8 +57,7 @@ class OpenAIRequestError(WorkerError):
 
 
 class EngineStartError(WorkerError):
-    """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis``
-    (None when the doctor stopped the start before any attempt)."""
+    """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis`` (or None)."""
 
     def __init__(self, message: str, cause: str, diagnosis: Any = None):  # a startup.start_failure.Diagnosis
         self.cause = cause

@@ -16,8 +16,6 @@ from gams_worker.errors import JobInputError
 
 log = logging.getLogger(__name__)
 
-COMPILES_AT_ONCE = 2
-
 
 class GrammarGate:
     """Compiles constraints with the engine's own backend, off the event loop, with a deadline."""
@@ -26,7 +24,7 @@ class GrammarGate:
         self._engine = engine
         self._tokenizer = tokenizer  # a copy of the engine's: vLLM's serving threads change the engine's
         self.timeout_s = timeout_s  # 0: no compile here (the engine alone compiles, without a limit)
-        self._executor = ThreadPoolExecutor(max_workers=COMPILES_AT_ONCE, thread_name_prefix="grammar-compile")
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")  # compiles at once
         self._backends: Dict[str, Any] = {}  # backend name -> vLLM StructuredOutputBackend
         self._backends_lock = threading.Lock()
         if timeout_s > 0:  # the first backend reads the whole vocabulary: not on a job's clock

@@ -4,9 +4,8 @@ work, a breach is a JobInputError naming the field; no limit ever truncates."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError, utf8_json
@@ -17,13 +16,11 @@ from gams_worker.jobs.messages import (
 
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
-# Python's JSON encoder and decoder recurse once per level and fail near 1000 levels.
-MAX_JSON_DEPTH = 100
+MAX_JSON_DEPTH = 100  # Python's JSON encoder and decoder recurse once per level and fail near 1000
 
 
 def nests_deeper_than(value: Any, limit: int) -> bool:
-    """Whether objects and lists nest more than ``limit`` levels deep in ``value`` (the outermost
-    one is level 1), measured level by level, without recursion (as vLLM measures schemas)."""
+    """Whether objects and lists nest more than ``limit`` levels deep (the outermost is level 1), without recursion."""
     level = [value] if isinstance(value, (Mapping, list)) else []
     for _ in range(limit):
         level = [child for node in level for child in (node.values() if isinstance(node, Mapping) else node)
@@ -63,8 +60,7 @@ def check_count(count: int, maximum: int, variable: str, what: str, field: str) 
         raise JobInputError(f"has {count} {what}; {variable} allows at most {maximum}", field)
 
 
-@dataclasses.dataclass(frozen=True)
-class JobInput:
+class JobInput(NamedTuple):
     prompt: Optional[str]
     messages: Optional[Tuple[Dict[str, str], ...]]  # {"role", "content"}, text parts joined
     sampling: Dict[str, Any]  # validated SamplingParams keyword arguments
@@ -200,8 +196,7 @@ def check_stop_strings(stop: List[str], limits: InputLimits, field: str) -> None
         check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"{field}[{i}]")
 
 
-@dataclasses.dataclass(frozen=True)
-class PreparedPrompt:
+class PreparedPrompt(NamedTuple):
     token_ids: List[int]
     sampling: Dict[str, Any]  # with max_tokens fitted to the model length
 

@@ -86,8 +86,8 @@ def _refuse_role(role: Any, field: str) -> None:
 
 
 def refuse_control_tokens(value: Any, field: str, template: Optional[ChatTemplateFacts]) -> None:
-    """JobInputError naming the first string inside ``value`` that holds a control token's text: the
-    rendered template is tokenized whole, so it would become a real turn marker."""
+    """JobInputError naming the first string in ``value`` holding a control token's text (a real turn marker
+    once the rendered template is tokenized whole)."""
     if template is None or not template.control_tokens:
         return
     pattern = _control_token_pattern(template.control_tokens)

@@ -28,8 +28,7 @@ from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher
 log = logging.getLogger(__name__)
 
 JOB_FIELDS = ("openai_route", "openai_input")
-# How vLLM's chat and completion streams report a failure: one event with its error object.
-STREAM_ERROR = 'data: {"error"'
+STREAM_ERROR = 'data: {"error"'  # how vLLM's chat and completion streams report a failure: one event
 Events = AsyncIterator[Tuple[str, bool]]  # a stream's SSE events, each with whether it carries text
 
 
@@ -102,8 +101,7 @@ def import_vllm_openai() -> VllmOpenAI:
     )
 
     class ChatTemplatedResponsesRequest(ResponsesRequest):
-        """Tokenizes the rendered chat template without adding special tokens, as vLLM's chat
-        route does; its Responses route adds them, so Gemma's prompt got a second <bos>."""
+        """Tokenized without adding special tokens, as vLLM's chat route does (its own added a second <bos>)."""
 
         def build_tok_params(self, model_config: Any) -> Any:
             return dataclasses.replace(super().build_tok_params(model_config), add_special_tokens=False)
@@ -160,9 +158,16 @@ class OpenAIJobs:
 
         models = OpenAIServingModels(engine_client=self.engine, base_model_paths=[
             BaseModelPath(name=self.config.model_label, model_path=self.config.model_name)])
+        chat_template = self.chat_template
+
+        class ChatRulesRenderer(OnlineRenderer):  # every chat-templated route renders through preprocess_chat
+            async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:
+                messages = template_messages(messages, chat_template)  # Gemma's chat rules
+                return await super().preprocess_chat(request, messages, *args, **kwargs)
+
         template = dict(chat_template=None, chat_template_content_format="auto")  # the model's own template
-        renderer = _chat_rules_renderer(OnlineRenderer, self.chat_template)(
-            model_config=self.engine.model_config, renderer=self.engine.renderer, request_logger=None, **template)
+        renderer = ChatRulesRenderer(model_config=self.engine.model_config, renderer=self.engine.renderer,
+                                     request_logger=None, **template)
         engine = ServingEngine(self.engine, self.config.input_limits)
         chat_engine = ServingEngine(self.engine, self.config.input_limits, self.chat_template, self.eos_token_id)
         serving = Serving(
@@ -216,7 +221,6 @@ class OpenAIJobs:
         batcher: StreamBatcher = self.flush_policy.stream()
         error: Optional[Dict[str, str]] = None
         try:
-            # vLLM writes one event per generated token and choice.
             async for event, has_text in events:
                 if event.startswith(STREAM_ERROR):  # the request failed (e.g. the engine died) ...
                     error = job_error_output(json.loads(event[len("data: "):])["error"])
@@ -336,19 +340,7 @@ async def _marked_events(events: AsyncIterator[str], role_events: int) -> AsyncI
 
 
 async def _responses_sse_events(events: AsyncIterator[Any]) -> AsyncIterator[Tuple[str, bool]]:
-    """Responses stream events as SSE text, as vLLM's /v1/responses route writes them, each with
-    whether it carries text (a delta; the events before the first announce the response)."""
+    """Responses stream events as vLLM's /v1/responses route writes them, each with whether it is a text delta."""
     async for event in events:
         sse = f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
         yield sse, event.type.endswith(".delta")
-
-
-def _chat_rules_renderer(online_renderer_class: Any, chat_template: ChatTemplateFacts) -> Any:
-    """vLLM's OnlineRenderer applying Gemma's chat rules (messages.template_messages): every
-    chat-templated route (chat, Responses, tokenize) renders through ``preprocess_chat``."""
-
-    class ChatRulesRenderer(online_renderer_class):
-        async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:
-            return await super().preprocess_chat(request, template_messages(messages, chat_template), *args, **kwargs)
-
-    return ChatRulesRenderer

@@ -110,7 +110,9 @@ def _check_token_lists(given: Mapping[str, Any], limits: InputLimits) -> None:
         ids = _token_ids("stop_token_ids", given["stop_token_ids"])
         check_count(len(ids), limits.max_stop_token_ids, "MAX_STOP_TOKEN_IDS", "stop token ids", "stop_token_ids")
     if "bad_words" in given:
-        words = _strings("bad_words", given["bad_words"])
+        if not isinstance(given["bad_words"], list):
+            raise JobInputError("must be a list of strings", "bad_words")
+        words = SAMPLING_FIELDS["stop"]("bad_words", given["bad_words"])  # each a non-empty string
         check_count(len(words), limits.max_bad_words, "MAX_BAD_WORDS", "bad words", "bad_words")
         for i, word in enumerate(words):
             check_count(len(word), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"bad_words[{i}]")
@@ -168,8 +170,7 @@ def _check_chat_text(value: Any, field: str, limits: InputLimits, template: Opti
 
 def _check_responses_input(body: Mapping[str, Any], limits: InputLimits,
                            template: Optional[ChatTemplateFacts]) -> int:
-    """/v1/responses: ``input`` (a string or message items) and ``instructions`` become the chat
-    messages together, so their text counts together, named ``input``."""
+    """/v1/responses: ``instructions`` and ``input`` (a string or message items), counted together as ``input``."""
     instructions = body.get("instructions", "")
     if not isinstance(instructions, str):
         raise JobInputError("must be a string", "instructions")
@@ -222,12 +223,6 @@ def _token_ids(field: str, value: Any) -> List[int]:
     return value
 
 
-def _strings(field: str, value: Any) -> List[str]:
-    if not isinstance(value, list):
-        raise JobInputError("must be a list of strings", field)
-    return SAMPLING_FIELDS["stop"](field, value)  # each a non-empty string
-
-
 def _logprob_count(field: str, value: Any, limits: InputLimits) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise JobInputError("must be an integer", field)
@@ -238,8 +233,7 @@ def _logprob_count(field: str, value: Any, limits: InputLimits) -> None:
 
 
 def _check_constraint(field: str, value: Any, limits: InputLimits) -> None:
-    """A structured-output constraint: its size as JSON and how deep it nests (a JSON schema or
-    structural tag sent as a string counts as the JSON it holds)."""
+    """A structured-output constraint's size as JSON and depth (a schema sent as JSON text counts as that JSON)."""
     if not isinstance(value, Mapping):
         raise JobInputError("must be an object", field)
     size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))

@@ -43,7 +43,7 @@ class PlainJobs:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            # Up to ~0.5 s for the longest prompts: in a thread, so that no other job's stream waits.
+            # The longest prompts take a while to tokenize: in a thread, so that no other job's stream waits.
             job_input, prompt, params = await asyncio.get_running_loop().run_in_executor(
                 self._prepare_thread, self._prepare, job.get("input"))
         except JobInputError as exc:

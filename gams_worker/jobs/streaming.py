@@ -44,8 +44,7 @@ class StreamBatcher(Generic[Piece]):
         self._pieces: List[Piece] = []
         self._tokens = 0
         self._has_text = False
-        self._last_flush: Optional[float] = None  # None: nothing flushed yet
-        self._counted = False  # counted in the policy's streams
+        self._last_flush: Optional[float] = None  # None: nothing flushed yet (not counted in the policy's streams)
 
     def add(self, piece: Piece, tokens: int, has_text: bool) -> Optional[List[Piece]]:
         """Gather one piece; return the pieces to send when a flush is due, else None."""
@@ -63,7 +62,6 @@ class StreamBatcher(Generic[Piece]):
                 return None  # the worker's POST budget, shared by all its streams
         else:
             self._policy.streams += 1
-            self._counted = True
         self._last_flush = now
         return self.drain()
 
@@ -73,9 +71,9 @@ class StreamBatcher(Generic[Piece]):
 
     def close(self) -> None:
         """The stream ended: it no longer counts against the POST budget."""
-        if self._counted:
+        if self._last_flush is not None:
             self._policy.streams -= 1
-            self._counted = False
+            self._last_flush = None
 
 
 def text_by_choice(deltas: Iterable[Tuple[int, str]]) -> Dict[int, str]:
