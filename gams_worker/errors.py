@@ -1,7 +1,6 @@
 """The worker's errors, the one shape a failed job reports (one output ``{"error": "<JSON text>"}``:
 plain ``{"type", "message", "field"?}``, OpenAI ``{"message", "type", "param", "code"}``), and the
-one JSON encoder for text that must reach the platform as UTF-8 (MAINTAINERS.md, "Errors that always post").
-"""
+one JSON encoder for text that must reach the platform as UTF-8 (MAINTAINERS.md, "Errors that always post")."""
 
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ class ConfigError(WorkerError):
 
     def __init__(self, variable: str, value: str, allowed: str):
         self.variable = variable
-        self.value = value
         self.allowed = allowed
         super().__init__(f"{variable}={value!r} is invalid: expected {allowed}")
 
@@ -59,8 +57,7 @@ class OpenAIRequestError(WorkerError):
 
 
 class EngineStartError(WorkerError):
-    """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis``
-    (None when the doctor stopped the start before any attempt)."""
+    """The engine could not be started: ``cause`` in plain words, and the ladder's ``diagnosis`` (or None)."""
 
     def __init__(self, message: str, cause: str, diagnosis: Any = None):  # a startup.start_failure.Diagnosis
         self.cause = cause
@@ -72,24 +69,18 @@ class ModelNotFoundError(WorkerError):
     """No usable copy of the model was found; ``searched`` lists each place and why it failed."""
 
     def __init__(self, model: str, searched: List[str]):
-        self.model = model
-        self.searched = searched
-        places = "; ".join(searched)
-        super().__init__(f"model {model!r} was not found. Searched: {places}")
+        super().__init__(f"model {model!r} was not found. Searched: {'; '.join(searched)}")
 
 
 class IncompleteModelError(WorkerError):
     """A model directory lacks files or holds damaged ones; ``problems`` names each."""
 
     def __init__(self, path: str, problems: List[str]):
-        self.path = path
-        self.problems = problems
         super().__init__(f"model files in {path} are incomplete: " + "; ".join(problems))
 
 
 def utf8_json(value: Any, **options: Any) -> bytes:
-    """``value`` as UTF-8 JSON; UnicodeEncodeError for a lone surrogate, TypeError or ValueError
-    for what JSON cannot hold."""
+    """``value`` as UTF-8 JSON; UnicodeEncodeError for a lone surrogate."""
     return json.dumps(value, ensure_ascii=False, **options).encode("utf-8")
 
 
@@ -108,7 +99,6 @@ def job_error_output(error: Dict[str, Any]) -> Dict[str, str]:
 
 
 def error_output(type_: str, message: str, field: Optional[str] = None) -> Dict[str, str]:
-    """A plain job's error output."""
     error: Dict[str, Any] = {"type": type_, "message": message}
     if field is not None:
         error["field"] = field

@@ -1,6 +1,8 @@
 """The one flush policy: first piece with text at once, then every N tokens or T ms, within the worker's POST budget."""
 
-from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher, text_by_choice
+import math
+
+from gams_worker.jobs.streaming import FlushPolicy, text_by_choice
 
 
 class Clock:
@@ -12,7 +14,7 @@ class Clock:
 
 
 def test_first_text_flushes_at_once_then_by_token_count():
-    batcher = StreamBatcher(batch_tokens=3, batch_ms=1000, clock=Clock())
+    batcher = FlushPolicy(batch_tokens=3, batch_ms=1000, posts_per_s=math.inf, clock=Clock()).stream()
     assert batcher.add((0, "Lju"), 1, True) == [(0, "Lju")]
     assert batcher.add((0, "bl"), 1, True) is None
     assert batcher.add((0, "ja"), 1, True) is None
@@ -22,7 +24,7 @@ def test_first_text_flushes_at_once_then_by_token_count():
 
 def test_flush_by_time():
     clock = Clock()
-    batcher = StreamBatcher(batch_tokens=100, batch_ms=50, clock=clock)
+    batcher = FlushPolicy(batch_tokens=100, batch_ms=50, posts_per_s=math.inf, clock=clock).stream()
     batcher.add("a", 1, True)
     clock.now = 0.049
     assert batcher.add("b", 1, True) is None
@@ -32,17 +34,17 @@ def test_flush_by_time():
 
 def test_pieces_without_text_wait_for_one_with_text():
     # A token the detokenizer holds back (empty delta), or a chat stream's role-only SSE event.
-    batcher = StreamBatcher(batch_tokens=1, batch_ms=0, clock=Clock())
+    batcher = FlushPolicy(batch_tokens=1, batch_ms=0, posts_per_s=math.inf, clock=Clock()).stream()
     assert batcher.add((0, ""), 1, False) is None
     assert batcher.add((0, "a"), 1, True) == [(0, ""), (0, "a")]
-    sse = StreamBatcher(batch_tokens=3, batch_ms=100, clock=Clock())
+    sse = FlushPolicy(batch_tokens=3, batch_ms=100, posts_per_s=math.inf, clock=Clock()).stream()
     assert sse.add("data: role\n\n", 1, False) is None
     assert sse.add("data: t1\n\n", 1, True) == ["data: role\n\n", "data: t1\n\n"]  # first token at once
     assert sse.add("data: t2\n\n", 1, True) is None
 
 
 def test_choices_are_kept_apart():
-    batcher = StreamBatcher(batch_tokens=2, batch_ms=1000, clock=Clock())
+    batcher = FlushPolicy(batch_tokens=2, batch_ms=1000, posts_per_s=math.inf, clock=Clock()).stream()
     batcher.add((1, "x"), 1, True)
     batcher.add((0, "č"), 1, True)
     assert text_by_choice(batcher.add((1, "š"), 1, True)) == {0: "č", 1: "š"}

@@ -1,15 +1,13 @@
-"""What the model's chat template does, learned once at start-up by rendering it: the special token that
-ends an assistant turn (chat jobs stop there whatever generation_config.json lists), whether it renders
-a system message, and the control tokens' text that chat messages may not carry (MAINTAINERS.md,
-"Stop at the end of the turn" and "The input contract").
-"""
+"""What the model's chat template does, learned once at start-up by rendering it: the token that ends an
+assistant turn (chat jobs stop there whatever generation_config.json lists), whether it renders a system
+message, and the control tokens chat messages may not carry (MAINTAINERS.md, "Stop at the end of the turn")."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +25,9 @@ class ChatTemplateFacts:
 
 def probe_chat_template(tokenizer: Any) -> ChatTemplateFacts:
     """Render probe conversations with the tokenizer's chat template and read its behaviour."""
-    end_of_turn = find_end_of_turn(tokenizer)
-    return ChatTemplateFacts(
-        end_of_turn_id=end_of_turn[0] if end_of_turn else None,
-        end_of_turn_token=end_of_turn[1] if end_of_turn else None,
-        accepts_system=accepts_system_role(tokenizer),
-        control_tokens=control_tokens(tokenizer),
-    )
+    end_of_turn_id, end_of_turn_token = find_end_of_turn(tokenizer) or (None, None)
+    return ChatTemplateFacts(end_of_turn_id, end_of_turn_token, accepts_system=accepts_system_role(tokenizer),
+                             control_tokens=control_tokens(tokenizer))
 
 
 def control_tokens(tokenizer: Any) -> Tuple[str, ...]:
@@ -68,9 +62,8 @@ def accepts_system_role(tokenizer: Any) -> bool:
 
 
 def _special_ids(tokenizer: Any) -> set:
-    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    ids.update(token_id for token_id, token in decoder.items() if getattr(token, "special", False))
+    ids = set(tokenizer.all_special_ids)
+    ids.update(token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special)
     return ids
 
 
@@ -82,24 +75,7 @@ def stop_at_end_of_turn(params: Any, facts: ChatTemplateFacts, model_eos_id: Opt
     return params
 
 
-class EndOfTurnEngine:
-    """The shared engine as vLLM's chat serving layers see it: its requests stop at the end of turn."""
-
-    def __init__(self, engine: Any, facts: ChatTemplateFacts, model_eos_id: Optional[int]):
-        self._engine = engine
-        self._facts = facts
-        self._model_eos_id = model_eos_id
-
-    def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
-        stop_at_end_of_turn(sampling_params, self._facts, self._model_eos_id)
-        return self._engine.generate(prompt, sampling_params, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-
-@dataclasses.dataclass(frozen=True)
-class StopTokenReport:
+class StopTokenReport(NamedTuple):
     line: str  # which stop ids are in force and where each came from
     warning: Optional[str]  # set when the generation config lacks the end-of-turn token
 
@@ -126,18 +102,15 @@ def report_stop_tokens(facts: ChatTemplateFacts, tokenizer: Any, generation_conf
         parts.append(f"{CHAT_JOBS}: nothing more (the chat template's end of turn is among them)")
     else:
         parts.append(f"{CHAT_JOBS} also: {name(facts.end_of_turn_id)} (the chat template's end of turn)")
-        if facts.end_of_turn_id not in configured:
-            warning = (f"{generation_config_file} lacks the chat template's end-of-turn token "
-                       f"{name(facts.end_of_turn_id)}: the worker stops {CHAT_JOBS} there anyway; "
-                       f"plain prompt jobs and /v1/completions stop only at the ids listed for all jobs")
+        warning = (f"{generation_config_file} lacks the chat template's end-of-turn token "
+                   f"{name(facts.end_of_turn_id)}: the worker stops {CHAT_JOBS} there anyway; "
+                   f"plain prompt jobs and /v1/completions stop only at the ids listed for all jobs")
     return StopTokenReport("stop tokens: " + "; ".join(parts), warning)
 
 
 def log_chat_template(engine: Any, tokenizer: Any, facts: ChatTemplateFacts) -> None:
-    """Log the stop tokens in force and the system-role rule, once at start-up."""
     model_config = engine.model_config
-    model_dir = Path(model_config.model)
-    file = "generation_config.json" if (model_dir / "generation_config.json").is_file() else \
+    file = "generation_config.json" if (Path(model_config.model) / "generation_config.json").is_file() else \
         "config.json (there is no generation_config.json)"
     report = report_stop_tokens(facts, tokenizer, model_config.try_get_generation_config(), file)
     log.info(report.line)

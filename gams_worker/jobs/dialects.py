@@ -1,7 +1,6 @@
 """A job's dialect, decided once (``openai_route`` in its input: vLLM's OpenAI layer; else a plain
 job), and the one place a job's stream is closed. An exception that escapes a dialect (a bug)
-still ends the job with a JSON error of that dialect.
-"""
+still ends the job with a JSON error of that dialect."""
 
 from __future__ import annotations
 
@@ -41,10 +40,7 @@ class JobDispatch:
         """The job's outputs, closed at once when the job's task is cancelled: the SDK may keep a
         stopped job's generator referenced for seconds, and closing it frees its engine request."""
         outputs = self._outputs(job)
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no event loop: nothing can cancel it
-            task = None
+        task = asyncio.current_task()
         if task is not None:
             task.add_done_callback(lambda done: self._close(outputs) if done.cancelled() else None)
         return outputs

@@ -1,8 +1,6 @@
-"""Structured-output grammars compiled in the worker with vLLM's own backend, within a deadline, before the
-engine gets them: vLLM compiles them in its engine core with no time limit. A constraint that does not
-compile, or not in time, is refused naming its field; runaway compiles delay other grammars, never other
-jobs (MAINTAINERS.md, "The OpenAI layer").
-"""
+"""Structured-output grammars compiled with vLLM's own backend within a deadline, before the engine (which
+has none) gets them: a constraint that does not compile, or not in time, is refused naming its field;
+runaway compiles delay other grammars, never other jobs (MAINTAINERS.md, "The OpenAI layer")."""
 
 from __future__ import annotations
 
@@ -18,8 +16,6 @@ from gams_worker.errors import JobInputError
 
 log = logging.getLogger(__name__)
 
-COMPILES_AT_ONCE = 2
-
 
 class GrammarGate:
     """Compiles constraints with the engine's own backend, off the event loop, with a deadline."""
@@ -28,15 +24,14 @@ class GrammarGate:
         self._engine = engine
         self._tokenizer = tokenizer  # a copy of the engine's: vLLM's serving threads change the engine's
         self.timeout_s = timeout_s  # 0: no compile here (the engine alone compiles, without a limit)
-        self._executor = ThreadPoolExecutor(max_workers=COMPILES_AT_ONCE, thread_name_prefix="grammar-compile")
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")  # compiles at once
         self._backends: Dict[str, Any] = {}  # backend name -> vLLM StructuredOutputBackend
         self._backends_lock = threading.Lock()
         if timeout_s > 0:  # the first backend reads the whole vocabulary: not on a job's clock
             threading.Thread(target=self._backend, args=("xgrammar",), name="grammar-backend", daemon=True).start()
 
     async def check(self, constraint: Any, field: str) -> None:
-        """JobInputError naming ``field`` unless ``constraint`` (vLLM's StructuredOutputsParams of
-        the request, or None) compiles within the deadline."""
+        """JobInputError naming ``field`` unless ``constraint`` (the request's, or None) compiles in time."""
         if constraint is None or self.timeout_s <= 0:
             return
         started = time.monotonic()
@@ -68,19 +63,18 @@ class GrammarGate:
 
     def _backend(self, name: str) -> Any:
         """vLLM's backend class of that name, built once (None: one this gate does not know)."""
+        from vllm.v1.structured_output.backend_guidance import GuidanceBackend
+        from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+
+        backend_classes = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}
         with self._backends_lock:
             if name not in self._backends:
-                self._backends[name] = _build_backend(name, self._engine, self._tokenizer)
+                backend_class, backend = backend_classes.get(name), None
+                if backend_class is None:  # outlines, lm-format-enforcer: only where an operator chose them
+                    log.warning("structured-output backend %r is compiled by the engine alone, without a deadline",
+                                name)
+                else:
+                    backend = backend_class(vllm_config=self._engine.vllm_config, tokenizer=self._tokenizer,
+                                            vocab_size=self._engine.model_config.get_vocab_size())
+                self._backends[name] = backend
             return self._backends[name]
-
-
-def _build_backend(name: str, engine: Any, tokenizer: Any) -> Any:
-    from vllm.v1.structured_output.backend_guidance import GuidanceBackend
-    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
-
-    backends = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}
-    if name not in backends:  # outlines, lm-format-enforcer: only where an operator chose them
-        log.warning("structured-output backend %r is compiled by the engine alone, without a deadline", name)
-        return None
-    return backends[name](vllm_config=engine.vllm_config, tokenizer=tokenizer,
-                          vocab_size=engine.model_config.get_vocab_size())

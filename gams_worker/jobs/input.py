@@ -1,28 +1,26 @@
 """A plain job's input validated into a typed ``JobInput`` and tokenized, and the input limits both
 dialects share (``InputLimits``, gams_worker/config.py): checked before any tokenization or engine
-work, a breach is a JobInputError naming the field; no limit ever truncates.
-"""
+work, a breach is a JobInputError naming the field; no limit ever truncates."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from gams_worker.config import InputLimits
 from gams_worker.errors import JobInputError, utf8_json
 from gams_worker.jobs.chat_template import ChatTemplateFacts
-from gams_worker.jobs.messages import check_message, join_text_parts, key_path, refuse_control_tokens, template_messages
+from gams_worker.jobs.messages import (
+    check_message, join_text_parts, refuse_control_tokens, reject_unknown, template_messages,
+)
 
 MAX_TOP_K = 2**31 - 1  # vLLM keeps top_k in int32; any value >= the vocabulary means "all"
 
-# Python's JSON encoder and decoder recurse once per level and fail near 1000 levels.
-MAX_JSON_DEPTH = 100
+MAX_JSON_DEPTH = 100  # Python's JSON encoder and decoder recurse once per level and fail near 1000
 
 
 def nests_deeper_than(value: Any, limit: int) -> bool:
-    """Whether objects and lists nest more than ``limit`` levels deep in ``value`` (the outermost
-    one is level 1), measured level by level, without recursion (as vLLM measures schemas)."""
+    """Whether objects and lists nest more than ``limit`` levels deep (the outermost is level 1), without recursion."""
     level = [value] if isinstance(value, (Mapping, list)) else []
     for _ in range(limit):
         level = [child for node in level for child in (node.values() if isinstance(node, Mapping) else node)
@@ -33,8 +31,7 @@ def nests_deeper_than(value: Any, limit: int) -> bool:
 
 
 def encoded_json(raw: Any, field: str) -> bytes:
-    """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode (a lone
-    surrogate is refused before anything echoes it)."""
+    """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode."""
     if nests_deeper_than(raw, MAX_JSON_DEPTH):
         raise JobInputError(f"nests objects and lists more than {MAX_JSON_DEPTH} levels deep", field)
     try:
@@ -63,8 +60,7 @@ def check_count(count: int, maximum: int, variable: str, what: str, field: str) 
         raise JobInputError(f"has {count} {what}; {variable} allows at most {maximum}", field)
 
 
-@dataclasses.dataclass(frozen=True)
-class JobInput:
+class JobInput(NamedTuple):
     prompt: Optional[str]
     messages: Optional[Tuple[Dict[str, str], ...]]  # {"role", "content"}, text parts joined
     sampling: Dict[str, Any]  # validated SamplingParams keyword arguments
@@ -139,7 +135,7 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
     if not isinstance(raw, Mapping):
         raise JobInputError("must be an object with 'prompt' or 'messages'", "input")
     check_input_size(raw, limits, "input")
-    _reject_unknown(raw, INPUT_FIELDS, "")
+    reject_unknown(raw, INPUT_FIELDS, "")
 
     has_prompt, has_messages = "prompt" in raw, "messages" in raw
     if has_prompt == has_messages:
@@ -160,12 +156,6 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
     return JobInput(prompt, messages, sampling, stream, max_tokens_given)
 
 
-def _reject_unknown(obj: Mapping, allowed: Tuple[str, ...], prefix: str) -> None:
-    for key in obj:
-        if key not in allowed:
-            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", key_path(prefix, key))
-
-
 def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:
     if not isinstance(value, list) or not value:
         raise JobInputError("must be a non-empty list of {role, content} objects", "messages")
@@ -180,7 +170,7 @@ def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:
 def _sampling(value: Any, default_max_tokens: int, limits: InputLimits) -> Tuple[Dict[str, Any], bool]:
     if not isinstance(value, Mapping):
         raise JobInputError("must be an object", "sampling_params")
-    _reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
+    reject_unknown(value, tuple(SAMPLING_FIELDS), "sampling_params.")
     sampling = {key: SAMPLING_FIELDS[key](f"sampling_params.{key}", item) for key, item in value.items()
                 if item is not None}
     check_sequences(sampling.get("n", 1), 1, limits, "sampling_params.n")
@@ -206,8 +196,7 @@ def check_stop_strings(stop: List[str], limits: InputLimits, field: str) -> None
         check_count(len(item), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"{field}[{i}]")
 
 
-@dataclasses.dataclass(frozen=True)
-class PreparedPrompt:
+class PreparedPrompt(NamedTuple):
     token_ids: List[int]
     sampling: Dict[str, Any]  # with max_tokens fitted to the model length
 
@@ -215,8 +204,7 @@ class PreparedPrompt:
 def plain_chat_messages(messages: Tuple[Dict[str, str], ...],
                         template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
     """A plain job's validated messages as the template gets them: control tokens refused, chat rules applied."""
-    for i, message in enumerate(messages):
-        refuse_control_tokens(message["content"], f"messages[{i}].content", template)
+    refuse_control_tokens(list(messages), "messages", template)  # roles are ROLES: only contents can hold one
     return template_messages(messages, template)
 
 

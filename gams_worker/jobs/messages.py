@@ -1,9 +1,9 @@
 """Chat messages, for plain and OpenAI jobs alike: roles, text parts, Gemma's chat rules and the
-refusal of control tokens, each checked once (MAINTAINERS.md, "The input contract").
-"""
+refusal of control tokens, each checked once (MAINTAINERS.md, "The input contract")."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -37,6 +37,12 @@ def strings_in(value: Any, field: str) -> Iterator[Tuple[str, str]]:
             stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
 
 
+def reject_unknown(obj: Mapping, allowed: Tuple[str, ...], prefix: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise JobInputError(f"unknown field; allowed: {', '.join(allowed)}", key_path(prefix, key))
+
+
 def join_text_parts(content: Any, field: str) -> str:
     """A plain job's content: a string, or text parts [{"type": "text", "text": "..."}] joined."""
     if isinstance(content, str):
@@ -50,31 +56,28 @@ def join_text_parts(content: Any, field: str) -> str:
     raise JobInputError("must be a string or a list of text parts", field)
 
 
-def check_openai_content(content: Any, field: str) -> None:
-    """An OpenAI message's content: none, a string, or a list of text parts (GaMS reads text only)."""
+def check_message(message: Any, field: str, plain: bool) -> None:
+    """A message object with a served role; a plain job's has no other key than role and content, an
+    OpenAI one's content is none, a string, or a list of text parts (GaMS reads text only)."""
+    if not isinstance(message, Mapping):
+        raise JobInputError("must be an object with 'role' and 'content'", field)
+    if plain:
+        reject_unknown(message, ("role", "content"), field + ".")
+        if message.get("role") not in ROLES:
+            raise JobInputError(f"must be one of {', '.join(ROLES)}", field + ".role")
+        return
+    if message.get("role") not in ROLES:
+        _refuse_role(message.get("role"), field + ".role")
+    content = message.get("content")
     if content is None or isinstance(content, str):
         return
     if not isinstance(content, list):
-        raise JobInputError("must be a string or a list of text parts", field)
+        raise JobInputError("must be a string or a list of text parts", field + ".content")
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
         if not isinstance(part, str) and (kind not in TEXT_PARTS or not isinstance(part.get(TEXT_PARTS[kind]), str)):
             raise JobInputError(f"only text parts are served ({', '.join(TEXT_PARTS)}, each with its text): "
-                                "GaMS reads text only", f"{field}[{i}]")
-
-
-def check_message(message: Any, field: str, plain: bool) -> None:
-    """A message object with a served role; a plain job's has no other key than role and content."""
-    if not isinstance(message, Mapping):
-        raise JobInputError("must be an object with 'role' and 'content'", field)
-    if plain:
-        for key in message:
-            if key not in ("role", "content"):
-                raise JobInputError("unknown field; allowed: role, content", key_path(field + ".", key))
-        if message.get("role") not in ROLES:
-            raise JobInputError(f"must be one of {', '.join(ROLES)}", field + ".role")
-    elif message.get("role") not in ROLES:
-        _refuse_role(message.get("role"), field + ".role")
+                                "GaMS reads text only", f"{field}.content[{i}]")
 
 
 def _refuse_role(role: Any, field: str) -> None:
@@ -83,8 +86,8 @@ def _refuse_role(role: Any, field: str) -> None:
 
 
 def refuse_control_tokens(value: Any, field: str, template: Optional[ChatTemplateFacts]) -> None:
-    """JobInputError naming the first string inside ``value`` that holds a control token's text: the
-    rendered template is tokenized whole, so it would become a real turn marker."""
+    """JobInputError naming the first string in ``value`` holding a control token's text (a real turn marker
+    once the rendered template is tokenized whole)."""
     if template is None or not template.control_tokens:
         return
     pattern = _control_token_pattern(template.control_tokens)
@@ -97,13 +100,9 @@ def refuse_control_tokens(value: Any, field: str, template: Optional[ChatTemplat
                 path)
 
 
-_patterns: Dict[Tuple[str, ...], "re.Pattern[str]"] = {}
-
-
+@functools.lru_cache(maxsize=None)  # one per tokenizer
 def _control_token_pattern(tokens: Tuple[str, ...]) -> "re.Pattern[str]":
-    if tokens not in _patterns:  # one per tokenizer, built once
-        _patterns[tokens] = re.compile("|".join(re.escape(token) for token in tokens))
-    return _patterns[tokens]
+    return re.compile("|".join(re.escape(token) for token in tokens))
 
 
 def chat_roles(messages: Sequence[Any]) -> List[Dict[str, Any]]:
@@ -145,8 +144,7 @@ def fold_system_message(messages: Sequence[Any]) -> List[Dict[str, Any]]:
 
 
 def template_messages(messages: Sequence[Any], template: Optional[ChatTemplateFacts]) -> List[Dict[str, Any]]:
-    """The messages as the chat template gets them: a leading system message folded where the
-    template refuses a system role (``template`` None: not known, so fold)."""
+    """The messages as the chat template gets them: a leading system message folded unless it renders one."""
     if template is not None and template.accepts_system:
         return chat_roles(messages)
     return fold_system_message(messages)

@@ -2,8 +2,7 @@
 by vLLM's own serving classes on the worker's engine, with Gemma's chat rules, the end of turn, the input
 contract and the stream batching added. Outputs match runpod-workers/worker-vllm: a dict, or SSE strings
 (the last ending ``data: [DONE]``), or one error whose ``code`` is the HTTP status; a stream that fails
-ends with its error after what it streamed (MAINTAINERS.md, "The OpenAI layer").
-"""
+ends with its error after what it streamed (MAINTAINERS.md, "The OpenAI layer")."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping,
 
 from gams_worker.config import InputLimits, WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
-from gams_worker.jobs.chat_template import ChatTemplateFacts, EndOfTurnEngine
+from gams_worker.jobs.chat_template import ChatTemplateFacts, stop_at_end_of_turn
 from gams_worker.jobs.grammar import GrammarGate
 from gams_worker.jobs.input import encoded_json
 from gams_worker.jobs.messages import template_messages
@@ -29,8 +28,7 @@ from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher
 log = logging.getLogger(__name__)
 
 JOB_FIELDS = ("openai_route", "openai_input")
-# How vLLM's chat and completion streams report a failure: one event with its error object.
-STREAM_ERROR = 'data: {"error"'
+STREAM_ERROR = 'data: {"error"'  # how vLLM's chat and completion streams report a failure: one event
 Events = AsyncIterator[Tuple[str, bool]]  # a stream's SSE events, each with whether it carries text
 
 
@@ -103,8 +101,7 @@ def import_vllm_openai() -> VllmOpenAI:
     )
 
     class ChatTemplatedResponsesRequest(ResponsesRequest):
-        """Tokenizes the rendered chat template without adding special tokens, as vLLM's chat
-        route does; its Responses route adds them, so Gemma's prompt got a second <bos>."""
+        """Tokenized without adding special tokens, as vLLM's chat route does (its own added a second <bos>)."""
 
         def build_tok_params(self, model_config: Any) -> Any:
             return dataclasses.replace(super().build_tok_params(model_config), add_special_tokens=False)
@@ -130,8 +127,7 @@ def _stop_cap_of_the_worker(request_class: Any) -> Any:
 
 
 class OpenAIJobs:
-    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer
-    (``input_tokenizer``: the worker's own copy of the engine's, for grammar compiles)."""
+    """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
     def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
                  flush_policy: FlushPolicy, input_tokenizer: Any, eos_token_id: Optional[int]):
@@ -139,14 +135,13 @@ class OpenAIJobs:
         self.config = config
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
         self.flush_policy = flush_policy
-        self.input_tokenizer = input_tokenizer
+        self.input_tokenizer = input_tokenizer  # the worker's own copy of the engine's, for grammar compiles
         self.eos_token_id = eos_token_id
         self._serving: Optional[Serving] = None
         self._init_lock = asyncio.Lock()
         self.grammar: Optional[GrammarGate] = None  # built with the serving objects, on first use
 
     async def serving(self) -> Serving:
-        """vLLM's serving objects, built on first use, inside the job loop (they bind to it)."""
         async with self._init_lock:
             if self._serving is None:
                 self._serving = await self._build_serving(import_vllm_openai())
@@ -161,16 +156,20 @@ class OpenAIJobs:
         from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
         from vllm.renderers.online_renderer import OnlineRenderer
 
-        # The rest of the arguments keep vLLM's defaults.
         models = OpenAIServingModels(engine_client=self.engine, base_model_paths=[
             BaseModelPath(name=self.config.model_label, model_path=self.config.model_name)])
-        await models.init_static_loras()
-        renderer = _chat_rules_renderer(OnlineRenderer, self.chat_template)(
-            model_config=self.engine.model_config, renderer=self.engine.renderer, request_logger=None,
-            chat_template=None, chat_template_content_format="auto")  # the model's own template
-        engine = PromptLogprobsBoundEngine(self.engine, self.config.input_limits)
-        chat_engine = EndOfTurnEngine(engine, self.chat_template, self.eos_token_id)
+        chat_template = self.chat_template
+
+        class ChatRulesRenderer(OnlineRenderer):  # every chat-templated route renders through preprocess_chat
+            async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:
+                messages = template_messages(messages, chat_template)  # Gemma's chat rules
+                return await super().preprocess_chat(request, messages, *args, **kwargs)
+
         template = dict(chat_template=None, chat_template_content_format="auto")  # the model's own template
+        renderer = ChatRulesRenderer(model_config=self.engine.model_config, renderer=self.engine.renderer,
+                                     request_logger=None, **template)
+        engine = ServingEngine(self.engine, self.config.input_limits)
+        chat_engine = ServingEngine(self.engine, self.config.input_limits, self.chat_template, self.eos_token_id)
         serving = Serving(
             vllm, models,
             chat=OpenAIServingChat(chat_engine, models, "assistant", online_renderer=renderer, request_logger=None,
@@ -184,7 +183,6 @@ class OpenAIJobs:
         return serving
 
     async def run(self, job_input: Mapping[str, Any]) -> AsyncIterator[Any]:
-        """Yield the outputs of one passthrough job (see the module docstring)."""
         try:
             serving = await self.serving()
             # The contract's checks walk and encode up to MAX_INPUT_BYTES: not on the event loop.
@@ -223,7 +221,6 @@ class OpenAIJobs:
         batcher: StreamBatcher = self.flush_policy.stream()
         error: Optional[Dict[str, str]] = None
         try:
-            # vLLM writes one event per generated token and choice.
             async for event, has_text in events:
                 if event.startswith(STREAM_ERROR):  # the request failed (e.g. the engine died) ...
                     error = job_error_output(json.loads(event[len("data: "):])["error"])
@@ -245,12 +242,6 @@ class OpenAIJobs:
 
     def _parse(self, job_input: Any, vllm: VllmOpenAI) -> Tuple[str, Dict[str, Any], Any]:
         """(route, body, vLLM's request) of a job; OpenAIRequestError or JobInputError naming the field at fault."""
-        route, body = self._parse_job(job_input)
-        if route == MODELS_ROUTE:
-            return route, {}, None
-        return route, body, self._parse_request(route, body, vllm)
-
-    def _parse_job(self, job_input: Any) -> Tuple[str, Any]:
         if not isinstance(job_input, Mapping):
             raise OpenAIRequestError("must be an object with openai_route and openai_input", "input")
         # Before anything of the input is echoed in an error (an unknown key, a value).
@@ -263,12 +254,13 @@ class OpenAIJobs:
         if route not in ROUTES:
             raise OpenAIRequestError(f"unknown route {route!r}; served: {', '.join(ROUTES)}",
                                      "openai_route", HTTPStatus.NOT_FOUND)
-        body = job_input.get("openai_input")
         if route == MODELS_ROUTE:
-            return route, body
+            return route, {}, None
+        body = job_input.get("openai_input")
         if not isinstance(body, Mapping):
             raise OpenAIRequestError("must be the request body, a JSON object", "openai_input")
-        return route, dict(body)
+        body = dict(body)
+        return route, body, self._parse_request(route, body, vllm)
 
     def _parse_request(self, route: str, body: Dict[str, Any], vllm: VllmOpenAI) -> Any:
         request_class = ROUTE_TABLE[route].request_class(vllm, body)
@@ -301,23 +293,27 @@ def _whole_answer(result: Any, vllm: VllmOpenAI) -> Optional[Dict[str, Any]]:
     return None
 
 
-class PromptLogprobsBoundEngine:
-    """The engine as vLLM's serving layers see it: prompt logprobs (``prompt_logprobs``, or ``echo``)
-    over a prompt longer than MAX_PROMPT_LOGPROBS_TOKENS are refused, here where the prompt's tokens
-    are first known. Everything but ``generate`` is the engine itself."""
+class ServingEngine:
+    """The engine as vLLM's serving layers see it: prompt logprobs over more than MAX_PROMPT_LOGPROBS_TOKENS
+    refused where a prompt's tokens are first known; with ``chat_template``, stops at the end of turn."""
 
-    def __init__(self, engine: Any, limits: InputLimits):
+    def __init__(self, engine: Any, limits: InputLimits, chat_template: Optional[ChatTemplateFacts] = None,
+                 eos_token_id: Optional[int] = None):
         self._engine = engine
         self._limit = limits.max_prompt_logprobs_tokens
+        self._chat_template = chat_template
+        self._eos_token_id = eos_token_id
 
     def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
         tokens = len(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, Mapping) else 0
-        if getattr(sampling_params, "prompt_logprobs", None) is not None and tokens > self._limit:
+        if sampling_params.prompt_logprobs is not None and tokens > self._limit:
             from vllm.exceptions import VLLMValidationError  # vLLM's serving layer answers it as a 400
 
             raise VLLMValidationError(
                 f"asks for prompt logprobs (prompt_logprobs, or echo) over a prompt of {tokens} "
                 f"tokens; MAX_PROMPT_LOGPROBS_TOKENS allows at most {self._limit}", parameter="prompt_logprobs")
+        if self._chat_template is not None:
+            stop_at_end_of_turn(sampling_params, self._chat_template, self._eos_token_id)
         return self._engine.generate(prompt, sampling_params, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -344,19 +340,7 @@ async def _marked_events(events: AsyncIterator[str], role_events: int) -> AsyncI
 
 
 async def _responses_sse_events(events: AsyncIterator[Any]) -> AsyncIterator[Tuple[str, bool]]:
-    """Responses stream events as SSE text, as vLLM's /v1/responses route writes them, each with
-    whether it carries text (a delta; the events before the first announce the response)."""
+    """Responses stream events as vLLM's /v1/responses route writes them, each with whether it is a text delta."""
     async for event in events:
         sse = f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
         yield sse, event.type.endswith(".delta")
-
-
-def _chat_rules_renderer(online_renderer_class: Any, chat_template: ChatTemplateFacts) -> Any:
-    """vLLM's OnlineRenderer applying Gemma's chat rules (messages.template_messages): every
-    chat-templated route (chat, Responses, tokenize) renders through ``preprocess_chat``."""
-
-    class ChatRulesRenderer(online_renderer_class):
-        async def preprocess_chat(self, request: Any, messages: List[Any], *args: Any, **kwargs: Any) -> Any:
-            return await super().preprocess_chat(request, template_messages(messages, chat_template), *args, **kwargs)
-
-    return ChatRulesRenderer

@@ -1,7 +1,6 @@
 """The request contract of OpenAI jobs, checked before vLLM sees a body: what each route accepts
 (every other field refused by name, with the reason where there is one), and every parameter that
-costs the engine measured under the limits of plain jobs (MAINTAINERS.md, "The OpenAI layer").
-"""
+costs the engine measured under the limits of plain jobs (MAINTAINERS.md, "The OpenAI layer")."""
 
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ from gams_worker.jobs.input import (
     SAMPLING_FIELDS, check_count, check_input_size, check_prompt_chars, check_sequences, check_stop_strings,
     nests_deeper_than,
 )
-from gams_worker.jobs.messages import (
-    check_message, check_openai_content, refuse_control_tokens, strings_in, template_messages,
-)
+from gams_worker.jobs.messages import check_message, refuse_control_tokens, strings_in, template_messages
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -48,12 +45,10 @@ ROUTE_FIELDS: Dict[str, Tuple[str, ...]] = {
 }
 # Why some of vLLM's parameters are not served (every other one: "not served by this worker").
 REFUSED_BECAUSE = {
-    "tools": "tool calling is not served: GaMS's chat template has no tools",
-    "functions": "tool calling is not served: GaMS's chat template has no tools",
-    "function_call": "tool calling is not served: GaMS's chat template has no tools",
-    "parallel_tool_calls": "tool calling is not served: GaMS's chat template has no tools",
-    "use_beam_search": "beam search is not served: it runs a batch of sequences per job outside the limits",
-    "length_penalty": "beam search is not served: it runs a batch of sequences per job outside the limits",
+    **dict.fromkeys(("tools", "functions", "function_call", "parallel_tool_calls"),
+                    "tool calling is not served: GaMS's chat template has no tools"),
+    **dict.fromkeys(("use_beam_search", "length_penalty"),
+                    "beam search is not served: it runs a batch of sequences per job outside the limits"),
     "chat_template": "the chat template is the model's own: a request cannot replace it",
     "chat_template_kwargs": "the chat template is the model's own: a request cannot configure it",
     "request_id": "request ids are the worker's own",
@@ -63,8 +58,7 @@ REFUSED_BECAUSE = {
     "prompt_embeds": "prompt embeddings are not served",
     "previous_response_id": "responses are not stored: send the conversation as input",
     "background": "responses are not stored, so they cannot run in the background",
-    "reasoning": "GaMS does not reason in a separate channel",
-    "reasoning_effort": "GaMS does not reason in a separate channel",
+    **dict.fromkeys(("reasoning", "reasoning_effort"), "GaMS does not reason in a separate channel"),
     "truncate_prompt_tokens": "prompts are never cut: a prompt that does not fit is an error",
 }
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "text")  # what gets a grammar
@@ -72,11 +66,8 @@ CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "text")  # what ge
 
 def check_openai_body(route: str, body: Mapping[str, Any], known: Any, limits: InputLimits,
                       template: Optional[ChatTemplateFacts]) -> None:
-    """Refuse, naming the field, what the route does not accept or what breaks a limit.
-
-    ``known``: the fields of vLLM's request model for this route (to tell vLLM's own parameters
-    that are not served from unknown ones).
-    """
+    """Refuse, naming the field, what the route does not accept or what breaks a limit (``known``: the
+    fields of vLLM's request model for the route, to tell its parameters not served from unknown ones)."""
     check_input_size(body, limits, "openai_input")
     accepted = _accepted_fields(route, body, known)
     given = {key: value for key, value in body.items() if value is not None}
@@ -119,7 +110,9 @@ def _check_token_lists(given: Mapping[str, Any], limits: InputLimits) -> None:
         ids = _token_ids("stop_token_ids", given["stop_token_ids"])
         check_count(len(ids), limits.max_stop_token_ids, "MAX_STOP_TOKEN_IDS", "stop token ids", "stop_token_ids")
     if "bad_words" in given:
-        words = _strings("bad_words", given["bad_words"])
+        if not isinstance(given["bad_words"], list):
+            raise JobInputError("must be a list of strings", "bad_words")
+        words = SAMPLING_FIELDS["stop"]("bad_words", given["bad_words"])  # each a non-empty string
         check_count(len(words), limits.max_bad_words, "MAX_BAD_WORDS", "bad words", "bad_words")
         for i, word in enumerate(words):
             check_count(len(word), limits.max_stop_length, "MAX_STOP_LENGTH", "characters", f"bad_words[{i}]")
@@ -157,7 +150,7 @@ def _check_text(route: str, body: Mapping[str, Any], limits: InputLimits,
             raise JobInputError("must be a non-empty list of {role, content} messages", "messages")
         check_count(len(messages), limits.max_messages, "MAX_MESSAGES", "messages", "messages")
         for i, message in enumerate(messages):
-            _check_message(message, f"messages[{i}]")
+            check_message(message, f"messages[{i}]", plain=False)
         _check_chat_text(messages, "messages", limits, template)
         template_messages(messages, template)  # a system or developer message only first, where Gemma 2 folds it
         return 1
@@ -166,11 +159,6 @@ def _check_text(route: str, body: Mapping[str, Any], limits: InputLimits,
     if "prompt" in body:  # completions, tokenize: raw prompts, the caller's own (special tokens too)
         return _check_prompts(body["prompt"], limits)
     return 1
-
-
-def _check_message(message: Any, field: str) -> None:
-    check_message(message, field, plain=False)
-    check_openai_content(message.get("content"), f"{field}.content")
 
 
 def _check_chat_text(value: Any, field: str, limits: InputLimits, template: Optional[ChatTemplateFacts],
@@ -182,8 +170,7 @@ def _check_chat_text(value: Any, field: str, limits: InputLimits, template: Opti
 
 def _check_responses_input(body: Mapping[str, Any], limits: InputLimits,
                            template: Optional[ChatTemplateFacts]) -> int:
-    """/v1/responses: ``input`` (a string or message items) and ``instructions`` become the chat
-    messages together, so their text counts together, named ``input``."""
+    """/v1/responses: ``instructions`` and ``input`` (a string or message items), counted together as ``input``."""
     instructions = body.get("instructions", "")
     if not isinstance(instructions, str):
         raise JobInputError("must be a string", "instructions")
@@ -195,7 +182,7 @@ def _check_responses_input(body: Mapping[str, Any], limits: InputLimits,
             if not isinstance(item, Mapping) or item.get("type", "message") != "message":
                 raise JobInputError("only message items {role, content} are served (GaMS has no tools or "
                                     "reasoning items)", f"input[{i}]")
-            _check_message(item, f"input[{i}]")
+            check_message(item, f"input[{i}]", plain=False)
     elif not isinstance(items, str):
         raise JobInputError("must be a string or a list of message items", "input")
     _check_chat_text(items, "input", limits, template, extra_chars=len(instructions))
@@ -236,12 +223,6 @@ def _token_ids(field: str, value: Any) -> List[int]:
     return value
 
 
-def _strings(field: str, value: Any) -> List[str]:
-    if not isinstance(value, list):
-        raise JobInputError("must be a list of strings", field)
-    return SAMPLING_FIELDS["stop"](field, value)  # each a non-empty string
-
-
 def _logprob_count(field: str, value: Any, limits: InputLimits) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise JobInputError("must be an integer", field)
@@ -252,8 +233,7 @@ def _logprob_count(field: str, value: Any, limits: InputLimits) -> None:
 
 
 def _check_constraint(field: str, value: Any, limits: InputLimits) -> None:
-    """A structured-output constraint: its size as JSON and how deep it nests (a JSON schema or
-    structural tag sent as a string counts as the JSON it holds)."""
+    """A structured-output constraint's size as JSON and depth (a schema sent as JSON text counts as that JSON)."""
     if not isinstance(value, Mapping):
         raise JobInputError("must be an object", field)
     size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))

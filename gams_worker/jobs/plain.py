@@ -1,6 +1,5 @@
 """Plain jobs on the shared engine: validate, generate, stream, report. Every job ends with exactly one
-item carrying ``usage`` (stream chunks ``{"choices": [{"index", "text"}]}`` before it), or one error.
-"""
+item carrying ``usage`` (stream chunks ``{"choices": [{"index", "text"}]}`` before it), or one error."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class PlainJobs:
-    """Runs plain jobs on the worker's engine; each is prepared (validated, tokenized with the
-    worker's own copy of the tokenizer) in a thread of its own, off the event loop."""
+    """Runs plain jobs on the worker's engine, each prepared (validated, tokenized) in a thread off the event loop."""
 
     def __init__(self, engine: Any, config: WorkerConfig, input_tokenizer: Any, chat_template: ChatTemplateFacts,
                  eos_token_id: Optional[int], flush_policy: FlushPolicy, engine_info: EngineInfo,
@@ -37,17 +35,15 @@ class PlainJobs:
         self.flush_policy = flush_policy  # the worker's one, shared with OpenAI jobs
         self.engine_info = engine_info  # reported with every job
         self.startup = startup  # reported once, with the first job served
-        # (job id, time.monotonic()) of the latest requests aborted before they finished: a
-        # stopped job's abort time, measured where it happens (the status endpoint reports it).
+        # (job id, time.monotonic()) of the latest requests aborted unfinished, for the status endpoint.
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plain-job-input")
 
     async def run(self, job: Dict[str, Any]) -> AsyncIterator[Dict[str, Any]]:
-        """Yield the outputs of one job (see the module docstring for their shapes)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            # Up to ~0.5 s for the longest prompts: in a thread, so that no other job's stream waits.
+            # The longest prompts take a while to tokenize: in a thread, so that no other job's stream waits.
             job_input, prompt, params = await asyncio.get_running_loop().run_in_executor(
                 self._prepare_thread, self._prepare, job.get("input"))
         except JobInputError as exc:
@@ -93,8 +89,7 @@ class PlainJobs:
         return job_input, prompt, params
 
     async def _end_request(self, job_id: Any, request_id: str, generation: "Generation") -> None:
-        """The job's stream ended: a request that did not finish (cancelled or failed) is aborted,
-        which frees its KV cache and batch slot now."""
+        """Abort a request that did not finish (cancelled or failed), freeing its KV cache and batch slot now."""
         generation.batcher.close()
         if not generation.finished:
             await self.engine.abort(request_id)
@@ -103,7 +98,6 @@ class PlainJobs:
                      job_id, generation.completion_tokens)
 
     def _startup_metadata_once(self) -> Dict[str, Any]:
-        """The start-up timeline, in the first served job's output only."""
         if self.startup is None:
             return {}
         startup, self.startup = self.startup, None

@@ -1,8 +1,6 @@
-"""One flush policy for every stream (plain jobs' text deltas, OpenAI jobs' SSE events): a stream flushes
-its first text at once, then every ``batch_tokens`` tokens or ``batch_ms``, and never more often than
-``streams / posts_per_s`` seconds, so all streams together stay within the POST budget
-(MAINTAINERS.md, "Chunk batching and the POST budget").
-"""
+"""One flush policy for every stream (plain text deltas, OpenAI SSE events): a stream flushes its first text
+at once, then every ``batch_tokens`` tokens or ``batch_ms``, never more often than ``streams / posts_per_s``
+seconds, so all streams stay within the POST budget (MAINTAINERS.md, "Chunk batching and the POST budget")."""
 
 from __future__ import annotations
 
@@ -37,21 +35,16 @@ class FlushPolicy:
 
     def stream(self) -> "StreamBatcher":
         """A batcher for one stream; ``close()`` it when the stream ends."""
-        return StreamBatcher(self.batch_tokens, int(self.batch_s * 1000), clock=self.clock, policy=self)
+        return StreamBatcher(self)
 
 
 class StreamBatcher(Generic[Piece]):
-    def __init__(self, batch_tokens: int, batch_ms: int, clock: Callable[[], float] = time.monotonic,
-                 policy: Optional[FlushPolicy] = None):
-        self._batch_tokens = batch_tokens
-        self._batch_s = batch_ms / 1000.0
-        self._clock = clock
-        self._policy = policy  # None: no POST budget (a stream on its own)
+    def __init__(self, policy: FlushPolicy):
+        self._policy = policy
         self._pieces: List[Piece] = []
         self._tokens = 0
         self._has_text = False
-        self._last_flush: Optional[float] = None  # None: nothing flushed yet
-        self._counted = False  # counted in the policy's streams
+        self._last_flush: Optional[float] = None  # None: nothing flushed yet (not counted in the policy's streams)
 
     def add(self, piece: Piece, tokens: int, has_text: bool) -> Optional[List[Piece]]:
         """Gather one piece; return the pieces to send when a flush is due, else None."""
@@ -60,29 +53,27 @@ class StreamBatcher(Generic[Piece]):
         self._has_text = self._has_text or has_text
         if not self._has_text:
             return None
-        now = self._clock()
+        now = self._policy.clock()
         if self._last_flush is not None:
             since = now - self._last_flush
-            if self._tokens < self._batch_tokens and since < self._batch_s:
+            if self._tokens < self._policy.batch_tokens and since < self._policy.batch_s:
                 return None
-            if self._policy is not None and since < self._policy.min_interval_s():
+            if since < self._policy.min_interval_s():
                 return None  # the worker's POST budget, shared by all its streams
-        elif self._policy is not None:
+        else:
             self._policy.streams += 1
-            self._counted = True
         self._last_flush = now
         return self.drain()
 
     def drain(self) -> List[Piece]:
-        """The pieces gathered and not yet sent."""
         pieces, self._pieces, self._tokens, self._has_text = self._pieces, [], 0, False
         return pieces
 
     def close(self) -> None:
         """The stream ended: it no longer counts against the POST budget."""
-        if self._counted:
+        if self._last_flush is not None:
             self._policy.streams -= 1
-            self._counted = False
+            self._last_flush = None
 
 
 def text_by_choice(deltas: Iterable[Tuple[int, str]]) -> Dict[int, str]:

@@ -76,7 +76,7 @@ CONTRACT: Tuple[Uses, ...] = (
          ("online_renderer", "request_logger")),
     Uses("vllm.entrypoints.openai.models.protocol", "BaseModelPath", (), ("name", "model_path")),
     Uses("vllm.entrypoints.openai.models.serving", "OpenAIServingModels",
-         ("init_static_loras", "show_available_models"), ("engine_client", "base_model_paths")),
+         ("show_available_models",), ("engine_client", "base_model_paths")),
     Uses("vllm.renderers.online_renderer", "OnlineRenderer", ("preprocess_chat",),
          ("model_config", "renderer", "request_logger", "chat_template", "chat_template_content_format")),
     Uses("vllm.entrypoints.serve.engine.protocol", "ErrorResponse"),
