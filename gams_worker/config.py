@@ -239,8 +239,9 @@ class WorkerConfig:
                                      "engine is dead or the worker stops")
     max_body_bytes: int = setting(30 * 2**20, "MAX_BODY_BYTES", read_int(1024), "largest HTTP request body "
                                   "(RunPod's cap: 30 MB); a body must also hold to `MAX_INPUT_BYTES`")
-    request_timeout_s: float = setting(300.0, "REQUEST_TIMEOUT_S", read_seconds, "an HTTP request's deadline, under "
-                                       "RunPod's 5.5 minutes: then a 504 error, or an error event ending the stream; `0`: none")
+    request_timeout_s: float = setting(300.0, "REQUEST_TIMEOUT_S", read_seconds, "an HTTP request's deadline, "
+                                       "under RunPod's 5.5 minutes: then a 504 error, or an error event ending the "
+                                       "stream; `0`: none")
     http_stream_batch_ms: int = setting(0, "HTTP_STREAM_BATCH_MS", read_int(0), "HTTP streams: `0` sends each "
                                         "event as generated; else the events of this many milliseconds at once")
     api_key: Optional[str] = setting(None, "API_KEY", read_str, "HTTP requests must carry `Authorization: Bearer "

@@ -54,6 +54,7 @@ class HttpEndpoint:
         self.config = config
         self.worker: Any = None  # set when the engine is ready
         self.draining = False
+        self._stopping = False
         self.in_flight = 0
         self._ids = itertools.count(1)
         self._loop = asyncio.new_event_loop()
@@ -107,7 +108,8 @@ class HttpEndpoint:
         self._stop_when_idle()
 
     def _stop_when_idle(self) -> None:
-        if self.draining and self.in_flight == 0:
+        if self.draining and self.in_flight == 0 and not self._stopping:
+            self._stopping = True
             self._loop.create_task(self._stop())
 
     async def _stop(self) -> None:
