@@ -56,7 +56,11 @@ def main() -> int:
     if config.endpoint_kind == "http":  # a load-balancing endpoint: /ping answers from now on
         from gams_worker.platform.http import HttpEndpoint
 
-        endpoint = HttpEndpoint(config)
+        try:
+            endpoint = HttpEndpoint(config)
+        except OSError as exc:  # the port is taken, or not ours to bind
+            print(f"gams-worker: cannot serve HTTP on port {config.port}: {exc}", file=sys.stderr, flush=True)
+            return 1
     from gams_worker.processes import end_process
     from gams_worker.worker import setup_logging
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +15,7 @@ import requests
 
 from gams_worker.config import load_config
 from gams_worker.platform.http import HttpEndpoint
-from tests.harness.worker_process import free_port
+from tests.harness.worker_process import ROOT, free_port, subprocess_env
 
 
 class StandInWorker:
@@ -70,3 +73,14 @@ def test_the_server_stops_once_drained(endpoint):
     assert endpoint._drained.wait(30)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/v1/models", timeout=10)
+
+
+def test_a_taken_port_ends_the_worker_with_one_line_and_exit_1():
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(ROOT / "handler.py")], env=subprocess_env(PORT=str(port)),
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"gams-worker: cannot serve HTTP on port {port}:")
