@@ -52,46 +52,63 @@ def main() -> int:
         print(f"gams-worker: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
 
+    endpoint = None
+    if config.endpoint_kind == "http":  # a load-balancing endpoint: /ping answers from now on
+        from gams_worker.platform.http import HttpEndpoint
+
+        try:
+            endpoint = HttpEndpoint(config)
+        except OSError as exc:  # the port is taken, or not ours to bind
+            print(f"gams-worker: cannot serve HTTP on port {config.port}: {exc}", file=sys.stderr, flush=True)
+            return 1
     from gams_worker.processes import end_process
     from gams_worker.worker import setup_logging
 
     setup_logging(config)
-    end_process(serve(config), run_exit_handlers=True)
+    end_process(serve(config, endpoint), run_exit_handlers=True)
 
 
-def serve(config) -> int:
-    """Start the engine, then run the SDK's job loop (or one local job); return the exit status."""
+def serve(config, endpoint=None) -> int:
+    """Start the engine, then serve HTTP on ``endpoint``, or run the SDK's job loop (or one local job);
+    return the exit status."""
     global worker
-    from gams_worker.platform.local_run import run_local, wants_local_run
+    from gams_worker.platform.local_run import wants_local_run
     from gams_worker.platform.sdk_version import check_sdk_version
     from gams_worker.startup.vllm_release import check_vllm_release
     from gams_worker.worker import start_worker
 
-    local_run = wants_local_run(sys.argv, config.on_runpod)
+    local_run = endpoint is None and wants_local_run(sys.argv, config.on_runpod)
     try:
         check_vllm_release()  # the one vLLM release the worker is tested on, before anything imports it
-        if not local_run:
+        if endpoint is None and not local_run:
             check_sdk_version()  # refuse an SDK the job loop was not written for before the engine starts
         # The job loop's SDK takes seconds to import: done while this process waits for vLLM's engine.
-        worker = start_worker(config, imports_during_start=("runpod",))
+        worker = start_worker(config, imports_during_start=() if endpoint else ("runpod",))
     except WorkerError as exc:  # the wrong vLLM or SDK, a classified start failure, or no model
         print(f"gams-worker: {exc}", file=sys.stderr, flush=True)
         return 1
-    import runpod
     try:
-        if local_run:
-            return run_local(handler, sys.argv)
-        from gams_worker.platform.job_loop import install_job_loop
-
-        install_job_loop()  # the SDK's loop, taking jobs up to the concurrency and starting them at once
-        runpod.serverless.start({
-            "handler": handler,
-            "concurrency_modifier": lambda current: worker.concurrency,
-            "return_aggregate_stream": True,
-        })
-        return 0
+        return endpoint.serve(worker) if endpoint else serve_queue(local_run)
     finally:
         worker.close()
+
+
+def serve_queue(local_run: bool) -> int:
+    """The SDK's job loop, taking jobs up to the concurrency and starting them at once (or one local job)."""
+    import runpod
+    from gams_worker.platform.local_run import run_local
+
+    if local_run:
+        return run_local(handler, sys.argv)
+    from gams_worker.platform.job_loop import install_job_loop
+
+    install_job_loop()
+    runpod.serverless.start({
+        "handler": handler,
+        "concurrency_modifier": lambda current: worker.concurrency,
+        "return_aggregate_stream": True,
+    })
+    return 0
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ import psutil
 from bench.cpu_suite import (PROMPTS, ROOT, CpuMeter, PlatformWorker, cpu_model, cpu_seconds, in_process_groups,
                              job_input, usage_tokens_sdk, versions, write_result)
 from bench.gpu_suite import percentile
+from bench.http_paths import HTTP_PATHS, HttpPath, http_goals
 from tests.harness.runpod_emulator import JobRecord
 
 # Issue 23 (H200): >= 0.95 x raw up to 128 streams, >= 0.90 x beyond; issue 14's queue and TTFC goals.
@@ -356,6 +357,7 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
     for name, env in (parse_variant(v) for v in args.variant):
         workers[name] = (args.worker_script, env)
     paths: Dict[str, Any] = {"raw": RawPath(config, args.max_concurrency)}
+    http_paths = HTTP_PATHS if args.http else ()
     cold: Dict[str, Any] = {}
     spies: Dict[str, Any] = {}
     phase = random.Random(7)
@@ -368,6 +370,13 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
             cold["raw_start_worker_s"] = await paths["raw"].start()
             meter.add("in_process", in_process_groups())
             print(f"raw: in-process start_worker {cold['raw_start_worker_s']} s", flush=True)
+            return
+        if name in http_paths:
+            paths[name] = HttpPath(name, model, args.http_port, args, sub_env, log_dir)
+            await meter.settle()
+            cold[name] = await paths[name].start()
+            print(f"{name}: process start -> first health answer {cold[name]['first_health_answer_s']} s, "
+                  f"-> ready {cold[name]['ready_s']} s", flush=True)
             return
         script, extra = workers[name]
         paths[name] = PlatformPath(name, [sys.executable, script], {**sub_env, **extra}, log_dir,
@@ -419,7 +428,7 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
                       f" ms, queue p50/p95 {1000 * percentile(result.queue_s, 0.5):.1f}/"
                       f"{1000 * percentile(result.queue_s, 0.95):.1f} ms", flush=True)
 
-    names = ["raw", *workers]
+    names = ["raw", *workers, *http_paths]
     try:
         if args.engines == "together":
             for name in names:  # one at a time, the other engines idle
@@ -561,7 +570,11 @@ def format_report(result: Dict[str, Any]) -> str:
         lines += [f"    {share:6.1%}  {frame[:150]}" for share, frame in spy["inclusive"][:18]]
         lines.append("  on top of the stack (self):")
         lines += [f"    {share:6.1%}  {frame[:150]}" for share, frame in spy["self"][:12]]
-    lines += ["", "goals (issue 23, set for the H200; the platform path):"]
+    for name, start in cold.items():
+        if isinstance(start, dict) and "ready_s" in start:
+            lines.append(f"  {name}: process start -> first health answer {start['first_health_answer_s']} s, "
+                         f"-> ready (200) {start['ready_s']} s")
+    lines += ["", "goals (issue 23 for the platform path, issue 30 for http; set for the H200):"]
     for check in result["goals"]:
         lines.append(f"  {'met   ' if check['met'] else 'MISSED'} {check['goal']} at {check['at']}: {check['value']}")
     return "\n".join(lines)
@@ -601,6 +614,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--engines", choices=("together", "one-at-a-time"), default="together",
                         help="all engines at once, rounds alternating; or each path's engine alone, in turn")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="MAX_NUM_SEQS of every path")
+    parser.add_argument("--http", action="store_true",
+                        help="two paths more: this worker over HTTP (PORT) and vllm serve (bench/http_paths.py)")
+    parser.add_argument("--http-port", type=int, default=18080, help="the HTTP paths' port")
     parser.add_argument("--py-spy", default=None, metavar="PATH",
                         help="py-spy binary: record the platform worker's main process during a burst")
     parser.add_argument("--spy-at", type=int, default=None, help="the burst py-spy records (default: the largest)")
@@ -643,7 +659,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         "summary_bursts": summary_bursts,
         "summary_poisson": summarize(measured["poisson"], None),
         "poisson_rate_per_s": measured["poisson_rate_per_s"],
-        "goals": check_goals(summary_bursts, max(args.concurrency)),
+        "goals": check_goals(summary_bursts, max(args.concurrency)) + http_goals(summary_bursts,
+                                                                                 measured["cold_start"]),
         "py_spy": measured["py_spy"],
         "bursts": measured["bursts"],
         "poisson": measured["poisson"],

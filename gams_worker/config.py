@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("fp8",)
+ENDPOINT_KINDS = ("auto", "queue", "http")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -67,9 +68,10 @@ class Setting:
 
 
 def setting(default: Any, variable: str, read: Reader, description: str, also: Tuple[str, ...] = (),
-            shown_default: Optional[str] = None) -> Any:
-    """A dataclass field read from ``variable`` (and ``also``) by ``read``, ``default`` when unset."""
-    return dataclasses.field(default=default, metadata={
+            shown_default: Optional[str] = None, secret: bool = False) -> Any:
+    """A dataclass field read from ``variable`` (and ``also``) by ``read``, ``default`` when unset;
+    a ``secret`` one is left out of the config's repr."""
+    return dataclasses.field(default=default, repr=not secret, metadata={
         SETTING: Setting((variable, *also), read, description, shown_default)})
 
 
@@ -126,6 +128,14 @@ def _hf_hub_cache(env: _Env, name: str, default: str) -> str:
         return os.path.expanduser(explicit)
     xdg_cache = env.raw("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(os.path.expanduser(env.raw("HF_HOME") or os.path.join(xdg_cache, "huggingface")), "hub")
+
+
+def _endpoint_kind(env: _Env, name: str, default: str) -> str:
+    """``auto`` (unset) resolved: HTTP where a load-balancing endpoint starts the worker (PORT, no job queue)."""
+    kind = read_choice(ENDPOINT_KINDS)(env, name, "auto")
+    if kind != "auto":
+        return kind
+    return "http" if env.raw("PORT") and not env.raw("RUNPOD_WEBHOOK_GET_JOB") else "queue"
 
 
 def _present(env: _Env, name: str, default: bool) -> bool:
@@ -222,6 +232,23 @@ class WorkerConfig:
     input_limits: InputLimits = InputLimits()  # each breach is a job error naming the field
     status_port: Optional[int] = setting(None, "WORKER_STATUS_PORT", read_int(1, 65535),
                                          "serve `GET /status` (jobs, engine, aborts) on 127.0.0.1, for tests")
+    # A load-balancing endpoint: HTTP on PORT (gams_worker/platform/http.py)
+    endpoint_kind: str = setting("queue", "ENDPOINT_KIND", _endpoint_kind, "`queue`: RunPod's job queue; `http`: "
+                                 "OpenAI routes and `/ping` on `PORT`; `auto`: `http` where `PORT` is set and "
+                                 "`RUNPOD_WEBHOOK_GET_JOB` is not (a load-balancing endpoint)", shown_default="`auto`")
+    port: int = setting(80, "PORT", read_int(1, 65535), "the HTTP port of a load-balancing endpoint")
+    port_health: Optional[int] = setting(None, "PORT_HEALTH", read_int(1, 65535), "the port of `/ping` (unset: `PORT`)")
+    health_check_path: str = setting("/ping", "HEALTH_CHECK_PATH", read_str, "204 starting, 200 ready, 503 when the "
+                                     "engine is dead or the worker stops")
+    max_body_bytes: int = setting(30 * 2**20, "MAX_BODY_BYTES", read_int(1024), "largest HTTP request body "
+                                  "(RunPod's cap: 30 MB); a body must also hold to `MAX_INPUT_BYTES`")
+    request_timeout_s: float = setting(300.0, "REQUEST_TIMEOUT_S", read_seconds, "an HTTP request's deadline, "
+                                       "under RunPod's 5.5 minutes: then a 504 error, or an error event ending the "
+                                       "stream; `0`: none")
+    http_stream_batch_ms: int = setting(0, "HTTP_STREAM_BATCH_MS", read_int(0), "HTTP streams: `0` sends each "
+                                        "event as generated; else the events of this many milliseconds at once")
+    api_key: Optional[str] = setting(None, "API_KEY", read_str, "HTTP requests must carry `Authorization: Bearer "
+                                     "<key>` (RunPod checks its own key at its edge); never logged", secret=True)
     # Where the model comes from (gams_worker/startup/model.py)
     baked_model_manifest: str = setting("/models/manifest.json", "BAKED_MODEL_MANIFEST", read_str,
                                         "the manifest the image's bake step wrote")

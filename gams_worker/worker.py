@@ -8,6 +8,7 @@ import functools
 import gc
 import importlib
 import logging
+import math
 import sys
 import time
 from typing import Any, AsyncIterator, Dict, Optional, Sequence
@@ -44,6 +45,17 @@ def setup_logging(config: WorkerConfig) -> None:
     )
 
 
+def flush_policy(config: WorkerConfig) -> FlushPolicy:
+    """The queue's POST budget; over HTTP no POSTs: each event as generated, or every HTTP_STREAM_BATCH_MS."""
+    if config.endpoint_kind == "http":
+        batch_ms = config.http_stream_batch_ms
+        log.info("HTTP streams: %s", f"events every {batch_ms} ms" if batch_ms else "each event as generated")
+        return FlushPolicy(10**9 if batch_ms else 1, batch_ms, math.inf)
+    policy = FlushPolicy(config.stream_batch_tokens, config.stream_batch_ms, config.stream_posts_per_second)
+    log.info(policy.summary())
+    return policy
+
+
 class Worker:
     """The process's engine and its model's facts, the jobs on it (both dialects), and the serving-time
     parts over them: job concurrency, watchdog, stats log, status endpoint."""
@@ -61,9 +73,7 @@ class Worker:
         # Plain jobs' prompts and grammar compiles use a copy, in threads of their own: vLLM's serving
         # layer changes the engine's tokenizer's truncation per call, in its threads ("Already borrowed").
         self.input_tokenizer = copy.deepcopy(self.tokenizer)
-        self.flush_policy = FlushPolicy(config.stream_batch_tokens, config.stream_batch_ms,
-                                        config.stream_posts_per_second)  # one for all streams, both dialects
-        log.info(self.flush_policy.summary())
+        self.flush_policy = flush_policy(config)  # one for all streams, both dialects
         eos_token_id = self.tokenizer.eos_token_id
         plain = PlainJobs(engine, config, self.input_tokenizer, self.chat_template, eos_token_id, self.flush_policy,
                           engine_info, startup)
