@@ -70,6 +70,7 @@ class ModelNotFoundError(WorkerError):
 
     def __init__(self, model: str, searched: List[str]):
         super().__init__(f"model {model!r} was not found. Searched: {'; '.join(searched)}")
+        self.searched = searched
 
 
 class IncompleteModelError(WorkerError):
