@@ -10,8 +10,9 @@ def _stop_during_startup(signum, frame):
     # Until the SDK's job loop installs its own handler, a SIGTERM ends the start-up at once (as PID 1,
     # Python would ignore it). A start has nothing to save: the engine's processes are killed rather
     # than asked to stop (vLLM waits seconds for one busy compiling); the next start sets aside a
-    # damaged compile cache.
-    print("gams-worker: SIGTERM during start-up: stopping", file=sys.stderr, flush=True)
+    # damaged compile cache. The line goes to the stderr the process started with: the engine start
+    # tees fd 2 through a pipe whose last lines would not reach the log before this exit.
+    os.write(_STDERR, b"gams-worker: SIGTERM during start-up: stopping\n")
     import psutil
 
     for child in psutil.Process().children(recursive=True):
@@ -29,6 +30,7 @@ def _sigterm_as_default_in_child():
 
 
 if __name__ == "__main__":  # not in vLLM's engine process, which imports this file as __mp_main__
+    _STDERR = os.dup(2)
     signal.signal(signal.SIGTERM, _stop_during_startup)  # first, before the slow imports below
     os.register_at_fork(after_in_child=_sigterm_as_default_in_child)
 
