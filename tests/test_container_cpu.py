@@ -7,15 +7,18 @@ the RunPod emulator (tests/harness/runpod_emulator.py) listens: the worker reach
 nothing else. One container serves these tests in order (engine starts cost ~30 s here):
 jobs stream; a stop frees the job; SIGKILL, then the same container started again takes the
 next job; SIGTERM while serving lets the job in flight finish; SIGTERM during the engine start
-of another start exits within 5 s. Figures print under ``pytest -s``.
+of another start exits within 5 s. Last, a second container of the same image started as a RunPod
+load-balancing endpoint (PORT set, no job-queue variables): /ping 204 then 200, the official
+``openai`` client over HTTP, SIGTERM exits 0. Figures print under ``pytest -s``.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
+import openai
 import pytest
 import requests
 
@@ -27,6 +30,7 @@ pytestmark = [pytest.mark.container, pytest.mark.engine]
 
 START_TIMEOUT_S = 300  # import + eager engine start in the container, beside other work on 2 cores
 STATUS_PORT = 8765  # inside the container's own network namespace
+HTTP_PORT = 8080  # the load-balancing endpoint's PORT, in the same namespace
 SLOVENE = "Kaj je vredno videti v Ljubljani? Čebele, šolske žlice in žganci"
 
 
@@ -258,3 +262,44 @@ def test_sigterm_during_engine_start_exits_within_5s(stage):
                "the start-up's stop line in the log", container)
     assert exit_code == 143, container.tail()
     assert exit_s < 5, container.tail()
+
+
+def ping(netns) -> Optional[int]:
+    try:
+        return in_netns(netns, lambda: requests.get(f"http://127.0.0.1:{HTTP_PORT}/ping", timeout=5).status_code)
+    except requests.ConnectionError:  # not listening yet
+        return None
+
+
+def chat_over_http() -> Tuple[List[str], str, List[str]]:
+    """The served models, and one streamed chat answer's deltas and finish reason, by the openai client."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused", max_retries=0)
+    models = [model.id for model in client.models.list().data]
+    stream = client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": SLOVENE}],
+                                            max_tokens=12, temperature=0, stream=True)
+    chunks = [chunk for chunk in stream if chunk.choices]
+    deltas = [chunk.choices[0].delta.content or "" for chunk in chunks]
+    return models, chunks[-1].choices[0].finish_reason, deltas
+
+
+def test_the_same_image_serves_a_load_balancing_endpoint(stage):
+    stage.stopped()  # the queue worker's cores go to this one
+    env = {"PORT": str(HTTP_PORT), "MAX_MODEL_LEN": "4096", "GPU_MEMORY_UTILIZATION": "0.05",
+           "MAX_CONCURRENCY": "4", "ENFORCE_EAGER": "true"}  # and none of RunPod's job-queue variables
+    container = Container(CPU_IMAGE, env, stage.netns, name_prefix="gams-test-lb")
+    try:
+        started = time.monotonic()
+        pings: List[int] = []
+        wait_until(lambda: pings.append(ping(stage.netns)) or pings[-1] == 200, START_TIMEOUT_S, "/ping 200",
+                   container, step=0.2)
+        answers = [code for code in pings if code is not None]
+        print(f"\n[container] load-balancing endpoint: first /ping answer after {len(pings) - len(answers)} "
+              f"refused polls, 200 after {time.monotonic() - started:.0f} s", file=sys.stderr)
+        assert answers[0] == 204 and set(answers) == {204, 200}, answers  # starting, then ready
+        models, finish_reason, deltas = in_netns(stage.netns, chat_over_http)
+        assert models == [TINY_REPO]
+        assert finish_reason in ("length", "stop") and len(deltas) > 1 and "".join(deltas), deltas
+        container.signal("TERM")
+        assert container.wait(120) == 0, container.tail()
+    finally:
+        container.remove()
