@@ -1,6 +1,7 @@
 """ENGINE_ARGS: any other vLLM engine argument, as a JSON object, checked by vLLM's AsyncEngineArgs
 before the engine starts; an argument the worker sets itself is refused, naming its setting."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 from gams_worker.config import load_config
 from gams_worker.errors import ConfigError
-from gams_worker.startup.engine import WORKER_ARGUMENTS, engine_kwargs, with_checked_engine_args
+from gams_worker.startup.engine import WORKER_ARGUMENTS, capture_sizes, engine_kwargs, with_checked_engine_args
 from tests.harness.worker_process import ROOT, engine_env, subprocess_env
 
 
@@ -41,7 +42,7 @@ def test_arguments_reach_the_engine_as_vllms_types_beside_the_workers_own():
 
 @pytest.mark.parametrize("name, variable", [
     ("max_model_len", "MAX_MODEL_LEN"), ("gpu_memory_utilization", "GPU_MEMORY_UTILIZATION"),
-    ("max_num_seqs", "MAX_NUM_SEQS"), ("compilation_config", "ENFORCE_EAGER"), ("model", "MODEL_NAME"),
+    ("max_num_seqs", "MAX_NUM_SEQS"), ("model", "MODEL_NAME"),
 ])
 def test_an_argument_the_worker_sets_is_refused_naming_its_setting(name, variable):
     with pytest.raises(ConfigError) as raised:
@@ -49,6 +50,33 @@ def test_an_argument_the_worker_sets_is_refused_naming_its_setting(name, variabl
     assert str(raised.value) == (f"ENGINE_ARGS='{{\"{name}\": 1}}' is invalid: expected only arguments the "
                                  f"worker does not set: {name} is set by {WORKER_ARGUMENTS[name]}")
     assert variable in WORKER_ARGUMENTS[name]
+
+
+def test_the_graph_mode_is_the_workers_and_other_compilation_fields_pass_through():
+    with pytest.raises(ConfigError) as raised:
+        checked({"compilation_config": {"cudagraph_mode": "FULL"}})
+    assert str(raised.value).endswith("expected only fields the worker does not set: compilation_config."
+                                      "cudagraph_mode is set by the graph mode (ENFORCE_EAGER, GRAPH_FALLBACK)")
+    config = checked({"compilation_config": {"backend": "eager", "cudagraph_capture_sizes": [1, 8]}})
+    assert engine_kwargs(config, "piecewise", "/m")["compilation_config"] == {
+        "backend": "eager", "cudagraph_capture_sizes": [1, 8], "cudagraph_mode": "PIECEWISE"}
+    assert engine_kwargs(config, "full", "/m")["compilation_config"] == {
+        "backend": "eager", "cudagraph_capture_sizes": [1, 8]}
+    eager = engine_kwargs(config, "eager", "/m")  # vLLM's enforce_eager: no graphs whatever it says
+    assert eager["enforce_eager"] and eager["compilation_config"] == config.engine_args["compilation_config"]
+
+
+def test_the_worker_captures_fewer_graph_sizes_unless_told_otherwise():
+    sized = dataclasses.replace(load_config({}), max_num_seqs=320)
+    sizes = engine_kwargs(sized, "full", "/m")["compilation_config"]["cudagraph_capture_sizes"]
+    assert sizes == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]  # vLLM's default: 51
+    assert all(later <= 2 * earlier for earlier, later in zip(sizes, sizes[1:]))
+    assert capture_sizes(64)[-1] == 64 and capture_sizes(1) == [1]
+    told = dataclasses.replace(sized, max_cudagraph_capture_size=64)
+    assert engine_kwargs(told, "full", "/m")["max_cudagraph_capture_size"] == 64
+    assert "compilation_config" not in engine_kwargs(told, "full", "/m")
+    given = dataclasses.replace(checked({"compilation_config": {"cudagraph_capture_sizes": [4]}}), max_num_seqs=320)
+    assert engine_kwargs(given, "full", "/m")["compilation_config"] == {"cudagraph_capture_sizes": [4]}
 
 
 def test_an_unknown_name_is_refused_with_the_closest_argument():

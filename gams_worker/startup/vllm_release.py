@@ -99,7 +99,7 @@ CONTRACT: Tuple[Uses, ...] = (
 )
 
 # Every argument the worker sets itself (those of ENGINE_ARGS are checked at start, against AsyncEngineArgs).
-ENGINE_ARGUMENTS = tuple(WORKER_ARGUMENTS)
+ENGINE_ARGUMENTS = (*WORKER_ARGUMENTS, "compilation_config")  # the last with the rung's graph mode and sizes
 
 
 def installed_release() -> str:
