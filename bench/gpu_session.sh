@@ -34,6 +34,11 @@
 #                  (b)+(c) bare processes (import torch + AsyncLLM, create it), greedy outputs, b1/c64
 #       seed       cold starts without and with the image's model info (builder/seed_model_info.py)
 #       table      the table of every run so far (each step also prints it)
+#   bash bench/gpu_session.sh levers main|branch|eagerbackend  # issue 29, ~5 min each: main's worker (the
+#                                            # checkout in before29/: `mkdir before29; git archive MAIN | tar -x -C
+#                                            # before29`, carried) or this one's, on a fresh stand-in volume: a cold
+#                                            # start, a warm one, one with the page cache dropped, then the bare
+#                                            # engine's b1/c64/c256; eagerbackend: this one without Inductor
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
 #   bash bench/gpu_session.sh starts [VAR=value ...]  # the worker's cold start (empty compile cache on the
 #                                            # stand-in volume), then a warm one, default settings, each
@@ -132,6 +137,21 @@ case ${1:-} in
     esac
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
+    ;;
+  levers)
+    which=${2:?main, branch or eagerbackend}
+    root=$PWD; [ "$which" = main ] && root=$PWD/before29
+    python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode, as the image has it
+    vol=/tmp/vol-$which; rm -rf $vol ~/.cache/vllm ~/.triton /tmp/torchinductor_*; mkdir -p $vol $FAST
+    run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol)
+    [ "$which" = eagerbackend ] && run_env+=('ENGINE_ARGS={"compilation_config": {"backend": "eager"}}')
+    fast worker $which-cold --root $root "${run_env[@]}"
+    fast worker $which-warm --root $root "${run_env[@]}"
+    python3 -m bench.fast_starts evict $MODEL /tmp/site $root
+    fast worker $which-dropped --root $root "${run_env[@]}"
+    fast bare $which-bare --root $root "${run_env[@]}"
+    python3 -m bench.fast_starts table --results $FAST | tee "$OUT/levers-table.md"
+    cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/$which-*.log "$OUT/" 2>/dev/null
     ;;
   starts)
     shift

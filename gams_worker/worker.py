@@ -17,7 +17,7 @@ from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.engine_info import EngineInfo
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template
 from gams_worker.jobs.dialects import JobDispatch
-from gams_worker.jobs.openai import OpenAIJobs
+from gams_worker.jobs.openai import SERVING_MODULES, OpenAIJobs
 from gams_worker.jobs.plain import PlainJobs
 from gams_worker.jobs.streaming import FlushPolicy
 from gams_worker.serving.concurrency import job_concurrency
@@ -30,6 +30,7 @@ from gams_worker.startup.host import platform_name
 from gams_worker.startup.ladder import StartedEngine, start_with_fallback
 from gams_worker.startup.model import ResolvedModel, find_local_model
 from gams_worker.startup.plan import EnginePlan, bad_words_budget, engine_ready_timeout, plan_engine
+from gams_worker.startup.readahead import WeightsReadahead
 from gams_worker.startup.start_deadline import StartDeadline
 from gams_worker.startup.timeline import StartupTimeline
 
@@ -105,7 +106,8 @@ def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ())
     """Start the one engine of this process and the worker that runs jobs on it.
 
     ``imports_during_start``: modules the caller needs after the start (the job loop's
-    SDK), imported while this process only waits for vLLM's engine process (DeferredWork).
+    SDK), imported with vLLM's OpenAI layer while this process only waits for vLLM's engine
+    process (DeferredWork). The weights are read ahead during the imports before it.
     """
     started = time.monotonic()
     timeline = StartupTimeline()
@@ -114,8 +116,13 @@ def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ())
     export_to_engine(bad_words_budget(config))
     # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
     local_model = find_local_model(config)
-    plan = _plan_after_imports(config, local_model, timeline)
-    engine = _start_engine(plan, timeline, imports_during_start)
+    readahead = WeightsReadahead(local_model.path).start() if local_model else None
+    try:
+        plan = _plan_after_imports(config, local_model, timeline)
+        engine = _start_engine(plan, timeline, (*imports_during_start, *SERVING_MODULES))
+    finally:
+        if readahead:  # the engine holds the weights by now, or failed
+            readahead.stop()
     _read_engine_start(engine, plan, timeline)
     info = EngineInfo(mode=engine.mode, reason=engine.reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2), plan=plan.card_plan)

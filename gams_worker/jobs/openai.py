@@ -89,6 +89,11 @@ ROUTE_TABLE: Dict[str, Route] = {
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, MODELS_ROUTE, RESPONSES_ROUTE, TOKENIZE_ROUTE, DETOKENIZE_ROUTE)
 
 
+# vLLM's OpenAI layer takes seconds to import: the worker imports it while its engine starts.
+SERVING_MODULES = ("vllm.entrypoints.openai.chat_completion.serving", "vllm.entrypoints.openai.completion.serving",
+                   "vllm.entrypoints.openai.responses.serving", "vllm.entrypoints.serve.tokenize.serving")
+
+
 def import_vllm_openai() -> VllmOpenAI:
     """vLLM's OpenAI protocol classes, imported on the first OpenAI job (they take seconds to import)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
