@@ -39,6 +39,8 @@
 #                                            # before29`, carried) or this one's, on a fresh stand-in volume: a cold
 #                                            # start, a warm one, one with the page cache dropped, then the bare
 #                                            # engine's b1/c64/c256; eagerbackend: this one without Inductor
+#   bash bench/gpu_session.sh lora            # issue 32, < 9 min: the raw engine without LoRA, then with 4 rank-16
+#                                            # adapters (base only, 1, 4 in the mix) at 1/32/128 streams; KV tokens
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
 #   bash bench/gpu_session.sh starts [VAR=value ...]  # the worker's cold start (empty compile cache on the
 #                                            # stand-in volume), then a warm one, default settings, each
@@ -152,6 +154,9 @@ case ${1:-} in
     fast bare $which-bare --root $root "${run_env[@]}"
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/levers-table.md"
     cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/$which-*.log "$OUT/" 2>/dev/null
+    ;;
+  lora)
+    timeout 540 python3 -m bench.lora_cost --model $MODEL --out "$OUT/lora-cost.json" 2>&1 | tee "$OUT/lora-cost.txt"
     ;;
   starts)
     shift
