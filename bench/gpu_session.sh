@@ -41,6 +41,10 @@
 #   bash bench/gpu_session.sh cards [--cards 24 32 full]  # issue 31, < 9 min: 24 and 32 GB cards emulated
 #                                            # (another process holds the rest of the GPU), the worker through
 #                                            # the platform with default settings: plan line, start, tok/s 1/8/32
+#   bash bench/gpu_session.sh lora           # issue 32, < 9 min: 4 rank-16 adapters (q,k,v,o,gate,up,down,
+#                                            # seeded random) of $MODEL; raw AsyncLLM with LoRA (max_loras 4) and
+#                                            # without, each alone at 0.9, max_num_seqs 256: tok/s at 1/32/128
+#                                            # streams of 256 tokens, 0/1/4 adapters in the mix, x no-LoRA; KV cache
 #   SUITE_ARGS="--max-num-seqs 512 --concurrency 1 8 64" bash bench/gpu_session.sh suite MODE...  # options
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD:/tmp/spy PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
@@ -128,7 +132,7 @@ case ${1:-} in
         fast worker cold-seed-image "${common[@]}" MODEL_INFO_SEED_DIR=/tmp/model-info
         ;;
       table) ;;
-      *) sed -n 2,40p "$0"; exit 2 ;;
+      *) sed -n 2,48p "$0"; exit 2 ;;
     esac
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
@@ -253,9 +257,15 @@ EOF_FAULT
       --out "$OUT/platform-suite.json" "$@" >"$log" 2>&1
     echo "== platform: exit $?, log $log"; sed -n '/^platform suite/,/^wrote/p' "$log"
     ;;
+  lora)
+    [ -f "$MODEL/config.json" ] || bash "$0" model
+    timeout 540 python3 -m bench.lora_cost session --model $MODEL --adapters /tmp/gams-loras --out "$OUT/lora" \
+      --timeout-s 500 2>&1 | tee "$OUT/lora.txt"
+    grep -h -E "KV cache|LoRA|lora" "$OUT"/lora/*.log 2>/dev/null | grep -v "^{" | cut -c1-220 | sort -u | head -20
+    ;;
   openai)
     python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
       | tee "$OUT/openai-session.txt"
     ;;
-  *) sed -n 2,40p "$0"; exit 2 ;;
+  *) sed -n 2,48p "$0"; exit 2 ;;
 esac

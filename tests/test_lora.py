@@ -1,7 +1,8 @@
 """LoRA adapters (LORA_MODULES): the settings, the start checks and the memory they take, without an engine;
 then one `python handler.py` on the real runpod SDK job loop (tests/harness/runpod_emulator.py) serving the
-tiny model and two PEFT-format adapters with seeded random weights (builder/lora_adapter.py), compared with
-vLLM's own LLM.generate in a process of its own (tests/harness/lora_reference.py), run while the worker starts."""
+tiny model and two PEFT-format adapters with seeded random weights (builder/lora_adapter.py), and one on PORT,
+compared with vLLM's own LLM.generate in a process of its own (tests/harness/lora_reference.py), all started
+at once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 
 from builder import lora_adapter
 from gams_worker.config import load_config
@@ -24,7 +26,8 @@ from gams_worker.startup.engine import engine_kwargs
 from tests.harness.openai_proxy import OpenAIProxy
 from tests.harness.runpod_emulator import RunPodEmulator
 from tests.harness.worker_process import (
-    ROOT, START_TIMEOUT_S, WorkerProcess, engine_env, start_platform_worker, subprocess_env, wait_for_first_take,
+    ROOT, START_TIMEOUT_S, WorkerProcess, engine_env, free_port, start_platform_worker, subprocess_env,
+    wait_for_first_take, wait_until,
 )
 
 PROMPT = "Ljubljana je mesto, kjer"
@@ -77,6 +80,19 @@ def test_the_memory_model_counts_the_adapter_slots():
     plain, with_four = GEMMA2_9B.memory(int(17.2 * GIB)), GEMMA2_9B.memory(int(17.2 * GIB), lora_ranks=4 * 16)
     assert with_four.adapter_bytes == 4 * 16 * 42 * 80384 * 2
     assert plain.kv_budget(80 * GIB, 0.9) - with_four.kv_budget(80 * GIB, 0.9) == with_four.adapter_bytes
+
+
+def test_the_card_plan_counts_the_adapter_slots():
+    from gams_worker.presets import PRESETS
+    from gams_worker.startup.card_plan import Card, plan_card
+
+    card, preset = Card("NVIDIA H100 80GB HBM3", (9, 0), 80 * GIB, 79 * GIB), PRESETS["cjvt/gams-9b-instruct"]
+    model = {"MODEL_NAME": "cjvt/GaMS-9B-Instruct"}
+    plain = plan_card(load_config(model), preset, card)
+    # 4 slots at rank 512: 13 GiB of LoRA buffers off the KV cache.
+    lora = plan_card(load_config({**model, "LORA_MODULES": "a=/a b=/b c=/c d=/d", "MAX_LORA_RANK": "512"}), preset,
+                     card)
+    assert plain.max_model_len == lora.max_model_len and lora.sequences < plain.sequences * 0.8
 
 
 # --- the start checks: each refusal one line naming the adapter ---------------------------------
@@ -163,9 +179,17 @@ def test_a_job_naming_an_adapter_not_served_is_a_not_found_error_naming_the_fiel
 # --- the worker under the SDK loop --------------------------------------------------------------
 
 
+class Served:
+    """The queue worker (emulator, its OpenAI proxy's client), the HTTP worker's client, vLLM's reference texts."""
+
+    def __init__(self, emulator, client, http_client, reference):
+        self.emulator, self.client, self.http_client, self.reference = emulator, client, http_client, reference
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, adapters, tmp_path_factory):
-    """(emulator, openai client, vLLM's reference texts by adapter); vLLM's LLM runs while the worker starts."""
+    """One worker under the SDK loop and one on PORT (a load-balancing endpoint), both with the two adapters;
+    vLLM's LLM makes the reference meanwhile, in a process of its own."""
     cwd = tmp_path_factory.mktemp("lora-worker")
     cases = [[PROMPT, name, adapters.get(name), TOKENS] for name in (None, "sl", "legal")]
     reference = subprocess.Popen([sys.executable, "-m", "tests.harness.lora_reference", tiny_model_dir,
@@ -178,17 +202,32 @@ def served(tiny_model_dir, adapters, tmp_path_factory):
     base_url = proxy.start()
     modules = f"sl={adapters['sl']} " + json.dumps({"name": "legal", "path": adapters["legal"]})
     worker = start_platform_worker(emulator, tiny_model_dir, cwd, "lora-worker", LORA_MODULES=modules)
+    port = free_port()
+    http_worker = WorkerProcess(subprocess_env(**engine_env(
+        tiny_model_dir, PORT=str(port), LORA_MODULES=modules, MAX_MODEL_LEN="4096", GPU_MEMORY_UTILIZATION="0.05")),
+        cwd, "lora-http-worker")
     try:
         assert reference.wait(START_TIMEOUT_S) == 0, (cwd / "reference.stderr").read_text()[-3000:]
         texts = json.loads((cwd / "reference.json").read_text())
         wait_for_first_take(emulator, worker)
+        wait_until(lambda: _ping(port) == 200, START_TIMEOUT_S, "/ping 200", http_worker, step=0.2)
         client = openai.OpenAI(base_url=base_url, api_key="emulated-key", max_retries=0, timeout=300)
-        yield emulator, client, dict(zip((None, "sl", "legal"), texts))
+        http_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                    timeout=300)
+        yield Served(emulator, client, http_client, dict(zip((None, "sl", "legal"), texts)))
     finally:
         reference.kill()
+        http_worker.kill_group()
         worker.terminate()
         proxy.close()
         emulator.close()
+
+
+def _ping(port: int):
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code
+    except requests.ConnectionError:
+        return None
 
 
 def plain_job(**fields):
@@ -203,7 +242,7 @@ def text_of(record) -> str:
 
 @pytest.mark.engine
 def test_base_and_adapter_jobs_side_by_side_answer_as_vllm_does(served):
-    emulator, _, reference = served
+    emulator, reference = served.emulator, served.reference
     inputs = [plain_job(), plain_job(lora="sl"), plain_job(model="legal")] * 2
     records = [emulator.wait_result(record.id, 180) for record in emulator.submit_many(inputs)]
     texts = [text_of(record) for record in records]
@@ -214,22 +253,21 @@ def test_base_and_adapter_jobs_side_by_side_answer_as_vllm_does(served):
 
 
 @pytest.mark.engine
-def test_openai_model_names_the_adapter_and_models_lists_them_with_their_parent(served, tiny_model_dir):
-    _, client, reference = served
+@pytest.mark.parametrize("endpoint", ["queue", "http"])
+def test_openai_model_names_the_adapter_and_models_lists_them_with_their_parent(served, tiny_model_dir, endpoint):
+    client, reference = served.client if endpoint == "queue" else served.http_client, served.reference
     models = {model.id: model for model in client.models.list()}
     assert set(models) == {tiny_model_dir, "sl", "legal"}
     assert models["sl"].model_extra["parent"] == models["legal"].model_extra["parent"] == tiny_model_dir
-    answer = client.completions.create(model="sl", prompt=PROMPT, max_tokens=TOKENS, temperature=0,
-                                       extra_body={"ignore_eos": True})
-    assert answer.choices[0].text == reference["sl"] and answer.model == "sl"
-    base = client.completions.create(model=tiny_model_dir, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
-                                     extra_body={"ignore_eos": True})
-    assert base.choices[0].text == reference[None]
+    for model, name in (("sl", "sl"), ("legal", "legal"), (tiny_model_dir, None)):
+        answer = client.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        assert (answer.choices[0].text, answer.model) == (reference[name], model)
 
 
 @pytest.mark.engine
 def test_an_adapter_not_served_is_a_404_in_both_dialects(served):
-    emulator, client, _ = served
+    emulator, client = served.emulator, served.client
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model="medical", prompt=PROMPT, max_tokens=4)
     assert "medical" in caught.value.message and caught.value.body["param"] == "model"

@@ -35,7 +35,8 @@ WORKER_ARGUMENTS = {
     "max_num_seqs": "MAX_NUM_SEQS", "max_cudagraph_capture_size": "MAX_CUDAGRAPH_CAPTURE_SIZE",
     "compilation_config": "the graph mode (ENFORCE_EAGER, GRAPH_FALLBACK)",
     "worker_cls": "GAMS_TEST_INJECT_START_FAILURE", "additional_config": "GAMS_TEST_INJECT_START_FAILURE",
-    "enable_lora": "LORA_MODULES", "max_loras": "MAX_LORAS", "max_lora_rank": "MAX_LORA_RANK",
+    "enable_lora": "LORA_MODULES", "max_cpu_loras": "LORA_MODULES", "max_loras": "MAX_LORAS",
+    "max_lora_rank": "MAX_LORA_RANK",
 }
 
 
@@ -72,16 +73,14 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
 
 
 def lora_kwargs(config: WorkerConfig) -> Dict[str, Any]:
-    """vLLM's LoRA arguments where LORA_MODULES names adapters: each of them kept in CPU memory (max_cpu_loras,
-    unless ENGINE_ARGS sets it), MAX_LORAS of them on the GPU at once. On CPU one slot more than the adapters,
-    left empty: vLLM's CPU LoRA ops apply the last slot to base-model requests (MAINTAINERS.md, "LoRA")."""
+    """vLLM's LoRA arguments where LORA_MODULES names adapters: each of them kept in CPU memory, MAX_LORAS of
+    them on the GPU at once. On CPU one slot more than the adapters, left empty: vLLM's CPU LoRA ops apply the
+    last slot to base-model requests (MAINTAINERS.md, "LoRA adapters")."""
     if not config.lora_modules:
         return {}
     slots = len(config.lora_modules) + 1 if platform_name() == "cpu" else config.lora_slots
-    kwargs = dict(enable_lora=True, max_loras=slots, max_lora_rank=config.max_lora_rank)
-    if "max_cpu_loras" not in (config.engine_args or {}):
-        kwargs["max_cpu_loras"] = max(slots, len(config.lora_modules))
-    return kwargs
+    return dict(enable_lora=True, max_loras=slots, max_lora_rank=config.max_lora_rank,
+                max_cpu_loras=max(slots, len(config.lora_modules)))
 
 
 def with_checked_engine_args(config: WorkerConfig) -> WorkerConfig:
