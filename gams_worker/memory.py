@@ -161,7 +161,7 @@ def memory_from_config(model_config: Dict[str, Any], dtype: str, tensor_parallel
                                 sliding_window, text.get("max_position_embeddings"), "config.json",
                                 int(text.get("vocab_size") or 0) * hidden,
                                 lora_params_per_rank(layers, hidden, heads, kv_heads, head_dim,
-                                                     int(text["intermediate_size"])))
+                                                     int(text.get("intermediate_size") or 0)))
     return architecture.memory(weights, tensor_parallel_size, element_bytes, source, quantization, kv_cache_dtype,
                                lora_ranks)
 

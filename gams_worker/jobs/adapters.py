@@ -10,6 +10,8 @@ from gams_worker.errors import NOT_FOUND, JobInputError
 
 
 class Adapters:
+    """The adapters' names, the model's own names, and where their LoRARequests come from."""
+
     def __init__(self, names: Sequence[str], base_names: Sequence[str],
                  serving_models: Callable[[], Awaitable[Any]]):
         self.names = tuple(names)

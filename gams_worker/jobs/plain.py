@@ -13,8 +13,8 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.engine_info import EngineInfo, StartupReport
-from gams_worker.jobs.adapters import Adapters
 from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
+from gams_worker.jobs.adapters import Adapters
 from gams_worker.jobs.chat_template import ChatTemplateFacts, stop_at_end_of_turn
 from gams_worker.jobs.input import JobInput, PreparedPrompt, parse_job_input, prepare_prompt
 from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher, text_by_choice
@@ -36,7 +36,8 @@ class PlainJobs:
         self.flush_policy = flush_policy  # the worker's one, shared with OpenAI jobs
         self.engine_info = engine_info  # reported with every job
         self.startup = startup  # reported once, with the first job served
-        self.adapters = adapters or Adapters((), (config.model_label,), lambda: None)  # LORA_MODULES'
+        # The LoRA adapters a job may name (LORA_MODULES); none: only the model's own names.
+        self.adapters = adapters or Adapters((), (config.model_label, config.model_name), lambda: None)
         # (job id, time.monotonic()) of the latest requests aborted unfinished, for the status endpoint.
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plain-job-input")
