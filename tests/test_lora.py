@@ -271,6 +271,8 @@ def test_an_adapter_not_served_is_a_404_in_both_dialects(served):
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model="medical", prompt=PROMPT, max_tokens=4)
     assert "medical" in caught.value.message and caught.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):  # over HTTP too
+        served.http_client.completions.create(model="medical", prompt=PROMPT, max_tokens=4)
     record = emulator.wait_result(emulator.submit(plain_job(lora="medical")), 60)
     error = json.loads(record.result["error"])
     assert (error["type"], error["field"]) == ("not_found", "lora") and "'medical'" in error["message"]
