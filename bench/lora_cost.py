@@ -144,10 +144,14 @@ def table(out: Path) -> str:
                          f"{'' if ratio is None else f'{ratio:.3f}'} | {row['ttft_p50_ms']} |")
     lines += ["", "| engine | start s | KV blocks x size | Available KV cache (log) | GPU KV cache size (log) |",
               "|---|---|---|---|---|"]
+    facts = {name: _log_facts(out / f"{name}.log") for name in ("no-lora", "lora")}
     for name in ("no-lora", "lora"):
-        facts, result = _log_facts(out / f"{name}.log"), results.get(name, {})
+        result = results.get(name, {})
         lines.append(f"| {name} | {result.get('start_s')} | {result.get('kv_blocks')} x {result.get('block_size')} | "
-                     f"{facts['kv_gib']} GiB | {facts['kv_tokens']} tokens |")
+                     f"{facts[name]['kv_gib']} GiB | {facts[name]['kv_tokens']} tokens |")
+    if "?" not in (facts["no-lora"]["kv_gib"], facts["lora"]["kv_gib"]):
+        lost = float(facts["no-lora"]["kv_gib"]) - float(facts["lora"]["kv_gib"])
+        lines += ["", f"KV cache the LoRA engine has less: {lost:.2f} GiB."]
     return "\n".join(lines + ["", _memory_model_line()])
 
 
