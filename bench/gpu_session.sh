@@ -135,7 +135,7 @@ case ${1:-} in
         fast worker cold-seed-image "${common[@]}" MODEL_INFO_SEED_DIR=/tmp/model-info
         ;;
       table) ;;
-      *) sed -n 2,40p "$0"; exit 2 ;;
+      *) sed -n 2,48p "$0"; exit 2 ;;
     esac
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/faststarts-table.md"
     cp $FAST/*.json $FAST/*.log $FAST/*.out "$OUT/" 2>/dev/null
@@ -282,5 +282,5 @@ EOF_FAULT
     python3 -m bench openai --model $MODEL --preset cjvt/GaMS-9B-Instruct --log "$OUT/openai-session.log" \
       | tee "$OUT/openai-session.txt"
     ;;
-  *) sed -n 2,40p "$0"; exit 2 ;;
+  *) sed -n 2,48p "$0"; exit 2 ;;
 esac

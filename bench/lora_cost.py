@@ -2,7 +2,7 @@
 
     python -m bench.lora_cost --model DIR --out FILE.json
 
-Writes four rank-16 PEFT adapters (q, k, v, o, gate, up, down; seeded random weights), then in one child
+Writes four rank-16 PEFT adapters (builder/lora_adapter.py: every linear layer, seeded random weights), then in one child
 process per engine: the engine without LoRA, and with enable_lora (max_loras 4, max_lora_rank 16) serving
 base requests only, one adapter, and four adapters round-robin, each at 1/32/128 concurrent 256-token
 greedy streams. Prints tok/s, the ratio to the engine without LoRA, and each engine's KV cache (tokens).
@@ -22,42 +22,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List
 
+from builder import lora_adapter
+
 RANK = 16
 ADAPTERS = 4
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONCURRENCY = tuple(int(c) for c in os.environ.get("LORA_BENCH_CONCURRENCY", "1,32,128").split(","))
 TOKENS = int(os.environ.get("LORA_BENCH_TOKENS", "256"))
 PROMPT = "Kaj je vredno videti v Ljubljani?"
 KV_LINE = re.compile(r"(?:GPU|CPU) KV cache size: ([\d,]+) tokens")
-
-
-def write_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """One PEFT-format LoRA adapter for ``model_dir``'s architecture, random A and B (bf16)."""
-    import torch
-    from safetensors.torch import save_file
-
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    q_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
-              "o_proj": (q_out, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-              "down_proj": (inter, hidden)}
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for name, (fan_in, fan_out) in shapes.items():
-            block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(RANK, fan_in, generator=generator) * 0.01).bfloat16()
-            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, RANK, generator=generator) * 0.01).bfloat16()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.0,
-        "bias": "none", "fan_in_fan_out": False, "target_modules": list(TARGETS),
-        "base_model_name_or_path": str(model_dir)}))
-    return out
 
 
 async def stream(engine: Any, params: Any, prompt_ids: List[int], lora: Any) -> int:
@@ -122,7 +94,7 @@ def main() -> int:
         engine_child(args.model, args.adapters, args.child == "lora", json.loads(args.engine_args))
         return 0
     started = time.perf_counter()
-    adapters = [str(write_adapter(Path(args.model), Path(f"/tmp/lora-adapters/adapter-{i}"), seed=i))
+    adapters = [str(lora_adapter.build(args.model, f"/tmp/lora-adapters/adapter-{i}", rank=RANK, seed=i))
                 for i in range(ADAPTERS)]
     print(f"adapters written in {time.perf_counter() - started:.1f} s", flush=True)
     summary: Dict[str, Any] = {"rank": RANK, "adapters": ADAPTERS, "rows": [], "kv_cache_tokens": {}}

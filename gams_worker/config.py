@@ -24,6 +24,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("fp8",)
 ENDPOINT_KINDS = ("auto", "queue", "http")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's MaxLoRARanks
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 SETTING = "setting"  # the key of a field's Setting in its dataclass metadata
@@ -130,6 +131,34 @@ def _hf_hub_cache(env: _Env, name: str, default: str) -> str:
     return os.path.join(os.path.expanduser(env.raw("HF_HOME") or os.path.join(xdg_cache, "huggingface")), "hub")
 
 
+def _lora_modules(env: _Env, name: str, default: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The items of ``vllm serve --lora-modules``, space-separated: ``name=source`` pairs and JSON objects (a JSON
+    list: each of its objects); vLLM's own parser reads each at start (gams_worker/startup/adapters.py)."""
+    raw = env.raw(name)
+    allowed = ('name=source pairs or JSON objects with name and path (as vllm serve --lora-modules), '
+               'separated by spaces')
+    items, decoder, at = [], json.JSONDecoder(), 0
+    while raw is not None and at < len(raw):
+        if raw[at].isspace():
+            at += 1
+        elif raw[at] in "{[":
+            try:
+                value, at = decoder.raw_decode(raw, at)
+            except ValueError:
+                raise ConfigError(name, raw, allowed) from None
+            objects = value if isinstance(value, list) else [value]
+            if not objects or not all(isinstance(item, dict) for item in objects):
+                raise ConfigError(name, raw, allowed)
+            items += [json.dumps(item) for item in objects]
+        else:
+            item = raw[at:].split(None, 1)[0]
+            if not item.partition("=")[0] or not item.partition("=")[2]:
+                raise ConfigError(name, raw, allowed)
+            items.append(item)
+            at += len(item)
+    return tuple(items) or default
+
+
 def _endpoint_kind(env: _Env, name: str, default: str) -> str:
     """``auto`` (unset) resolved: HTTP where a load-balancing endpoint starts the worker (PORT, no job queue)."""
     kind = read_choice(ENDPOINT_KINDS)(env, name, "auto")
@@ -209,6 +238,17 @@ class WorkerConfig:
     quantization: Optional[str] = setting(None, "QUANTIZATION", read_choice(QUANTIZATIONS), "`fp8`: vLLM's online "
                                           "FP8 weights (weight-only below compute capability 8.9); unset: GaMS "
                                           "presets choose it where bf16 leaves too little KV cache (README's cards)")
+    # LoRA adapters (gams_worker/startup/adapters.py); LORA_MODULES set turns vLLM's enable_lora on.
+    lora_modules: Tuple[str, ...] = setting((), "LORA_MODULES", _lora_modules, "LoRA adapters served beside the "
+                                            "model, as `vllm serve --lora-modules`: `name=source` pairs or JSON "
+                                            "objects (`name`, `path`, `base_model_name`), separated by spaces; a "
+                                            "source is found as `MODEL_NAME` is (hub, volume, local path) and "
+                                            "checked before the engine starts", shown_default="–")
+    max_loras: Optional[int] = setting(None, "MAX_LORAS", read_int(1), "adapters in one batch (vLLM's `max_loras`; "
+                                       "each takes GPU memory at `MAX_LORA_RANK`); unset: every adapter named")
+    max_lora_rank: int = setting(16, "MAX_LORA_RANK", _checked(int, lambda value: value in LORA_RANKS, "one of " + (
+                                 ", ".join(map(str, LORA_RANKS)))), "highest adapter rank served (vLLM's "
+                                 "`max_lora_rank`): an adapter of a higher rank stops the start")
     kv_cache_dtype: str = "auto"  # the card plan's choice (startup/card_plan.py); ENGINE_ARGS' kv_cache_dtype wins
     max_cudagraph_capture_size: Optional[int] = setting(None, "MAX_CUDAGRAPH_CAPTURE_SIZE", read_int(1),
                                                         "largest batch captured as a CUDA graph (unset: vLLM's 512)")
@@ -287,6 +327,11 @@ class WorkerConfig:
     def model_label(self) -> str:
         """The model name that users see in outputs."""
         return self.served_model_name or self.model_name
+
+    @property
+    def lora_slots(self) -> int:
+        """The adapters vLLM holds on the GPU at once (0 without LoRA)."""
+        return (self.max_loras or len(self.lora_modules)) if self.lora_modules else 0
 
 
 def settings() -> Tuple[Tuple[dataclasses.Field, Setting], ...]:

@@ -12,6 +12,7 @@ INVALID_INPUT = "invalid_input"  # the job's input is at fault; the next job is 
 ENGINE_ERROR = "engine_error"  # the engine failed this request only
 ENGINE_DEAD = "engine_dead"  # the engine died; the worker exits and RunPod replaces it
 WORKER_ERROR = "worker_error"  # the worker itself failed on this job (a bug)
+NOT_FOUND = "not_found"  # the job names a model (LoRA adapter) this worker does not serve: HTTP's 404
 
 
 class WorkerError(Exception):
@@ -30,13 +31,14 @@ class ConfigError(WorkerError):
 class JobInputError(WorkerError):
     """A job's input is malformed; ``field`` is the dotted path of the offending field."""
 
-    def __init__(self, message: str, field: Optional[str] = None):
+    def __init__(self, message: str, field: Optional[str] = None, type_: str = INVALID_INPUT):
         self.message = message
         self.field = field
+        self.type = type_
         super().__init__(f"{field}: {message}" if field else message)
 
     def to_output(self) -> Dict[str, str]:
-        return error_output(INVALID_INPUT, self.message, self.field)
+        return error_output(self.type, self.message, self.field)
 
 
 class OpenAIRequestError(WorkerError):
@@ -71,6 +73,14 @@ class ModelNotFoundError(WorkerError):
     def __init__(self, model: str, searched: List[str]):
         super().__init__(f"model {model!r} was not found. Searched: {'; '.join(searched)}")
         self.searched = searched
+
+
+class AdapterError(WorkerError):
+    """A LoRA adapter LORA_MODULES names cannot be served: one line naming it and why."""
+
+    def __init__(self, name: str, reason: str):
+        self.adapter = name
+        super().__init__(f"LoRA adapter {name!r} (LORA_MODULES): {reason}")
 
 
 class IncompleteModelError(WorkerError):

@@ -9,18 +9,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional, Tuple
 
-from gams_worker.memory import GIB, HEADROOM_BYTES, Architecture
+from gams_worker.memory import GIB, HEADROOM_BYTES, Architecture, lora_params_per_rank
 
 GEMMA2_2B = Architecture("Gemma 2 2B", 26, 13, 4, 256, 4096, 8192, "config.json (builder/shaped_model.py)",
-                         256000 * 2304)
-GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct", 256000 * 3584)
+                         256000 * 2304, lora_params_per_rank(26, 2304, 8, 4, 256, 9216))
+GEMMA2_9B = Architecture("Gemma 2 9B", 42, 21, 8, 256, 4096, 8192, "config.json of GaMS-9B-Instruct", 256000 * 3584,
+                         lora_params_per_rank(42, 3584, 16, 8, 256, 14336))
 GEMMA2_27B = Architecture("Gemma 2 27B", 46, 23, 16, 128, 4096, 8192, "config.json of GaMS-27B-Instruct",
-                          256000 * 4608)
+                          256000 * 4608, lora_params_per_rank(46, 4608, 32, 16, 128, 36864))
 # Assumed, not read (MAINTAINERS.md, "Facts read, facts assumed"): GaMS2-27B's layers and GaMS3's counts.
 GAMS2_27B = dataclasses.replace(GEMMA2_27B, max_positions=None,
                                 source="assumed: GaMS-27B's architecture (config.json not readable here)")
 GEMMA3_12B = Architecture("Gemma 3 12B (text)", 48, 40, 8, 256, 1024, 131072,
-                          "config.json of GaMS3-12B-Instruct / -Lex, partly assumed from Gemma 3 12B", 262208 * 3840)
+                          "config.json of GaMS3-12B-Instruct / -Lex, partly assumed from Gemma 3 12B", 262208 * 3840,
+                          lora_params_per_rank(48, 3840, 16, 8, 256, 15360))
 
 
 @dataclasses.dataclass(frozen=True)

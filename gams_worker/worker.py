@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Dict, Optional, Sequence
 
 from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.engine_info import EngineInfo
+from gams_worker.jobs.adapters import Adapters
 from gams_worker.jobs.chat_template import log_chat_template, probe_chat_template
 from gams_worker.jobs.dialects import JobDispatch
 from gams_worker.jobs.openai import SERVING_MODULES, OpenAIJobs
@@ -62,7 +63,8 @@ class Worker:
     parts over them: job concurrency, watchdog, stats log, status endpoint."""
 
     def __init__(self, engine: Any, config: WorkerConfig, engine_info: EngineInfo,
-                 startup: Optional[StartupTimeline] = None, engine_pids: Sequence[int] = ()):
+                 startup: Optional[StartupTimeline] = None, engine_pids: Sequence[int] = (),
+                 lora_modules: Sequence[Any] = ()):
         self.engine = engine
         self.config = config  # with the preset applied and max_num_seqs sized
         self.concurrency = job_concurrency(config, engine)  # jobs RunPod may send at once
@@ -76,9 +78,12 @@ class Worker:
         self.input_tokenizer = copy.deepcopy(self.tokenizer)
         self.flush_policy = flush_policy(config)  # one for all streams, both dialects
         eos_token_id = self.tokenizer.eos_token_id
+        openai = OpenAIJobs(engine, config, self.chat_template, self.flush_policy, self.input_tokenizer, eos_token_id,
+                            lora_modules)
+        adapters = Adapters([module.name for module in lora_modules], (config.model_label, config.model_name),
+                            openai.serving_models)
         plain = PlainJobs(engine, config, self.input_tokenizer, self.chat_template, eos_token_id, self.flush_policy,
-                          engine_info, startup)
-        openai = OpenAIJobs(engine, config, self.chat_template, self.flush_policy, self.input_tokenizer, eos_token_id)
+                          engine_info, startup, adapters)
         self.aborted = plain.aborted  # the latest plain jobs whose engine request was aborted
         self.jobs = JobDispatch(plain, openai)
         self.stats_log = EngineStatsLog(engine) if config.log_engine_stats else None
@@ -126,7 +131,7 @@ def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ())
     _read_engine_start(engine, plan, timeline)
     info = EngineInfo(mode=engine.mode, reason=engine.reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2), plan=plan.card_plan)
-    worker = Worker(engine.engine, plan.config, info, timeline, sorted(engine.process_ids))
+    worker = Worker(engine.engine, plan.config, info, timeline, sorted(engine.process_ids), plan.adapters)
     timeline.mark("ready for jobs")
     log.info("worker ready: model %s, engine %s, start-up %s", plan.config.model_label, info, timeline.to_output())
     return worker

@@ -71,7 +71,7 @@ def test_every_vllm_import_of_the_worker_is_in_the_contract():
 def test_every_engine_argument_the_worker_passes_is_named():
     everything = dataclasses.replace(
         WorkerConfig(), max_num_seqs=8, max_cudagraph_capture_size=8, quantization="fp8",
-        inject_start_failure="x")
+        inject_start_failure="x", lora_modules=("a=/x",))
     passed = set()
     for mode in GRAPH_MODES:
         passed |= set(engine_kwargs(everything, mode, "/models/x"))

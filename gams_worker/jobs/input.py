@@ -66,6 +66,7 @@ class JobInput(NamedTuple):
     sampling: Dict[str, Any]  # validated SamplingParams keyword arguments
     stream: bool
     max_tokens_given: bool  # False: max_tokens is the default and may be lowered to fit the model
+    model: Optional[Tuple[str, str]] = None  # (field, name): the model or LoRA adapter the job names, as given
 
 
 def _number(low: float, high: float, low_open: bool = False) -> Callable[[str, Any], float]:
@@ -127,7 +128,7 @@ SAMPLING_FIELDS: Dict[str, Callable[[str, Any], Any]] = {
     "n": _integer(1),  # and at most InputLimits.max_n
     "ignore_eos": _boolean,
 }
-INPUT_FIELDS = ("prompt", "messages", "sampling_params", "stream")
+INPUT_FIELDS = ("prompt", "messages", "sampling_params", "stream", "lora", "model")
 
 
 def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = InputLimits()) -> JobInput:
@@ -153,7 +154,19 @@ def parse_job_input(raw: Any, default_max_tokens: int, limits: InputLimits = Inp
 
     stream = _boolean("stream", raw.get("stream", False))
     sampling, max_tokens_given = _sampling(raw.get("sampling_params", {}), default_max_tokens, limits)
-    return JobInput(prompt, messages, sampling, stream, max_tokens_given)
+    return JobInput(prompt, messages, sampling, stream, max_tokens_given, _model(raw))
+
+
+def _model(raw: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
+    """(field, name) of the LoRA adapter (``lora``) or model (``model``: the served model or an adapter) named."""
+    given = [field for field in ("lora", "model") if raw.get(field) is not None]
+    if len(given) > 1:
+        raise JobInputError("give one of 'lora' or 'model', not both", "lora")
+    for field in given:
+        if not isinstance(raw[field], str) or not raw[field]:
+            raise JobInputError("must be a non-empty string: a LoRA adapter's name", field)
+        return field, raw[field]
+    return None
 
 
 def _messages(value: Any, limits: InputLimits) -> Tuple[Dict[str, str], ...]:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from gams_worker.config import InputLimits, WorkerConfig
 from gams_worker.errors import JobInputError, OpenAIRequestError, job_error_output
@@ -135,13 +135,15 @@ class OpenAIJobs:
     """Runs OpenAI passthrough jobs on the worker's engine through vLLM's serving layer."""
 
     def __init__(self, engine: Any, config: WorkerConfig, chat_template: ChatTemplateFacts,
-                 flush_policy: FlushPolicy, input_tokenizer: Any, eos_token_id: Optional[int]):
+                 flush_policy: FlushPolicy, input_tokenizer: Any, eos_token_id: Optional[int],
+                 lora_modules: Sequence[Any] = ()):
         self.engine = engine
         self.config = config
         self.chat_template = chat_template  # end-of-turn token and system role (chat_template.py)
         self.flush_policy = flush_policy
         self.input_tokenizer = input_tokenizer  # the worker's own copy of the engine's, for grammar compiles
         self.eos_token_id = eos_token_id
+        self.lora_modules = list(lora_modules)  # vLLM's LoRAModulePath of each adapter (startup/adapters.py)
         self._serving: Optional[Serving] = None
         self._init_lock = asyncio.Lock()
         self.grammar: Optional[GrammarGate] = None  # built with the serving objects, on first use
@@ -151,6 +153,10 @@ class OpenAIJobs:
             if self._serving is None:
                 self._serving = await self._build_serving(import_vllm_openai())
         return self._serving
+
+    async def serving_models(self) -> Any:
+        """vLLM's OpenAIServingModels: the model and the LoRA adapters, loaded into the engine."""
+        return (await self.serving()).models
 
     async def _build_serving(self, vllm: VllmOpenAI) -> Serving:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
@@ -162,7 +168,9 @@ class OpenAIJobs:
         from vllm.renderers.online_renderer import OnlineRenderer
 
         models = OpenAIServingModels(engine_client=self.engine, base_model_paths=[
-            BaseModelPath(name=self.config.model_label, model_path=self.config.model_name)])
+            BaseModelPath(name=self.config.model_label, model_path=self.config.model_name)],
+            lora_modules=self.lora_modules or None)
+        await models.init_static_loras()  # each adapter loaded into the engine now; one that fails raises
         chat_template = self.chat_template
 
         class ChatRulesRenderer(OnlineRenderer):  # every chat-templated route renders through preprocess_chat

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Tuple
 from gams_worker.config import WorkerConfig
 from gams_worker.engine_info import EngineInfo, StartupReport
 from gams_worker.errors import ENGINE_DEAD, ENGINE_ERROR, INVALID_INPUT, JobInputError, error_output
+from gams_worker.jobs.adapters import Adapters
 from gams_worker.jobs.chat_template import ChatTemplateFacts, stop_at_end_of_turn
 from gams_worker.jobs.input import JobInput, PreparedPrompt, parse_job_input, prepare_prompt
 from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher, text_by_choice
@@ -26,7 +27,7 @@ class PlainJobs:
 
     def __init__(self, engine: Any, config: WorkerConfig, input_tokenizer: Any, chat_template: ChatTemplateFacts,
                  eos_token_id: Optional[int], flush_policy: FlushPolicy, engine_info: EngineInfo,
-                 startup: Optional[StartupReport] = None):
+                 startup: Optional[StartupReport] = None, adapters: Optional[Adapters] = None):
         self.engine = engine
         self.config = config
         self.input_tokenizer = input_tokenizer
@@ -35,6 +36,8 @@ class PlainJobs:
         self.flush_policy = flush_policy  # the worker's one, shared with OpenAI jobs
         self.engine_info = engine_info  # reported with every job
         self.startup = startup  # reported once, with the first job served
+        # The LoRA adapters a job may name (LORA_MODULES); none: only the model's own names.
+        self.adapters = adapters or Adapters((), (config.model_label, config.model_name), lambda: None)
         # (job id, time.monotonic()) of the latest requests aborted unfinished, for the status endpoint.
         self.aborted: Deque[Tuple[str, float]] = deque(maxlen=100)
         self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plain-job-input")
@@ -46,6 +49,8 @@ class PlainJobs:
             # The longest prompts take a while to tokenize: in a thread, so that no other job's stream waits.
             job_input, prompt, params = await asyncio.get_running_loop().run_in_executor(
                 self._prepare_thread, self._prepare, job.get("input"))
+            adapter = self.adapters.choose(job_input.model)
+            lora_request = await self.adapters.lora_request(adapter)
         except JobInputError as exc:
             yield exc.to_output()
             return
@@ -56,7 +61,8 @@ class PlainJobs:
         request_id = f"{job.get('id', 'job')}-{uuid.uuid4().hex[:8]}"
         generation = Generation(job_input.stream, self.flush_policy.stream())
         try:
-            stream = self.engine.generate({"prompt_token_ids": prompt.token_ids}, params, request_id)
+            stream = self.engine.generate({"prompt_token_ids": prompt.token_ids}, params, request_id,
+                                          lora_request=lora_request)
             async for output in stream:  # once per engine step: keep this loop lean
                 for choice in output.outputs:
                     chunk = generation.add(choice)
@@ -73,7 +79,7 @@ class PlainJobs:
             return
         finally:
             await self._end_request(job.get("id"), request_id, generation)
-        yield {**generation.last_output(len(prompt.token_ids)), "model": self.config.model_label,
+        yield {**generation.last_output(len(prompt.token_ids)), "model": adapter or self.config.model_label,
                "engine": self.engine_info.to_output(), **self._startup_metadata_once()}
 
     def _prepare(self, raw: Any) -> Tuple[JobInput, PreparedPrompt, Any]:

@@ -1,7 +1,7 @@
 """The card plan, before the engine starts: GPU_MEMORY_UTILIZATION from free memory for every model, and for
-GaMS presets bf16 where the card holds MIN_SEQUENCES sequences of MAX_MODEL_LEN, else FP8 weights, then an FP8
-KV cache, then a shorter context. Explicit settings win; a model the card cannot serve is refused with what
-would. README.md's card table is this plan for each RunPod card class (card_table.py)."""
+GaMS presets bf16 where the card holds MIN_SEQUENCES sequences of MAX_MODEL_LEN (beside LoRA adapters' slots),
+else FP8 weights, then an FP8 KV cache, then a shorter context. Explicit settings win; a model the card cannot
+serve is refused with what would. README.md's card table is this plan for each RunPod card class (card_table.py)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def _memory(preset: Preset, card: Card, step: Tuple[Optional[str], str], utiliza
     weights_gib = preset.architecture.memory(bf16_bytes, quantization=quantization).weight_bytes / GIB
     tp = (config.tensor_parallel_size if _given(config, "tensor_parallel_size") else
           choose_tensor_parallel(weights_gib, card.count, card.total_bytes / GIB, utilization))
-    return tp, preset.architecture.memory(bf16_bytes, tp, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+    return tp, preset.architecture.memory(bf16_bytes, tp, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                                          lora_ranks=config.lora_slots * config.max_lora_rank)
 
 
 def plan_card(config: WorkerConfig, preset: Preset, card: Card) -> Optional[CardPlan]:

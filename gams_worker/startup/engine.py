@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import ConfigError
+from gams_worker.startup.host import platform_name
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ WORKER_ARGUMENTS = {
     "quantization": "QUANTIZATION", "enforce_eager": "ENFORCE_EAGER", "disable_log_stats": "LOG_ENGINE_STATS",
     "max_num_seqs": "MAX_NUM_SEQS", "max_cudagraph_capture_size": "MAX_CUDAGRAPH_CAPTURE_SIZE",
     "worker_cls": "GAMS_TEST_INJECT_START_FAILURE", "additional_config": "GAMS_TEST_INJECT_START_FAILURE",
+    "enable_lora": "LORA_MODULES", "max_cpu_loras": "LORA_MODULES", "max_loras": "MAX_LORAS",
+    "max_lora_rank": "MAX_LORA_RANK",
 }
 
 
@@ -63,6 +66,7 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
         kwargs["max_num_seqs"] = config.max_num_seqs
     if mode != "eager":
         kwargs.update(graph_arguments(config, mode))
+    kwargs.update(lora_kwargs(config))
     if config.inject_start_failure:  # test-only: the first start fails inside the engine process
         kwargs["worker_cls"] = FAILING_WORKER_CLS
         kwargs["additional_config"] = {INJECTED_FAILURE_KEY: config.inject_start_failure}
@@ -96,6 +100,17 @@ def graph_arguments(config: WorkerConfig, mode: str) -> Dict[str, Any]:
     if compilation:
         arguments["compilation_config"] = compilation
     return arguments
+
+
+def lora_kwargs(config: WorkerConfig) -> Dict[str, Any]:
+    """vLLM's LoRA arguments where LORA_MODULES names adapters: each of them kept in CPU memory, MAX_LORAS of
+    them on the GPU at once. On CPU one slot more than the adapters, left empty: vLLM's CPU LoRA ops apply the
+    last slot to base-model requests (MAINTAINERS.md, "LoRA adapters")."""
+    if not config.lora_modules:
+        return {}
+    slots = len(config.lora_modules) + 1 if platform_name() == "cpu" else config.lora_slots
+    return dict(enable_lora=True, max_loras=slots, max_lora_rank=config.max_lora_rank,
+                max_cpu_loras=max(slots, len(config.lora_modules)))
 
 
 def with_checked_engine_args(config: WorkerConfig) -> WorkerConfig:

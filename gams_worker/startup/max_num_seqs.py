@@ -29,7 +29,8 @@ def size_max_num_seqs(memory: ModelMemory, gpu_total_bytes: int, utilization: fl
     if per_job:
         fits = memory.sequences_that_fit(gpu_total_bytes, utilization, expected_tokens_per_job)
     why = (f"KV budget {kv_budget / GIB:.1f} GiB ({gpu_total_bytes / GIB:.1f} GiB x {utilization:g} - "
-           f"{memory.weight_bytes / GIB:.1f} GiB weights - {memory.overhead_bytes / GIB:.1f} GiB engine) / "
+           f"{memory.weight_bytes / GIB:.1f} GiB weights - {memory.overhead_bytes / GIB:.1f} GiB engine"
+           + (f" - {memory.adapter_bytes / GIB:.2f} GiB LoRA slots" if memory.adapter_bytes else "") + ") / "
            f"{per_job / GIB:.3f} GiB KV per {expected_tokens_per_job}-token job (EXPECTED_TOKENS_PER_JOB)"
            f" = {fits} jobs")
     if fits >= MAX_NUM_SEQS_CAP:

@@ -1,6 +1,6 @@
-"""The one model locator: where the model's files come from, in README's order (local path, baked copy,
-RunPod's cache or the volume, the machine's Hugging Face cache, the hub). Only a whole copy is used
-(model_files.find_problems); when none is, ModelNotFoundError names every place searched and why.
+"""The one model locator: where the model's (and each LoRA adapter's) files come from, in README's order
+(local path, baked copy, RunPod's cache or the volume, the machine's Hugging Face cache, the hub). Only a
+whole copy is used (model_files.find_problems); when none is, ModelNotFoundError names every place searched.
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import IncompleteModelError, ModelNotFoundError
-from gams_worker.startup.model_files import ALLOW_PATTERNS, IGNORE_PATTERNS, find_problems, read_manifest
+from gams_worker.startup.model_files import (
+    ALLOW_PATTERNS, IGNORE_PATTERNS, adapter_problems, find_problems, read_manifest,
+)
 from gams_worker.presets import preset_for
 from gams_worker.startup.volume import folder_problem
 
@@ -35,6 +37,21 @@ class ResolvedModel:
     commit: Optional[str] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """What the locator looks for: a repo id or path, its revision, and what keeps a folder from being whole."""
+
+    name: str
+    revision: Optional[str]
+    problems: Callable[[Path, Optional[Dict[str, int]]], List[str]]
+    baked: bool = True  # the image's baked copy may hold it (the model; adapters are never baked)
+
+
+def _the_model(config: WorkerConfig) -> Wanted:
+    return Wanted(config.model_name, config.model_revision,
+                  lambda folder, sizes: copy_problems(config, folder, sizes))
+
+
 def volume_cache_dir(config: WorkerConfig) -> Path:
     return Path(config.network_volume_path) / "huggingface-cache" / "hub"
 
@@ -47,29 +64,39 @@ def copy_problems(config: WorkerConfig, model_dir: Path, expected_sizes: Optiona
 
 
 def resolve_model(config: WorkerConfig) -> ResolvedModel:
+    return _resolve(config, _the_model(config))
+
+
+def resolve_adapter(config: WorkerConfig, source: str) -> ResolvedModel:
+    """A LoRA adapter's folder (adapter_config.json and whole adapter_model.safetensors), found as the model is."""
+    return _resolve(config, Wanted(source, None, lambda folder, sizes: adapter_problems(folder), baked=False))
+
+
+def _resolve(config: WorkerConfig, wanted: Wanted) -> ResolvedModel:
     searched: List[str] = []
-    resolved = _find_local(config, searched) or _download(config, searched)
-    log.info("model %s: using the %s at %s", config.model_name, resolved.source, resolved.path)
+    resolved = _find_local(config, wanted, searched) or _download(config, wanted, searched)
+    log.info("model %s: using the %s at %s", wanted.name, resolved.source, resolved.path)
     return resolved
 
 
 def find_local_model(config: WorkerConfig) -> Optional[ResolvedModel]:
     """The copy ``resolve_model`` would use if it is on this machine already; None if it would download."""
-    return _find_local(config, [])
+    return _find_local(config, _the_model(config), [])
 
 
-def _find_local(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
-    name = config.model_name
+def _find_local(config: WorkerConfig, wanted: Wanted, searched: List[str]) -> Optional[ResolvedModel]:
+    name = wanted.name
     if Path(name).is_dir():
-        problems = copy_problems(config, Path(name))
+        problems = wanted.problems(Path(name), None)
         if problems:
             raise IncompleteModelError(name, problems)
         return ResolvedModel(str(Path(name).resolve()), LOCAL)
     if name.startswith(("/", "./", "../")):
         # A missing path: vLLM's start fails on it with a classified "model not found".
         return ResolvedModel(name, LOCAL)
-    return (_baked(config, searched) or _cached(config, RUNPOD_CACHE, volume_cache_dir(config), searched)
-            or _cached(config, MACHINE_CACHE, Path(config.hf_hub_cache), searched))
+    return ((_baked(config, searched) if wanted.baked else None)
+            or _cached(wanted, RUNPOD_CACHE, volume_cache_dir(config), searched)
+            or _cached(wanted, MACHINE_CACHE, Path(config.hf_hub_cache), searched))
 
 
 def _baked(config: WorkerConfig, searched: List[str]) -> Optional[ResolvedModel]:
@@ -115,8 +142,8 @@ def cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Path) -> O
     return path if path.is_dir() else None
 
 
-def _cached(config: WorkerConfig, source: str, cache_dir: Path, searched: List[str]) -> Optional[ResolvedModel]:
-    repo_id, revision = config.model_name, config.model_revision
+def _cached(wanted: Wanted, source: str, cache_dir: Path, searched: List[str]) -> Optional[ResolvedModel]:
+    repo_id, revision = wanted.name, wanted.revision
     where = f"{source} {cache_dir}"
     try:
         path = cached_snapshot(repo_id, revision, cache_dir)
@@ -126,27 +153,27 @@ def _cached(config: WorkerConfig, source: str, cache_dir: Path, searched: List[s
     if path is None:
         searched.append(f"{where}: no snapshot of {repo_id}@{revision or 'main'}")
         return None
-    problems = copy_problems(config, path)
+    problems = wanted.problems(path, None)
     if problems:
         searched.append(f"{where}: snapshot {path.name} incomplete ({'; '.join(problems)})")
         return None
     return ResolvedModel(str(path), source, path.name)
 
 
-def _download(config: WorkerConfig, searched: List[str]) -> ResolvedModel:
+def _download(config: WorkerConfig, wanted: Wanted, searched: List[str]) -> ResolvedModel:
     if config.hub_offline:
         searched.append("the hub: not tried because HF_HUB_OFFLINE is set")
-        raise ModelNotFoundError(config.model_name, searched)
+        raise ModelNotFoundError(wanted.name, searched)
     for cache_dir in _download_targets(config, searched):
-        log.info("model %s: not found locally; downloading from the hub into %s", config.model_name, cache_dir)
-        path = _fetch(config, cache_dir, searched)
-        problems = copy_problems(config, path)
+        log.info("model %s: not found locally; downloading from the hub into %s", wanted.name, cache_dir)
+        path = _fetch(config, wanted, cache_dir, searched)
+        problems = wanted.problems(path, None)
         if not problems:
             return ResolvedModel(str(path), HUB, path.name)
         searched.append(f"the hub download into {cache_dir}: incomplete ({'; '.join(problems)})")
-        log.warning("model %s: the download into %s is not whole (%s)", config.model_name, cache_dir,
+        log.warning("model %s: the download into %s is not whole (%s)", wanted.name, cache_dir,
                     "; ".join(problems))
-    raise ModelNotFoundError(config.model_name, searched)
+    raise ModelNotFoundError(wanted.name, searched)
 
 
 def _download_targets(config: WorkerConfig, searched: List[str]) -> List[Path]:
@@ -164,13 +191,13 @@ def _download_targets(config: WorkerConfig, searched: List[str]) -> List[Path]:
     return [volume, machine]
 
 
-def _fetch(config: WorkerConfig, cache_dir: Path, searched: List[str]) -> Path:
+def _fetch(config: WorkerConfig, wanted: Wanted, cache_dir: Path, searched: List[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(config.model_name, revision=config.model_revision, cache_dir=str(cache_dir),
+        return Path(snapshot_download(wanted.name, revision=wanted.revision, cache_dir=str(cache_dir),
                                       endpoint=config.hf_endpoint, allow_patterns=ALLOW_PATTERNS,
                                       ignore_patterns=IGNORE_PATTERNS))
     except Exception as exc:  # the hub client's errors differ by version; all mean "not fetched"
         searched.append(f"the hub: {type(exc).__name__}: {exc}")
-        raise ModelNotFoundError(config.model_name, searched) from exc
+        raise ModelNotFoundError(wanted.name, searched) from exc

@@ -206,6 +206,27 @@ def _find_problems(model_dir: Path, expected_sizes: Dict[str, int], tokenizer: b
     return problems
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_problems(adapter_dir: Path) -> List[str]:
+    """Everything missing or damaged in a PEFT LoRA adapter's folder; empty: whole. Never raises."""
+    if not adapter_dir.is_dir():
+        return [f"{adapter_dir} is not a folder"]
+    problems = [problem for problem in (_json_file_problem(adapter_dir / ADAPTER_CONFIG),) if problem]
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return problems + [f"{ADAPTER_WEIGHTS} is missing (the worker serves safetensors adapters only)"]
+    try:
+        safetensors_header(weights)
+    except DamagedFileError as exc:
+        problems.append(str(exc))
+    except OSError as exc:
+        problems.append(f"{ADAPTER_WEIGHTS} cannot be read ({exc.strerror or exc})")
+    return problems
+
+
 def _shard_problem(path: Path, weight_map: Optional[Dict[str, str]]) -> Optional[str]:
     """What is wrong with one weight file: missing, damaged, or lacking tensors the index places in it."""
     if not path.is_file():  # a broken link is reported apart

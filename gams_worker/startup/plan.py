@@ -1,18 +1,19 @@
 """What the engine starts with, decided before it starts (``plan_engine``): the preset under the environment,
-the card plan, the doctor's verdicts and the ladder's first rung, the model, max_num_seqs, the compile cache, and the
-environment vLLM's engine process inherits.
+the card plan, the doctor's verdicts and the ladder's first rung, the model and its LoRA adapters, max_num_seqs, the
+compile cache, and the environment vLLM's engine process inherits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from gams_worker.config import WorkerConfig, export_to_engine, variable_of
 from gams_worker.errors import EngineStartError
 from gams_worker.memory import model_memory
 from gams_worker.presets import choose_tensor_parallel, preset_for
+from gams_worker.startup.adapters import locate_adapters
 from gams_worker.startup.card_plan import apply_card_plan
 from gams_worker.startup.compile_cache import CompileCache, choose_compile_cache
 from gams_worker.startup.doctor import DoctorReport, run_doctor
@@ -85,6 +86,7 @@ class EnginePlan:
     model_path: str
     compile_cache: CompileCache
     card_plan: str = ""  # the card plan's line
+    adapters: Tuple[Any, ...] = ()  # vLLM's LoRAModulePath of each LORA_MODULES adapter, its path a checked folder
 
 
 def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
@@ -111,11 +113,13 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
         export_to_engine(BAKED_MODEL_OFFLINE)
         log.info("serving the baked copy: %s", " ".join(f"{k}={v}" for k, v in BAKED_MODEL_OFFLINE.items()))
     mark("model resolved")
+    adapters = locate_adapters(config, model.path)  # an adapter that cannot be served stops the start here
     # The doctor read the model's memory where it was here already; a download is read now.
     memory = report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size,
-                                           config.quantization, config.kv_cache_dtype)
+                                           config.quantization, config.kv_cache_dtype,
+                                           config.lora_slots * config.max_lora_rank)
     config = with_max_num_seqs(config, facts, memory)
     compile_cache = choose_compile_cache(config)
     export_to_engine(compile_cache.engine_environment())
     mark("compile cache checked")
-    return EnginePlan(config, mode, reason, model.path, compile_cache, card_line)
+    return EnginePlan(config, mode, reason, model.path, compile_cache, card_line, adapters)

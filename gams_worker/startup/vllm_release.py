@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import re
 import sys
 from importlib import metadata
 from typing import List, Optional, Tuple
@@ -76,7 +77,15 @@ CONTRACT: Tuple[Uses, ...] = (
          ("online_renderer", "request_logger")),
     Uses("vllm.entrypoints.openai.models.protocol", "BaseModelPath", (), ("name", "model_path")),
     Uses("vllm.entrypoints.openai.models.serving", "OpenAIServingModels",
-         ("show_available_models",), ("engine_client", "base_model_paths")),
+         ("show_available_models", "init_static_loras", "lora_requests"),
+         ("engine_client", "base_model_paths", "lora_modules")),
+    # LoRA adapters (gams_worker/startup/adapters.py, gams_worker/jobs/adapters.py).
+    Uses("vllm.entrypoints.launchers.cli_args", "LoRAParserAction"),
+    Uses("vllm", "LLM", ("generate",), ("model", "enable_lora", "max_loras", "max_lora_rank")),  # its reference
+    Uses("vllm.entrypoints.openai.models.protocol", "LoRAModulePath", (), ("name", "path", "base_model_name")),
+    Uses("vllm.lora.request", "LoRARequest", (), ("lora_name", "lora_int_id", "lora_path")),
+    Uses("vllm.lora.peft_helper", "PEFTHelper", ("from_dict", "validate_legal")),
+    Uses("vllm.config.lora", "LoRAConfig", (), ("max_lora_rank",)),
     Uses("vllm.renderers.online_renderer", "OnlineRenderer", ("preprocess_chat",),
          ("model_config", "renderer", "request_logger", "chat_template", "chat_template_content_format")),
     Uses("vllm.entrypoints.serve.engine.protocol", "ErrorResponse"),
@@ -147,12 +156,12 @@ def contract_problems() -> List[str]:
 
 
 def _has_attribute(target: object, name: str) -> bool:
-    """A class attribute, or an instance attribute its __init__ sets (AsyncLLM.model_config)."""
+    """A class attribute, or an instance attribute its __init__ sets (AsyncLLM.model_config, annotated or not)."""
     if hasattr(target, name):
         return True
     init = getattr(target, "__init__", None) if inspect.isclass(target) else None
     try:
-        return init is not None and f"self.{name} " in inspect.getsource(init) + " "
+        return init is not None and re.search(rf"self\.{name}\s*[:=]", inspect.getsource(init)) is not None
     except (OSError, TypeError):
         return False
 
