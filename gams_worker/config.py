@@ -251,14 +251,16 @@ class WorkerConfig:
                                  "`max_lora_rank`): an adapter of a higher rank stops the start")
     kv_cache_dtype: str = "auto"  # the card plan's choice (startup/card_plan.py); ENGINE_ARGS' kv_cache_dtype wins
     max_cudagraph_capture_size: Optional[int] = setting(None, "MAX_CUDAGRAPH_CAPTURE_SIZE", read_int(1),
-                                                        "largest batch captured as a CUDA graph (unset: vLLM's 512)")
+                                                        "largest batch captured as a CUDA graph, in vLLM's sizes (unset: 2 x "
+                                                        "max_num_seqs, at most 512, in the worker's 16 sizes)")
     log_engine_stats: bool = setting(False, "LOG_ENGINE_STATS", read_bool, "vLLM's per-step stats and its stats "
                                      "line every 10 s (their cost to the main process: BENCHMARKS.md)")
     # Not VLLM_-prefixed: vLLM warns of unknown VLLM_ variables (fail_on_environ_validation refuses them).
     engine_args: Optional[Dict[str, Any]] = setting(None, "ENGINE_ARGS", read_json_object, "any other vLLM "
                                                     "engine argument, as a JSON object (`{\"kv_cache_dtype\": "
                                                     "\"fp8\"}`), checked by vLLM's `AsyncEngineArgs` at start; one "
-                                                    "that a setting above sets is refused, naming the setting")
+                                                    "that a setting above sets is refused, naming the setting; "
+                                                    "`compilation_config` may set all but `cudagraph_mode`")
     # Jobs
     max_concurrency: Optional[int] = setting(None, "MAX_CONCURRENCY", read_int(1), "jobs taken at once; unset: the "
                                              "engine's KV cache tokens / `EXPECTED_TOKENS_PER_JOB`, ≤ max_num_seqs")
