@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from typing import Any, AsyncIterator, Dict, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Dict, Optional, Sequence, Tuple
 
 from gams_worker.config import WorkerConfig, export_to_engine
 from gams_worker.engine_info import EngineInfo
@@ -64,7 +64,7 @@ class Worker:
 
     def __init__(self, engine: Any, config: WorkerConfig, engine_info: EngineInfo,
                  startup: Optional[StartupTimeline] = None, engine_pids: Sequence[int] = (),
-                 lora_modules: Sequence[Any] = ()):
+                 lora_modules: Sequence[Any] = (), input_tokenizer: Any = None):
         self.engine = engine
         self.config = config  # with the preset applied and max_num_seqs sized
         self.concurrency = job_concurrency(config, engine)  # jobs RunPod may send at once
@@ -75,7 +75,8 @@ class Worker:
         log_chat_template(engine, self.tokenizer, self.chat_template)
         # Plain jobs' prompts and grammar compiles use a copy, in threads of their own: vLLM's serving
         # layer changes the engine's tokenizer's truncation per call, in its threads ("Already borrowed").
-        self.input_tokenizer = copy.deepcopy(self.tokenizer)
+        # Loaded while the engine started where it could be (a copy of a 256k vocabulary takes a second).
+        self.input_tokenizer = input_tokenizer or copy.deepcopy(self.tokenizer)
         self.flush_policy = flush_policy(config)  # one for all streams, both dialects
         eos_token_id = self.tokenizer.eos_token_id
         openai = OpenAIJobs(engine, config, self.chat_template, self.flush_policy, self.input_tokenizer, eos_token_id,
@@ -122,16 +123,23 @@ def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ())
     # Already on this machine (baked, or in a cache): None means resolve_model downloads it after the doctor.
     local_model = find_local_model(config)
     readahead = WeightsReadahead(local_model.path).start() if local_model else None
+    input_tokenizer: Dict[str, Any] = {}
     try:
         plan = _plan_after_imports(config, local_model, timeline)
-        engine = _start_engine(plan, timeline, (*imports_during_start, *SERVING_MODULES))
+        side_work = [(f"{name} imported", functools.partial(importlib.import_module, name))
+                     for name in (*imports_during_start, *SERVING_MODULES)]
+        if _tokenizer_is_the_models(plan.config):
+            side_work.append(("input tokenizer loaded", lambda: input_tokenizer.update(
+                loaded=_load_tokenizer(plan.config, plan.model_path))))
+        engine = _start_engine(plan, timeline, side_work)
     finally:
         if readahead:  # the engine holds the weights by now, or failed
             readahead.stop()
     _read_engine_start(engine, plan, timeline)
     info = EngineInfo(mode=engine.mode, reason=engine.reason, platform=platform_name(),
                       start_seconds=round(time.monotonic() - started, 2), plan=plan.card_plan)
-    worker = Worker(engine.engine, plan.config, info, timeline, sorted(engine.process_ids), plan.adapters)
+    worker = Worker(engine.engine, plan.config, info, timeline, sorted(engine.process_ids), plan.adapters,
+                    input_tokenizer.get("loaded"))
     timeline.mark("ready for jobs")
     log.info("worker ready: model %s, engine %s, start-up %s", plan.config.model_label, info, timeline.to_output())
     return worker
@@ -149,14 +157,28 @@ def _plan_after_imports(config: WorkerConfig, local_model: Optional[ResolvedMode
     return plan_engine(config, local_model, timeline.mark)
 
 
+def _tokenizer_is_the_models(config: WorkerConfig) -> bool:
+    """Whether vLLM loads the tokenizer from the model's folder with its defaults, as _load_tokenizer does."""
+    engine_args = config.engine_args or {}
+    return config.tokenizer_name is None and not {"tokenizer_mode", "tokenizer_revision"} & set(engine_args)
+
+
+def _load_tokenizer(config: WorkerConfig, model_path: str) -> Any:
+    """A tokenizer of its own for the job inputs, loaded and made thread-safe as vLLM makes the engine's
+    (uncached: not the same object)."""
+    from vllm.tokenizers import get_tokenizer
+    from vllm.tokenizers.hf import maybe_make_thread_pool
+
+    tokenizer = get_tokenizer(model_path, runner_type="generate", trust_remote_code=config.trust_remote_code)
+    return maybe_make_thread_pool(tokenizer)
+
+
 def _start_engine(plan: EnginePlan, timeline: StartupTimeline,
-                  imports_during_start: Sequence[str]) -> StartedEngine:
+                  side_work: Sequence[Tuple[str, Callable[[], Any]]]) -> StartedEngine:
     """The engine, started down the fallback ladder within ENGINE_START_TIMEOUT_S, while this
-    process imports what the caller asked for and collects its start-up garbage."""
+    process does ``side_work`` (imports, the input tokenizer) and collects its start-up garbage."""
     config = plan.config
-    background = DeferredWork(
-        [(f"{name} imported", functools.partial(importlib.import_module, name)) for name in imports_during_start]
-        + [("start-up garbage collected", gc.collect)], timeline)
+    background = DeferredWork([*side_work, ("start-up garbage collected", gc.collect)], timeline)
     try:
         engine = start_with_fallback(
             config, plan.mode, plan.reason, lambda mode: start_engine(config, mode, plan.model_path),

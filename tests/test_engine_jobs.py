@@ -48,6 +48,23 @@ def test_stream_equals_non_stream_under_greedy(run_job):
     assert whole[0]["usage"]["completion_tokens"] == streamed[-1]["usage"]["completion_tokens"] == 80
 
 
+def test_job_inputs_have_a_tokenizer_of_their_own_that_encodes_as_the_engines(worker, tiny_model_dir):
+    from gams_worker.config import load_config
+    from gams_worker.worker import _load_tokenizer, _tokenizer_is_the_models
+
+    # Loaded while the engine starts (vLLM's way, uncached), not shared with vLLM's serving layer.
+    assert worker.input_tokenizer is not worker.tokenizer
+    loaded = _load_tokenizer(worker.config, tiny_model_dir)
+    assert loaded is not worker.tokenizer and type(loaded).__name__ == type(worker.tokenizer).__name__
+    assert _tokenizer_is_the_models(worker.config)
+    assert not _tokenizer_is_the_models(load_config({"TOKENIZER_NAME": "other/tokenizer"}))
+    assert not _tokenizer_is_the_models(load_config({"ENGINE_ARGS": '{"tokenizer_mode": "slow"}'}))
+    text = "Kaj je vredno videti v Ljubljani? Čebele in žganci."
+    assert worker.input_tokenizer.encode(text) == worker.tokenizer.encode(text)
+    assert worker.input_tokenizer.chat_template == worker.tokenizer.chat_template
+    assert loaded.encode(text) == worker.tokenizer.encode(text)
+
+
 def test_utf8_integrity_on_slovene_text(run_job, worker):
     outputs = run_job({"prompt": "Šola, čebela, žganci: ", "sampling_params": greedy(120), "stream": True})
     text = joined_text(outputs)

@@ -47,6 +47,9 @@ CONTRACT: Tuple[Uses, ...] = (
          ("from_engine_args", "generate", "abort", "errored", "get_tokenizer", "shutdown", "model_config",
           "vllm_config", "renderer", "output_processor", "do_log_stats")),
     Uses("vllm.config", "VllmConfig", ("speculative_config", "structured_outputs_config")),
+    # The job inputs' own tokenizer, loaded while the engine starts (gams_worker/worker.py).
+    Uses("vllm.tokenizers", "get_tokenizer", (), ("runner_type", "trust_remote_code")),
+    Uses("vllm.tokenizers.hf", "maybe_make_thread_pool"),
     # The engine watchdog stamps its step clock in this per-message call (gams_worker/serving/watchdog.py).
     Uses("vllm.v1.engine.output_processor", "OutputProcessor", ("update_scheduler_stats", "get_num_unfinished_requests")),
     Uses("vllm.config", "CacheConfig", ("kv_cache_size_tokens", "num_gpu_blocks", "block_size")),
