@@ -2,10 +2,12 @@
 starts through the platform (`python handler.py` under the runpod SDK loop, against the RunPod emulator) with
 default settings and serves bursts of streamed jobs.
 
-    python -m bench.card_emulation --model DIR [--cards 24 32 full] [--concurrency 1 8 32] [--tokens 256]
+    python -m bench.card_emulation --model DIR [--cards 24 32 48 full] [--concurrency 1 8 32] [--tokens 256]
 
 Per card: the worker's plan line (and the first job's `engine.plan`), process start -> first job done, and
-tok/s per burst (jobs x tokens / first submit -> last result). Printed and written to --out, never asserted.
+tok/s per burst (jobs x tokens / first submit -> last result); on a machine of several GPUs each card is
+emulated on every one, and the GPU processes left after the worker's SIGTERM are listed (none, for a clean
+stop). Printed and written to --out, never asserted.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Any, Dict, List, Optional
 
 from bench.fast_starts import PROMPTS, ROOT, stop_process_group
 
-# Free memory of each emulated card when idle, GiB: an L4 (22.49 GiB total) and an RTX 5090 (31.84).
-CARD_FREE_GIB = {"24": 22.0, "32": 31.3}
+# Free memory of each emulated card when idle, GiB: an L4 (22.49 GiB total), an RTX 5090 (31.84), an L40S (44.99).
+CARD_FREE_GIB = {"24": 22.0, "32": 31.3, "48": 44.4}
 HOLDER = """
 import sys, time, torch
 torch.cuda.init(); torch.zeros(1, device="cuda")
@@ -34,12 +36,36 @@ time.sleep(86400)
 """
 
 
-def hold_memory(free_gib: float) -> subprocess.Popen:
-    """A process holding all but ``free_gib`` of the GPU's memory; returns once it holds it."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(free_gib)], stdout=subprocess.PIPE, text=True,
-                              process_group=0)
-    print("  " + (holder.stdout.readline().strip() or f"the holder exited with {holder.wait()}"), flush=True)
-    return holder
+def gpu_count() -> int:
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return max(1, sum(line.startswith("GPU ") for line in listed.splitlines()))
+
+
+def hold_memory(free_gib: float) -> List[subprocess.Popen]:
+    """A process per GPU holding all but ``free_gib`` of its memory; returns once they hold it."""
+    holders = []
+    for gpu in range(gpu_count()):
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(free_gib)], stdout=subprocess.PIPE, text=True,
+                                  process_group=0, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)})
+        print(f"  GPU {gpu}: " + (holder.stdout.readline().strip() or f"the holder exited with {holder.wait()}"),
+              flush=True)
+        holders.append(holder)
+    return holders
+
+
+def gpu_processes(ignore: List[int], wait_s: float = 30.0) -> List[str]:
+    """The GPU's compute processes other than ``ignore`` (the holders), once none are left or after ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            listed = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout
+        except FileNotFoundError:  # no GPU here (a CPU try)
+            return []
+        left = [line for line in listed.splitlines() if line.strip() and int(line.split(",")[0]) not in ignore]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def job(tokens: int) -> Dict[str, Any]:
@@ -55,7 +81,7 @@ def wait_all(records: List[Any], proc: subprocess.Popen, timeout_s: float) -> No
                 raise RuntimeError(f"the worker {'exited' if proc.poll() is not None else 'timed out'}")
 
 
-def serve(name: str, model: str, args: argparse.Namespace) -> Dict[str, Any]:
+def serve(name: str, model: str, args: argparse.Namespace, holders: List[int]) -> Dict[str, Any]:
     """One worker on the GPU as it is now: start, first job, then each burst."""
     from tests.harness.runpod_emulator import RunPodEmulator
 
@@ -84,8 +110,10 @@ def serve(name: str, model: str, args: argparse.Namespace) -> Dict[str, Any]:
     except RuntimeError as exc:
         row["error"] = str(exc)
     finally:
-        stop_process_group(proc)
+        stop_process_group(proc)  # SIGTERM, as RunPod stops a worker
         emulator.close()
+    row["exit_code"] = proc.returncode
+    row["gpu_processes_after_stop"] = gpu_processes(holders)
     row.update(log_lines(log_path))
     return row
 
@@ -104,7 +132,7 @@ def log_lines(log_path: Path) -> Dict[str, Optional[str]]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="GaMS-9B-shaped weights (bench/gpu_session.sh model)")
-    parser.add_argument("--cards", nargs="+", default=["24", "32", "full"], choices=["24", "32", "full"])
+    parser.add_argument("--cards", nargs="+", default=["24", "32", "full"], choices=[*CARD_FREE_GIB, "full"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--preset", default="cjvt/GaMS-9B-Instruct", help="MODEL_PRESET ('': none, for a CPU try)")
@@ -116,11 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for card in args.cards:
         print(f"== card {card}", flush=True)
-        holder = hold_memory(CARD_FREE_GIB[card]) if card != "full" else None
+        holders = hold_memory(CARD_FREE_GIB[card]) if card != "full" else []
         try:
-            rows.append(serve(card, args.model, args))
+            rows.append(serve(card, args.model, args, [holder.pid for holder in holders]))
         finally:
-            if holder:
+            for holder in holders:
                 stop_process_group(holder)
         print(json.dumps(rows[-1], indent=1), flush=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))

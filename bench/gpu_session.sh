@@ -34,6 +34,12 @@
 #                  (b)+(c) bare processes (import torch + AsyncLLM, create it), greedy outputs, b1/c64
 #       seed       cold starts without and with the image's model info (builder/seed_model_info.py)
 #       table      the table of every run so far (each step also prints it)
+#   bash bench/gpu_session.sh tp model|cards|suite  # issue 33, on 2 GPUs (nvidia-h100-x2), each < 10 min:
+#                                            # model: GaMS-27B-shaped weights (~50 GB); cards: the worker with
+#                                            # default settings on 48 GB cards emulated on both GPUs (TP 2), then the
+#                                            # whole cards (TP 1; CARDS="48" or "full" for one), 1/8/32/64 streams,
+#                                            # GPU processes left after SIGTERM; suite: raw engine and handler
+#                                            # in-process at TP 2 (gpu_suite)
 #   bash bench/gpu_session.sh levers main|branch|eagerbackend  # issue 29, ~5 min each: main's worker (the
 #                                            # checkout in before29/: `mkdir before29; git archive MAIN | tar -x -C
 #                                            # before29`, carried) or this one's, on a fresh stand-in volume: a cold
@@ -154,6 +160,20 @@ case ${1:-} in
     fast bare $which-bare --root $root "${run_env[@]}"
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/levers-table.md"
     cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/$which-*.log "$OUT/" 2>/dev/null
+    ;;
+  tp)
+    m27=/tmp/gams-27b-shaped
+    case ${2:-} in
+      model) nvidia-smi -L | tee "$OUT/tp-gpus.txt"
+             time python3 -m builder.shaped_model gams-27b $m27 --device cuda 2>&1 | tail -2; du -sh $m27 ;;
+      cards) timeout 560 python3 -m bench.card_emulation --model $m27 --preset cjvt/GaMS-27B-Instruct \
+               --cards ${CARDS:-48 full} --concurrency 1 8 32 64 --start-timeout 400 --out "$OUT/tp-cards.json" \
+               2>&1 | tee "$OUT/tp-cards.txt" ;;
+      suite) timeout 560 python3 -m bench.gpu_suite run --model $m27 --mode full --tensor-parallel-size 2 \
+               --concurrency 1 8 32 64 --out "$OUT/tp-suite.json" >"$OUT/tp-suite.log" 2>&1
+             echo "== suite TP 2: exit $?"; grep -E '^\{"path"|^SUMMARY' "$OUT/tp-suite.log" ;;
+      *) sed -n 2,60p "$0"; exit 2 ;;
+    esac
     ;;
   lora)
     timeout 540 python3 -m bench.lora_cost --model $MODEL --out "$OUT/lora-cost.json" 2>&1 | tee "$OUT/lora-cost.txt"

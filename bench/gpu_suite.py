@@ -115,13 +115,14 @@ def run(args) -> None:
         env["QUANTIZATION"] = args.quantization
     if args.max_num_seqs:
         env["MAX_NUM_SEQS"] = str(args.max_num_seqs)
+    env["MAX_CONCURRENCY"] = str(max(args.concurrency))
     config = load_config(env)
     setup_logging(config)
     started = time.perf_counter()
     engine = start_engine(config, args.mode, args.model)
     start_seconds = time.perf_counter() - started
     info = EngineInfo(args.mode, "benchmark", platform_name(), round(start_seconds, 2))
-    worker = Worker(engine, config, info, concurrency=max(args.concurrency))
+    worker = Worker(engine, config, info)
     try:
         results = asyncio.run(sweep(worker, args))
     finally:
