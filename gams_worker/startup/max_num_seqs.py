@@ -9,12 +9,13 @@ from typing import Optional, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.memory import GIB, ModelMemory
+from gams_worker.startup.engine import VLLM_MAX_CAPTURE_SIZE
 from gams_worker.startup.host import HostFacts
 
 log = logging.getLogger(__name__)
 
-# The most sequences sized for: vLLM's largest CUDA graph by default (max_cudagraph_capture_size 512).
-MAX_NUM_SEQS_CAP = 512
+# The most sequences sized for: vLLM's largest CUDA graph by default.
+MAX_NUM_SEQS_CAP = VLLM_MAX_CAPTURE_SIZE
 # Sized values are rounded down to a multiple of this, so that cards of one kind share one compile-cache
 # entry (max_num_seqs is part of vLLM's hash).
 MAX_NUM_SEQS_STEP = 16
