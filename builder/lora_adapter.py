@@ -10,20 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = ATTENTION + MLP
-
-
-def module_shapes(config: Dict) -> Dict[str, Tuple[int, int]]:
-    """(in, out) features of each Gemma 2 linear layer a LoRA adapter may target, as the worker checks them."""
-    from gams_worker.memory import lora_shapes
-
-    heads = config["num_attention_heads"]
-    return lora_shapes(config["hidden_size"], heads, config.get("num_key_value_heads") or heads,
-                       config.get("head_dim") or config["hidden_size"] // heads, config["intermediate_size"])
 
 
 def build(model_dir: str, out: str, rank: int = 8, seed: int = 0, targets: Sequence[str] = ALL_LINEAR,
@@ -32,8 +23,10 @@ def build(model_dir: str, out: str, rank: int = 8, seed: int = 0, targets: Seque
     import torch
     from safetensors.torch import save_file
 
+    from gams_worker.memory import lora_shapes_of
+
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    shapes = module_shapes(config)
+    shapes = lora_shapes_of(config)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config["num_hidden_layers"]):

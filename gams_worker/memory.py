@@ -116,6 +116,13 @@ def lora_shapes(hidden: int, heads: int, kv_heads: int, head_dim: int, intermedi
             "down_proj": (intermediate, hidden)}
 
 
+def lora_shapes_of(text: Dict[str, Any]) -> Dict[str, Tuple[int, int]]:
+    """``lora_shapes`` of the model whose (text) config.json is ``text``."""
+    hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
+    return lora_shapes(hidden, heads, int(text.get("num_key_value_heads") or heads),
+                       int(text.get("head_dim") or hidden // heads), int(text.get("intermediate_size") or 0))
+
+
 def lora_params_per_rank(layers: int, *shape: int) -> int:
     """One adapter's parameters per unit of rank when it targets every module of ``lora_shapes(*shape)``: vLLM
     allocates A (rank x in) and B (out x rank) of each for each of MAX_LORAS slots at MAX_LORA_RANK."""

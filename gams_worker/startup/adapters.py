@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import AdapterError, ConfigError, IncompleteModelError, ModelNotFoundError
-from gams_worker.memory import lora_shapes
+from gams_worker.memory import lora_shapes_of
 from gams_worker.startup.model import resolve_adapter
 from gams_worker.startup.model_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, safetensors_header
 
@@ -103,9 +103,7 @@ def _check_features(name: str, adapter_config: Dict[str, Any], max_rank: int) ->
 def _check_tensors(name: str, tensors: Dict[str, Any], model_config: Dict[str, Any]) -> None:
     """Every tensor one of a Gemma 2 layer's q/k/v/o/gate/up/down, of the shape this model's layer needs."""
     text = model_config.get("text_config") or model_config
-    heads = text["num_attention_heads"]
-    shapes = lora_shapes(text["hidden_size"], heads, text.get("num_key_value_heads") or heads,
-                         text.get("head_dim") or text["hidden_size"] // heads, text["intermediate_size"])
+    shapes = lora_shapes_of(text)
     for tensor, entry in tensors.items():
         match = _TENSOR.match(tensor)
         if not match or match.group(2) not in shapes:
