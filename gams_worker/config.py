@@ -335,6 +335,11 @@ class WorkerConfig:
         """The adapters vLLM holds on the GPU at once (0 without LoRA)."""
         return (self.max_loras or len(self.lora_modules)) if self.lora_modules else 0
 
+    @property
+    def lora_ranks(self) -> int:
+        """The adapter slots' ranks vLLM allocates, MAX_LORAS x MAX_LORA_RANK: what the memory model counts."""
+        return self.lora_slots * self.max_lora_rank
+
 
 def settings() -> Tuple[Tuple[dataclasses.Field, Setting], ...]:
     """Every setting, in the table's order: WorkerConfig's fields, InputLimits' in the place of theirs."""

@@ -95,7 +95,7 @@ def _memory(preset: Preset, card: Card, step: Tuple[Optional[str], str], utiliza
     tp = (config.tensor_parallel_size if _given(config, "tensor_parallel_size") else
           choose_tensor_parallel(weights_gib, card.count, card.total_bytes / GIB, utilization))
     return tp, preset.architecture.memory(bf16_bytes, tp, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-                                          lora_ranks=config.lora_slots * config.max_lora_rank)
+                                          lora_ranks=config.lora_ranks)
 
 
 def plan_card(config: WorkerConfig, preset: Preset, card: Card) -> Optional[CardPlan]:

@@ -32,7 +32,7 @@ def run_doctor(config: WorkerConfig, facts: HostFacts, model_dir: Optional[str])
     """Judge the host for the model in ``model_dir`` (None: not on this machine yet); log the
     report and return it. Never raises."""
     memory = model_memory(model_dir, config.dtype, config.tensor_parallel_size, config.quantization,
-                          config.kv_cache_dtype, config.lora_slots * config.max_lora_rank) if model_dir else None
+                          config.kv_cache_dtype, config.lora_ranks) if model_dir else None
     report = dataclasses.replace(diagnose(facts, memory, config), memory=memory)
     log.info("doctor report:\n  %s", "\n  ".join(report.lines))
     for verdict in report.verdicts:

@@ -117,7 +117,7 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
     # The doctor read the model's memory where it was here already; a download is read now.
     memory = report.memory or model_memory(model.path, config.dtype, config.tensor_parallel_size,
                                            config.quantization, config.kv_cache_dtype,
-                                           config.lora_slots * config.max_lora_rank)
+                                           config.lora_ranks)
     config = with_max_num_seqs(config, facts, memory)
     compile_cache = choose_compile_cache(config)
     export_to_engine(compile_cache.engine_environment())
