@@ -484,7 +484,7 @@ def test_rp_serve_api_serves_runsync_and_stream(tiny_model_dir, tmp_path):
         def up() -> bool:
             try:
                 return requests.get(f"{base}/docs", timeout=2).status_code == 200
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy to answer yet
                 return False
 
         wait_until(up, START_TIMEOUT_S, "the API server", worker, step=0.5)
