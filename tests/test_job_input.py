@@ -202,3 +202,19 @@ def test_an_error_that_echoes_a_lone_surrogate_is_still_text_utf8_can_send():
     output["error"].encode("utf-8")  # the SDK posts it encoded: this must not raise
     assert json.loads(output["error"])["param"] == "\ud800"  # the client still reads what was sent
     assert error_output("invalid_input", "žganci")["error"] == '{"type": "invalid_input", "message": "žganci"}'
+
+
+def test_small_json_counts_characters_and_items_and_stops_at_the_budget():
+    from gams_worker.jobs.input import small_json
+
+    request = {"openai_route": "/v1/chat/completions",
+               "openai_input": {"messages": [{"role": "user", "content": "Živjo!"}], "max_tokens": 16}}
+    assert small_json(request, 200)
+    assert not small_json(request, 20)
+    assert not small_json({"prompt": "x" * 20000}, 16384)
+    assert not small_json({"prompt": [0] * 20000}, 16384)
+    deep: list = []
+    for _ in range(50000):  # nested far past Python's recursion limit: the walk keeps no stack of calls
+        deep = [deep]
+    assert not small_json(deep, 16384)
+    assert small_json([[[]]], 16)

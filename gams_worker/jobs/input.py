@@ -30,6 +30,22 @@ def nests_deeper_than(value: Any, limit: int) -> bool:
     return bool(level)
 
 
+def small_json(value: Any, budget: int) -> bool:
+    """Whether ``value`` holds at most ``budget`` string characters and items in all: a walk that stops as
+    soon as it has counted more, so it costs at most about ``budget`` steps whatever the input."""
+    pending = [value]
+    while pending:
+        node = pending.pop()
+        budget -= 1 + (len(node) if isinstance(node, (str, Mapping, list)) else 0)
+        if budget < 0:
+            return False
+        if isinstance(node, Mapping):
+            pending += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            pending += node
+    return True
+
+
 def encoded_json(raw: Any, field: str) -> bytes:
     """``raw`` as UTF-8 JSON; JobInputError for what is not plain JSON or not valid Unicode."""
     if nests_deeper_than(raw, MAX_JSON_DEPTH):
