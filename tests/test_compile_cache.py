@@ -27,8 +27,12 @@ def test_network_volume_when_mounted_else_container(tmp_path, monkeypatch):
     assert cache.location == "network volume"
     assert cache.path == str(volume / "gams-worker" / "compile-cache")
     assert os.path.isdir(cache.path) and cache.before == ArtifactCount(0, 0)
+    monkeypatch.delenv("VLLM_ENABLE_STARTUP_PLAN", raising=False)
     assert cache.engine_environment() == {"VLLM_CACHE_ROOT": cache.path,
-                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton")}
+                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton"),
+                                          "VLLM_ENABLE_STARTUP_PLAN": "1"}  # vLLM's memory profile kept there too
+    monkeypatch.setenv("VLLM_ENABLE_STARTUP_PLAN", "0")  # vLLM's own variable: a deployment may turn it off
+    assert cache.engine_environment()["VLLM_ENABLE_STARTUP_PLAN"] == "0"
 
 
 def test_an_unusable_volume_falls_back_to_the_container(tmp_path, monkeypatch):
@@ -253,6 +257,7 @@ def test_with_no_writable_folder_vllm_is_told_to_save_nothing(tmp_path, monkeypa
     monkeypatch.setattr(compile_cache, "TEMPORARY_DIR", str(blocker / "tmp"))
     cache = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(blocker / "cc")}))
     assert cache.disabled and cache.engine_environment()["VLLM_DISABLE_COMPILE_CACHE"] == "1"
+    assert "VLLM_ENABLE_STARTUP_PLAN" not in cache.engine_environment()  # nowhere to keep it
     (warning,) = volume_warnings(caplog)
     assert warning.endswith("vLLM compiles every start and saves nothing")
 

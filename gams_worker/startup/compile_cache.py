@@ -28,6 +28,8 @@ TEMPORARY_DIR = os.path.join(tempfile.gettempdir(), "gams-worker", "compile-cach
 MIN_FREE_BYTES = 1 << 30
 TRITON_SUBDIR = "triton"
 MODEL_INFO_SUBDIR = "modelinfos"  # vLLM's model-info cache, not compiled code
+# vLLM's own switch (0.32) for reusing a start's memory profile: only where a card has the free memory it had.
+STARTUP_PLAN = "VLLM_ENABLE_STARTUP_PLAN"
 _ARTIFACT = re.compile(r"\.(so|py|cubin|ptx|hsaco|json|pt|bin)$|^model$")
 # vLLM's lines when it took its graphs from the cache (CUDA and CPU builds word it apart) ...
 _LOADED_FROM_CACHE = re.compile(r"Directly load (?:AOT compilation|the compiled graph)")
@@ -55,6 +57,8 @@ class CompileCache:
         environment = {"VLLM_CACHE_ROOT": self.path, "TRITON_CACHE_DIR": os.path.join(self.path, TRITON_SUBDIR)}
         if self.disabled:
             environment["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+        else:  # vLLM keeps the KV cache size it profiled here too: a warm start on the same card skips profiling
+            environment[STARTUP_PLAN] = os.environ.get(STARTUP_PLAN, "1")
         return environment
 
     def emptied(self) -> "CompileCache":
