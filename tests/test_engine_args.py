@@ -66,6 +66,29 @@ def test_the_graph_mode_is_the_workers_and_other_compilation_fields_pass_through
     assert eager["enforce_eager"] and eager["compilation_config"] == config.engine_args["compilation_config"]
 
 
+def test_on_a_gpu_the_piecewise_rung_hashes_as_the_full_rung_to_reuse_its_compile_cache(monkeypatch):
+    import copy
+    import pickle
+
+    from vllm.config import CompilationConfig
+
+    from gams_worker.startup import engine
+
+    monkeypatch.setattr(engine, "platform_name", lambda: "cuda")
+    config = checked({"compilation_config": {"cudagraph_capture_sizes": [1, 8]}})
+    rung = engine_kwargs(config, "piecewise", "/m")["compilation_config"]
+    assert isinstance(rung, CompilationConfig) and rung.cudagraph_mode.name == "PIECEWISE"
+    assert rung.cudagraph_capture_sizes == [1, 8]
+    # What the FULL rung's config is once vLLM resolves its default mode: its compile cache's key.
+    full = CompilationConfig(**engine_kwargs(config, "full", "/m")["compilation_config"],
+                             cudagraph_mode="FULL_AND_PIECEWISE")
+    assert rung.compute_hash() == full.compute_hash()
+    assert CompilationConfig(cudagraph_mode="PIECEWISE", cudagraph_capture_sizes=[1, 8]).compute_hash() != \
+        full.compute_hash()  # vLLM's own hash tells the modes apart
+    for passed in (copy.deepcopy(rung), pickle.loads(pickle.dumps(rung))):  # as vLLM copies it, and spawns
+        assert passed.cudagraph_mode.name == "PIECEWISE" and passed.compute_hash() == full.compute_hash()
+
+
 def test_the_worker_captures_fewer_graph_sizes_unless_told_otherwise():
     sized = dataclasses.replace(load_config({}), max_num_seqs=320)
     sizes = engine_kwargs(sized, "full", "/m")["compilation_config"]["cudagraph_capture_sizes"]

@@ -22,7 +22,6 @@ GRAPH_MODES = ("full", "piecewise", "eager")
 # Test-only fault injection (tests/harness/fault_injection.py, importable where the tests run),
 # named here so that the parent process need not import vLLM's worker classes.
 FAILING_WORKER_CLS = "tests.harness.fault_injection.FailingStartWorker"
-INJECTED_FAILURE_KEY = "gams_inject_start_failure"  # in vLLM's additional_config
 # compilation_config fields the worker sets: ENGINE_ARGS' compilation_config may set any other.
 WORKER_COMPILATION_FIELDS = {"cudagraph_mode": "the graph mode (ENFORCE_EAGER, GRAPH_FALLBACK)"}
 # The largest CUDA graph vLLM captures by default (min(2 x max_num_seqs, this)).
@@ -37,7 +36,7 @@ WORKER_ARGUMENTS = {
     "tensor_parallel_size": "TENSOR_PARALLEL_SIZE", "enable_prefix_caching": "ENABLE_PREFIX_CACHING",
     "quantization": "QUANTIZATION", "enforce_eager": "ENFORCE_EAGER", "disable_log_stats": "LOG_ENGINE_STATS",
     "max_num_seqs": "MAX_NUM_SEQS", "max_cudagraph_capture_size": "MAX_CUDAGRAPH_CAPTURE_SIZE",
-    "worker_cls": "GAMS_TEST_INJECT_START_FAILURE", "additional_config": "GAMS_TEST_INJECT_START_FAILURE",
+    "worker_cls": "GAMS_TEST_INJECT_START_FAILURE",
     "enable_lora": "LORA_MODULES", "max_cpu_loras": "LORA_MODULES", "max_loras": "MAX_LORAS",
     "max_lora_rank": "MAX_LORA_RANK",
 }
@@ -68,8 +67,7 @@ def engine_kwargs(config: WorkerConfig, mode: str, model_path: str) -> Dict[str,
         kwargs.update(graph_arguments(config, mode))
     kwargs.update(lora_kwargs(config))
     if config.inject_start_failure:  # test-only: the first start fails inside the engine process
-        kwargs["worker_cls"] = FAILING_WORKER_CLS
-        kwargs["additional_config"] = {INJECTED_FAILURE_KEY: config.inject_start_failure}
+        kwargs["worker_cls"] = FAILING_WORKER_CLS  # which reads the variable: no part of vLLM's compile hash
     return {**(config.engine_args or {}), **kwargs}
 
 
@@ -97,6 +95,10 @@ def graph_arguments(config: WorkerConfig, mode: str) -> Dict[str, Any]:
     elif config.max_num_seqs is not None and not {"cudagraph_capture_sizes", "max_cudagraph_capture_size"} & set(
             compilation):
         compilation["cudagraph_capture_sizes"] = capture_sizes(min(2 * config.max_num_seqs, VLLM_MAX_CAPTURE_SIZE))
+    if mode == "piecewise" and platform_name() == "cuda":  # the FULL rung's compile cache (piecewise_rung.py)
+        from gams_worker.startup.piecewise_rung import PiecewiseRungConfig
+
+        compilation = PiecewiseRungConfig(**compilation)
     if compilation:
         arguments["compilation_config"] = compilation
     return arguments

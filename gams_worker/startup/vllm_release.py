@@ -54,6 +54,9 @@ CONTRACT: Tuple[Uses, ...] = (
     Uses("vllm.v1.engine.output_processor", "OutputProcessor", ("update_scheduler_stats", "get_num_unfinished_requests")),
     Uses("vllm.config", "CacheConfig", ("kv_cache_size_tokens", "num_gpu_blocks", "block_size")),
     Uses("vllm.config", "SchedulerConfig", ("max_num_seqs",)),
+    # The PIECEWISE rung's config, hashed as the FULL rung's (startup/piecewise_rung.py).
+    Uses("vllm.config", "CompilationConfig", ("compute_hash",), ("cudagraph_mode", "cudagraph_capture_sizes")),
+    Uses("vllm.config.compilation", "CUDAGraphMode", ("FULL_AND_PIECEWISE", "PIECEWISE")),
     Uses("vllm.v1.engine.exceptions", "EngineDeadError"),
     Uses("vllm.exceptions", "VLLMValidationError", (), ("parameter",)),
     # Structured-output grammars, compiled in the worker with a deadline (gams_worker/jobs/grammar.py).

@@ -16,8 +16,9 @@ import os
 import threading
 from typing import Any
 
-from gams_worker.startup.engine import INJECTED_FAILURE_KEY
+from gams_worker.config import variable_of
 
+INJECTION_VARIABLE = variable_of("inject_start_failure")
 HANG = "gams-test: hang"  # the file's text that makes the first start hang
 
 
@@ -48,8 +49,8 @@ class FailingStartWorker(_platform_worker_class()):  # type: ignore[misc]
     # Fails in load_model, before vLLM compiles and warms up (a minute of CPU in tests);
     # the classifier reads the stage from the injected text itself.
     def load_model(self, *args: Any, **kwargs: Any) -> Any:
-        additional = getattr(self.vllm_config, "additional_config", None) or {}
-        text = take_failure_text(additional[INJECTED_FAILURE_KEY]) if INJECTED_FAILURE_KEY in additional else ""
+        path = os.environ.get(INJECTION_VARIABLE)  # inherited from the worker's process
+        text = take_failure_text(path) if path else ""
         if text.strip() == HANG:
             threading.Event().wait()  # for ever: only the start deadline ends this
         if text:
