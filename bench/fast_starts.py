@@ -24,6 +24,7 @@ Numbers are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -85,6 +86,9 @@ def worker_run(name: str, results: Path, env_overrides: Dict[str, str], tokens: 
         raise SystemExit(f"{name}: the job failed: {record.result}; log: {log_path}")
     outputs = record.result["output"]
     startup = next((out["startup"] for out in outputs if isinstance(out, dict) and "startup" in out), None)
+    # The greedy text, so that starts in other graph modes or from other caches can be compared.
+    text = "".join(choice.get("text", "") for out in outputs if isinstance(out, dict)
+                   for choice in out.get("choices", ()))
     return {
         "kind": "worker",
         "name": name,
@@ -93,6 +97,9 @@ def worker_run(name: str, results: Path, env_overrides: Dict[str, str], tokens: 
         "first_chunk_s": round(record.chunks[0][0] - spawned, 2),
         "job_done_s": round(record.results[0][0] - spawned, 2),
         "startup": startup,
+        "output_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "engine_mode": next((out["engine"]["mode"] for out in outputs if isinstance(out, dict) and "engine" in out),
+                            None),
     }
 
 
