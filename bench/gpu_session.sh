@@ -113,6 +113,17 @@ fast() {
   echo "== $kind $name: exit $?"; grep '^{"kind"' "$FAST/$name.out" | cut -c1-900
 }
 
+# The seed's failure, as the engine prints it: FULL decode capture dies on unsupported PTX (injected: the
+# first engine start raises this text).
+ptx_fault() {
+  cat > /tmp/ptx-fault.txt <<'EOF_FAULT'
+torch.AcceleratorError: CUDA error: the provided PTX was compiled with an unsupported toolchain.
+Search for the following error message `cudaErrorUnsupportedPtxVersion'
+INFO Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%|##########| 51/51
+INFO Capturing CUDA graphs (decode, FULL):   0%|          | 0/35
+EOF_FAULT
+}
+
 case ${1:-} in
   faststarts)
     common=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$VOLUME)
@@ -175,8 +186,7 @@ case ${1:-} in
     fast worker multithread-warm "${run_env[@]}" "$loader"
     python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
     fast worker multithread-dropped "${run_env[@]}" "$loader"
-    echo "CUDA error: the provided PTX was compiled with an unsupported toolchain. (cudaErrorUnsupportedPtxVersion)" \
-      > /tmp/ptx-fault.txt
+    ptx_fault
     fast worker ladder-warm "${run_env[@]}" GAMS_TEST_INJECT_START_FAILURE=/tmp/ptx-fault.txt
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/startlevers-table.md"
     cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/ladder-warm.log $FAST/plan-off-warm.log "$OUT/" 2>/dev/null
@@ -263,13 +273,7 @@ EOF_PY
     done
     ;;
   ladder)
-    # The seed's failure, as the engine prints it: FULL decode capture dies on unsupported PTX.
-    cat > /tmp/ptx-fault.txt <<'EOF_FAULT'
-torch.AcceleratorError: CUDA error: the provided PTX was compiled with an unsupported toolchain.
-Search for the following error message `cudaErrorUnsupportedPtxVersion'
-INFO Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%|##########| 51/51
-INFO Capturing CUDA graphs (decode, FULL):   0%|          | 0/35
-EOF_FAULT
+    ptx_fault
     worker_run ladder-ptx GAMS_TEST_INJECT_START_FAILURE=/tmp/ptx-fault.txt
     ;;
   platform|platform-stats|platform-budget|platform-before)
