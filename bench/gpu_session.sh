@@ -45,9 +45,10 @@
 #                                            # before29`, carried) or this one's, on a fresh stand-in volume: a cold
 #                                            # start, a warm one, one with the page cache dropped, then the bare
 #                                            # engine's b1/c64/c256; eagerbackend: this one without Inductor
-#   bash bench/gpu_session.sh startlevers     # issue 29, ~3 min, after `levers branch`: warm without vLLM's startup
-#                                            # plan; the multi-thread loader warm and page cache dropped; the ladder
-#                                            # (FULL fails early, PIECEWISE on the FULL rung's compile cache)
+#   bash bench/gpu_session.sh startlevers     # issue 29, ~4 min, fresh volume: cold, warm, warm without vLLM's
+#                                            # startup plan, the ladder (FULL fails early, PIECEWISE on the FULL
+#                                            # rung's compile cache), page cache dropped with vLLM's default and
+#                                            # its multi-thread loader
 #   bash bench/gpu_session.sh lora            # issue 32, < 9 min: the raw engine without LoRA, then with 4 rank-16
 #                                            # adapters (base only, 1, 4 in the mix) at 1/32/128 streams; KV tokens
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
@@ -176,20 +177,24 @@ case ${1:-} in
     cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/$which-*.log "$OUT/" 2>/dev/null
     ;;
   startlevers)
-    # Issue 29, after `levers branch` on its warm volume: a warm start without vLLM's startup plan, vLLM's
-    # multi-thread weight loader warm and with the page cache dropped, then the ladder: FULL fails early (an
-    # injected failure), PIECEWISE starts on what the FULL rung compiled.
-    vol=/tmp/vol-branch; run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol)
-    [ -d $vol ] || { echo "no $vol: run 'levers branch' first"; exit 2; }
+    # Issue 29 on a fresh stand-in volume: a cold start, a warm one, a warm one without vLLM's startup plan,
+    # the ladder (FULL fails early, injected; PIECEWISE starts on what the FULL rung compiled), then with the
+    # page cache dropped vLLM's default loader and its multi-thread loader.
+    python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode, as the image has it
+    vol=/tmp/vol-levers; rm -rf $vol ~/.cache/vllm ~/.triton /tmp/torchinductor_*; mkdir -p $vol $FAST
+    run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol)
     loader='ENGINE_ARGS={"model_loader_extra_config": {"enable_multithread_load": true, "num_threads": 8}}'
+    fast worker levers-cold "${run_env[@]}"
+    fast worker levers-warm "${run_env[@]}"
     fast worker plan-off-warm "${run_env[@]}" VLLM_ENABLE_STARTUP_PLAN=0
-    fast worker multithread-warm "${run_env[@]}" "$loader"
-    python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
-    fast worker multithread-dropped "${run_env[@]}" "$loader"
     ptx_fault
     fast worker ladder-warm "${run_env[@]}" GAMS_TEST_INJECT_START_FAILURE=/tmp/ptx-fault.txt
+    python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
+    fast worker levers-dropped "${run_env[@]}"
+    python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
+    fast worker multithread-dropped "${run_env[@]}" "$loader"
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/startlevers-table.md"
-    cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/ladder-warm.log $FAST/plan-off-warm.log "$OUT/" 2>/dev/null
+    cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/ladder-warm.log $FAST/levers-warm.log "$OUT/" 2>/dev/null
     ;;
   tp)
     m27=/tmp/gams-27b-shaped
