@@ -361,9 +361,12 @@ def load_config(environ: Optional[Mapping[str, str]] = None) -> WorkerConfig:
     return WorkerConfig(**values, input_limits=limits, explicit=frozenset(env.given))
 
 
-def export_to_engine(variables: Mapping[str, str]) -> None:
-    """Set variables for vLLM's engine process, which inherits this process's environment."""
+def export_to_engine(variables: Mapping[str, str], defaults: Optional[Mapping[str, str]] = None) -> None:
+    """Set variables for vLLM's engine process, which inherits this process's environment; ``defaults``
+    only where the deployment did not set them."""
     os.environ.update(variables)
+    for name, value in (defaults or {}).items():
+        os.environ.setdefault(name, value)
 
 
 # --- CONFIGURATION.md's table -----------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from gams_worker.startup import compile_cache
 from gams_worker.startup.compile_cache import ArtifactCount, CompileCache, choose_compile_cache
-from gams_worker.config import load_config
+from gams_worker.config import export_to_engine, load_config
 from tests.harness.worker_process import ROOT, engine_env, subprocess_env
 
 def test_network_volume_when_mounted_else_container(tmp_path, monkeypatch):
@@ -27,12 +27,15 @@ def test_network_volume_when_mounted_else_container(tmp_path, monkeypatch):
     assert cache.location == "network volume"
     assert cache.path == str(volume / "gams-worker" / "compile-cache")
     assert os.path.isdir(cache.path) and cache.before == ArtifactCount(0, 0)
-    monkeypatch.delenv("VLLM_ENABLE_STARTUP_PLAN", raising=False)
     assert cache.engine_environment() == {"VLLM_CACHE_ROOT": cache.path,
-                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton"),
-                                          "VLLM_ENABLE_STARTUP_PLAN": "1"}  # vLLM's memory profile kept there too
+                                          "TRITON_CACHE_DIR": os.path.join(cache.path, "triton")}
+    assert cache.engine_defaults() == {"VLLM_ENABLE_STARTUP_PLAN": "1"}  # vLLM's memory profile kept there too
+    monkeypatch.delenv("VLLM_ENABLE_STARTUP_PLAN", raising=False)
+    export_to_engine({}, cache.engine_defaults())
+    assert os.environ["VLLM_ENABLE_STARTUP_PLAN"] == "1"
     monkeypatch.setenv("VLLM_ENABLE_STARTUP_PLAN", "0")  # vLLM's own variable: a deployment may turn it off
-    assert cache.engine_environment()["VLLM_ENABLE_STARTUP_PLAN"] == "0"
+    export_to_engine({}, cache.engine_defaults())
+    assert os.environ["VLLM_ENABLE_STARTUP_PLAN"] == "0"
 
 
 def test_an_unusable_volume_falls_back_to_the_container(tmp_path, monkeypatch):
@@ -257,7 +260,7 @@ def test_with_no_writable_folder_vllm_is_told_to_save_nothing(tmp_path, monkeypa
     monkeypatch.setattr(compile_cache, "TEMPORARY_DIR", str(blocker / "tmp"))
     cache = choose_compile_cache(load_config({"COMPILE_CACHE_DIR": str(blocker / "cc")}))
     assert cache.disabled and cache.engine_environment()["VLLM_DISABLE_COMPILE_CACHE"] == "1"
-    assert "VLLM_ENABLE_STARTUP_PLAN" not in cache.engine_environment()  # nowhere to keep it
+    assert cache.engine_defaults() == {}  # nowhere to keep vLLM's startup plan either
     (warning,) = volume_warnings(caplog)
     assert warning.endswith("vLLM compiles every start and saves nothing")
 

@@ -57,9 +57,12 @@ class CompileCache:
         environment = {"VLLM_CACHE_ROOT": self.path, "TRITON_CACHE_DIR": os.path.join(self.path, TRITON_SUBDIR)}
         if self.disabled:
             environment["VLLM_DISABLE_COMPILE_CACHE"] = "1"
-        else:  # vLLM keeps the KV cache size it profiled here too: a warm start on the same card skips profiling
-            environment[STARTUP_PLAN] = os.environ.get(STARTUP_PLAN, "1")
         return environment
+
+    def engine_defaults(self) -> Dict[str, str]:
+        """vLLM's variables the worker sets only where the deployment did not: vLLM keeps the KV cache size it
+        profiled beside the compiled graphs, and a warm start on the same card skips profiling."""
+        return {} if self.disabled else {STARTUP_PLAN: "1"}
 
     def emptied(self) -> "CompileCache":
         """This folder moved aside unread (its content broke an engine start) and made anew, empty."""

@@ -120,6 +120,6 @@ def plan_engine(config: WorkerConfig, local_model: Optional[ResolvedModel],
                                            config.lora_ranks)
     config = with_max_num_seqs(config, facts, memory)
     compile_cache = choose_compile_cache(config)
-    export_to_engine(compile_cache.engine_environment())
+    export_to_engine(compile_cache.engine_environment(), compile_cache.engine_defaults())
     mark("compile cache checked")
     return EnginePlan(config, mode, reason, model.path, compile_cache, card_line, adapters)
