@@ -18,7 +18,8 @@
 #   bash bench/gpu_session.sh http [option ...]  # issue 30, < 9 min: raw AsyncLLM, the worker through the queue,
 #                                            # the worker over HTTP (PORT) and vllm serve with its engine arguments,
 #                                            # each alone at 0.90, 1..512 streams of 256 tokens (ROUNDS=1 rounds);
-#                                            # tok/s, x raw, TTFC p50, process start -> first /ping answer
+#                                            # tok/s, x raw, TTFC p50, process start -> first /ping answer;
+#                                            # e.g. ROUNDS=3 ... http --no-queue --concurrency 1 8 32 64 (~5 min)
 #   bash bench/gpu_session.sh platform-stats  # ~6 min: the same at 64/256/512, plus the worker with LOG_ENGINE_STATS=true
 #   bash bench/gpu_session.sh platform-budget # ~6 min: 256/512 streams, STREAM_POSTS_PER_SECOND 250 / 500 / 1000 / 2000
 #   bash bench/gpu_session.sh platform-before [DIR]  # ~6 min: raw, this worker and main's before issue 23 in
@@ -312,9 +313,10 @@ EOF_PY
   http)
     shift
     log="$OUT/http-$(date +%H%M%S).log"
+    # The servers' logs stay on the machine (/tmp/http-logs): a full folder of them kept $OUT from coming back.
     timeout 540 python3 -m bench platform --http --model $MODEL --engines one-at-a-time --max-model-len 4096 \
       --gpu-memory-utilization 0.90 --max-num-seqs 512 --max-concurrency 512 --tokens 256 --poisson-jobs 0 \
-      --concurrency 1 8 32 64 128 256 512 --rounds ${ROUNDS:-1} --log-dir "$OUT/http-logs" --out "$OUT/http.json" \
+      --concurrency 1 8 32 64 128 256 512 --rounds ${ROUNDS:-1} --log-dir /tmp/http-logs --out "$OUT/http.json" \
       "$@" >"$log" 2>&1
     echo "== http: exit $?, log $log"; sed -n '/^platform suite/,/^wrote/p' "$log"
     ;;

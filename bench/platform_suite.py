@@ -351,7 +351,7 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
     config = load_config({**common, "LOG_LEVEL": "WARNING", "MAX_CONCURRENCY": str(args.max_concurrency)})
     setup_logging(config)
     # name -> (script, extra environment); raw first.
-    workers: Dict[str, Tuple[str, Dict[str, str]]] = {"platform": (args.worker_script, {})}
+    workers: Dict[str, Tuple[str, Dict[str, str]]] = {} if args.no_queue else {"platform": (args.worker_script, {})}
     if args.baseline_worker:
         workers["baseline"] = (args.baseline_worker, {})
     for name, env in (parse_variant(v) for v in args.variant):
@@ -617,6 +617,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--http", action="store_true",
                         help="two paths more: this worker over HTTP (PORT) and vllm serve (bench/http_paths.py)")
     parser.add_argument("--http-port", type=int, default=18080, help="the HTTP paths' port")
+    parser.add_argument("--no-queue", action="store_true",
+                        help="without the worker through the queue (with --http: raw and the HTTP paths only)")
     parser.add_argument("--py-spy", default=None, metavar="PATH",
                         help="py-spy binary: record the platform worker's main process during a burst")
     parser.add_argument("--spy-at", type=int, default=None, help="the burst py-spy records (default: the largest)")
