@@ -45,7 +45,8 @@
 #                                            # checkout in before29/: `mkdir before29; git archive MAIN | tar -x -C
 #                                            # before29`, carried) or this one's, on a fresh stand-in volume: a cold
 #                                            # start, a warm one, one with the page cache dropped, then the bare
-#                                            # engine's b1/c64/c256; eagerbackend: this one without Inductor
+#                                            # engine's b1/c64/c256 (BARE=0: none); eagerbackend: this one
+#                                            # without Inductor. Every start has the image's model info.
 #   bash bench/gpu_session.sh startlevers     # issue 29, ~4 min, fresh volume: cold, warm, warm without vLLM's
 #                                            # startup plan, the ladder (FULL fails early, PIECEWISE on the FULL
 #                                            # rung's compile cache), page cache dropped with vLLM's default and
@@ -167,13 +168,15 @@ case ${1:-} in
     root=$PWD; [ "$which" = main ] && root=$PWD/before29
     python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode, as the image has it
     vol=/tmp/vol-$which; rm -rf $vol ~/.cache/vllm ~/.triton /tmp/torchinductor_*; mkdir -p $vol $FAST
-    run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol)
+    # The model info the image computes at build time (Dockerfile: builder/seed_model_info.py), as users get it.
+    [ -d /tmp/model-info ] || python3 builder/seed_model_info.py --out /tmp/model-info >$FAST/seed.log 2>&1
+    run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
     [ "$which" = eagerbackend ] && run_env+=('ENGINE_ARGS={"compilation_config": {"backend": "eager"}}')
     fast worker $which-cold --root $root "${run_env[@]}"
     fast worker $which-warm --root $root "${run_env[@]}"
     python3 -m bench.fast_starts evict $MODEL /tmp/site $root
     fast worker $which-dropped --root $root "${run_env[@]}"
-    fast bare $which-bare --root $root "${run_env[@]}"
+    [ "${BARE:-1}" = 1 ] && fast bare $which-bare --root $root "${run_env[@]}"
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/levers-table.md"
     cp $FAST/*.json "$OUT/" 2>/dev/null; cp $FAST/$which-*.log "$OUT/" 2>/dev/null
     ;;
