@@ -51,6 +51,8 @@
 #                                            # startup plan, the ladder (FULL fails early, PIECEWISE on the FULL
 #                                            # rung's compile cache), page cache dropped with vLLM's default and
 #                                            # its multi-thread loader
+#   bash bench/gpu_session.sh readahead [--variants ...]  # issue 29, ~3 min: the weights readahead's ways of
+#                                            # reading beside torch + vLLM's imports, page cache dropped each time
 #   bash bench/gpu_session.sh lora            # issue 32, < 9 min: the raw engine without LoRA, then with 4 rank-16
 #                                            # adapters (base only, 1, 4 in the mix) at 1/32/128 streams; KV tokens
 #   bash bench/gpu_session.sh importfloor     # python -X importtime of torch + AsyncLLM, with and without bytecode
@@ -213,6 +215,10 @@ case ${1:-} in
              echo "== suite TP 2: exit $?"; grep -E '^\{"path"|^SUMMARY' "$OUT/tp-suite.log" ;;
       *) sed -n 2,60p "$0"; exit 2 ;;
     esac
+    ;;
+  readahead)
+    # Issue 29: the weights readahead's ways of reading against the imports, page cache dropped before each.
+    timeout 540 python3 -m bench.readahead_contention $MODEL --out "$OUT/readahead-contention.json" "${@:2}"
     ;;
   lora)
     timeout 540 python3 -m bench.lora_cost --model $MODEL --out "$OUT/lora-cost.json" 2>&1 | tee "$OUT/lora-cost.txt"
