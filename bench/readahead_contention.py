@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from gams_worker.startup.readahead import weight_files
+from gams_worker.startup.readahead import WeightsReadahead, weight_files
 
 IMPORTS = ("import time; t = time.monotonic(); import torch; print('torch', time.monotonic() - t, flush=True); "
            "from vllm.v1.engine.async_llm import AsyncLLM; print('vllm', time.monotonic() - t, flush=True)")
@@ -36,7 +36,10 @@ VARIANTS: Dict[str, tuple] = {
     "chunk-256k": (256 << 10, 0, False, False, True),
     "after-torch": (16 * MIB, 0, True, False, True),
     "rate-2gbps": (16 * MIB, 2e9, False, False, True),
+    "rate-1gbps": (16 * MIB, 1e9, False, False, True),
+    "rate-500mbps": (16 * MIB, 5e8, False, False, True),
     "ioprio-idle": (16 * MIB, 0, False, True, True),
+    "worker": (16 * MIB, 0, False, False, True),  # gams_worker's WeightsReadahead: paced until the imports end
 }
 
 
@@ -77,12 +80,19 @@ def run(name: str, files: List[Path]) -> Dict[str, Optional[float]]:
     marks: Dict[str, Optional[float]] = {"torch_s": None, "imports_s": None, "readahead_end_s": None}
     torch_done = threading.Event()
 
+    worker = WeightsReadahead(str(files[0].parent)) if name == "worker" else None
+
     def readahead() -> None:
         if after_torch:
             torch_done.wait()
         if idle:
             idle_io_class()
-        read_files(files, chunk, rate)
+        if worker:  # the worker's own reading, in its own thread
+            worker.start()
+            while worker.seconds is None:
+                time.sleep(0.01)
+        else:
+            read_files(files, chunk, rate)
         marks["readahead_end_s"] = round(time.monotonic() - t0, 2)
 
     reader = threading.Thread(target=readahead) if chunk else None
@@ -95,6 +105,8 @@ def run(name: str, files: List[Path]) -> Dict[str, Optional[float]]:
             marks["torch_s" if what == "torch" else "imports_s"] = round(time.monotonic() - t0, 2)
             torch_done.set()
         child.wait()
+        if worker:
+            worker.imports_done()
     torch_done.set()
     if reader:
         reader.join()

@@ -126,6 +126,8 @@ def start_worker(config: WorkerConfig, imports_during_start: Sequence[str] = ())
     input_tokenizer: Dict[str, Any] = {}
     try:
         plan = _plan_after_imports(config, local_model, timeline)
+        if readahead:
+            readahead.imports_done()
         side_work = [(f"{name} imported", functools.partial(importlib.import_module, name))
                      for name in (*imports_during_start, *SERVING_MODULES)]
         if _tokenizer_is_the_models(plan.config):

@@ -1,6 +1,8 @@
 """The model's weight files read into the page cache while this process imports torch and vLLM, so the
 engine's loader finds them in memory instead of waiting on a cold disk or a network volume. Reading only:
-nothing is kept in this process, and it is skipped where the files would not fit in free memory."""
+nothing is kept in this process, and it is skipped where the files would not fit in free memory. Until the
+imports are done it reads at most PACED_BYTES_PER_S, so that the imports' small reads from the same disk
+are not queued behind its large ones; then at full speed."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ CHUNK_BYTES = 16 << 20  # large sequential reads: what a cold disk or a network 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 # Free memory the weights may take at most, so that the engine's own allocations never meet a full page cache.
 MEMORY_SHARE = 0.5
+# The pace while the imports run (BENCHMARKS.md, "The readahead beside the imports").
+PACED_BYTES_PER_S = 1e9
 
 
 class WeightsReadahead:
@@ -27,6 +31,7 @@ class WeightsReadahead:
         self.read_bytes = 0
         self.seconds: Optional[float] = None
         self._stop = threading.Event()
+        self._unpaced = threading.Event()
         self._thread = threading.Thread(target=self._read_all, name="weights-readahead", daemon=True)
 
     def start(self) -> "WeightsReadahead":
@@ -39,8 +44,13 @@ class WeightsReadahead:
         self._thread.start()
         return self
 
+    def imports_done(self) -> None:
+        """Read the rest at full speed."""
+        self._unpaced.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._unpaced.set()  # ends a paced wait
 
     def report(self) -> str:
         done = "done" if self.seconds is not None else "stopped"
@@ -69,6 +79,9 @@ class WeightsReadahead:
                         if not count:
                             break
                         self.read_bytes += count
+                        ahead_s = self.read_bytes / PACED_BYTES_PER_S - (time.monotonic() - started)
+                        if ahead_s > 0 and not self._unpaced.is_set():
+                            self._unpaced.wait(ahead_s)
                 if self._stop.is_set():
                     return
         except OSError as exc:  # the engine's loader will meet it and say so; this is only a head start
