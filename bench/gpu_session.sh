@@ -51,6 +51,10 @@
 #                                            # startup plan, the ladder (FULL fails early, PIECEWISE on the FULL
 #                                            # rung's compile cache), page cache dropped with vLLM's default and
 #                                            # its multi-thread loader
+#   bash bench/gpu_session.sh loaders         # issue 29, ~4 min: a cold start, then page cache dropped: the worker
+#                                            # (paced readahead), bare engines with the default loader and InstantTensor
+#   bash bench/gpu_session.sh slowdisk        # issue 29, ~6 min: the weights on a loop device read at RATE_MBPS
+#                                            # (300) through cgroup io.max; this worker and main's (before29/)
 #   bash bench/gpu_session.sh readahead [--variants ...]  # issue 29, ~3 min: the weights readahead's ways of
 #                                            # reading beside torch + vLLM's imports, page cache dropped each time
 #   bash bench/gpu_session.sh lora            # issue 32, < 9 min: the raw engine without LoRA, then with 4 rank-16
@@ -215,6 +219,57 @@ case ${1:-} in
              echo "== suite TP 2: exit $?"; grep -E '^\{"path"|^SUMMARY' "$OUT/tp-suite.log" ;;
       *) sed -n 2,60p "$0"; exit 2 ;;
     esac
+    ;;
+  loaders)
+    # Issue 29: vLLM's weight loaders from a cold page cache, after a cold start that fills the compile cache: the
+    # worker (default loader, its readahead paced during the imports), then bare engines (no readahead) with the
+    # default loader and with InstantTensor (direct I/O). InstantTensor is in the lock but not in the kit: put its
+    # wheel in .gpu/extra/ here and carry it (`pip download instanttensor==0.2.2 --no-deps --python-version 3.12
+    # --only-binary=:all: --platform manylinux_2_28_x86_64 -d .gpu/extra`).
+    for wheel in .gpu/extra/instanttensor-*.whl; do
+      [ -f "$wheel" ] && python3 -m pip install -q --no-deps --no-index --target /tmp/site "$wheel"
+    done
+    python3 -c "import instanttensor" 2>/dev/null || echo "instanttensor missing: its run will fail"
+    vol=/tmp/vol-loaders; rm -rf $vol ~/.cache/vllm ~/.triton /tmp/torchinductor_*; mkdir -p $vol $FAST
+    [ -d /tmp/model-info ] || python3 builder/seed_model_info.py --out /tmp/model-info >$FAST/seed.log 2>&1
+    run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
+    fast worker loaders-cold "${run_env[@]}"
+    python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
+    fast worker loaders-dropped "${run_env[@]}"
+    python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
+    fast bare default-dropped "${run_env[@]}"
+    python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
+    fast bare instanttensor-dropped "${run_env[@]}" 'ENGINE_ARGS={"load_format": "instanttensor"}'
+    python3 -m bench.fast_starts table --results $FAST | tee "$OUT/loaders-table.md"
+    cp $FAST/loaders-*.json $FAST/*-dropped.json "$OUT/" 2>/dev/null
+    ;;
+  slowdisk)
+    # Issue 29: the weights on a slow volume, page cache dropped: a loop device whose reads cgroup v2's io.max holds
+    # to RATE_MBPS (default 300, a network volume's 200-400 MB/s), the imports on the local disk. This worker
+    # (readahead during the imports) beside main's (none: before29/, carried); each after a cold start.
+    rate=$(( ${RATE_MBPS:-300} * 1000000 )); img=/tmp/slow.img; mnt=/tmp/slowvol; cg=/sys/fs/cgroup/gams-slow
+    mountpoint -q $mnt || { truncate -s 22G $img && mkfs.ext4 -q -F $img && mkdir -p $mnt && mount -o loop $img $mnt; } \
+      || { echo "slowdisk: no loop device mount here"; exit 1; }
+    [ -d $mnt/model ] || cp -r $MODEL $mnt/model
+    majmin=$(lsblk -no MAJ:MIN "$(findmnt -n -o SOURCE $mnt)" | tr -d ' ')
+    if ! grep -qw io /sys/fs/cgroup/cgroup.subtree_control; then  # cgroup v2: only a cgroup without processes
+      mkdir -p /sys/fs/cgroup/rest                               # may hand controllers to its children
+      for pid in $(cat /sys/fs/cgroup/cgroup.procs); do echo $pid > /sys/fs/cgroup/rest/cgroup.procs 2>/dev/null; done
+      echo +io > /sys/fs/cgroup/cgroup.subtree_control || { echo "slowdisk: cgroup v2's io controller refused"; exit 1; }
+    fi
+    mkdir -p $cg && echo "$majmin rbps=$rate" > $cg/io.max || { echo "slowdisk: io.max refused"; exit 1; }
+    echo "slowdisk: $mnt/model on $majmin, reads held to $(cat $cg/io.max)"
+    [ -d /tmp/model-info ] || python3 builder/seed_model_info.py --out /tmp/model-info >$FAST/seed.log 2>&1
+    for which in branch main; do
+      root=$PWD; [ "$which" = main ] && root=$PWD/before29
+      vol=/tmp/vol-slow-$which; rm -rf $vol; mkdir -p $vol $FAST
+      run_env=(MODEL_NAME=$mnt/model NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
+      fast worker slow-$which-cold --root $root "${run_env[@]}"
+      python3 -m bench.fast_starts evict $mnt/model /tmp/site $root
+      ( echo $BASHPID > $cg/cgroup.procs && fast worker slow-$which-dropped --root $root "${run_env[@]}" )
+    done
+    python3 -m bench.fast_starts table --results $FAST | tee "$OUT/slowdisk-table.md"
+    cp $FAST/slow-*.json "$OUT/" 2>/dev/null
     ;;
   readahead)
     # Issue 29: the weights readahead's ways of reading against the imports, page cache dropped before each.

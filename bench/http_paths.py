@@ -87,25 +87,29 @@ class HttpPath:
         await asyncio.sleep(offset_s)
         started = time.monotonic()
         results = await asyncio.gather(*(self._stream(i, started + at, tokens) for i, at in enumerate(arrivals)))
-        wall = max(done for _, _, done in results) - started
-        return Run(sum(n for n, _, _ in results), wall, [ttfc for _, ttfc, _ in results], [0.0] * len(results))
+        wall = max(done for _, _, done, _ in results) - started
+        return Run(sum(n for n, _, _, _ in results), wall, [ttfc for _, ttfc, _, _ in results], [0.0] * len(results),
+                   tail_s=[done - last_text for _, _, done, last_text in results])
 
-    async def _stream(self, i: int, at: float, tokens: int) -> Tuple[int, float, float]:
-        """(completion tokens, TTFC, when it ended) of one stream; only its first and usage events are parsed."""
+    async def _stream(self, i: int, at: float, tokens: int) -> Tuple[int, float, float, float]:
+        """(completion tokens, TTFC, when it ended, when its last text came) of one stream; only its first and
+        usage events are parsed."""
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         body = {"model": self.model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         sent = time.monotonic()
-        ttfc, count = None, 0
+        ttfc, count, last_text = None, 0, sent
         async with self.session.post(self.url + "/v1/completions", json=body) as answer:
             if answer.status != 200:
                 raise RuntimeError(f"{self.name}: {answer.status} {await answer.text()}")
             async for line in answer.content:
+                if b'"text":"' in line and b'"text":""' not in line:
+                    last_text = time.monotonic()
                 if ttfc is None and line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
                     ttfc = time.monotonic() - sent
                 elif b'"usage":{' in line:
                     count = json.loads(line[6:])["usage"]["completion_tokens"]
-        return count, ttfc if ttfc is not None else time.monotonic() - sent, time.monotonic()
+        return count, ttfc if ttfc is not None else time.monotonic() - sent, time.monotonic(), last_text
 
     def cpu_groups(self) -> Dict[str, Any]:
         main = psutil.Process(self.proc.pid)

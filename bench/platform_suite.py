@@ -93,7 +93,7 @@ class Run:
 
     def __init__(self, tokens: int, wall_s: float, ttfc_s: List[float], queue_s: List[float],
                  first_token_s: Optional[List[float]] = None, handler_ttft_s: Optional[List[float]] = None,
-                 stream_posts: Optional[int] = None):
+                 stream_posts: Optional[int] = None, tail_s: Optional[List[float]] = None):
         self.tokens = tokens
         self.wall_s = wall_s
         self.ttfc_s = ttfc_s
@@ -101,6 +101,7 @@ class Run:
         self.first_token_s = first_token_s  # raw only
         self.handler_ttft_s = handler_ttft_s  # platform only: handler start -> first token (the job's usage)
         self.stream_posts = stream_posts  # platform only: stream POSTs the emulator received
+        self.tail_s = tail_s  # HTTP paths only: last event with text -> end of the stream
         self.cpu_share: Dict[str, float] = {}  # process group -> CPU seconds / wall seconds of the run
 
     @property
@@ -114,6 +115,8 @@ class Run:
             row["first_token_ms"] = ms(self.first_token_s)
         if self.handler_ttft_s is not None:
             row["handler_ttft_ms"] = ms(self.handler_ttft_s)
+        if self.tail_s is not None:
+            row["tail_ms"] = ms(self.tail_s)
         if self.stream_posts is not None:
             row["stream_posts"] = self.stream_posts
             row["stream_posts_per_s"] = round(self.stream_posts / self.wall_s, 1)
@@ -372,7 +375,8 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
             print(f"raw: in-process start_worker {cold['raw_start_worker_s']} s", flush=True)
             return
         if name in http_paths:
-            paths[name] = HttpPath(name, model, args.http_port, args, sub_env, log_dir)
+            port = args.http_port + HTTP_PATHS.index(name)  # each its own: with --engines together both listen
+            paths[name] = HttpPath(name, model, port, args, sub_env, log_dir)
             await meter.settle()
             cold[name] = await paths[name].start()
             print(f"{name}: process start -> first health answer {cold[name]['first_health_answer_s']} s, "
@@ -473,7 +477,7 @@ def summarize(runs: List[Dict[str, Any]], key: Optional[str]) -> List[Dict[str, 
         for path, mine in paths.items():
             row = {"path": path, "load": level, "runs": len(mine),
                    "tok_s": round(statistics.median(r["tok_s"] for r in mine), 1)}
-            for name in ("ttfc_ms", "queue_ms", "first_token_ms", "handler_ttft_ms"):
+            for name in ("ttfc_ms", "queue_ms", "first_token_ms", "handler_ttft_ms", "tail_ms"):
                 if name in mine[0]:
                     values = [v for r in mine for v in r[name]]
                     row[name.replace("_ms", "_p50_ms")] = round(percentile(values, 0.5), 1)
@@ -616,7 +620,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="MAX_NUM_SEQS of every path")
     parser.add_argument("--http", action="store_true",
                         help="two paths more: this worker over HTTP (PORT) and vllm serve (bench/http_paths.py)")
-    parser.add_argument("--http-port", type=int, default=18080, help="the HTTP paths' port")
+    parser.add_argument("--http-port", type=int, default=18080, help="the first HTTP path's port (the next path: +1)")
     parser.add_argument("--no-queue", action="store_true",
                         help="without the worker through the queue (with --http: raw and the HTTP paths only)")
     parser.add_argument("--py-spy", default=None, metavar="PATH",
