@@ -34,26 +34,31 @@ def test_reads_every_byte_of_the_weight_files_in_the_background(tmp_path, monkey
     assert ahead.report().startswith("done: 0.0 of 0.0 GB in ")
 
 
-def test_paced_until_the_imports_are_done(tmp_path, monkeypatch):
+def paced_after_its_first_chunk(tmp_path, monkeypatch) -> WeightsReadahead:
+    """A readahead paced at a byte a second: it reads its first chunk, then waits (for days)."""
     monkeypatch.setattr(readahead, "CHUNK_BYTES", 1 << 20)
-    monkeypatch.setattr(readahead, "PACED_BYTES_PER_S", 1.0)  # a byte a second: the first chunk, then a wait
+    monkeypatch.setattr(readahead, "PACED_BYTES_PER_S", 1.0)
     ahead = WeightsReadahead(str(model_folder(tmp_path))).start()
     deadline = time.monotonic() + 30
     while ahead.read_bytes < 1 << 20:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert ahead.read_bytes == 1 << 20 and ahead.seconds is None and ahead._thread.is_alive()
+    return ahead
+
+
+def test_paced_until_the_imports_are_done(tmp_path, monkeypatch):
+    ahead = paced_after_its_first_chunk(tmp_path, monkeypatch)
     ahead.imports_done()
     wait_done(ahead)
     assert ahead.read_bytes == ahead.total_bytes
 
 
 def test_a_stop_ends_a_paced_wait(tmp_path, monkeypatch):
-    monkeypatch.setattr(readahead, "PACED_BYTES_PER_S", 1.0)
-    ahead = WeightsReadahead(str(model_folder(tmp_path))).start()
+    ahead = paced_after_its_first_chunk(tmp_path, monkeypatch)
     ahead.stop()
     ahead._thread.join(10)
-    assert not ahead._thread.is_alive() and ahead.seconds is None
+    assert not ahead._thread.is_alive() and ahead.seconds is None and ahead.read_bytes == 1 << 20
 
 
 def test_skipped_where_the_weights_would_take_over_half_the_free_memory(tmp_path, monkeypatch, caplog):
