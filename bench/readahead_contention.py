@@ -20,26 +20,35 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 from gams_worker.startup.readahead import WeightsReadahead, weight_files
 
 IMPORTS = ("import time; t = time.monotonic(); import torch; print('torch', time.monotonic() - t, flush=True); "
            "from vllm.v1.engine.async_llm import AsyncLLM; print('vllm', time.monotonic() - t, flush=True)")
 MIB = 1 << 20
-# name: (chunk bytes, bytes per second or 0, start after torch is imported, idle I/O class, imports run)
-VARIANTS: Dict[str, tuple] = {
-    "alone-imports": (0, 0, False, False, True),
-    "alone-readahead": (16 * MIB, 0, False, False, False),
-    "now": (16 * MIB, 0, False, False, True),  # the worker's readahead today
-    "chunk-1m": (1 * MIB, 0, False, False, True),
-    "chunk-256k": (256 << 10, 0, False, False, True),
-    "after-torch": (16 * MIB, 0, True, False, True),
-    "rate-2gbps": (16 * MIB, 2e9, False, False, True),
-    "rate-1gbps": (16 * MIB, 1e9, False, False, True),
-    "rate-500mbps": (16 * MIB, 5e8, False, False, True),
-    "ioprio-idle": (16 * MIB, 0, False, True, True),
-    "worker": (16 * MIB, 0, False, False, True),  # gams_worker's WeightsReadahead: paced until the imports end
+
+
+class Variant(NamedTuple):
+    chunk: int = 16 * MIB  # bytes per read; 0: no readahead
+    rate: float = 0.0  # bytes per second at most; 0: as fast as the disk
+    after_torch: bool = False  # start once torch is imported
+    idle_io: bool = False  # in the idle I/O class
+    imports: bool = True  # torch + vLLM imported beside it
+
+
+VARIANTS: Dict[str, Variant] = {
+    "alone-imports": Variant(chunk=0),
+    "alone-readahead": Variant(imports=False),
+    "now": Variant(),  # the worker's readahead before its pacing
+    "chunk-1m": Variant(chunk=1 * MIB),
+    "chunk-256k": Variant(chunk=256 << 10),
+    "after-torch": Variant(after_torch=True),
+    "rate-2gbps": Variant(rate=2e9),
+    "rate-1gbps": Variant(rate=1e9),
+    "rate-500mbps": Variant(rate=5e8),
+    "ioprio-idle": Variant(idle_io=True),
+    "worker": Variant(),  # gams_worker's WeightsReadahead: paced until the imports end
 }
 
 
