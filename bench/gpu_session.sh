@@ -115,6 +115,13 @@ spied_worker_run() {  # name, then env assignments
 
 FAST=${FAST:-/tmp/faststarts}  # fast-start results, kept on the machine between steps (each $OUT is new)
 
+# The model info the image computes at build time (Dockerfile: builder/seed_model_info.py), as users get it;
+# once per machine, in /tmp/model-info (MODEL_INFO_SEED_DIR).
+seed_model_info() {
+  mkdir -p $FAST
+  [ -d /tmp/model-info ] || python3 builder/seed_model_info.py --out /tmp/model-info >$FAST/seed.log 2>&1
+}
+
 # One fast-start run (worker or bare), its output in $FAST/NAME.out; prints its summary line.
 fast() {
   local kind=$1 name=$2; shift 2
@@ -174,8 +181,7 @@ case ${1:-} in
     root=$PWD; [ "$which" = main ] && root=$PWD/before29
     python3 -m compileall -q -j 16 /tmp/site >/dev/null 2>&1  # bytecode, as the image has it
     vol=/tmp/vol-$which; rm -rf $vol ~/.cache/vllm ~/.triton /tmp/torchinductor_*; mkdir -p $vol $FAST
-    # The model info the image computes at build time (Dockerfile: builder/seed_model_info.py), as users get it.
-    [ -d /tmp/model-info ] || python3 builder/seed_model_info.py --out /tmp/model-info >$FAST/seed.log 2>&1
+    seed_model_info
     run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
     [ "$which" = eagerbackend ] && run_env+=('ENGINE_ARGS={"compilation_config": {"backend": "eager"}}')
     fast worker $which-cold --root $root "${run_env[@]}"
@@ -231,7 +237,7 @@ case ${1:-} in
     done
     python3 -c "import instanttensor" 2>/dev/null || echo "instanttensor missing: its run will fail"
     vol=/tmp/vol-loaders; rm -rf $vol ~/.cache/vllm ~/.triton /tmp/torchinductor_*; mkdir -p $vol $FAST
-    [ -d /tmp/model-info ] || python3 builder/seed_model_info.py --out /tmp/model-info >$FAST/seed.log 2>&1
+    seed_model_info
     run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
     fast worker loaders-cold "${run_env[@]}"
     python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
@@ -259,7 +265,7 @@ case ${1:-} in
     fi
     mkdir -p $cg && echo "$majmin rbps=$rate" > $cg/io.max || { echo "slowdisk: io.max refused"; exit 1; }
     echo "slowdisk: $mnt/model on $majmin, reads held to $(cat $cg/io.max)"
-    [ -d /tmp/model-info ] || python3 builder/seed_model_info.py --out /tmp/model-info >$FAST/seed.log 2>&1
+    seed_model_info
     for which in branch main; do
       root=$PWD; [ "$which" = main ] && root=$PWD/before29
       vol=/tmp/vol-slow-$which; rm -rf $vol; mkdir -p $vol $FAST
