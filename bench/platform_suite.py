@@ -93,7 +93,8 @@ class Run:
 
     def __init__(self, tokens: int, wall_s: float, ttfc_s: List[float], queue_s: List[float],
                  first_token_s: Optional[List[float]] = None, handler_ttft_s: Optional[List[float]] = None,
-                 stream_posts: Optional[int] = None, tail_s: Optional[List[float]] = None):
+                 stream_posts: Optional[int] = None, tail_s: Optional[List[float]] = None,
+                 decode_s: Optional[List[float]] = None, text_events: Optional[List[int]] = None):
         self.tokens = tokens
         self.wall_s = wall_s
         self.ttfc_s = ttfc_s
@@ -102,6 +103,8 @@ class Run:
         self.handler_ttft_s = handler_ttft_s  # platform only: handler start -> first token (the job's usage)
         self.stream_posts = stream_posts  # platform only: stream POSTs the emulator received
         self.tail_s = tail_s  # HTTP paths only: last event with text -> end of the stream
+        self.decode_s = decode_s  # HTTP paths only: first event with text -> last
+        self.text_events = text_events  # HTTP paths only: events with text per stream
         self.cpu_share: Dict[str, float] = {}  # process group -> CPU seconds / wall seconds of the run
 
     @property
@@ -117,6 +120,8 @@ class Run:
             row["handler_ttft_ms"] = ms(self.handler_ttft_s)
         if self.tail_s is not None:
             row["tail_ms"] = ms(self.tail_s)
+            row["decode_ms"] = ms(self.decode_s)
+            row["text_events"] = self.text_events
         if self.stream_posts is not None:
             row["stream_posts"] = self.stream_posts
             row["stream_posts_per_s"] = round(self.stream_posts / self.wall_s, 1)
@@ -360,7 +365,7 @@ async def run_suite(args, log_dir: Path) -> Dict[str, Any]:
     for name, env in (parse_variant(v) for v in args.variant):
         workers[name] = (args.worker_script, env)
     paths: Dict[str, Any] = {"raw": RawPath(config, args.max_concurrency)}
-    http_paths = HTTP_PATHS if args.http else ()
+    http_paths = tuple(p for p in HTTP_PATHS if p != "http-baseline" or args.http_baseline) if args.http else ()
     cold: Dict[str, Any] = {}
     spies: Dict[str, Any] = {}
     phase = random.Random(7)
@@ -477,7 +482,7 @@ def summarize(runs: List[Dict[str, Any]], key: Optional[str]) -> List[Dict[str, 
         for path, mine in paths.items():
             row = {"path": path, "load": level, "runs": len(mine),
                    "tok_s": round(statistics.median(r["tok_s"] for r in mine), 1)}
-            for name in ("ttfc_ms", "queue_ms", "first_token_ms", "handler_ttft_ms", "tail_ms"):
+            for name in ("ttfc_ms", "queue_ms", "first_token_ms", "handler_ttft_ms", "tail_ms", "decode_ms"):
                 if name in mine[0]:
                     values = [v for r in mine for v in r[name]]
                     row[name.replace("_ms", "_p50_ms")] = round(percentile(values, 0.5), 1)
@@ -485,6 +490,8 @@ def summarize(runs: List[Dict[str, Any]], key: Optional[str]) -> List[Dict[str, 
             if "handler_ttft_ms" in mine[0]:  # per job: TTFC - queue wait - handler TTFT
                 outside = [t - q - h for r in mine for t, q, h in zip(r["ttfc_ms"], r["queue_ms"], r["handler_ttft_ms"])]
                 row["outside_engine_p50_ms"] = round(percentile(outside, 0.5), 1)
+            if "text_events" in mine[0]:
+                row["text_events_p50"] = statistics.median(n for r in mine for n in r["text_events"])
             if "stream_posts_per_s" in mine[0]:
                 row["stream_posts_per_s"] = round(statistics.median(r["stream_posts_per_s"] for r in mine), 1)
             row["cpu_share"] = {group: round(statistics.median(r["cpu_share"][group] for r in mine), 3)
@@ -532,7 +539,7 @@ def format_report(result: Dict[str, Any]) -> str:
              f"bursts: median tok/s of {s['rounds']} rounds, percentiles over all their jobs; times from each "
              f"job's submission",
              "",
-             f"{'load':>8s} {'path':10s} {'tok/s':>9s} {'x raw':>6s} {'queue p50':>10s} {'p95':>8s} "
+             f"{'load':>8s} {'path':13s} {'tok/s':>9s} {'x raw':>6s} {'queue p50':>10s} {'p95':>8s} "
              f"{'TTFC p50':>9s} {'p95':>8s} {'TTFT p50':>9s} {'handler TTFT':>12s} {'outside':>8s} "
              f"{'POSTs/s':>8s}  CPU share of one core (median)"]
     busy_emulator = []
@@ -546,9 +553,12 @@ def format_report(result: Dict[str, Any]) -> str:
         shares = " ".join(f"{group} {share:.0%}" for group, share in row.get("cpu_share", {}).items())
         if row.get("cpu_share", {}).get("emulator", 0) > EMULATOR_BUSY:
             busy_emulator.append(f"{row['path']} {load}")
-        lines.append(f"{load:>8s} {row['path']:10s} {row['tok_s']:9.1f} {over:>6s} {row['queue_p50_ms']:8.1f}ms "
+        lines.append(f"{load:>8s} {row['path']:13s} {row['tok_s']:9.1f} {over:>6s} {row['queue_p50_ms']:8.1f}ms "
                      f"{row['queue_p95_ms']:6.1f}ms {row['ttfc_p50_ms']:7.1f}ms {row['ttfc_p95_ms']:6.1f}ms "
                      f"{ttft:>9s} {handler:>12s} {outside:>8s} {posts:>8s}  {shares}")
+    lines += [f"{'c' + str(row['load']):>8s} {row['path']:13s} over HTTP: first -> last text p50 {row['decode_p50_ms']:.1f} ms, "
+              f"last text -> end p50 {row['tail_p50_ms']:.2f} ms, {row['text_events_p50']:g} events with text a stream"
+              for row in result["summary_bursts"] if "decode_p50_ms" in row]
     if result["poisson_rate_per_s"]:
         lines.append(f"Poisson: {s['poisson_jobs']} jobs at {result['poisson_rate_per_s']} jobs/s "
                      f"({s['poisson_load']} x raw capacity at c{max(s['concurrency'])}), {s['poisson_rounds']} "
@@ -562,7 +572,7 @@ def format_report(result: Dict[str, Any]) -> str:
     cold = result["cold_start"]
     lines += ["", f"cold start: raw in-process start_worker {cold['raw_start_worker_s']} s"]
     for name, script in s["worker_scripts"].items():
-        if name in cold:
+        if "first_take_s" in cold.get(name, {}):
             lines.append(f"  {name} ({script}): process start -> first job-take "
                          f"{cold[name]['first_take_s']} s, -> first job served {cold[name]['first_job_served_s']} s")
     for label, spy in result.get("py_spy", {}).items():
@@ -620,6 +630,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="MAX_NUM_SEQS of every path")
     parser.add_argument("--http", action="store_true",
                         help="two paths more: this worker over HTTP (PORT) and vllm serve (bench/http_paths.py)")
+    parser.add_argument("--http-baseline", default=None, metavar="HANDLER",
+                        help="with --http: another checkout's handler.py over HTTP, as a path of its own")
     parser.add_argument("--http-port", type=int, default=18080, help="the first HTTP path's port (the next path: +1)")
     parser.add_argument("--no-queue", action="store_true",
                         help="without the worker through the queue (with --http: raw and the HTTP paths only)")
@@ -658,6 +670,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                      "max_num_seqs": args.max_num_seqs,
                      "worker_scripts": {"platform": args.worker_script,
                                         **({"baseline": args.baseline_worker} if args.baseline_worker else {}),
+                                        **({"http-baseline": args.http_baseline} if args.http_baseline else {}),
                                         **{name: f"{args.worker_script} {' '.join(f'{k}={v}' for k, v in env.items())}"
                                            for name, env in map(parse_variant, args.variant)}},
                      "sampling": "greedy, ignore_eos, streamed", "sdk_log_level": "INFO"},
