@@ -51,10 +51,12 @@
 #                                            # startup plan, the ladder (FULL fails early, PIECEWISE on the FULL
 #                                            # rung's compile cache), page cache dropped with vLLM's default and
 #                                            # its multi-thread loader
-#   bash bench/gpu_session.sh loaders         # issue 29, ~4 min: a cold start, then page cache dropped: the worker
-#                                            # (paced readahead), bare engines with the default loader and InstantTensor
-#   bash bench/gpu_session.sh slowdisk        # issue 29, ~6 min: the weights on a loop device read at RATE_MBPS
-#                                            # (300) through cgroup io.max; this worker and main's (before29/)
+#   bash bench/gpu_session.sh loaders         # issue 29, ~3 min after `levers branch` (else a cold start first):
+#                                            # page cache dropped: the worker (paced readahead), bare engines with
+#                                            # the default loader and InstantTensor
+#   bash bench/gpu_session.sh slowdisk        # issue 29, ~4 min after `levers branch` and `levers main` (else a cold
+#                                            # start each): the weights on a loop device read at RATE_MBPS (300)
+#                                            # through cgroup io.max; this worker and main's (before29/)
 #   bash bench/gpu_session.sh readahead [--variants ...]  # issue 29, ~3 min: the weights readahead's ways of
 #                                            # reading beside torch + vLLM's imports, page cache dropped each time
 #   bash bench/gpu_session.sh lora            # issue 32, < 9 min: the raw engine without LoRA, then with 4 rank-16
@@ -236,10 +238,10 @@ case ${1:-} in
       [ -f "$wheel" ] && python3 -m pip install -q --no-deps --no-index --target /tmp/site "$wheel"
     done
     python3 -c "import instanttensor" 2>/dev/null || echo "instanttensor missing: its run will fail"
-    vol=/tmp/vol-loaders; rm -rf $vol ~/.cache/vllm ~/.triton /tmp/torchinductor_*; mkdir -p $vol $FAST
+    vol=/tmp/vol-branch; mkdir -p $vol $FAST  # levers branch's volume, when that step ran: no second cold start
     seed_model_info
     run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
-    fast worker loaders-cold "${run_env[@]}"
+    [ -f $FAST/branch-cold.json ] || fast worker loaders-cold "${run_env[@]}"
     python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
     fast worker loaders-dropped "${run_env[@]}"
     python3 -m bench.fast_starts evict $MODEL /tmp/site $PWD
@@ -252,11 +254,13 @@ case ${1:-} in
   slowdisk)
     # Issue 29: the weights on a slow volume, page cache dropped: a loop device whose reads cgroup v2's io.max holds
     # to RATE_MBPS (default 300, a network volume's 200-400 MB/s), the imports on the local disk. This worker
-    # (readahead during the imports) beside main's (none: before29/, carried); each after a cold start.
+    # (readahead during the imports) beside main's (none: before29/, carried). The slow copy is bind-mounted on
+    # $MODEL, the path the compile cache's key holds, so each reuses its levers volume (else a cold start first).
     rate=$(( ${RATE_MBPS:-300} * 1000000 )); img=/tmp/slow.img; mnt=/tmp/slowvol; cg=/sys/fs/cgroup/gams-slow
     mountpoint -q $mnt || { truncate -s 22G $img && mkfs.ext4 -q -F $img && mkdir -p $mnt && mount -o loop $img $mnt; } \
       || { echo "slowdisk: no loop device mount here"; exit 1; }
     [ -d $mnt/model ] || cp -r $MODEL $mnt/model
+    mountpoint -q $MODEL || mount --bind $mnt/model $MODEL || { echo "slowdisk: no bind mount here"; exit 1; }
     majmin=$(lsblk -no MAJ:MIN "$(findmnt -n -o SOURCE $mnt)" | tr -d ' ')
     if ! grep -qw io /sys/fs/cgroup/cgroup.subtree_control; then  # cgroup v2: only a cgroup without processes
       mkdir -p /sys/fs/cgroup/rest                               # may hand controllers to its children
@@ -268,12 +272,13 @@ case ${1:-} in
     seed_model_info
     for which in branch main; do
       root=$PWD; [ "$which" = main ] && root=$PWD/before29
-      vol=/tmp/vol-slow-$which; rm -rf $vol; mkdir -p $vol $FAST
-      run_env=(MODEL_NAME=$mnt/model NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
-      fast worker slow-$which-cold --root $root "${run_env[@]}"
-      python3 -m bench.fast_starts evict $mnt/model /tmp/site $root
+      vol=/tmp/vol-$which; mkdir -p $vol $FAST
+      run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
+      [ -f $FAST/$which-cold.json ] || fast worker slow-$which-cold --root $root "${run_env[@]}"
+      python3 -m bench.fast_starts evict $MODEL /tmp/site $root
       ( echo $BASHPID > $cg/cgroup.procs && fast worker slow-$which-dropped --root $root "${run_env[@]}" )
     done
+    umount $MODEL
     python3 -m bench.fast_starts table --results $FAST | tee "$OUT/slowdisk-table.md"
     cp $FAST/slow-*.json "$OUT/" 2>/dev/null
     ;;
