@@ -28,7 +28,9 @@ from gams_worker.jobs.streaming import FlushPolicy, StreamBatcher
 log = logging.getLogger(__name__)
 
 JOB_FIELDS = ("openai_route", "openai_input")
-CHECKED_INLINE_SIZE = 16384  # characters and items of a job's input checked on the event loop (small_json)
+# The most characters and items of a job's input (bytes of an HTTP body) parsed and checked on the event loop;
+# a larger one in a thread (the hop to a thread costs more than a small input's checks).
+CHECKED_INLINE_SIZE = 16384
 STREAM_ERROR = 'data: {"error"'  # how vLLM's chat and completion streams report a failure: one event
 Events = AsyncIterator[Tuple[str, bool]]  # a stream's SSE events, each with whether it carries text
 
@@ -199,8 +201,7 @@ class OpenAIJobs:
     async def run(self, job_input: Mapping[str, Any]) -> AsyncIterator[Any]:
         try:
             serving = await self.serving()
-            # The contract's checks walk and encode up to MAX_INPUT_BYTES: a large input is checked in a
-            # thread, off the event loop; a small one at once (the hop to a thread takes longer than its checks).
+            # The contract's checks walk and encode up to MAX_INPUT_BYTES: off the event loop unless small.
             if small_json(job_input, CHECKED_INLINE_SIZE):
                 route, body, request = self._parse(job_input, serving.vllm)
             else:

@@ -15,18 +15,18 @@ import threading
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Dict, Optional
 
+import uvloop
 from aiohttp import web
 
 from gams_worker.config import WorkerConfig
 from gams_worker.errors import sendable_json
 from gams_worker.jobs.openai_input import DETOKENIZE_ROUTE, MODELS_ROUTE, TOKENIZE_ROUTE
-from gams_worker.jobs.openai import ROUTES
+from gams_worker.jobs.openai import CHECKED_INLINE_SIZE, ROUTES
 
 log = logging.getLogger(__name__)
 
 # vllm serve's paths of the tokenizer routes, beside the /v1/ ones the queue's OpenAI jobs name.
 PATHS = {**{route: route for route in ROUTES}, "/tokenize": TOKENIZE_ROUTE, "/detokenize": DETOKENIZE_ROUTE}
-PARSE_IN_THREAD_BYTES = 65536  # larger bodies are parsed off the event loop
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
                413: "RequestTooLarge", 503: "ServiceUnavailable", 504: "TimeoutError"}
 
@@ -57,7 +57,7 @@ class HttpEndpoint:
         self._stopping = False
         self.in_flight = 0
         self._ids = itertools.count(1)
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()  # vllm serve's loop: vLLM requires uvloop
         self._drained = threading.Event()
         self._bound = threading.Event()
         self._failure: Optional[BaseException] = None
@@ -156,7 +156,7 @@ class HttpEndpoint:
         if route != MODELS_ROUTE:
             try:
                 body = await request.read()
-                parse = asyncio.to_thread if len(body) > PARSE_IN_THREAD_BYTES else _now
+                parse = asyncio.to_thread if len(body) > CHECKED_INLINE_SIZE else _now
                 job_input["openai_input"] = await parse(parse_body, body)
             except web.HTTPRequestEntityTooLarge:
                 return error_response(413, f"the body is over MAX_BODY_BYTES ({self.config.max_body_bytes} bytes)")
