@@ -19,7 +19,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 # Free memory the weights may take at most, so that the engine's own allocations never meet a full page cache.
 MEMORY_SHARE = 0.5
 # The pace while the imports run (BENCHMARKS.md, "The readahead beside the imports").
-PACED_BYTES_PER_S = 1e9
+PACED_BYTES_PER_S = 0.5e9
 
 
 class WeightsReadahead:
