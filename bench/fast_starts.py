@@ -8,6 +8,10 @@
         A bare process: import torch, import AsyncLLM, create it with the worker's engine
         arguments and compile cache folder (same environment, so the same cache), then greedy
         outputs of fixed prompts and throughput at batch 1 and 64 concurrent requests.
+    python -m bench.fast_starts stop NAME --results DIR [--after S] [VAR=value ...]
+        A start cut short: `python handler.py` as above, SIGTERM to it alone (as a container runtime
+        sends it to PID 1) S seconds after vLLM's engine process appeared. Records how long the worker
+        took to exit, its exit status, and when the last of its processes was gone.
     python -m bench.fast_starts table --results DIR
         One table of every run in DIR, and whether the bare runs' greedy outputs are equal.
     python -m bench.fast_starts evict PATH...
@@ -101,6 +105,70 @@ def worker_run(name: str, results: Path, env_overrides: Dict[str, str], tokens: 
         "engine_mode": next((out["engine"]["mode"] for out in outputs if isinstance(out, dict) and "engine" in out),
                             None),
     }
+
+
+def stop_run(name: str, results: Path, env_overrides: Dict[str, str], after_s: float, root: Path) -> Dict[str, Any]:
+    import psutil
+
+    sys.path.insert(0, str(ROOT))
+    from tests.harness.runpod_emulator import RunPodEmulator
+
+    emulator = RunPodEmulator(hold_s=1.0, stop_hold_s=2.0)
+    emulator.start()
+    log_path = results / f"{name}.log"
+    with open(log_path, "wb") as log:
+        spawned = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=root, env={**os.environ, **env_overrides,
+                                **emulator.worker_env()}, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        worker = psutil.Process(proc.pid)
+        engine_at = None
+        while engine_at is None:
+            if proc.poll() is not None or time.monotonic() - spawned > START_TIMEOUT_S:
+                raise SystemExit(f"{name}: no engine process before the worker ended; log: {log_path}")
+            if any(_is_engine_process(child) for child in worker.children(recursive=True)):
+                engine_at = time.monotonic()
+            time.sleep(0.05)
+        time.sleep(after_s)
+        processes = [worker, *worker.children(recursive=True)]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(60)
+        exited = time.monotonic()
+        while _alive(processes):
+            time.sleep(0.01)
+        gone = time.monotonic()
+    finally:
+        stop_process_group(proc)
+        emulator.close()
+    return {"kind": "stop", "name": name, "env": env_overrides, "engine_process_at_s": round(engine_at - spawned, 2),
+            "sigterm_at_s": round(sent - spawned, 2), "returncode": returncode, "exit_s": round(exited - sent, 3),
+            "all_processes_gone_s": round(gone - sent, 3), "processes_at_sigterm": len(processes)}
+
+
+def _is_engine_process(process: Any) -> bool:
+    """vLLM's engine process: spawned (multiprocessing's spawn_main), then titled VLLM::EngineCore."""
+    import psutil
+
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return False
+    return "EngineCore" in command or "spawn_main" in command
+
+
+def _alive(processes: List[Any]) -> List[Any]:
+    """Those of ``processes`` still running (a zombie has ended: only its parent's wait is left)."""
+    import psutil
+
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -265,6 +333,12 @@ def table(results: Path) -> str:
         for run in workers:
             steps = (run.get("startup") or {}).get("step_s", {})
             lines.append(f"- {run['name']}: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in steps.items()))
+    stops = [run for run in runs if run["kind"] == "stop"]
+    if stops:
+        lines += ["", "SIGTERM during the start (s)", "", "| run | engine process at | SIGTERM at | worker exit "
+                  "(status) | all its processes gone |", "|---|---|---|---|---|"]
+        lines += [f"| {run['name']} | {_s(run['engine_process_at_s'])} | {_s(run['sigterm_at_s'])} | "
+                  f"{run['exit_s']:.2f} ({run['returncode']}) | {run['all_processes_gone_s']:.2f} |" for run in stops]
     bares = [run for run in runs if run["kind"] == "bare"]
     if bares:
         lines += ["", "Bare process (import torch + AsyncLLM, create it) beside the worker, same host (s)",
@@ -301,10 +375,12 @@ def _s(value: Optional[float]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("worker", "bare", "table", "evict"))
+    parser.add_argument("command", choices=("worker", "bare", "stop", "table", "evict"))
     parser.add_argument("name", nargs="?")
     parser.add_argument("env", nargs="*", help="VAR=value for the run")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per request (worker job, throughput)")
+    parser.add_argument("--after", type=float, default=0.0,
+                        help="stop: seconds from the engine process's appearance to the SIGTERM")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose worker runs")
     parser.add_argument("--results", type=Path, required=False)
     args = parser.parse_intermixed_args(argv)
@@ -325,8 +401,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         env = {**os.environ, **overrides}
         return subprocess.call([sys.executable, "-m", "bench.fast_starts", *(argv or sys.argv[1:])], cwd=ROOT, env=env)
     root = args.root.resolve()
-    result = (worker_run(args.name, args.results, overrides, args.tokens, root) if args.command == "worker"
-              else bare_run(args.name, args.results, args.tokens, root))
+    if args.command == "worker":
+        result = worker_run(args.name, args.results, overrides, args.tokens, root)
+    elif args.command == "stop":
+        result = stop_run(args.name, args.results, overrides, args.after, root)
+    else:
+        result = bare_run(args.name, args.results, args.tokens, root)
     (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     summary = {k: v for k, v in result.items() if k not in ("greedy_token_ids", "startup")}
     if result.get("startup"):

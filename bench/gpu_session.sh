@@ -43,8 +43,9 @@
 #                                            # in-process at TP 2 (gpu_suite)
 #   bash bench/gpu_session.sh levers main|branch|eagerbackend  # issue 29, ~5 min each: main's worker (the
 #                                            # checkout in before29/: `mkdir before29; git archive MAIN | tar -x -C
-#                                            # before29`, carried) or this one's, on a fresh stand-in volume: a cold
-#                                            # start, a warm one, one with the page cache dropped, then the bare
+#                                            # before29`, carried) or this one's: SIGTERM 8 s into a cold start; on
+#                                            # a fresh stand-in volume a cold start, a warm one, one with the page
+#                                            # cache dropped, then the bare
 #                                            # engine's b1/c64/c256 (BARE=0: none); eagerbackend: this one
 #                                            # without Inductor. Every start has the image's model info.
 #   bash bench/gpu_session.sh startlevers     # issue 29, ~4 min, fresh volume: cold, warm, warm without vLLM's
@@ -186,6 +187,8 @@ case ${1:-} in
     seed_model_info
     run_env=(MODEL_NAME=$MODEL NETWORK_VOLUME_PATH=$vol MODEL_INFO_SEED_DIR=/tmp/model-info)
     [ "$which" = eagerbackend ] && run_env+=('ENGINE_ARGS={"compilation_config": {"backend": "eager"}}')
+    # A start cut short while vLLM compiles, on a volume of its own (a killed compile leaves its cache unfinished).
+    rm -rf /tmp/vol-stop; fast stop $which-stop --after 8 --root $root "${run_env[@]}" NETWORK_VOLUME_PATH=/tmp/vol-stop
     fast worker $which-cold --root $root "${run_env[@]}"
     fast worker $which-warm --root $root "${run_env[@]}"
     python3 -m bench.fast_starts evict $MODEL /tmp/site $root
