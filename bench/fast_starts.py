@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -61,19 +61,26 @@ def parse_assignments(items: List[str]) -> Dict[str, str]:
 # --- the worker, through the platform ------------------------------------------------------
 
 
-def worker_run(name: str, results: Path, env_overrides: Dict[str, str], tokens: int, root: Path) -> Dict[str, Any]:
+def start_worker(log_path: Path, env_overrides: Dict[str, str], root: Path) -> Tuple[Any, subprocess.Popen, float]:
+    """The RunPod emulator, and `python handler.py` of ``root`` polling it (its output in ``log_path``); when
+    the worker was spawned."""
     sys.path.insert(0, str(ROOT))
     from tests.harness.runpod_emulator import RunPodEmulator
 
     emulator = RunPodEmulator(hold_s=1.0, stop_hold_s=2.0)
     emulator.start()
     env = {**os.environ, **env_overrides, **emulator.worker_env()}
-    log_path = results / f"{name}.log"
     with open(log_path, "wb") as log:
         spawned = time.monotonic()
         # Own process group (for the clean-up), same session (a new session is a new scheduler group).
         proc = subprocess.Popen([sys.executable, "handler.py"], cwd=root, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, process_group=0)
+    return emulator, proc, spawned
+
+
+def worker_run(name: str, results: Path, env_overrides: Dict[str, str], tokens: int, root: Path) -> Dict[str, Any]:
+    log_path = results / f"{name}.log"
+    emulator, proc, spawned = start_worker(log_path, env_overrides, root)
     job_id = emulator.submit({"prompt": PROMPTS[0], "stream": True,
                               "sampling_params": {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}})
     record = emulator.jobs[job_id]
@@ -110,16 +117,8 @@ def worker_run(name: str, results: Path, env_overrides: Dict[str, str], tokens: 
 def stop_run(name: str, results: Path, env_overrides: Dict[str, str], after_s: float, root: Path) -> Dict[str, Any]:
     import psutil
 
-    sys.path.insert(0, str(ROOT))
-    from tests.harness.runpod_emulator import RunPodEmulator
-
-    emulator = RunPodEmulator(hold_s=1.0, stop_hold_s=2.0)
-    emulator.start()
     log_path = results / f"{name}.log"
-    with open(log_path, "wb") as log:
-        spawned = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=root, env={**os.environ, **env_overrides,
-                                **emulator.worker_env()}, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    emulator, proc, spawned = start_worker(log_path, env_overrides, root)
     try:
         worker = psutil.Process(proc.pid)
         engine_at = None
@@ -135,15 +134,15 @@ def stop_run(name: str, results: Path, env_overrides: Dict[str, str], after_s: f
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(60)
         exited = time.monotonic()
-        while _alive(processes):
+        while _alive(processes) and time.monotonic() - exited < 60:
             time.sleep(0.01)
-        gone = time.monotonic()
+        gone = None if _alive(processes) else time.monotonic()  # None: some still ran a minute after the exit
     finally:
         stop_process_group(proc)
         emulator.close()
     return {"kind": "stop", "name": name, "env": env_overrides, "engine_process_at_s": round(engine_at - spawned, 2),
             "sigterm_at_s": round(sent - spawned, 2), "returncode": returncode, "exit_s": round(exited - sent, 3),
-            "all_processes_gone_s": round(gone - sent, 3), "processes_at_sigterm": len(processes)}
+            "all_processes_gone_s": gone and round(gone - sent, 3), "processes_at_sigterm": len(processes)}
 
 
 def _is_engine_process(process: Any) -> bool:
@@ -338,7 +337,7 @@ def table(results: Path) -> str:
         lines += ["", "SIGTERM during the start (s)", "", "| run | engine process at | SIGTERM at | worker exit "
                   "(status) | all its processes gone |", "|---|---|---|---|---|"]
         lines += [f"| {run['name']} | {_s(run['engine_process_at_s'])} | {_s(run['sigterm_at_s'])} | "
-                  f"{run['exit_s']:.2f} ({run['returncode']}) | {run['all_processes_gone_s']:.2f} |" for run in stops]
+                  f"{run['exit_s']:.2f} ({run['returncode']}) | {_gone(run['all_processes_gone_s'])} |" for run in stops]
     bares = [run for run in runs if run["kind"] == "bare"]
     if bares:
         lines += ["", "Bare process (import torch + AsyncLLM, create it) beside the worker, same host (s)",
@@ -364,6 +363,10 @@ def compare_greedy(first: List[List[int]], second: List[List[int]]) -> str:
     if len(first) != len(second):
         return "DIFFER: not the same number of prompts"
     return f"token-for-token equal ({sum(len(ids) for ids in first)} tokens, {len(first)} prompts)"
+
+
+def _gone(seconds: Optional[float]) -> str:
+    return "some still ran a minute after the exit" if seconds is None else f"{seconds:.2f}"
 
 
 def _s(value: Optional[float]) -> str:
