@@ -121,13 +121,11 @@ def stop_run(name: str, results: Path, env_overrides: Dict[str, str], after_s: f
     emulator, proc, spawned = start_worker(log_path, env_overrides, root)
     try:
         worker = psutil.Process(proc.pid)
-        engine_at = None
-        while engine_at is None:
+        while not any(_is_engine_process(child) for child in worker.children(recursive=True)):
             if proc.poll() is not None or time.monotonic() - spawned > START_TIMEOUT_S:
                 raise SystemExit(f"{name}: no engine process before the worker ended; log: {log_path}")
-            if any(_is_engine_process(child) for child in worker.children(recursive=True)):
-                engine_at = time.monotonic()
             time.sleep(0.05)
+        engine_at = time.monotonic()
         time.sleep(after_s)
         processes = [worker, *worker.children(recursive=True)]
         sent = time.monotonic()

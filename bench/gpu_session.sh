@@ -45,9 +45,9 @@
 #                                            # checkout in before29/: `mkdir before29; git archive MAIN | tar -x -C
 #                                            # before29`, carried) or this one's: SIGTERM 8 s into a cold start; on
 #                                            # a fresh stand-in volume a cold start, a warm one, one with the page
-#                                            # cache dropped, then the bare
-#                                            # engine's b1/c64/c256 (BARE=0: none); eagerbackend: this one
-#                                            # without Inductor. Every start has the image's model info.
+#                                            # cache dropped, then the bare engine's b1/c64/c256 (BARE=0: none);
+#                                            # eagerbackend: this one without Inductor. Every start has the
+#                                            # image's model info.
 #   bash bench/gpu_session.sh startlevers     # issue 29, ~4 min, fresh volume: cold, warm, warm without vLLM's
 #                                            # startup plan, the ladder (FULL fails early, PIECEWISE on the FULL
 #                                            # rung's compile cache), page cache dropped with vLLM's default and
